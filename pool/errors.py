@@ -1,0 +1,123 @@
+"""Every error the pool reports to a client, with its HTTP status and stable code.
+
+PoolError                                   body: {"error": {type, code, message, param},
+│                                                  "detail": {code, model, message}}
+├── 400 invalid_request          malformed body, bad field (param = msgspec path)
+│       invalid_load_request     admin load overrides rejected
+│       invalid_settings         admin settings reload rejected
+│       request_cost_exceeds_max remote request over remote_budget_request_max
+├── 401 unauthorized             missing/wrong bearer token
+├── 403 remote_execution_disallowed
+├── 404 unknown_model / not_found
+├── 405 method_not_allowed
+├── 409 model_not_loaded / model_loading / model_unloading / model_failed
+│       settings_reload_conflict / insufficient_gpu_memory
+├── 413 payload_too_large
+├── 429 executor_queue_full (Retry-After) / upstream_rate_limit / budget_exceeded
+├── 500 model_load_failed        the runtime refused to load (admin load only)
+├── 502 backend_error / upstream_* (authentication_failure, invalid_request,
+│       server_error, connection_error, response_parse_failure)
+├── 503 queue_timeout / request_cancelled / shutting_down
+└── 504 upstream_timeout
+
+A generic 500 ``internal_error`` exists only as the last-resort handler: it means a bug.
+This module imports nothing from quart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class PoolError(Exception):
+    """An error with an HTTP status, a stable ``code`` and a human message."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        model: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.model = model
+        self.param = param
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(self.status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "type": self.type,
+                "code": self.code,
+                "message": self.message,
+                "param": self.param,
+            },
+            "detail": {"code": self.code, "model": self.model, "message": self.message},
+        }
+
+    def __repr__(self) -> str:
+        return f"PoolError({self.status}, {self.code!r}, {self.message!r})"
+
+
+def invalid_request(message: str, *, param: str | None = None, model: str | None = None) -> PoolError:
+    return PoolError(400, "invalid_request", message, param=param, model=model)
+
+
+def unknown_model(model: str) -> PoolError:
+    return PoolError(404, "unknown_model", f"unknown model {model!r}", model=model, param="model")
+
+
+def queue_full(model: str, max_queue: int, retry_after_s: int = 1) -> PoolError:
+    return PoolError(
+        429,
+        "executor_queue_full",
+        f"model {model!r} has {max_queue} requests waiting (max_queue); retry later",
+        model=model,
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def queue_timeout(model: str, timeout_s: float) -> PoolError:
+    return PoolError(
+        503,
+        "queue_timeout",
+        f"request waited more than {timeout_s:g}s in model {model!r}'s queue",
+        model=model,
+    )
+
+
+def model_unloading(model: str) -> PoolError:
+    return PoolError(409, "model_unloading", f"model {model!r} is unloading", model=model)
+
+
+def request_cancelled(model: str, why: str) -> PoolError:
+    return PoolError(503, "request_cancelled", f"request to model {model!r} was cancelled: {why}", model=model)
+
+
+def backend_error(model: str, message: str) -> PoolError:
+    return PoolError(502, "backend_error", f"model {model!r} failed: {message}", model=model)
+
+
+def shutting_down() -> PoolError:
+    return PoolError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"})

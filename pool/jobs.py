@@ -1,0 +1,285 @@
+"""A job: one generation request travelling from an HTTP handler to a replica and back.
+
+A job is shared by two sides:
+
+* the **trio side** (handler, dispatcher, replica task) submits it, waits for it to start,
+  iterates its output events and cancels it;
+* the **runtime side** (a backend, usually on the replica's worker thread) reads the request,
+  checks :meth:`Job.should_stop` once per token, calls :meth:`Job.emit` for each text chunk as it
+  is produced, and ends with exactly one of :meth:`Job.finish` / :meth:`Job.fail`.
+
+Runtime-side methods are safe to call from any thread: they hand their work to the trio loop with
+``TrioToken.run_sync_soon`` (FIFO, never blocking the decode loop).  The first end call wins; the
+replica slot is released right after the final event is queued, whatever happened.
+
+Cancellation: :meth:`Job.cancel` sets the stop flag (a ``threading.Event``).  A queued job then
+never reaches a backend; a running one stops at its next token.  If ``cancel`` carries an error
+(unload deadline), the caller receives that error instead of a result.
+
+This module imports no quart and no backend library.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+import trio
+
+from pool.errors import PoolError, backend_error
+
+log = logging.getLogger("llm_pool.jobs")
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Decoding(msgspec.Struct, kw_only=True):
+    """Fully resolved decoding settings (request values over ``engine.decoding``)."""
+
+    beam_size: int = 1
+    top_k: int = 1
+    top_p: float = 1.0
+    temperature: float = 0.1
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] = msgspec.field(default_factory=list)
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """What a backend needs to generate; independent of the HTTP API that produced it."""
+
+    model: str
+    #: The conversation; for ``/v1/responses`` one optional system turn and one user turn.
+    messages: list[Message]
+    decoding: Decoding = field(default_factory=Decoding)
+    source_lang_code: str | None = None
+    target_lang_code: str | None = None
+    stream: bool = False
+
+    @property
+    def system(self) -> str | None:
+        return next((m.content for m in self.messages if m.role == "system"), None)
+
+    @property
+    def input(self) -> str:
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+
+
+class GenerationStats(msgspec.Struct, kw_only=True):
+    """What a backend measured for one job.  Times are milliseconds; None when unknown."""
+
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    tokenize_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+    generate_total_ms: float | None = None
+    decode_after_first_token_ms: float | None = None
+    cost: float | None = None
+
+
+class Delta(msgspec.Struct):
+    text: str
+
+
+class Done(msgspec.Struct):
+    text: str
+    stats: GenerationStats
+
+
+class Failed(msgspec.Struct):
+    error: PoolError
+
+
+Event = Delta | Done | Failed
+
+JobState = Literal["queued", "running", "done", "cancelled"]
+
+
+def new_request_id() -> str:
+    return "resp_" + secrets.token_hex(16)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class Job:
+    """One request's journey; see the module docstring for who calls what."""
+
+    def __init__(self, request: GenerationRequest, *, request_id: str | None = None) -> None:
+        self.id = request_id or new_request_id()
+        self.request = request
+        self.state: JobState = "queued"
+        self.replica: str | None = None
+        self.stop_flag = threading.Event()
+        self.cancel_error: PoolError | None = None
+        #: Set when the job leaves the queue: dispatched to a replica, or ended while queued.
+        self.started = trio.Event()
+        # perf_counter timestamps: submitted ≤ dispatched ≤ backend_begin ≤ backend_end ≤ done
+        self.t_submitted = time.perf_counter()
+        self.t_dispatched: float | None = None
+        self.t_backend_begin: float | None = None
+        self.t_backend_end: float | None = None
+        self.t_done: float | None = None
+        self.output: list[str] = []
+        self.stats: GenerationStats | None = None
+        self._send, self._recv = trio.open_memory_channel[Event](float("inf"))
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
+        self._end_lock = threading.Lock()
+        self._ended = False
+        self._on_release: Callable[[Job], None] | None = None
+        self._on_cancel_queued: Callable[[Job], None] | None = None
+
+    # ---------------------------------------------------------------- runtime side (any thread)
+    def should_stop(self) -> bool:
+        return self.stop_flag.is_set()
+
+    def begin(self) -> None:
+        """The backend starts working on this job (marks the inference timer's start)."""
+        self.t_backend_begin = time.perf_counter()
+
+    def emit(self, text: str) -> None:
+        """Hand one chunk of generated text to the client, now."""
+        if text:
+            self._post(self._deliver, Delta(text))
+
+    def finish(self, stats: GenerationStats) -> None:
+        """The job ended normally (EOS, stop string, max_tokens, or stop flag)."""
+        if self._end():
+            self.stats = stats
+            self._post(self._complete, None)
+
+    def fail(self, error: BaseException) -> None:
+        """The job failed; ``error`` is reported to the client (PoolError as is, else 502)."""
+        if self._end():
+            if not isinstance(error, PoolError):
+                log.error("job %s on %s failed", self.id, self.replica, exc_info=error)
+                error = backend_error(self.request.model, f"{type(error).__name__}: {error}")
+            self._post(self._complete, error)
+
+    def _end(self) -> bool:
+        with self._end_lock:
+            if self._ended:
+                return False
+            self._ended = True
+        self.t_backend_end = time.perf_counter()
+        if self.t_backend_begin is None:
+            self.t_backend_begin = self.t_backend_end
+        return True
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def _post(self, fn: Callable[..., None], arg: object) -> None:
+        if threading.get_ident() == self._trio_thread:
+            fn(arg)
+        else:
+            try:
+                self._token.run_sync_soon(fn, arg)
+            except trio.RunFinishedError:
+                pass
+
+    # ---------------------------------------------------------------- trio side
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, Delta):
+            self.output.append(event.text)
+        try:
+            self._send.send_nowait(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; the stop flag is already set
+
+    def _complete(self, error: PoolError | None) -> None:
+        try:
+            self.t_done = time.perf_counter()
+            self.started.set()  # wakes anyone waiting for the job to leave the queue
+            error = error or self.cancel_error
+            if error is not None:
+                self._deliver(Failed(error))
+            else:
+                assert self.stats is not None
+                self._deliver(Done("".join(self.output), self.stats))
+            self.state = "done"
+            self._send.close()
+        finally:
+            release, self._on_release = self._on_release, None
+            if release is not None:
+                release(self)
+
+    def mark_dispatched(self, replica: str, on_release: Callable[[Job], None]) -> None:
+        self.state = "running"
+        self.replica = replica
+        self.t_dispatched = time.perf_counter()
+        self._on_release = on_release
+        self.started.set()
+
+    def fail_nowait(self, error: PoolError) -> None:
+        """Fail a job that no backend holds (queued, or refused at dispatch)."""
+        if self._end():
+            self._complete(error)
+
+    def cancel(self, error: PoolError | None = None) -> None:
+        """Stop this job: a queued one never runs; a running one stops at its next token.
+
+        With ``error``, the caller gets that error instead of the (partial) result.
+        Idempotent; safe to call at any point, including after the job ended.
+        """
+        if error is not None and self.cancel_error is None and not self._ended:
+            self.cancel_error = error
+        self.stop_flag.set()
+        if self.state == "queued":
+            self.state = "cancelled"
+            hook, self._on_cancel_queued = self._on_cancel_queued, None
+            if hook is not None:
+                hook(self)
+            if error is not None:
+                self.fail_nowait(error)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The job's output: any number of :class:`Delta`, then one :class:`Done` or
+        :class:`Failed`."""
+        async for event in self._recv:
+            yield event
+
+    async def result(self) -> Done:
+        """Wait for the whole result; raises the job's :class:`PoolError` on failure."""
+        async for event in self.events():
+            if isinstance(event, Done):
+                return event
+            if isinstance(event, Failed):
+                raise event.error
+        raise backend_error(self.request.model, "job ended without a result")  # pragma: no cover
+
+    def timings(self) -> dict[str, float | None]:
+        """Engine-side timers in ms (queue wait, inference, total), from the timestamps."""
+        end = self.t_done or time.perf_counter()
+        inference = (
+            self.t_backend_end - self.t_backend_begin
+            if self.t_backend_end is not None and self.t_backend_begin is not None
+            else None
+        )
+        total = end - self.t_submitted
+        return {
+            "engine_queue_wait_ms": _ms(self.t_dispatched - self.t_submitted)
+            if self.t_dispatched is not None
+            else None,
+            "backend_inference_wall_ms": _ms(inference) if inference is not None else None,
+            "engine_total_wall_ms": _ms(total),
+            "engine_outside_backend_wall_ms": _ms(total - inference)
+            if inference is not None
+            else None,
+        }

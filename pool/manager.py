@@ -1,0 +1,333 @@
+"""The pool manager: owns every configured model, its state, and its runtime.
+
+States: ``unloaded → loading → loaded → unloading → unloaded``, and ``failed`` (with
+``last_error``) when a load fails or every replica died.  A model never stays in ``loading`` or
+``unloading`` after an error: each transition is made in a ``finally``.
+
+All admin operations (load, unload, resize, reload) and admission of inference jobs go through
+here; HTTP routes only decode, call and encode.  Each model's lifetime is one task in the
+manager's nursery (running :meth:`ModelRuntime.run`), so a client that disconnects from an admin
+call never interrupts a load.
+
+This module must not import quart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+import trio
+
+from backends import BackendContext, create_backend
+from backends.base import Backend
+from config import ModelSettings, Settings
+from pool.errors import PoolError, model_unloading, shutting_down, unknown_model
+from pool.jobs import Job
+from pool.scheduler import LoadFailed, ModelRuntime
+
+log = logging.getLogger("llm_pool.manager")
+
+State = Literal["unloaded", "loading", "loaded", "unloading", "failed"]
+BackendFactory = Callable[[BackendContext], Backend]
+
+
+class ModelEntry:
+    """A configured model and what the pool knows about it right now."""
+
+    def __init__(self, name: str, settings: ModelSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.state: State = "unloaded"
+        self.runtime: ModelRuntime | None = None
+        self.last_error: str | None = None
+        #: Runtime-only overrides of the current load (never written to the config files).
+        self.override: dict[str, Any] | None = None
+        self.loaded_settings: ModelSettings | None = None
+        self.load_done = trio.Event()
+        self.unload_done = trio.Event()
+        self.loaded_at: float | None = None
+        #: GPU memory delta observed during the last load (kept across unload).
+        self.observed_vram_mib: float | None = None
+        self.observed_vram_replicas: int | None = None
+
+
+class PoolManager:
+    """See the module docstring.  Use as ``await nursery.start(manager.run)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backend_factory: BackendFactory = create_backend,
+        config_path: str | None = None,
+    ) -> None:
+        self.settings = settings
+        #: What ``POST /v1/admin/settings/reload`` re-reads (None: the default lookup).
+        self.config_path = config_path
+        self.backend_factory = backend_factory
+        self.entries: dict[str, ModelEntry] = {
+            name: ModelEntry(name, m) for name, m in settings.engine.models.items()
+        }
+        self.shutting_down = False
+        self._nursery: trio.Nursery | None = None
+        #: Called as ``hook(entry, before, after)`` on every state change (metrics, logs).
+        self.state_hooks: list[Callable[[ModelEntry, State, State], None]] = []
+        #: Measures GPU memory for load deltas; None where no GPU is visible.
+        self.gpu_used_mib: Callable[[], float | None] = lambda: None
+
+    # ------------------------------------------------------------------ lifetime
+    async def run(self, *, autoload: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the models' nursery; load enabled models in the background; run until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if autoload:
+                for entry in self.entries.values():
+                    if entry.settings.enabled:
+                        self._start_load(entry, None, entry.settings.replicas)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _set_state(self, entry: ModelEntry, state: State) -> None:
+        before, entry.state = entry.state, state
+        if before != state:
+            for hook in self.state_hooks:
+                hook(entry, before, state)
+
+    # ------------------------------------------------------------------ queries
+    def entry(self, name: str) -> ModelEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise unknown_model(name) from None
+
+    def backend_of(self, entry: ModelEntry) -> str:
+        return self.settings.backend_of(entry.settings)
+
+    def loaded_models(self) -> list[str]:
+        return sorted(name for name, e in self.entries.items() if e.state == "loaded")
+
+    def ready(self) -> bool:
+        return not self.shutting_down and all(
+            e.state == "loaded" for e in self.entries.values() if e.settings.enabled
+        )
+
+    # ------------------------------------------------------------------ admission
+    def check_admission(self, name: str, *, allow_remote: bool) -> ModelEntry:
+        """Raise the error a request to ``name`` gets right now, if any (no side effects)."""
+        entry = self.entry(name)
+        if self.shutting_down:
+            raise shutting_down()
+        if self.backend_of(entry) == "openai_compatible" and not allow_remote:
+            raise PoolError(
+                403,
+                "remote_execution_disallowed",
+                f"model {name!r} runs on a remote API; set allow_remote: true to use it",
+                model=name,
+                param="allow_remote",
+            )
+        if entry.state == "loaded" and entry.runtime is not None:
+            return entry
+        if entry.state == "loading":
+            raise PoolError(409, "model_loading", f"model {name!r} is loading", model=name)
+        if entry.state == "unloading":
+            raise model_unloading(name)
+        if entry.state == "failed":
+            raise PoolError(
+                409, "model_failed", f"model {name!r} failed to load: {entry.last_error}", model=name
+            )
+        raise PoolError(409, "model_not_loaded", f"model {name!r} is not loaded", model=name)
+
+    def submit(self, job: Job, *, allow_remote: bool) -> ModelEntry:
+        """Admit ``job`` to its model's queue, or raise the reason it can't be."""
+        entry = self.check_admission(job.request.model, allow_remote=allow_remote)
+        assert entry.runtime is not None
+        entry.runtime.submit_nowait(job)
+        return entry
+
+    # ------------------------------------------------------------------ load
+    def _make_runtime(self, entry: ModelEntry, model: ModelSettings, replicas: int) -> ModelRuntime:
+        kind = self.backend_of(entry)
+
+        def make_backend(index: int) -> Backend:
+            ctx = BackendContext(
+                name=entry.name,
+                replica_index=index,
+                replicas=replicas,
+                model=model,
+                settings=self.settings,
+                kind=kind,
+            )
+            return self.backend_factory(ctx)
+
+        return ModelRuntime(
+            entry.name,
+            make_backend=make_backend,
+            target_inflight=model.target_inflight,
+            max_queue=model.max_queue,
+        )
+
+    def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
+        assert self._nursery is not None
+        model = msgspec.structs.replace(entry.settings, **(override or {}))
+        runtime = self._make_runtime(entry, model, replicas)
+        entry.override = override
+        entry.loaded_settings = model
+        entry.last_error = None
+        entry.load_done = trio.Event()
+        self._set_state(entry, "loading")
+        self._nursery.start_soon(self._model_lifetime, entry, runtime, replicas, name=f"model {entry.name}")
+
+    async def _model_lifetime(self, entry: ModelEntry, runtime: ModelRuntime, replicas: int) -> None:
+        vram_before = self.gpu_used_mib()
+
+        def on_loaded() -> None:
+            entry.runtime = runtime
+            entry.loaded_at = time.time()
+            vram_after = self.gpu_used_mib()
+            if vram_before is not None and vram_after is not None:
+                entry.observed_vram_mib = max(0.0, vram_after - vram_before)
+                entry.observed_vram_replicas = replicas
+            self._set_state(entry, "loaded")
+            entry.load_done.set()
+            log.info("model %s loaded with %d replica(s)", entry.name, replicas)
+
+        try:
+            await runtime.run(replicas, on_loaded=on_loaded)
+        except LoadFailed as e:
+            entry.last_error = str(e)
+            log.error("model %s failed to load: %s", entry.name, e)
+        except Exception as e:  # a bug: never leave a model half-alive
+            entry.last_error = f"{type(e).__name__}: {e}"
+            log.exception("model %s crashed", entry.name)
+        finally:
+            entry.runtime = None
+            if entry.last_error is None and runtime.last_error is not None:
+                entry.last_error = runtime.last_error
+            if entry.state == "unloading" or (entry.state == "loaded" and entry.last_error is None):
+                self._set_state(entry, "unloaded")
+            else:
+                self._set_state(entry, "failed")
+            entry.load_done.set()
+            entry.unload_done.set()
+
+    async def load(self, name: str, *, override: dict[str, Any] | None = None, replicas: int | None = None) -> ModelEntry:
+        """Load ``name`` (idempotent when already loaded without changes) and wait for the end.
+
+        Raises 409 ``model_unloading``, 400 when a loaded model is asked to change (unload
+        first), or 500 ``model_load_failed`` with the runtime's message.
+        """
+        entry = self.entry(name)
+        if self.shutting_down:
+            raise shutting_down()
+        if entry.state == "unloading":
+            raise model_unloading(name)
+        if entry.state in ("loaded", "loading") and (override or replicas is not None):
+            raise PoolError(
+                400,
+                "invalid_load_request",
+                f"model {name!r} is {entry.state}; overrides and replicas need the model unloaded first",
+                model=name,
+            )
+        if entry.state in ("unloaded", "failed"):
+            self._start_load(entry, override, replicas or entry.settings.replicas)
+        await entry.load_done.wait()
+        if entry.state != "loaded":
+            raise PoolError(500, "model_load_failed", f"model {name!r} failed to load: {entry.last_error}", model=name)
+        return entry
+
+    # ------------------------------------------------------------------ unload
+    async def unload(self, name: str, *, drain_timeout: float | None = None, force: bool = False) -> ModelEntry:
+        """Graceful unload; see :meth:`ModelRuntime.stop`.  No-op when unloaded or failed."""
+        entry = self.entry(name)
+        if entry.state == "loading":
+            raise PoolError(409, "model_loading", f"model {name!r} is loading; unload it once loaded", model=name)
+        if entry.state == "unloading":
+            with trio.CancelScope(shield=True):
+                await entry.unload_done.wait()
+            return entry
+        if entry.state != "loaded" or entry.runtime is None:
+            return entry
+        runtime = entry.runtime
+        entry.unload_done = trio.Event()
+        self._set_state(entry, "unloading")
+        timeout = 0.0 if force else entry.settings.drain_timeout_s if drain_timeout is None else drain_timeout
+        with trio.CancelScope(shield=True):  # an admin client leaving must not leave "unloading"
+            await runtime.stop(drain_timeout=timeout)
+            await entry.unload_done.wait()
+        log.info("model %s unloaded", name)
+        return entry
+
+    async def resize(self, name: str, replicas: int) -> ModelEntry:
+        entry = self.entry(name)
+        if entry.state != "loaded" or entry.runtime is None:
+            raise PoolError(409, f"model_{entry.state}" if entry.state != "unloaded" else "model_not_loaded",
+                            f"model {name!r} is {entry.state}; only a loaded model can be resized", model=name)
+        if not 1 <= replicas <= entry.settings.replica_max:
+            raise PoolError(
+                400,
+                "invalid_request",
+                f"replica count {replicas} exceeds replica_max {entry.settings.replica_max} for model {name!r}"
+                if replicas > entry.settings.replica_max
+                else "replicas must be at least 1",
+                model=name,
+                param="replicas",
+            )
+        try:
+            with trio.CancelScope(shield=True):
+                await entry.runtime.resize(replicas, drain_timeout=entry.settings.drain_timeout_s)
+        except LoadFailed as e:
+            raise PoolError(500, "model_load_failed", f"model {name!r}: new replica failed to load: {e}", model=name) from None
+        return entry
+
+    def reload(self, settings: Settings) -> dict[str, Any]:
+        """Adopt a newly read catalog; never loads or unloads anything.
+
+        Raises 409 ``settings_reload_conflict`` (catalog unchanged) when a model that is not
+        unloaded/failed would be removed or would change its definition.
+        """
+        def resolved(s: Settings, name: str) -> tuple[ModelSettings, str]:
+            m = s.engine.models[name]
+            return m, s.backend_of(m)
+
+        old, new = self.settings.engine.models, settings.engine.models
+        added = [n for n in new if n not in old]
+        removed = [n for n in old if n not in new]
+        updated = [n for n in new if n in old and resolved(settings, n) != resolved(self.settings, n)]
+        unchanged = [n for n in new if n in old and n not in updated]
+        busy = [n for n in removed + updated if self.entries[n].state in ("loaded", "loading", "unloading")]
+        if busy:
+            raise PoolError(
+                409,
+                "settings_reload_conflict",
+                "settings not reloaded: these models are loaded and their definition changed or was "
+                f"removed; unload them first: {', '.join(busy)}",
+            )
+        entries = {}
+        for name, model in new.items():
+            entry = self.entries.get(name) or ModelEntry(name, model)
+            entry.settings = model
+            entries[name] = entry
+        self.entries = entries
+        restart = settings.service != self.settings.service
+        self.settings = msgspec.structs.replace(settings, service=self.settings.service)
+        return {
+            "added_models": added,
+            "removed_models": removed,
+            "updated_models": updated,
+            "unchanged_models": unchanged,
+            "service_restart_required": restart,
+        }
+
+    async def shutdown(self, drain_s: float) -> None:
+        """Stop admission everywhere, drain every model within ``drain_s``, close them all."""
+        self.shutting_down = True
+        async with trio.open_nursery() as nursery:
+            for entry in self.entries.values():
+                if entry.state == "loaded":
+                    nursery.start_soon(lambda n=entry.name: self.unload(n, drain_timeout=drain_s))
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()

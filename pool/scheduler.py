@@ -1,0 +1,380 @@
+"""One loaded model at run time: its bounded queue, its dispatcher and its replica tasks.
+
+::
+
+    submit_nowait(job) ──▶ queue (trio channel) ──▶ dispatcher ──▶ replica inbox ──▶ backend
+         │ 429 when max_queue jobs already wait        least-loaded replica with a free slot,
+         │ 409 while unloading                         ties round-robin
+
+``ModelRuntime.run`` is the model's lifetime: it opens the model's nursery (replica tasks and the
+dispatcher), loads every replica (all or nothing) and serves until its cancel scope is cancelled.
+Each threaded replica makes a single ``trio.to_thread.run_sync`` call that lasts its whole life, so
+the runtime library always sees the same OS thread.
+
+Cancellation: cancelling the model's scope (``stop``, after the drain) sets the stop flag of every
+running job with a ``request_cancelled`` error and asks each backend to return; backends stop at
+their next token.  A replica's slot is released when its job ends, whatever happened, and a replica
+that dies fails whatever it still held.
+
+This module must not import quart.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import queue
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import trio
+
+from backends.base import Backend
+from pool.errors import PoolError, backend_error, model_unloading, queue_full, request_cancelled
+from pool.jobs import Job
+
+log = logging.getLogger("llm_pool.scheduler")
+
+ReplicaState = Literal["loading", "serving", "retiring", "stopped", "dead"]
+
+
+class LoadFailed(Exception):
+    """A model (or a replica being added) could not load; the message is the runtime's."""
+
+
+class Replica:
+    """One replica: a backend instance, its worker, and the jobs it holds."""
+
+    def __init__(self, name: str, backend: Backend, capacity: int) -> None:
+        self.name = name
+        self.backend = backend
+        self.capacity = capacity
+        self.state: ReplicaState = "loading"
+        self.active = 0
+        self.jobs: set[Job] = set()
+        self.error: str | None = None
+        self.ready = trio.Event()
+        self.done = trio.Event()
+        self.inbox: Any = None  # queue.SimpleQueue for threaded backends, trio channel otherwise
+        self._inbox_recv: Any = None
+        if backend.threaded:
+            self.inbox = queue.SimpleQueue()
+        else:
+            self.inbox, self._inbox_recv = trio.open_memory_channel[Job | None](math.inf)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.active if self.state == "serving" else 0
+
+    def put(self, job: Job | None) -> None:
+        if self.backend.threaded:
+            self.inbox.put(job)
+        elif job is None:
+            self.inbox.close()
+        else:
+            self.inbox.send_nowait(job)
+
+    def stop_jobs(self, error: PoolError) -> None:
+        for job in list(self.jobs):
+            job.cancel(error)
+        if self.state not in ("stopped", "dead"):
+            self.put(None)
+
+
+class ModelRuntime:
+    """The serving part of one model: see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        make_backend: Callable[[int], Backend],
+        target_inflight: int,
+        max_queue: int,
+    ) -> None:
+        self.name = name
+        self.make_backend = make_backend
+        self.target_inflight = target_inflight
+        self.max_queue = max_queue
+        self.replicas: list[Replica] = []
+        self.waiting = 0
+        self.admitting = True
+        self.last_error: str | None = None
+        self.last_activity = time.monotonic()
+        self.finished = trio.Event()
+        self._queue_send, self._queue_recv = trio.open_memory_channel[Job](math.inf)
+        self._changed = trio.Event()
+        self._rr = 0
+        self._nursery: trio.Nursery | None = None
+        self._stop_error: PoolError | None = None
+
+    # ------------------------------------------------------------------ figures
+    @property
+    def effective_target_inflight(self) -> int:
+        caps = [r.capacity for r in self.replicas]
+        return min(caps) if caps else self.target_inflight
+
+    @property
+    def running(self) -> int:
+        return sum(r.active for r in self.replicas)
+
+    @property
+    def serving_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == "serving"]
+
+    @property
+    def alive(self) -> bool:
+        return any(r.state in ("loading", "serving", "retiring") for r in self.replicas)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+    # ------------------------------------------------------------------ lifetime
+    async def run(self, replicas: int, *, on_loaded: Callable[[], None]) -> None:
+        """Load ``replicas`` replicas, call ``on_loaded``, then serve until cancelled.
+
+        Raises :class:`LoadFailed` (outside the model's nursery) if any replica fails to load;
+        the replicas that did load are closed first.  Returns normally after :meth:`stop`.
+        """
+        error: str | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                error = await self._add_replicas(replicas)
+                if error is not None:
+                    nursery.cancel_scope.cancel()
+                else:
+                    nursery.start_soon(self._dispatch)
+                    on_loaded()
+        finally:
+            self.admitting = False
+            self._fail_queued(self._stop_error or backend_error(self.name, "model stopped"))
+            self.finished.set()
+        if error is not None:
+            raise LoadFailed(error)
+
+    async def _add_replicas(self, count: int) -> str | None:
+        """Start ``count`` replicas and wait until each loaded; the first error or None."""
+        assert self._nursery is not None
+        new = []
+        for _ in range(count):
+            index = len(self.replicas) + 1
+            try:
+                backend = self.make_backend(index)
+            except Exception as e:  # a bad definition or a missing library
+                return f"{type(e).__name__}: {e}" if not isinstance(e, LoadFailed) else str(e)
+            replica = Replica(f"{self.name}#{index}", backend, min(self.target_inflight, backend.capability))
+            self.replicas.append(replica)
+            new.append(replica)
+            self._nursery.start_soon(self._run_replica, replica, name=replica.name)
+        for replica in new:
+            await replica.ready.wait()
+        errors = [r.error for r in new if r.state != "serving"]
+        if errors:
+            for replica in new:
+                replica.stop_jobs(backend_error(self.name, "load failed"))
+            for replica in new:
+                await replica.done.wait()
+            for replica in new:
+                self.replicas.remove(replica)
+            return errors[0] or "replica failed to load"
+        self._notify()
+        return None
+
+    async def _run_replica(self, replica: Replica) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def loaded(error: BaseException | None) -> None:
+            if error is None:
+                if replica.state == "loading":
+                    replica.state = "serving"
+            else:
+                replica.state = "dead"
+                replica.error = str(error) or type(error).__name__
+                log.warning("replica %s failed to load: %s", replica.name, replica.error)
+            replica.ready.set()
+
+        def thread_main() -> None:
+            backend: Any = replica.backend
+            try:
+                backend.load()
+            except BaseException as e:
+                token.run_sync_soon(loaded, e)
+                return
+            token.run_sync_soon(loaded, None)
+            try:
+                backend.serve(replica.inbox)
+            except BaseException as e:
+                replica.error = f"runtime died: {type(e).__name__}: {e}"
+                log.error("replica %s died", replica.name, exc_info=e)
+            finally:
+                try:
+                    backend.close()
+                except Exception:
+                    log.exception("replica %s: close failed", replica.name)
+
+        async def stop_on_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                replica.stop_jobs(self._stop_error or request_cancelled(self.name, "model unloaded"))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_cancel)
+                if replica.backend.threaded:
+                    await trio.to_thread.run_sync(thread_main, limiter=trio.CapacityLimiter(1))
+                else:
+                    await self._run_async_replica(replica, loaded)
+                nursery.cancel_scope.cancel()
+        except Exception as e:  # a bug in an adapter: the replica is dead, the pool goes on
+            replica.error = replica.error or f"{type(e).__name__}: {e}"
+            log.exception("replica %s crashed", replica.name)
+        finally:
+            if not replica.ready.is_set():
+                loaded(LoadFailed(replica.error or "cancelled while loading"))
+            if replica.state != "dead":
+                replica.state = "dead" if replica.error else "stopped"
+            leftover = backend_error(self.name, replica.error or f"replica {replica.name} stopped")
+            for job in list(replica.jobs):
+                job.fail_nowait(job.cancel_error or leftover)
+            replica.jobs.clear()
+            replica.active = 0
+            replica.done.set()
+            self._notify()
+            if self.admitting and not self.alive and self.replicas:
+                self.last_error = replica.error
+                self.admitting = False
+                self._fail_queued(backend_error(self.name, f"no replica left: {replica.error}"))
+                if self._nursery is not None:  # the model ends; the manager marks it failed
+                    self._nursery.cancel_scope.cancel()
+
+    async def _run_async_replica(self, replica: Replica, loaded: Callable[[BaseException | None], None]) -> None:
+        backend: Any = replica.backend
+        try:
+            await backend.load()
+        except Exception as e:
+            loaded(e)
+            return
+        loaded(None)
+        try:
+            await backend.serve(replica._inbox_recv)
+        finally:
+            with trio.CancelScope(shield=True):
+                await backend.close()
+
+    # ------------------------------------------------------------------ admission and dispatch
+    def submit_nowait(self, job: Job) -> None:
+        """Queue ``job`` or raise 409 (unloading) / 429 (queue full) at once."""
+        if not self.admitting:
+            raise model_unloading(self.name)
+        free = sum(r.free for r in self.replicas)
+        if self.waiting >= self.max_queue + free:
+            raise queue_full(self.name, self.max_queue)
+        self.waiting += 1
+        self.last_activity = time.monotonic()
+        job._on_cancel_queued = self._cancel_queued
+        self._queue_send.send_nowait(job)
+
+    def _cancel_queued(self, job: Job) -> None:
+        self.waiting -= 1
+        self._notify()
+
+    def _pick(self) -> Replica | None:
+        candidates = [r for r in self.replicas if r.free > 0]
+        if not candidates:
+            return None
+        n = len(self.replicas)
+        order = {r.name: (i - self._rr) % n for i, r in enumerate(self.replicas)}
+        best = min(candidates, key=lambda r: (r.active, order[r.name]))
+        self._rr = (self.replicas.index(best) + 1) % n
+        return best
+
+    async def _dispatch(self) -> None:
+        async for job in self._queue_recv:
+            while job.state == "queued":
+                if not self.admitting:
+                    job.cancel(self._stop_error or model_unloading(self.name))
+                    break
+                replica = self._pick()
+                if replica is None:
+                    await self._wait_changed()
+                    continue
+                self.waiting -= 1
+                job._on_cancel_queued = None
+                replica.active += 1
+                replica.jobs.add(job)
+                job.mark_dispatched(replica.name, functools.partial(self._release, replica))
+                replica.put(job)
+
+    def _release(self, replica: Replica, job: Job) -> None:
+        if job in replica.jobs:
+            replica.jobs.discard(job)
+            replica.active -= 1
+        self.last_activity = time.monotonic()
+        self._notify()
+
+    def _fail_queued(self, error: PoolError) -> None:
+        while True:
+            try:
+                job = self._queue_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            job.cancel(error)
+
+    # ------------------------------------------------------------------ unload and resize
+    async def wait_idle(self, replicas: list[Replica] | None = None) -> None:
+        while True:
+            group = self.replicas if replicas is None else replicas
+            if not any(r.active for r in group) and (replicas is not None or not self.waiting):
+                return
+            await self._wait_changed()
+
+    async def stop(self, *, drain_timeout: float, error: PoolError | None = None) -> bool:
+        """Stop admission, fail queued jobs (409 ``model_unloading``), let running jobs finish
+        within ``drain_timeout`` seconds, then cancel the model's scope and wait until every
+        replica has closed.  Returns True if the drain finished in time.
+
+        Cancellation: if the caller is cancelled, the model is still cancelled and closed.
+        """
+        self.admitting = False
+        self._stop_error = error
+        self._fail_queued(error or model_unloading(self.name))
+        self._notify()
+        with trio.move_on_after(drain_timeout) as drain:
+            await self.wait_idle()
+        self._stop_error = error or request_cancelled(
+            self.name, f"model unloaded; the request did not finish within the {drain_timeout:g}s drain"
+        )
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self.finished.wait()
+        return not drain.cancelled_caught
+
+    async def resize(self, replicas: int, *, drain_timeout: float) -> None:
+        """Grow (load new replicas while the others serve) or shrink (drain the removed ones
+        first; jobs still running at ``drain_timeout`` are cancelled)."""
+        current = [r for r in self.replicas if r.state in ("serving", "loading")]
+        if replicas > len(current):
+            error = await self._add_replicas(replicas - len(current))
+            if error is not None:
+                raise LoadFailed(error)
+            return
+        retiring = current[replicas:]
+        for replica in retiring:
+            replica.state = "retiring"
+        with trio.move_on_after(drain_timeout):
+            await self.wait_idle(retiring)
+        for replica in retiring:
+            replica.stop_jobs(request_cancelled(self.name, "its replica was removed by a resize"))
+        for replica in retiring:
+            await replica.done.wait()
+            self.replicas.remove(replica)
+        self._notify()

@@ -1,0 +1,111 @@
+"""Run the whole pool: hypercorn, the pool manager and the signal watcher in one nursery.
+
+::
+
+    main nursery
+    ├── pool manager            (models' nurseries under it)
+    ├── signal watcher          SIGINT/SIGTERM → graceful stop
+    └── hypercorn.trio.serve    shutdown_trigger = our stop event
+
+Graceful stop: readiness goes false and new requests get 503 ``shutting_down``; running requests
+get ``service.shutdown_drain_s`` to finish (their streams keep flowing); then hypercorn stops and
+the nursery is cancelled.  Models load in the background after the server is up, never in
+``before_serving``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from config import Settings
+from pool.http import create_app
+from pool.manager import BackendFactory, PoolManager
+
+log = logging.getLogger("llm_pool.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(settings: Settings) -> None:
+    """Refuse to expose the admin API without a token (raises ``SystemExit`` with why)."""
+    s = settings.service
+    if not is_loopback(s.host) and not s.admin_token_env:
+        raise SystemExit(
+            f"refusing to bind {s.host}: the admin API would be reachable without a token; "
+            "set service.admin_token_env to the name of an environment variable holding one "
+            "(or bind 127.0.0.1)"
+        )
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = settings.service.host
+    config.bind = [f"[{host}]:{settings.service.port}" if ":" in host else f"{host}:{settings.service.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # our JSON handler, not a second format
+    config.graceful_timeout = 5.0
+    config.keep_alive_timeout = 75.0
+    return config
+
+
+async def serve(
+    settings: Settings,
+    *,
+    config_path: str | None = None,
+    backend_factory: BackendFactory | None = None,
+    handle_signals: bool = True,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation); ``task_status.started(base_url)``."""
+    check_security(settings)
+    kwargs: dict[str, Any] = {"config_path": config_path}
+    if backend_factory is not None:
+        kwargs["backend_factory"] = backend_factory
+    manager = PoolManager(settings, **kwargs)
+    if any(m.device == "cuda" or m.backend == "exllamav3" or m.gguf_n_gpu_layers for m in settings.engine.models.values()):
+        from admin.gpu import used_mib
+
+        manager.gpu_used_mib = used_mib
+    app = create_app(manager, settings)
+    app.extensions["llm_pool_ready"] = manager.ready
+    stop = trio.Event()
+
+    async def graceful_stop() -> None:
+        log.info("stopping: draining running requests", extra={"fields": {"drain_s": settings.service.shutdown_drain_s}})
+        await manager.shutdown(settings.service.shutdown_drain_s)
+        stop.set()
+
+    async def watch_signals(nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.start_soon(graceful_stop)
+                break
+            async for _ in signals:  # a second signal: stop now
+                stop.set()
+                nursery.cancel_scope.cancel()
+
+    async def run_http(nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status)
+        nursery.cancel_scope.cancel()  # hypercorn finished its graceful shutdown
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        if handle_signals:
+            nursery.start_soon(watch_signals, nursery)
+        binds = await nursery.start(run_http, nursery)
+        log.info("serving", extra={"fields": {"urls": binds}})
+        task_status.started(binds[0])

@@ -1,0 +1,33 @@
+from .sampler import Sampler
+from .custom import (
+    CustomSampler,
+    SS_Base,
+    SS_Argmax,
+    SS_Sample,
+    SS_Sample_mn,
+    SS_Temperature,
+    SS_Normalize,
+    SS_Sort,
+    SS_MinP,
+    SS_TopK,
+    SS_TopP,
+    SS_NoOp,
+    SS_RepP,
+    SS_PresFreqP,
+    SS_DRY,
+    SS_AdaptiveP,
+    SS_BanTokens,
+    SS_LogitBias,
+    SS_XTC,
+)
+from .presets import (
+    DefaultSampler,
+    ArgmaxSampler,
+    GreedySampler,
+    CategoricalSampler,
+    GumbelSampler,
+    TopKSampler,
+    TopPSampler,
+    ComboSampler,
+    AdaptivePSampler,
+)

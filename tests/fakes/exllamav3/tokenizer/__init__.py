@@ -1,0 +1,2 @@
+from .tokenizer import Tokenizer
+from .mm_embedding import MMEmbedding
