@@ -148,7 +148,7 @@ def build_tokenizer(reader: Any):
 
     # control tokens (3) are special; user-defined ones (4) are matched verbatim as well
     added = []
-    for tok, kind in zip(tokens, types):
+    for tok, kind in zip(tokens, types, strict=False):
         if kind == 3:
             added.append(AddedToken(tok, special=True, normalized=False))
         elif kind == 4:
@@ -184,7 +184,7 @@ def _write_tokenizer_files(reader: Any, out_dir: Path, tokens: list[str]) -> dic
     unk = _special(reader, tokens, "unknown")
     pad = _special(reader, tokens, "padding")
     types = _field(reader, "tokenizer.ggml.token_type") or []
-    control = [t for t, k in zip(tokens, types) if k == 3]
+    control = [t for t, k in zip(tokens, types, strict=False) if k == 3]
     cfg: dict[str, Any] = {
         "bos_token": bos,
         "eos_token": eos,

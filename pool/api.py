@@ -7,6 +7,7 @@ and the same Structs generate the OpenAPI schema.  Nothing here does I/O.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -108,11 +109,26 @@ def decode_body(body: bytes, kind: type[Any]) -> Any:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        text = str(e)
-        param = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else None
-        raise invalid_request(f"invalid request body: {text}", param=param) from None
+        raise invalid_request(f"invalid request body: {e}", param=error_path(e)) from None
     except msgspec.DecodeError as e:
         raise invalid_request(f"invalid JSON body: {e}") from None
+    except UnicodeDecodeError as e:  # msgspec checks UTF-8 late, with Python's own error
+        raise invalid_request(f"invalid JSON body: not valid UTF-8 ({e.reason})") from None
+
+
+_FIELD_IN_MESSAGE = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
+
+
+def error_path(error: msgspec.ValidationError) -> str:
+    """The JSON path a validation error is about, as msgspec spells it (``$.decoding.top_k``).
+
+    msgspec leaves the path out for the root object and names unknown/missing fields only in
+    the text; both are completed here so the 400's ``param`` always names the field.
+    """
+    text = str(error)
+    path = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
+    field = _FIELD_IN_MESSAGE.match(text)
+    return f"{path}.{field.group(1)}" if field else path
 
 
 def _check_text(value: str | None, param: str) -> None:

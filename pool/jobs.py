@@ -25,7 +25,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -249,11 +249,11 @@ class Job:
             if error is not None:
                 self.fail_nowait(error)
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> trio.MemoryReceiveChannel[Event]:
         """The job's output: any number of :class:`Delta`, then one :class:`Done` or
-        :class:`Failed`."""
-        async for event in self._recv:
-            yield event
+        :class:`Failed`, then the end.  A channel, not a generator: leaving an ``async for``
+        early needs no clean-up."""
+        return self._recv
 
     async def result(self) -> Done:
         """Wait for the whole result; raises the job's :class:`PoolError` on failure."""

@@ -236,7 +236,7 @@ def test_batch_same_length_prompts(gen_dir, models):
     g = models.generator(gen_dir)
     prompts = [["x"], ["5"], [NEWLINE_TOKEN], ["9"], [IM_END], ["q"]]
     res = g.generate_batch(prompts, max_length=5, include_prompt_in_result=False)
-    for p, r in zip(prompts, res):
+    for p, r in zip(prompts, res, strict=True):
         assert r.sequences[0] == expected_tokens(p[-1], 5), p
 
 
@@ -253,7 +253,7 @@ def test_batch_mixed_length_prompts(gen_dir, models, tok):
     lens = [len(p) for p in prompts]
     n = 5
     res = g.generate_batch(prompts, max_length=n + max(lens) - min(lens), include_prompt_in_result=True)
-    for text, p, r in zip(texts, prompts, res):
+    for text, p, r in zip(texts, prompts, res, strict=True):
         seq = r.sequences[0]
         assert seq[: len(p)] == p
         got = seq[len(p):][:n]

@@ -53,8 +53,8 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -99,7 +99,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 BYTE_TO_TOKEN = _bytes_to_unicode()
@@ -284,7 +284,7 @@ def write_tiny_ct2_generator(path: Path, *, quantization: str | None = None) -> 
     """Write the tiny decoder-only model (``ctranslate2.Generator``) to ``path``.
 
     Llama-like layout (pre-norm, RMSNorm, SwiGLU FFN, rotary attention,
-    2 layers, 4 heads, hidden 64), ~0.2 MB in float32.  ``path`` is created
+    2 layers, 4 heads, hidden 64), ~0.33 MB in float32 (written in ~0.1 s).  ``path`` is created
     (or replaced).  Returns ``path``.
     """
     from ctranslate2.specs import common_spec, transformer_spec
@@ -352,7 +352,7 @@ def write_tiny_ct2_translator(path: Path, *, quantization: str | None = None) ->
             shapes = [(3 * _HIDDEN, _HIDDEN), (_HIDDEN, _HIDDEN)]
         else:  # encoder-decoder attention: q, fused kv, output
             shapes = [(_HIDDEN, _HIDDEN), (2 * _HIDDEN, _HIDDEN), (_HIDDEN, _HIDDEN)]
-        for lin, shape in zip(att.linear, shapes):
+        for lin, shape in zip(att.linear, shapes, strict=True):
             lin.weight = _noise(rng, *shape)
             lin.bias = np.zeros(shape[0], dtype=np.float32)
 

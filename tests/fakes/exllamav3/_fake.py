@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 MARKER_FILENAME = "fake_exllamav3.json"
 
@@ -94,7 +95,7 @@ class FakeTensor:
 
     # -- construction helpers
     @staticmethod
-    def ids(ids: Sequence[int]) -> "FakeTensor":
+    def ids(ids: Sequence[int]) -> FakeTensor:
         """Token ids as a (1, n) int64 tensor."""
         row = [int(i) for i in ids]
         return FakeTensor([row], "int64", (1, len(row)))
@@ -142,11 +143,11 @@ class FakeTensor:
             raise TypeError("len() of a 0-d tensor")
         return self._shape[0]
 
-    def __iter__(self) -> Iterator["FakeTensor"]:
+    def __iter__(self) -> Iterator[FakeTensor]:
         for i in range(len(self)):
             yield self[i]
 
-    def __getitem__(self, idx: Any) -> "FakeTensor":
+    def __getitem__(self, idx: Any) -> FakeTensor:
         if not isinstance(idx, tuple):
             idx = (idx,)
         data = self.tolist()
@@ -194,7 +195,7 @@ class FakeTensor:
             return cls._result_shape(shape[1:], rest)
         return [len(range(*first.indices(shape[0])))] + cls._result_shape(shape[1:], rest)
 
-    def view(self, *shape: Any) -> "FakeTensor":
+    def view(self, *shape: Any) -> FakeTensor:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         n = self.numel()
@@ -212,10 +213,10 @@ class FakeTensor:
 
     reshape = view
 
-    def flatten(self) -> "FakeTensor":
+    def flatten(self) -> FakeTensor:
         return self.view(-1)
 
-    def squeeze(self, dim: int | None = None) -> "FakeTensor":
+    def squeeze(self, dim: int | None = None) -> FakeTensor:
         if dim is None:
             new = [s for s in self._shape if s != 1]
         else:
@@ -225,22 +226,22 @@ class FakeTensor:
                 del new[d]
         return self.view(*new) if new else FakeTensor(self.item(), self.dtype, ())
 
-    def unsqueeze(self, dim: int) -> "FakeTensor":
+    def unsqueeze(self, dim: int) -> FakeTensor:
         d = dim + self.ndim + 1 if dim < 0 else dim
         new = list(self._shape)
         new.insert(d, 1)
         return self.view(*new)
 
-    def clone(self) -> "FakeTensor":
+    def clone(self) -> FakeTensor:
         return FakeTensor(self.tolist(), self.dtype, self._shape)
 
-    def cpu(self) -> "FakeTensor":
+    def cpu(self) -> FakeTensor:
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> "FakeTensor":
+    def to(self, *args: Any, **kwargs: Any) -> FakeTensor:
         return self
 
-    def long(self) -> "FakeTensor":
+    def long(self) -> FakeTensor:
         return FakeTensor(self.tolist(), "int64", self._shape)
 
     def __repr__(self) -> str:

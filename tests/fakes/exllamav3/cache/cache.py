@@ -23,7 +23,7 @@ class Cache:
 
     def __init__(
         self,
-        model: "Model",
+        model: Model,
         max_num_tokens: int,
         layer_type: type[CacheLayer] | None = None,
         max_batch_size: int = 16,
@@ -43,6 +43,7 @@ class Cache:
 
         self.model = model
         self.initialized = False
+        self.owner_serial = 0  # bumped by every Generator created over this cache
         self.config = model.config
         self.max_num_tokens = max_num_tokens
         self.layer_type = layer_type or CacheLayer_fp16
@@ -51,6 +52,7 @@ class Cache:
         self.num_layers = len(cl)
         self.layers: dict = {}
         for attn in cl:
+            assert attn.layer_idx is not None
             for instance in self.model.get_layer_instances(attn.layer_idx):
                 self.layers[instance] = self.layer_type(self.config, attn, id(self), self.max_num_tokens, **kwargs)
 
@@ -62,12 +64,12 @@ class Cache:
         self.recurrent_instances: dict = {}
         self.attach_to_model()
 
-    def attach_to_model(self, model: "Model | None" = None) -> None:
+    def attach_to_model(self, model: Model | None = None) -> None:
         if model is None:
             model = self.model
         model.cache_weakrefs[id(self)] = weakref.ref(self)
 
-    def detach_from_model(self, model: "Model | None" = None) -> None:
+    def detach_from_model(self, model: Model | None = None) -> None:
         if model is None:
             model = self.model
         del model.cache_weakrefs[id(self)]

@@ -383,7 +383,7 @@ class Generator:
                 return None
 
         if not completion_only:
-            completions = [p + c for p, c in zip(prompts, completions)]
+            completions = [p + c for p, c in zip(prompts, completions, strict=True)]
         if not isinstance(prompt, list):
             out: Any = completions[0]
             last: Any = last_results[0]

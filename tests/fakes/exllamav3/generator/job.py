@@ -180,7 +180,7 @@ class Job:
 
     # -- queueing
 
-    def prepare_for_queue(self, generator: "Generator", serial_number: int, rq: bool = False) -> None:
+    def prepare_for_queue(self, generator: Generator, serial_number: int, rq: bool = False) -> None:
         self.serial_number = serial_number
         self.generator = generator
         self.pagetable = generator.pagetable
@@ -219,7 +219,7 @@ class Job:
             f"be enqueued. Total cache allocated is {max_pages} * {PAGE_SIZE} = " + \
             f"{generator.max_total_tokens} tokens"
         assert 1 <= generator.max_batch_size, \
-            f"Job requires a minimum batch size of 1. Max supported batch size in" + \
+            "Job requires a minimum batch size of 1. Max supported batch size in" + \
             f"generator is {generator.max_batch_size}."
 
         if not rq:
@@ -327,7 +327,7 @@ class Job:
 
     def receive_sample(self, next_token: int, results: list) -> tuple[bool, int, bool]:
         """Accept one sampled token; append stream events to results. Returns (eos, token, requeue)."""
-        assert self.generator is not None
+        assert self.generator is not None and self.max_rq_tokens is not None
         tokenizer = self.generator.tokenizer
 
         self.new_tokens += 1
@@ -357,6 +357,7 @@ class Job:
             if eos_reason is not None:
                 r.update({"eos_reason": eos_reason})
                 if eos_reason == "stop_token":
+                    assert stop_token is not None
                     id_to_piece = tokenizer.get_id_to_piece_list(True)
                     r.update({
                         "eos_triggering_token_id": stop_token,
@@ -463,7 +464,7 @@ class Job:
 
     # -- requeue
 
-    def prepare_for_requeue(self) -> "Job":
+    def prepare_for_requeue(self) -> Job:
         assert self.generator is not None and self.serial_number is not None and self.max_new_tokens is not None
         last_completed_tokens = len(self.sequence_ids) - len(self.input_ids)
         new_input = FakeTensor.ids(self.sequence_ids)

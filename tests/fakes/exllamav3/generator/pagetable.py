@@ -11,7 +11,8 @@ Partial-page prompt reuse (the real prefill's copy_page of a partially matching 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..constants import PAGE_SIZE
 
@@ -69,9 +70,9 @@ class PageTable:
         if h in self.referenced:
             self.filled.add(h)
 
-    def allocate_pages(self, job: "Job") -> int:
+    def allocate_pages(self, job: Job) -> int:
         """Reference the job's pages; returns the number of leading prompt pages whose K/V are already cached."""
-        hits = []
+        hits: list[bool | None] = []
         for h in job.page_hashes:
             if h in self.referenced:
                 self.referenced[h] += 1
@@ -101,7 +102,7 @@ class PageTable:
         self.metrics["alloc_cached_pages"] += cached
         return cached
 
-    def deallocate_pages(self, job: "Job", full_page_hashes: list) -> None:
+    def deallocate_pages(self, job: Job, full_page_hashes: list) -> None:
         for h in job.page_hashes:
             n = self.referenced.get(h, 0) - 1
             if n > 0:

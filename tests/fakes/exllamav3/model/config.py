@@ -94,7 +94,7 @@ class Config:
         self.quantization_config = cd.get("quantization_config")
 
     @staticmethod
-    def from_directory(directory: str, **kwargs: Any) -> "Config":
+    def from_directory(directory: str, **kwargs: Any) -> Config:
         """
         Real (exllamav3/model/config.py): opens <directory>/config.json (FileNotFoundError if missing), asserts
         "architectures" is present, has one entry and is a registered architecture (AssertionError otherwise),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .._fake import FakeVocab, fallback_order, successor
 from .config import Config
@@ -15,7 +16,7 @@ class _FakeModule:
         self.device: str | None = None
         self.modules: list = []
 
-    def __iter__(self) -> Iterator["_FakeModule"]:
+    def __iter__(self) -> Iterator[_FakeModule]:
         yield self
 
 
@@ -54,7 +55,7 @@ class Model:
             yield from module
 
     @staticmethod
-    def from_config(config: Config, component: str = "text", **kwargs: Any) -> "Model":
+    def from_config(config: Config, component: str = "text", **kwargs: Any) -> Model:
         assert component in config.model_classes, \
             f"{config.architecture} does not define a '{component}' component model"
         model = config.model_classes[component](config, **kwargs)
@@ -90,7 +91,7 @@ class Model:
         max_batch_size: int = 1,
         tp_options: dict | None = None,
         autosplit_no_forward: bool = False,
-        draft_model: "Model | None" = None,
+        draft_model: Model | None = None,
     ) -> Iterator[tuple[int, int]]:
         """
         Real: generator function; in autosplit mode (device=None, tensor_p=False) it calls

@@ -1,2 +1,4 @@
-from .tokenizer import Tokenizer
 from .mm_embedding import MMEmbedding
+from .tokenizer import Tokenizer
+
+__all__ = ["Tokenizer", "MMEmbedding"]

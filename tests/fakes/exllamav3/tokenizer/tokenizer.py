@@ -112,7 +112,7 @@ class Tokenizer:
         return self._vocab.size
 
     @staticmethod
-    def from_config(config: Config) -> "Tokenizer":
+    def from_config(config: Config) -> Tokenizer:
         return Tokenizer(config)
 
     def single_token(self, token_id: int) -> FakeTensor:

@@ -17,7 +17,7 @@ class SS_Base:
     def reqs_torch_seed(self) -> bool:
         return False
 
-    def alt(self) -> "SS_Base | None":
+    def alt(self) -> SS_Base | None:
         return None
 
 

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from .custom import (
-    CustomSampler, SS_AdaptiveP, SS_Argmax, SS_DRY, SS_LogitBias, SS_MinP, SS_PresFreqP, SS_RepP, SS_Sample,
-    SS_Temperature, SS_TopK, SS_TopP,
+    SS_DRY,
+    CustomSampler,
+    SS_AdaptiveP,
+    SS_Argmax,
+    SS_LogitBias,
+    SS_MinP,
+    SS_PresFreqP,
+    SS_RepP,
+    SS_Sample,
+    SS_Temperature,
+    SS_TopK,
+    SS_TopP,
 )
 
 

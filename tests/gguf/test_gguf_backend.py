@@ -1,0 +1,228 @@
+"""The GGUF backend on real llama.cpp, driven through the pool manager (real clock, real threads).
+
+Rules: a tiny deterministic model generated per session (no files committed, nothing
+downloaded); every test bounded by ``trio.fail_after``; no sleeps — synchronise on job events.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from config import decode_settings
+from pool.errors import PoolError
+from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from pool.manager import PoolManager
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
+
+from models.tiny_gguf import CHATML_TEMPLATE, write_tiny_gguf  # noqa: E402
+
+LIMIT_S = 20
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-chatml.gguf", chat_template=CHATML_TEMPLATE)
+
+
+def settings_for(path: Path, **model: Any) -> Any:
+    return decode_settings(
+        {
+            "engine": {
+                "models": {
+                    "tiny": {
+                        "model_path": str(path),
+                        "backend": "gguf",
+                        "prompt_format": "native",
+                        "gguf_n_ctx": 256,
+                        "n_threads": 1,
+                        **model,
+                    }
+                }
+            }
+        },
+        source="test",
+    )
+
+
+def request(text: str, **decoding: Any) -> GenerationRequest:
+    return GenerationRequest(
+        model="tiny",
+        messages=[Message(role="user", content=text)],
+        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
+    )
+
+
+async def run(manager: PoolManager, req: GenerationRequest) -> tuple[list[str], Done]:
+    job = Job(req)
+    manager.submit(job, allow_remote=False)
+    deltas: list[str] = []
+    async for event in job.events():
+        if isinstance(event, Delta):
+            deltas.append(event.text)
+        elif isinstance(event, Done):
+            return deltas, event
+        else:
+            raise event.error
+    raise AssertionError("no result")
+
+
+@pytest.fixture
+async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
+    overrides = getattr(request, "param", {})
+    manager = PoolManager(settings_for(tiny_gguf, **overrides))
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await manager.load("tiny")
+            yield manager
+            nursery.cancel_scope.cancel()
+
+
+async def test_exact_greedy_outputs_and_finish_reasons(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        deltas, done = await run(pool, request("x"))
+        assert done.text == "yzabc" and deltas == list("yzabc")
+        assert done.stats.finish_reason == "length"
+        assert (done.stats.prompt_tokens, done.stats.output_tokens) == (1, 5)
+        _, done = await run(pool, request("5", max_tokens=50))
+        assert (done.text, done.stats.finish_reason, done.stats.output_tokens) == ("6789", "stop", 4)
+
+
+async def test_sampling_settings_keep_the_dominant_successor(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("x", temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1))
+        assert done.text == "yzabc"
+
+
+async def test_stop_strings_cut_without_emitting_a_partial_stop(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        deltas, done = await run(pool, request("x", max_tokens=20, stop=["bc"]))
+        assert done.text == "yza" and "".join(deltas) == "yza"
+        assert done.stats.finish_reason == "stop"
+        # "ab" is held back while it could still become "abz"; at max_tokens it is released
+        deltas, done = await run(pool, request("x", max_tokens=4, stop=["abz"]))
+        assert done.text == "yzab" and "".join(deltas) == "yzab"
+
+
+async def test_cancelling_a_running_job_stops_at_the_next_token(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        job = Job(request("a", max_tokens=200))
+        pool.submit(job, allow_remote=False)
+        async for event in job.events():
+            if isinstance(event, Delta):
+                job.cancel()
+            elif isinstance(event, Done):
+                break
+        assert isinstance(event, Done)
+        assert event.stats.finish_reason == "cancelled"
+        assert event.stats.output_tokens is not None and event.stats.output_tokens < 200
+        # the replica is free at once for the next request
+        _, done = await run(pool, request("x"))
+        assert done.text == "yzabc"
+
+
+async def test_prompt_longer_than_the_context_is_a_clear_400(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(PoolError) as info:
+            await run(pool, request("q" * 300))
+        assert info.value.status == 400
+        assert info.value.message == "the prompt has 300 tokens; model 'tiny' has a context of 256"
+        _, done = await run(pool, request("x"))  # and the replica still serves
+        assert done.text == "yzabc"
+
+
+async def test_generation_is_capped_by_the_context(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("a" * 250, max_tokens=100))
+        assert done.stats.output_tokens == 6 and done.stats.finish_reason == "length"
+
+
+async def test_metrics_are_nested_and_complete(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        job = Job(request("x"))
+        pool.submit(job, allow_remote=False)
+        await job.result()
+        t = job.timings()
+        assert t["engine_total_wall_ms"] >= t["backend_inference_wall_ms"] >= 0  # type: ignore[operator]
+        assert t["engine_queue_wait_ms"] is not None and t["engine_queue_wait_ms"] >= 0
+        s = job.stats
+        assert s is not None and s.time_to_first_token_ms is not None and s.generate_total_ms is not None
+        assert s.tokenize_ms is not None and s.decode_after_first_token_ms is not None
+
+
+@pytest.mark.parametrize("pool", [{"replicas": 2, "replica_max": 2}], indirect=True)
+async def test_each_replica_keeps_one_thread_for_its_life(pool: PoolManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.gguf import GGUFBackend
+
+    seen: dict[int, set[int]] = {}
+    original = GGUFBackend.generate
+
+    def spy(self: GGUFBackend, job: Job) -> Any:
+        seen.setdefault(id(self), set()).add(threading.get_ident())
+        return original(self, job)
+
+    monkeypatch.setattr(GGUFBackend, "generate", spy)
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(run, pool, request("x"))
+    assert len(seen) == 2 and all(len(threads) == 1 for threads in seen.values())
+    assert seen[next(iter(seen))] != seen[list(seen)[1]]
+
+
+async def test_chatml_prompt_format_renders_and_stops(tiny_chatml_gguf: Path) -> None:
+    manager = PoolManager(settings_for(tiny_chatml_gguf, prompt_format="generic"))
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await manager.load("tiny")
+            _, done = await run(manager, request("x"))
+            # the prompt ends in "<|im_start|>assistant\n": "\n" -> "a" -> "b" ...
+            assert done.text == "abcde"
+            prompt = (
+                "<|im_start|>system\nYou are a helpful assistant. Return only the response.<|im_end|>\n"
+                "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+            )
+            specials = prompt.count("<|im_start|>") + prompt.count("<|im_end|>")
+            plain = prompt.replace("<|im_start|>", "").replace("<|im_end|>", "")
+            assert done.stats.prompt_tokens == specials + len(plain)
+            nursery.cancel_scope.cancel()
+
+
+async def test_missing_model_file_fails_that_model_only(tmp_path: Path, tiny_gguf: Path) -> None:
+    settings = decode_settings(
+        {
+            "engine": {
+                "models": {
+                    "good": {"model_path": str(tiny_gguf), "prompt_format": "native", "gguf_n_ctx": 128},
+                    "gone": {"model_path": str(tmp_path / "nope.gguf")},
+                }
+            }
+        },
+        source="test",
+    )
+    manager = PoolManager(settings)
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            for name in ("good", "gone"):
+                await manager.entries[name].load_done.wait()
+            assert manager.entries["good"].state == "loaded"
+            gone = manager.entries["gone"]
+            assert gone.state == "failed"
+            assert gone.last_error == (
+                f"model_path {str(tmp_path / 'nope.gguf')!r}: no such file or directory: "
+                f"{tmp_path / 'nope.gguf'}"
+            )
+            nursery.cancel_scope.cancel()
