@@ -382,6 +382,17 @@ def test_chunked_prefill(fake_exllamav3: Any, fake_exl3_model_dir: Path) -> None
     assert [r["stage"] for r in rounds[2]] == ["prefill", "streaming"]
 
 
+def test_prefill_is_throttled_while_other_jobs_generate(fake_exllamav3: Any, fake_exl3_model_dir: Path) -> None:
+    s = Stack(fake_exllamav3, fake_exl3_model_dir, max_chunk_size=512)  # shared_chunk_size 256, cooldown 4
+    short, long_ = s.job("a", max_new_tokens=40), s.job("k" * 600, max_new_tokens=1)
+    s.generator.enqueue([short, long_])
+    rounds = s.drain()
+    prefill_at = [(i, r["curr_progress"]) for i, res in enumerate(rounds) for r in res if r["stage"] == "prefill"]
+    assert prefill_at == [(0, 256), (5, 512), (10, 599)]
+    assert all(len([r for r in res if r["serial"] == 0 and r["stage"] == "streaming"]) == 1 for res in rounds[:40])
+    assert "identifier" not in rounds[0][0]  # only present when the Job was given one
+
+
 def test_prompt_cache_reuses_full_pages(stack: Stack) -> None:
     prompt = "w" * 700  # two full 256-token pages before the last prompt token
     s1 = stack.generator.enqueue(stack.job(prompt, max_new_tokens=2))
