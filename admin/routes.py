@@ -207,7 +207,15 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
             for r in (rt.replicas if rt else [])
         ],
         "definition": msgspec.to_builtins(m),
+        # remote models with prices: today's spend and remaining budget (from the cost ledger)
+        "remote_cost": _remote_cost(manager, entry) if backend == "openai_compatible" else None,
     }
+
+
+def _remote_cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:
+    from backends.openai_compatible import cost_summary
+
+    return cost_summary(manager.settings, (entry.loaded_settings if entry.runtime else None) or entry.settings, entry.name)
 
 
 async def _body(kind: type[Any], *, code: str = "invalid_request") -> Any:
@@ -281,16 +289,21 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
         return json_response({"models": [model_row(manager, e) for e in manager.entries.values()]})
 
-    @app.get("/v1/admin/models/<name>")
+    @app.get("/v1/admin/models/<path:name>")
     async def admin_model(name: str) -> Response:
         return row_response(manager.entry(name))
 
-    @app.post("/v1/admin/models/<name>/load")
+    @app.post("/v1/admin/models/<path:name>/load")
     async def admin_load(name: str) -> Response:
         entry = manager.entry(name)
         body: LoadRequest = await _body(LoadRequest, code="invalid_load_request")
         backend = manager.backend_of(entry)
         override, replicas = validate_overrides(entry, backend, body)
+        if entry.state in ("loaded", "loading") and (override or replicas is not None):
+            raise _bad_load(
+                f"model {name!r} is {entry.state}; overrides and replicas apply to a new load only: unload first",
+                name,
+            )
         if entry.state in ("unloaded", "failed") and not body.force:
             gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
             _check_gpu_memory(manager, entry, backend, override, replicas or entry.settings.replicas, gpus)
@@ -298,7 +311,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
         entry = await manager.load(name, override=override or None, replicas=replicas)
         return row_response(entry)
 
-    @app.post("/v1/admin/models/<name>/unload")
+    @app.post("/v1/admin/models/<path:name>/unload")
     async def admin_unload(name: str) -> Response:
         manager.entry(name)
         body: UnloadRequest = await _body(UnloadRequest)
@@ -312,7 +325,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
         )
         return row_response(entry)
 
-    @app.post("/v1/admin/models/<name>/replicas")
+    @app.post("/v1/admin/models/<path:name>/replicas")
     async def admin_resize(name: str) -> Response:
         manager.entry(name)
         body: ResizeRequest = await _body(ResizeRequest)

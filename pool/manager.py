@@ -49,6 +49,8 @@ class ModelEntry:
         self.loaded_settings: ModelSettings | None = None
         self.load_done = trio.Event()
         self.unload_done = trio.Event()
+        #: Resizes of one model run one at a time (two at once would retire/remove the same replica).
+        self.resize_lock = trio.Lock()
         self.loaded_at: float | None = None
         #: GPU memory delta observed during the last load (kept across unload).
         self.observed_vram_mib: float | None = None
@@ -142,10 +144,18 @@ class PoolManager:
         raise PoolError(409, "model_not_loaded", f"model {name!r} is not loaded", model=name)
 
     def submit(self, job: Job, *, allow_remote: bool) -> ModelEntry:
-        """Admit ``job`` to its model's queue, or raise the reason it can't be."""
+        """Admit ``job`` to its model's queue, or raise the reason it can't be.
+
+        A backend may define ``admit(job, submit)`` to wrap the queueing in its own admission;
+        the remote backend reserves the request's cost there (400/429 before the queue).
+        """
         entry = self.check_admission(job.request.model, allow_remote=allow_remote)
         assert entry.runtime is not None
-        entry.runtime.submit_nowait(job)
+        admit = next((getattr(r.backend, "admit", None) for r in entry.runtime.serving_replicas), None)
+        if admit is not None:
+            admit(job, entry.runtime.submit_nowait)
+        else:
+            entry.runtime.submit_nowait(job)
         return entry
 
     # ------------------------------------------------------------------ load
@@ -235,7 +245,9 @@ class PoolManager:
         if entry.state in ("unloaded", "failed"):
             self._start_load(entry, override, replicas or entry.settings.replicas)
         await entry.load_done.wait()
-        if entry.state != "loaded":
+        # judge the load by "failed" only: by the time this task resumes, another admin call may
+        # already be unloading the model this load did load
+        if entry.state == "failed":
             raise PoolError(500, "model_load_failed", f"model {name!r} failed to load: {entry.last_error}", model=name)
         return entry
 
@@ -263,9 +275,14 @@ class PoolManager:
 
     async def resize(self, name: str, replicas: int) -> ModelEntry:
         entry = self.entry(name)
-        if entry.state != "loaded" or entry.runtime is None:
-            raise PoolError(409, f"model_{entry.state}" if entry.state != "unloaded" else "model_not_loaded",
-                            f"model {name!r} is {entry.state}; only a loaded model can be resized", model=name)
+
+        def check_loaded() -> ModelRuntime:
+            if entry.state != "loaded" or entry.runtime is None:
+                raise PoolError(409, f"model_{entry.state}" if entry.state != "unloaded" else "model_not_loaded",
+                                f"model {name!r} is {entry.state}; only a loaded model can be resized", model=name)
+            return entry.runtime
+
+        check_loaded()
         if not 1 <= replicas <= entry.settings.replica_max:
             raise PoolError(
                 400,
@@ -276,11 +293,15 @@ class PoolManager:
                 model=name,
                 param="replicas",
             )
-        try:
-            with trio.CancelScope(shield=True):
-                await entry.runtime.resize(replicas, drain_timeout=entry.settings.drain_timeout_s)
-        except LoadFailed as e:
-            raise PoolError(500, "model_load_failed", f"model {name!r}: new replica failed to load: {e}", model=name) from None
+        async with entry.resize_lock:
+            runtime = check_loaded()  # again: it may have changed while this call waited its turn
+            try:
+                with trio.CancelScope(shield=True):
+                    await runtime.resize(replicas, drain_timeout=entry.settings.drain_timeout_s)
+            except LoadFailed as e:
+                if not runtime.admitting:  # the model is being unloaded (or died) meanwhile
+                    raise model_unloading(name) from None
+                raise PoolError(500, "model_load_failed", f"model {name!r}: new replica failed to load: {e}", model=name) from None
         return entry
 
     def reload(self, settings: Settings) -> dict[str, Any]:

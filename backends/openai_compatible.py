@@ -1,0 +1,861 @@
+"""The OpenAI-compatible remote backend: jobs become Chat Completions calls to an upstream API.
+
+An async backend (``threaded = False``): ``load``, ``serve`` and ``close`` run in the replica's
+trio task, each job in its own task; ``capability`` is the configured ``target_inflight`` (how
+many upstream calls one replica makes at once).  One ``httpx.AsyncClient`` per replica.
+
+Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorization: Bearer <key>``)::
+
+    {"model": remote_model,
+     "messages": [{"role": "system", "content": instructions or DEFAULT_SYSTEM_PROMPT},
+                  {"role": "user", "content": input}],
+     "temperature", "top_p", "max_tokens", "stop" (only if non-empty),
+     "thinking": {"type": remote_thinking} (only if set),
+     "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
+
+``beam_size``, ``top_k`` and ``repetition_penalty`` are accepted, logged (debug) and not sent.
+The text is ``choices[0].message.content`` stripped (streams: deltas are forwarded as they arrive,
+leading whitespace dropped and trailing whitespace held back, so the concatenation is the stripped
+text); usage becomes ``engine_prompt_tokens`` / ``engine_output_tokens``.
+
+Upstream failures (:class:`pool.errors.PoolError`, ``model`` set)::
+
+    HTTP 401 / 403                 → 502 upstream_authentication_failure
+    HTTP 429                       → 429 upstream_rate_limit (Retry-After passed on)
+    other HTTP 4xx                 → 502 upstream_invalid_request (with the upstream's message)
+    HTTP 5xx                       → 502 upstream_server_error (with the upstream's message)
+    no answer in remote_timeout_s  → 504 upstream_timeout
+    connect failure, lost stream   → 502 upstream_connection_error
+    not JSON, no choices, non-text → 502 upstream_response_parse_failure
+
+The API key never appears in a message or a log line: it is only put in the ``Authorization``
+header, and any upstream text quoted in an error has it replaced by ``[redacted]``.
+
+Retries (``remote_max_retries``): only for connect failures (the request never left), 429 and
+5xx (the upstream refused it), only while nothing was emitted, with exponential backoff and
+jitter (at least the upstream's ``Retry-After``), and never past the request's deadline
+(``remote_timeout_s`` from the job's start).  A connection lost *after* the request was sent is
+not retried: the upstream may have done (and billed) the work.
+
+Timeouts: a non-stream call must be answered within ``remote_timeout_s`` (retries included); a
+stream must start within it, then each read may wait up to ``remote_timeout_s``.
+
+Costs: see :mod:`backends.ledger`.  :meth:`RemoteBackend.admit` reserves the request's maximum
+cost before it is queued (the manager calls it); the job's end writes the closing event and
+puts the cost in ``GenerationStats.cost`` (the response's ``request_cost``).
+
+Cancellation: the job's stop flag is a ``threading.Event`` with no trio wake-up, so a small task
+polls it every ``STOP_POLL_S`` and cancels the job's scope: the upstream stream is closed at once
+and the job finishes ``cancelled`` (or fails with its cancel error).  When the replica's scope is
+cancelled (unload), every job still running or still in the inbox is ended the same way.  Every
+job this backend receives ends with ``finish`` or ``fail``, and every reservation with a closing
+event, whatever happened.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import json
+import logging
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from backends.ledger import Account, Prices, check_ledger_path, ledger_for, summarize
+from config import DEFAULT_SYSTEM_PROMPT, ModelSettings, Settings
+from pool.errors import PoolError, request_cancelled
+from pool.jobs import GenerationRequest, GenerationStats, Job, Message
+
+if TYPE_CHECKING:
+    from backends import BackendContext
+
+log = logging.getLogger("llm_pool.remote")
+
+#: First retry backoff; doubles per retry (then jittered to 50-100 %), capped at RETRY_MAX_S.
+RETRY_BASE_S = 0.2
+RETRY_MAX_S = 8.0
+#: How often a running job looks at its stop flag (a threading.Event cannot wake trio).
+STOP_POLL_S = 0.02
+#: Upstream text quoted in an error message is cut to this many characters.
+QUOTE_MAX = 300
+REDACTED = "[redacted]"
+
+
+# ---------------------------------------------------------------------- request and response shapes
+def messages_for(request: GenerationRequest) -> list[Message]:
+    """The two messages sent upstream: the system prompt (instructions or the default) and the input."""
+    return [
+        Message(role="system", content=request.system or DEFAULT_SYSTEM_PROMPT),
+        Message(role="user", content=request.input),
+    ]
+
+
+def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
+    """The Chat Completions body for ``request`` (see the module docstring)."""
+    d = request.decoding
+    body: dict[str, Any] = {
+        "model": model.remote_model,
+        "messages": [{"role": m.role, "content": m.content} for m in messages_for(request)],
+        "temperature": d.temperature,
+        "top_p": d.top_p,
+        "max_tokens": d.max_tokens,
+    }
+    if d.stop:
+        body["stop"] = list(d.stop)
+    if model.remote_thinking is not None:
+        body["thinking"] = {"type": model.remote_thinking}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    output_tokens: int
+
+
+def parse_usage(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    p, c = obj.get("prompt_tokens"), obj.get("completion_tokens")
+    if isinstance(p, int) and isinstance(c, int) and not isinstance(p, bool) and not isinstance(c, bool):
+        return Usage(p, c)
+    return None
+
+
+def redact(text: str, key: str) -> str:
+    return text.replace(key, REDACTED) if key else text
+
+
+def _quote(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= QUOTE_MAX else text[: QUOTE_MAX - 1] + "…"
+
+
+def upstream_message(body: bytes, key: str) -> str:
+    """The upstream's own error message (OpenAI's ``{"error": {"message"}}`` and kin), else the
+    body's start; the key redacted."""
+    text: Any = None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            text = err.get("message")
+        elif isinstance(err, str):
+            text = err
+        if not isinstance(text, str):
+            text = data.get("message") if isinstance(data.get("message"), str) else None
+    if not isinstance(text, str):
+        text = body.decode("utf-8", "replace")
+    return redact(_quote(text), key) or "(no message)"
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (a number or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def status_error(status: int, body: bytes, headers: httpx.Headers, *, model: str, key: str, key_env: str) -> PoolError:
+    """The client's error for an upstream HTTP error status."""
+    if status in (401, 403):
+        return PoolError(
+            502,
+            "upstream_authentication_failure",
+            f"the upstream rejected the API key from environment variable {key_env} (HTTP {status})",
+            model=model,
+        )
+    message = upstream_message(body, key)
+    if status == 429:
+        retry = headers.get("retry-after")
+        return PoolError(
+            429,
+            "upstream_rate_limit",
+            f"the upstream is rate limiting (HTTP 429): {message}",
+            model=model,
+            headers={"Retry-After": retry} if retry else None,
+        )
+    if 400 <= status < 500:
+        return PoolError(
+            502,
+            "upstream_invalid_request",
+            f"the upstream rejected the request (HTTP {status}): {message}",
+            model=model,
+        )
+    if status >= 500:
+        return PoolError(502, "upstream_server_error", f"upstream server error (HTTP {status}): {message}", model=model)
+    return parse_failure(model, f"unexpected HTTP status {status} from the upstream")
+
+
+def parse_failure(model: str, message: str) -> PoolError:
+    return PoolError(502, "upstream_response_parse_failure", message, model=model)
+
+
+def _non_text(content: Any, extra: dict[str, Any]) -> str:
+    if content is None:
+        kinds = [k for k in ("tool_calls", "function_call", "refusal", "audio") if extra.get(k)]
+        return f"the upstream returned no text content ({', '.join(kinds) or 'content is null'})"
+    return f"the upstream returned non-text content (a JSON {type(content).__name__}, not a string)"
+
+
+def parse_completion(raw: bytes, *, model: str, key: str) -> tuple[str, str | None, Usage | None]:
+    """(stripped text, finish_reason, usage) of a non-stream answer; :class:`UpstreamFailure`
+    (parse failure, carrying the usage if there was one) otherwise."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        excerpt = redact(_quote(raw.decode("utf-8", "replace")), key)
+        raise UpstreamFailure(
+            parse_failure(model, f"the upstream's answer is not JSON: {excerpt!r}"), submitted=True
+        ) from None
+    if not isinstance(data, dict):
+        raise UpstreamFailure(parse_failure(model, "the upstream's answer is not a JSON object"), submitted=True)
+    usage = parse_usage(data.get("usage"))
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamFailure(parse_failure(model, "the upstream's answer has no choices"), submitted=True, usage=usage)
+    choice = choices[0]
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        detail = _non_text(content, message if isinstance(message, dict) else {})
+        raise UpstreamFailure(parse_failure(model, detail), submitted=True, usage=usage)
+    finish = choice.get("finish_reason")
+    return content.strip(), finish if isinstance(finish, str) else None, usage
+
+
+class UpstreamFailure(Exception):
+    """One attempt failed: the client's error, whether retrying may help, and what it means for
+    the ledger (``submitted``: the upstream may have done billable work; ``usage`` if known)."""
+
+    def __init__(
+        self,
+        error: PoolError,
+        *,
+        submitted: bool,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.submitted = submitted
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.usage = usage
+
+
+# ---------------------------------------------------------------------- costs
+def make_account(name: str, model: ModelSettings, base_dir: str) -> Account | None:
+    """The model's :class:`Account` (None without prices), its ledger validated and replayed.
+    Raises ``ValueError`` naming the setting that is wrong."""
+    p_in, p_out = model.remote_price_input_per_1m, model.remote_price_output_per_1m
+    if (p_in is None) != (p_out is None):
+        raise ValueError("remote_price_input_per_1m and remote_price_output_per_1m must be set together")
+    if p_in is None or p_out is None:
+        for key in ("remote_budget_daily", "remote_budget_request_max", "remote_cost_ledger_path"):
+            if getattr(model, key) is not None:
+                raise ValueError(f"{key} needs remote_price_input_per_1m and remote_price_output_per_1m")
+        return None
+    if model.remote_budget_daily is not None and model.remote_cost_ledger_path is None:
+        raise ValueError("remote_budget_daily needs remote_cost_ledger_path (today's spend must survive a restart)")
+    prices = Prices(p_in, p_out, model.remote_price_currency)
+    ledger = None
+    if model.remote_cost_ledger_path is not None:
+        ledger = ledger_for(check_ledger_path(model.remote_cost_ledger_path, base_dir))
+        try:
+            ledger.replay(name, currency=prices.currency, stale_after_s=model.remote_reservation_stale_after_s)
+        except OSError as e:
+            raise ValueError(
+                f"remote_cost_ledger_path {model.remote_cost_ledger_path!r}: cannot read it: {e.strerror}"
+            ) from None
+    return Account(
+        name,
+        prices,
+        ledger=ledger,
+        budget_daily=model.remote_budget_daily,
+        budget_request_max=model.remote_budget_request_max,
+        stale_after_s=model.remote_reservation_stale_after_s,
+    )
+
+
+def cost_summary(settings: Settings, model: ModelSettings, name: str) -> dict[str, Any] | None:
+    """Today's spend and what remains, for the admin row (None when the model has no prices).
+    Reads the ledger if it exists; loaded or not, never creates or writes anything."""
+    p_in, p_out = model.remote_price_input_per_1m, model.remote_price_output_per_1m
+    if p_in is None or p_out is None:
+        return None
+    path = None
+    if model.remote_cost_ledger_path is not None:
+        path = Path(model.remote_cost_ledger_path).expanduser()
+        if not path.is_absolute():
+            path = Path(settings.base_dir) / path
+    try:
+        return summarize(
+            name,
+            Prices(p_in, p_out, model.remote_price_currency),
+            budget_daily=model.remote_budget_daily,
+            budget_request_max=model.remote_budget_request_max,
+            stale_after_s=model.remote_reservation_stale_after_s,
+            ledger_path=path,
+        )
+    except OSError as e:
+        return {"error": f"cannot read the cost ledger {path}: {e.strerror}"}
+
+
+def _ledger_unavailable(model: str, error: OSError) -> PoolError:
+    return PoolError(
+        503,
+        "cost_ledger_unavailable",
+        f"model {model!r}: cannot write its cost ledger ({error.strerror}); remote requests are refused until it is writable",
+        model=model,
+    )
+
+
+# ---------------------------------------------------------------------- the backend
+@dataclass
+class _Call:
+    """One job's progress, as the ledger and the retry rule need it."""
+
+    amount: float = 0.0  # the reservation (the most the request may cost)
+    in_flight: bool = False  # an attempt is out, or an answer is being read
+    emitted: bool = False
+    pending_ws: str = ""
+    t_first: float | None = None
+    usage: Usage | None = None
+    attempts: int = 0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class RemoteBackend:
+    """One replica of a remote model; see the module docstring."""
+
+    threaded = False
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.replica = f"{ctx.name}#{ctx.replica_index}"
+        self.model = ctx.model
+        self.capability = ctx.model.target_inflight
+        self.base_url = (ctx.model.remote_base_url or "").rstrip("/")
+        self.key_env = ctx.model.remote_api_key_env or ""
+        self.account: Account | None = None
+        self._key = ""
+        self._client: httpx.AsyncClient | None = None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "base_url": self.base_url,
+            "remote_model": self.model.remote_model,
+            "api_key_env": self.key_env,
+            "health_check": self.model.remote_health_check,
+            "max_retries": self.model.remote_max_retries,
+        }
+
+    # ------------------------------------------------------------------ lifetime
+    async def load(self) -> None:
+        """Check the configuration and the key, open the ledger, and (``models_endpoint``) ask
+        the upstream for its model list.  Raises with the reason; the model is then ``failed``."""
+        m = self.model
+        if not self.key_env:
+            raise RuntimeError("missing API key environment variable: remote_api_key_env is not set")
+        key = os.environ.get(self.key_env, "").strip()
+        if not key:
+            raise RuntimeError(f"missing API key environment variable: {self.key_env}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise RuntimeError(f"remote_base_url must start with http:// or https://, got {m.remote_base_url!r}")
+        try:
+            self.account = make_account(self.name, m, self.ctx.settings.base_dir)
+        except ValueError as e:
+            raise RuntimeError(str(e)) from None
+        self._key = key
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(m.remote_timeout_s), verify=_tls_context(), follow_redirects=False
+        )
+        try:
+            if m.remote_health_check == "models_endpoint":
+                await self._check_models(client)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            raise
+        self._client = client
+
+    async def _check_models(self, client: httpx.AsyncClient) -> None:
+        url = f"{self.base_url}/models"
+        fail = f"health check GET {url} failed"
+        timeout = self.model.remote_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                r = await client.get(url, headers=self._headers())
+        except (trio.TooSlowError, httpx.TimeoutException):
+            raise RuntimeError(f"{fail}: no answer within {timeout:g}s") from None
+        except httpx.TransportError as e:
+            raise RuntimeError(f"{fail}: {type(e).__name__}: {redact(str(e), self._key)}") from None
+        if r.status_code != 200:
+            error = status_error(
+                r.status_code, r.content, r.headers, model=self.name, key=self._key, key_env=self.key_env
+            )
+            raise RuntimeError(f"{fail}: {error.message}")
+        try:
+            data = r.json()
+            ids = [item["id"] for item in data["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"{fail}: the answer is not a model list") from None
+        if self.model.remote_model not in ids:
+            log.warning(
+                "remote model not listed by the upstream",
+                extra={"fields": {"model": self.name, "remote_model": self.model.remote_model, "listed": len(ids)}},
+            )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"}
+
+    # ------------------------------------------------------------------ admission (trio thread)
+    def admit(self, job: Job, submit: Callable[[Job], None]) -> None:
+        """Queue ``job`` through ``submit`` with its cost reserved first.
+
+        Called by the manager before the queue: 400 ``request_cost_exceeds_max`` / 429
+        ``budget_exceeded`` (or 503 ``cost_ledger_unavailable``) are raised here and nothing is
+        queued.  If ``submit`` refuses the job, or the job ends while still queued (queue timeout,
+        client gone, unload), the reservation is released.
+        """
+        account = self.account
+        if account is None:
+            submit(job)
+            return
+        self._reserve(job)
+        try:
+            submit(job)
+        except BaseException as e:
+            reason = f"refused at admission: {e.code}" if isinstance(e, PoolError) else "refused at admission"
+            account.close("released", job.id, cost=0.0, reason=reason)
+            raise
+        # Job offers no public end hook; its queued-cancel hook is the one path by which a job
+        # ends without reaching a backend (every queued ending goes through Job.cancel).
+        queued_hook = job._on_cancel_queued
+
+        def on_cancel_queued(j: Job) -> None:
+            account.close("released", j.id, cost=0.0, reason="ended before it left the queue")
+            if queued_hook is not None:
+                queued_hook(j)
+
+        job._on_cancel_queued = on_cancel_queued
+
+    def _reserve(self, job: Job) -> None:
+        assert self.account is not None
+        try:
+            self.account.reserve(job.id, messages_for(job.request), job.request.decoding.max_tokens)
+        except OSError as e:
+            raise _ledger_unavailable(self.name, e) from None
+
+    # ------------------------------------------------------------------ serving
+    async def serve(self, inbox: trio.MemoryReceiveChannel[Job | None]) -> None:
+        """Run each job in its own task until ``inbox`` is closed and every job has ended."""
+        try:
+            async with trio.open_nursery() as nursery:
+                async for job in inbox:
+                    if job is not None:
+                        nursery.start_soon(self._run_job, job, name=f"{self.replica} {job.id}")
+        finally:
+            self._end_undelivered(inbox)
+
+    def _end_undelivered(self, inbox: trio.MemoryReceiveChannel[Job | None]) -> None:
+        """Jobs dispatched to this replica that it never started (the replica was cancelled)."""
+        while True:
+            try:
+                job = inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if job is not None:
+                if self.account is not None:
+                    self.account.close("released", job.id, cost=0.0, reason="the replica stopped before running it")
+                job.fail(job.cancel_error or request_cancelled(self.name, f"replica {self.replica} stopped"))
+
+    async def _run_job(self, job: Job) -> None:
+        call = _Call()
+        stats: GenerationStats | None = None
+        error: Exception | None = None
+        try:
+            if job.should_stop():
+                return
+            if self.account is not None:
+                call.amount = self.account.estimate(messages_for(job.request), job.request.decoding.max_tokens)[0]
+                if not self.account.holds(job.id):  # admitted without the manager's hook
+                    self._reserve(job)
+            job.begin()
+            with call.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_when_stopped, job, call.scope)
+                    try:
+                        stats = await self._generate(job, call)
+                    except Exception as e:  # caught here, not wrapped in the nursery's group
+                        error = e
+                    nursery.cancel_scope.cancel()
+        except Exception as e:
+            error = e
+        finally:
+            self._end(job, call, stats, error)
+
+    def _end(self, job: Job, call: _Call, stats: GenerationStats | None, error: Exception | None) -> None:
+        """End the job and close its reservation, whatever happened (sync: safe in a finally)."""
+        if isinstance(error, PoolError):  # the reservation itself was refused: nothing to close
+            job.fail(error)
+            return
+        if isinstance(error, UpstreamFailure):
+            log.warning(
+                "upstream call failed",
+                extra={
+                    "fields": {
+                        "model": self.name,
+                        "request_id": job.id,
+                        "code": error.error.code,
+                        "message": error.error.message,
+                        "attempts": call.attempts,
+                    }
+                },
+            )
+        cost = self._close_reservation(job, call, stats, error)
+        if stats is not None:
+            stats.cost = cost
+            job.finish(stats)
+        elif isinstance(error, UpstreamFailure):
+            job.fail(error.error)
+        elif error is not None:  # a bug in this adapter: logged by Job.fail, 502 to the client
+            job.fail(error)
+        elif job.cancel_error is not None:  # cancelled by the pool (unload past its drain)
+            job.fail(job.cancel_error)
+        else:  # cancelled: the client went away
+            job.finish(GenerationStats(finish_reason="cancelled", cost=cost))
+
+    def _close_reservation(
+        self, job: Job, call: _Call, stats: GenerationStats | None, error: Exception | None
+    ) -> float | None:
+        """Write the job's closing ledger event (see :mod:`backends.ledger`); its cost."""
+        account = self.account
+        if account is None:
+            return None
+        usage = (error.usage or call.usage) if isinstance(error, UpstreamFailure) else call.usage
+        used = {"prompt_tokens": usage.prompt_tokens, "output_tokens": usage.output_tokens} if usage else {}
+        real = account.prices.cost(usage.prompt_tokens, usage.output_tokens) if usage else None
+        sent = call.in_flight or call.emitted
+        if isinstance(error, UpstreamFailure):
+            if not error.submitted:  # refused, or never left: nothing to pay
+                return account.close("failed_before_submit", job.id, cost=0.0, error=error.error.code)
+            cost = real if real is not None else call.amount
+            return account.close("failed_after_submit", job.id, cost=cost, error=error.error.code, **used)
+        if error is not None:
+            if sent:
+                return account.close("failed_after_submit", job.id, cost=call.amount, error="backend_error")
+            return account.close("failed_before_submit", job.id, cost=0.0, error="backend_error")
+        if real is not None:  # answered (or cancelled after the usage arrived)
+            return account.close("settled", job.id, cost=real, **used)
+        if stats is not None:
+            return account.close(
+                "failed_usage_unknown", job.id, cost=call.amount, reason="the upstream reported no usage"
+            )
+        if sent:
+            return account.close(
+                "failed_usage_unknown", job.id, cost=call.amount, reason="cancelled after the request was sent"
+            )
+        return account.close("released", job.id, cost=0.0, reason="cancelled before the request was sent")
+
+    # ------------------------------------------------------------------ one job
+    async def _generate(self, job: Job, call: _Call) -> GenerationStats:
+        request = job.request
+        body = build_body(self.model, request, stream=request.stream)
+        d = request.decoding
+        log.debug(
+            "decoding settings not sent upstream",
+            extra={
+                "fields": {
+                    "request_id": job.id,
+                    "beam_size": d.beam_size,
+                    "top_k": d.top_k,
+                    "repetition_penalty": d.repetition_penalty,
+                }
+            },
+        )
+        t0 = time.perf_counter()
+        deadline = trio.current_time() + self.model.remote_timeout_s
+        while True:
+            call.attempts += 1
+            try:
+                if request.stream:
+                    finish = await self._stream_once(job, call, body, deadline)
+                else:
+                    finish = await self._json_once(job, call, body, deadline)
+            except UpstreamFailure as f:
+                if not f.submitted:
+                    call.in_flight = False
+                delay = self._retry_delay(f, call, deadline)
+                if delay is None:
+                    raise
+                log.warning(
+                    "upstream attempt failed; retrying",
+                    extra={
+                        "fields": {
+                            "model": self.name,
+                            "request_id": job.id,
+                            "attempt": call.attempts,
+                            "code": f.error.code,
+                            "retry_in_s": round(delay, 3),
+                        }
+                    },
+                )
+                await trio.sleep(delay)
+                continue
+            return self._stats(call, t0, finish)
+
+    def _retry_delay(self, failure: UpstreamFailure, call: _Call, deadline: float) -> float | None:
+        if not failure.retryable or call.emitted or call.attempts > self.model.remote_max_retries:
+            return None
+        backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (call.attempts - 1))
+        delay = backoff * random.uniform(0.5, 1.0)
+        if failure.retry_after is not None:
+            delay = max(delay, failure.retry_after)
+        if trio.current_time() + delay >= deadline:
+            return None
+        return delay
+
+    def _stats(self, call: _Call, t0: float, finish: str | None) -> GenerationStats:
+        end = time.perf_counter()
+        ms = lambda s: round(s * 1000.0, 3)  # noqa: E731
+        u = call.usage
+        return GenerationStats(
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=u.prompt_tokens if u else None,
+            output_tokens=u.output_tokens if u else None,
+            time_to_first_token_ms=ms(call.t_first - t0) if call.t_first is not None else None,
+            generate_total_ms=ms(end - t0),
+            decode_after_first_token_ms=ms(end - call.t_first) if call.t_first is not None else None,
+        )
+
+    def _timeout(self) -> PoolError:
+        return PoolError(
+            504,
+            "upstream_timeout",
+            f"the upstream did not answer within {self.model.remote_timeout_s:g}s (remote_timeout_s)",
+            model=self.name,
+        )
+
+    def _connection_error(self, e: Exception, what: str) -> PoolError:
+        detail = redact(str(e), self._key) or type(e).__name__
+        return PoolError(
+            502, "upstream_connection_error", f"{what} {self.base_url}: {type(e).__name__}: {detail}", model=self.name
+        )
+
+    async def _send(self, call: _Call, body: dict[str, Any], deadline: float) -> httpx.Response:
+        """Send one attempt and return a 2xx response whose body is still unread; an error
+        status is read, closed and raised as :class:`UpstreamFailure`."""
+        assert self._client is not None, "not loaded"
+        client = self._client
+        request = client.build_request("POST", f"{self.base_url}/chat/completions", json=body, headers=self._headers())
+        call.in_flight = True
+        response: httpx.Response | None = None
+        with trio.move_on_at(deadline):
+            try:
+                response = await client.send(request, stream=True)
+            except (httpx.ConnectTimeout, httpx.PoolTimeout):
+                raise UpstreamFailure(self._timeout(), submitted=False, retryable=True) from None
+            except httpx.TimeoutException:
+                raise UpstreamFailure(self._timeout(), submitted=True) from None
+            except httpx.ConnectError as e:
+                raise UpstreamFailure(
+                    self._connection_error(e, "cannot connect to the upstream at"), submitted=False, retryable=True
+                ) from None
+            except httpx.TransportError as e:
+                raise UpstreamFailure(
+                    self._connection_error(e, "lost the connection to the upstream at"), submitted=True
+                ) from None
+        if response is None:
+            raise UpstreamFailure(self._timeout(), submitted=True)
+        if response.is_success:
+            return response
+        raw = b""
+        try:
+            with trio.move_on_at(deadline):
+                raw = await response.aread()
+        except httpx.HTTPError:
+            pass  # the status says enough
+        finally:
+            await _close(response)
+        status = response.status_code
+        error = status_error(status, raw, response.headers, model=self.name, key=self._key, key_env=self.key_env)
+        raise UpstreamFailure(
+            error,
+            submitted=False,
+            retryable=status == 429 or status >= 500,
+            retry_after=retry_after_s(response.headers.get("retry-after")),
+        )
+
+    async def _json_once(self, job: Job, call: _Call, body: dict[str, Any], deadline: float) -> str | None:
+        response = await self._send(call, body, deadline)
+        raw: bytes | None = None
+        try:
+            with trio.move_on_at(deadline):
+                raw = await response.aread()
+        except httpx.TimeoutException:
+            raise UpstreamFailure(self._timeout(), submitted=True) from None
+        except httpx.TransportError as e:
+            raise UpstreamFailure(
+                self._connection_error(e, "lost the connection to the upstream at"), submitted=True
+            ) from None
+        finally:
+            await _close(response)
+        if raw is None:
+            raise UpstreamFailure(self._timeout(), submitted=True)
+        text, finish, call.usage = parse_completion(raw, model=self.name, key=self._key)
+        call.t_first = time.perf_counter()
+        if text:
+            job.emit(text)
+            call.emitted = True
+        return finish
+
+    async def _stream_once(self, job: Job, call: _Call, body: dict[str, Any], deadline: float) -> str | None:
+        response = await self._send(call, body, deadline)
+        finish: str | None = None
+        saw_choice = done = False
+        try:
+            async for line in response.aiter_lines():
+                if job.should_stop():
+                    call.scope.cancel()
+                    await trio.lowlevel.checkpoint()
+                if not line.startswith("data:"):
+                    continue  # blank separators, "event:", ": keep-alive" comments
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk_finish, has_choice = self._on_chunk(job, call, data)
+                saw_choice = saw_choice or has_choice
+                finish = chunk_finish or finish
+        except httpx.TimeoutException:
+            raise UpstreamFailure(self._timeout(), submitted=True, usage=call.usage) from None
+        except httpx.TransportError as e:
+            raise UpstreamFailure(
+                self._connection_error(e, "lost the stream from the upstream at"), submitted=True, usage=call.usage
+            ) from None
+        finally:
+            await _close(response)
+        if not saw_choice:
+            raise UpstreamFailure(
+                parse_failure(self.name, "the upstream's stream has no choices"), submitted=True, usage=call.usage
+            )
+        if not done and finish is None:
+            error = PoolError(
+                502,
+                "upstream_connection_error",
+                f"the upstream at {self.base_url} ended the stream before it finished",
+                model=self.name,
+            )
+            raise UpstreamFailure(error, submitted=True, usage=call.usage)
+        return finish
+
+    def _on_chunk(self, job: Job, call: _Call, data: str) -> tuple[str | None, bool]:
+        """Apply one stream event: forward its text, note usage; (finish_reason, had a choice)."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            excerpt = redact(_quote(data), self._key)
+            raise UpstreamFailure(
+                parse_failure(self.name, f"the upstream sent a stream event that is not JSON: {excerpt!r}"),
+                submitted=True,
+                usage=call.usage,
+            ) from None
+        if not isinstance(obj, dict):
+            raise UpstreamFailure(
+                parse_failure(self.name, "the upstream sent a stream event that is not a JSON object"),
+                submitted=True,
+                usage=call.usage,
+            )
+        if obj.get("error"):
+            message = upstream_message(json.dumps(obj).encode(), self._key)
+            raise UpstreamFailure(
+                PoolError(502, "upstream_server_error", f"the upstream failed mid-stream: {message}", model=self.name),
+                submitted=True,
+                usage=call.usage,
+            )
+        usage = parse_usage(obj.get("usage"))
+        if usage is not None:
+            call.usage = usage
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return None, False
+        choice = choices[0]
+        delta = choice.get("delta")
+        delta = delta if isinstance(delta, dict) else {}
+        content = delta.get("content")
+        no_text = content is None and any(delta.get(k) for k in ("tool_calls", "function_call"))
+        if no_text or (content is not None and not isinstance(content, str)):
+            raise UpstreamFailure(parse_failure(self.name, _non_text(content, delta)), submitted=True, usage=call.usage)
+        if content:
+            self._emit(job, call, content)
+        finish = choice.get("finish_reason")
+        return (finish if isinstance(finish, str) else None), True
+
+    @staticmethod
+    def _emit(job: Job, call: _Call, text: str) -> None:
+        """Forward ``text`` now, minus leading whitespace of the whole answer and with trailing
+        whitespace held back until more text follows (the sum is the stripped answer)."""
+        if not call.emitted:
+            text = text.lstrip()
+            if not text:
+                return
+        text = call.pending_ws + text
+        body = text.rstrip()
+        call.pending_ws = text[len(body) :]
+        if body:
+            if call.t_first is None:
+                call.t_first = time.perf_counter()
+            job.emit(body)
+            call.emitted = True
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default verifying context, built once: loading the CA bundle takes ~50 ms, per
+    client otherwise (every replica load)."""
+    return httpx.create_ssl_context()
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close a response even while cancelled (it only drops the connection)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await response.aclose()
+
+
+async def _cancel_when_stopped(job: Job, scope: trio.CancelScope) -> None:
+    # Polling on purpose: the stop flag is a threading.Event set by code that has no trio event.
+    while not job.should_stop():  # noqa: ASYNC110
+        await trio.sleep(STOP_POLL_S)
+    scope.cancel()
