@@ -41,6 +41,10 @@ class BackendContext:
 def create_backend(ctx: BackendContext) -> Backend:
     """A new, not yet loaded backend for one replica of ``ctx.name``."""
     if ctx.kind == "gguf":
+        if ctx.model.gguf_batching:
+            from backends.gguf_batched import BatchedGGUFBackend
+
+            return BatchedGGUFBackend(ctx)
         from backends.gguf import GGUFBackend
 
         return GGUFBackend(ctx)

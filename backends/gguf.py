@@ -54,10 +54,10 @@ class GGUFBackend(SequentialBackend):
         return {"n_threads": self.ctx.n_threads, "n_ctx": self.ctx.model.gguf_n_ctx}
 
     def load(self) -> None:
+        m = self.ctx.model
+        path = self.ctx.model_path()  # a missing file is reported as such, library or not
         import llama_cpp
 
-        m = self.ctx.model
-        path = self.ctx.model_path()
         kwargs: dict[str, Any] = {}
         if m.gguf_type_k:
             kwargs["type_k"] = ggml_type(m.gguf_type_k)

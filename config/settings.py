@@ -197,13 +197,14 @@ def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") ->
     try:
         settings = msgspec.convert({**raw, "base_dir": base_dir}, Settings)
     except msgspec.ValidationError as e:
-        raise SettingsError(f"{source}: {e}") from None
+        raise SettingsError(f"{source}: {_name_the_model(raw, e)}") from None
     for name, model in settings.engine.models.items():
         where = f"{source}: model {name!r}"
+        at = _model_key_path(name)
         if model.replicas > model.replica_max:
             raise SettingsError(
                 f"{where} has replicas={model.replicas} greater than "
-                f"replica_max={model.replica_max} - at `$.engine.models.{name}.replicas`"
+                f"replica_max={model.replica_max} - at `{at}.replicas`"
             )
         backend = settings.backend_of(model)
         if backend == "openai_compatible":
@@ -211,18 +212,41 @@ def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") ->
                 if not getattr(model, key):
                     raise SettingsError(
                         f"{where} needs {key} for backend openai_compatible"
-                        f" - at `$.engine.models.{name}.{key}`"
+                        f" - at `{at}.{key}`"
                     )
         elif not model.model_path:
             raise SettingsError(
                 f"{where} needs model_path for backend {backend}"
-                f" - at `$.engine.models.{name}.model_path`"
+                f" - at `{at}.model_path`"
             )
         if (model.exllama_cache_k_bits is None) != (model.exllama_cache_v_bits is None):
             raise SettingsError(
                 f"{where}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
             )
     return settings
+
+
+def _model_key_path(name: str) -> str:
+    """``$.engine.models.<name>``, the name quoted as TOML would need it (``"a.b"``)."""
+    bare = name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name)
+    return f"$.engine.models.{name}" if bare else f"$.engine.models.{msgspec.json.encode(name).decode()}"
+
+
+def _name_the_model(raw: dict[str, Any], error: msgspec.ValidationError) -> str:
+    """msgspec writes a dict key as ``[...]`` (``$.engine.models[...].replicas``); find which
+    model is wrong and name it, so the message gives the whole key path."""
+    text = str(error)
+    if "$.engine.models[...]" not in text:
+        return text
+    models = raw.get("engine", {}).get("models", {})
+    for name, model in models.items() if isinstance(models, dict) else ():
+        try:
+            msgspec.convert(model, ModelSettings)
+        except msgspec.ValidationError as e:
+            sub = str(e)
+            head, sep, path = sub.rpartition(" - at `$")
+            return f"{head} - at `{_model_key_path(name)}{path}" if sep else f"{sub} - at `{_model_key_path(name)}`"
+    return text
 
 
 def load_settings(config: str | os.PathLike[str] | None = None) -> Settings:

@@ -92,7 +92,7 @@ def queue_full(model: str, max_queue: int, retry_after_s: int = 1) -> PoolError:
     return PoolError(
         429,
         "executor_queue_full",
-        f"model {model!r} has {max_queue} requests waiting (max_queue); retry later",
+        f"model {model!r} is busy: its queue is full (max_queue={max_queue}); retry later",
         model=model,
         headers={"Retry-After": str(retry_after_s)},
     )

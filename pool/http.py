@@ -25,7 +25,15 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from config import Settings
-from pool.api import ModelsList, OutputText, ResponseBody, ResponsesRequest, build_metrics, decode_body, to_generation_request
+from pool.api import (
+    ModelsList,
+    OutputText,
+    ResponseBody,
+    ResponsesRequest,
+    build_metrics,
+    decode_body,
+    to_generation_request,
+)
 from pool.errors import PoolError, queue_timeout
 from pool.jobs import Delta, Done, Failed, Job
 from pool.manager import PoolManager
@@ -112,8 +120,10 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             return None
         if expected is None:
             return None
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        # the auth scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
+        valid = hmac.compare_digest(given.strip().encode(), expected.encode())
+        if scheme.lower() != "bearer" or not valid:
             return error_response(
                 PoolError(
                     401,
@@ -137,7 +147,9 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             405: f"method {request.method} is not allowed on {request.path}",
             413: f"request body larger than {settings.service.max_body_bytes} bytes",
         }.get(status, error.description or error.name)
-        return error_response(PoolError(status, codes.get(status, "invalid_request"), message))
+        valid = getattr(error, "valid_methods", None)  # 405 must say what is allowed (RFC 9110)
+        headers = {"Allow": ", ".join(sorted(valid))} if status == 405 and valid else None
+        return error_response(PoolError(status, codes.get(status, "invalid_request"), message, headers=headers))
 
     @app.errorhandler(Exception)
     async def on_bug(error: Exception) -> Response:

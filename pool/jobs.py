@@ -13,7 +13,8 @@ Runtime-side methods are safe to call from any thread: they hand their work to t
 replica slot is released right after the final event is queued, whatever happened.
 
 Cancellation: :meth:`Job.cancel` sets the stop flag (a ``threading.Event``).  A queued job then
-never reaches a backend; a running one stops at its next token.  If ``cancel`` carries an error
+never reaches a backend and ends at once (with the given error, else 503 ``request_cancelled``);
+a running one stops at its next token.  If ``cancel`` carries an error
 (unload deadline), the caller receives that error instead of a result.
 
 This module imports no quart and no backend library.
@@ -32,7 +33,7 @@ from typing import Literal
 import msgspec
 import trio
 
-from pool.errors import PoolError, backend_error
+from pool.errors import PoolError, backend_error, request_cancelled
 
 log = logging.getLogger("llm_pool.jobs")
 
@@ -246,8 +247,8 @@ class Job:
             hook, self._on_cancel_queued = self._on_cancel_queued, None
             if hook is not None:
                 hook(self)
-            if error is not None:
-                self.fail_nowait(error)
+            # a queued job always ends here: nobody else would ever end it
+            self.fail_nowait(error or request_cancelled(self.request.model, "cancelled while queued"))
 
     def events(self) -> trio.MemoryReceiveChannel[Event]:
         """The job's output: any number of :class:`Delta`, then one :class:`Done` or

@@ -100,7 +100,8 @@ class ModelRuntime:
         self.max_queue = max_queue
         self.replicas: list[Replica] = []
         self.waiting = 0
-        self.admitting = True
+        #: True from the end of a successful load until stop() or the last replica's death.
+        self.admitting = False
         self.last_error: str | None = None
         self.last_activity = time.monotonic()
         self.finished = trio.Event()
@@ -108,7 +109,10 @@ class ModelRuntime:
         self._changed = trio.Event()
         self._rr = 0
         self._nursery: trio.Nursery | None = None
+        #: What running jobs get when the model's scope is cancelled (unload past its drain).
         self._stop_error: PoolError | None = None
+        #: What jobs that never reached a replica get once admission stopped (409 on unload).
+        self._queued_error: PoolError | None = None
 
     # ------------------------------------------------------------------ figures
     @property
@@ -150,11 +154,12 @@ class ModelRuntime:
                 if error is not None:
                     nursery.cancel_scope.cancel()
                 else:
+                    self.admitting = True
                     nursery.start_soon(self._dispatch)
                     on_loaded()
         finally:
             self.admitting = False
-            self._fail_queued(self._stop_error or backend_error(self.name, "model stopped"))
+            self._fail_queued(self._queued_error or backend_error(self.name, "model stopped"))
             self.finished.set()
         if error is not None:
             raise LoadFailed(error)
@@ -175,7 +180,9 @@ class ModelRuntime:
             self._nursery.start_soon(self._run_replica, replica, name=replica.name)
         for replica in new:
             await replica.ready.wait()
-        errors = [r.error for r in new if r.state != "serving"]
+        # a loaded replica waits in "loading" (no jobs) until the whole batch loaded, so a batch
+        # that fails never had jobs to drop
+        errors = [r.error for r in new if r.state != "loading"]
         if errors:
             for replica in new:
                 replica.stop_jobs(backend_error(self.name, "load failed"))
@@ -184,6 +191,8 @@ class ModelRuntime:
             for replica in new:
                 self.replicas.remove(replica)
             return errors[0] or "replica failed to load"
+        for replica in new:
+            replica.state = "serving"
         self._notify()
         return None
 
@@ -191,14 +200,14 @@ class ModelRuntime:
         token = trio.lowlevel.current_trio_token()
 
         def loaded(error: BaseException | None) -> None:
-            if error is None:
-                if replica.state == "loading":
-                    replica.state = "serving"
-            else:
+            if error is not None:
                 replica.state = "dead"
                 replica.error = str(error) or type(error).__name__
                 log.warning("replica %s failed to load: %s", replica.name, replica.error)
             replica.ready.set()
+
+        def mark_dead() -> None:
+            replica.state = "dead"
 
         def thread_main() -> None:
             backend: Any = replica.backend
@@ -213,25 +222,34 @@ class ModelRuntime:
             except BaseException as e:
                 replica.error = f"runtime died: {type(e).__name__}: {e}"
                 log.error("replica %s died", replica.name, exc_info=e)
+                token.run_sync_soon(mark_dead)
             finally:
                 try:
                     backend.close()
                 except Exception:
                     log.exception("replica %s: close failed", replica.name)
 
+        ended_itself = False
+
         async def stop_on_cancel() -> None:
             try:
                 await trio.sleep_forever()
             finally:
-                replica.stop_jobs(self._stop_error or request_cancelled(self.name, "model unloaded"))
+                if not ended_itself:  # the model is being cancelled (unload past its drain)
+                    replica.stop_jobs(self._stop_error or request_cancelled(self.name, "model unloaded"))
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stop_on_cancel)
-                if replica.backend.threaded:
-                    await trio.to_thread.run_sync(thread_main, limiter=trio.CapacityLimiter(1))
-                else:
-                    await self._run_async_replica(replica, loaded)
+                try:
+                    if replica.backend.threaded:
+                        await trio.to_thread.run_sync(thread_main, limiter=trio.CapacityLimiter(1))
+                    else:
+                        await self._run_async_replica(replica, loaded)
+                finally:
+                    # ended by itself (returned, died, crashed) unless an outer scope cancelled it;
+                    # its leftover jobs then get the replica's error below, not the stop error
+                    ended_itself = trio.current_effective_deadline() != -math.inf
                 nursery.cancel_scope.cancel()
         except Exception as e:  # a bug in an adapter: the replica is dead, the pool goes on
             replica.error = replica.error or f"{type(e).__name__}: {e}"
@@ -251,7 +269,9 @@ class ModelRuntime:
             if self.admitting and not self.alive and self.replicas:
                 self.last_error = replica.error
                 self.admitting = False
-                self._fail_queued(backend_error(self.name, f"no replica left: {replica.error}"))
+                self._stop_error = backend_error(self.name, f"no replica left: {replica.error}")
+                self._queued_error = self._stop_error
+                self._fail_queued(self._queued_error)
                 if self._nursery is not None:  # the model ends; the manager marks it failed
                     self._nursery.cancel_scope.cancel()
 
@@ -265,6 +285,10 @@ class ModelRuntime:
         loaded(None)
         try:
             await backend.serve(replica._inbox_recv)
+        except Exception as e:
+            replica.state = "dead"  # no more jobs while it closes
+            replica.error = f"runtime died: {type(e).__name__}: {e}"
+            log.error("replica %s died", replica.name, exc_info=e)
         finally:
             with trio.CancelScope(shield=True):
                 await backend.close()
@@ -297,21 +321,26 @@ class ModelRuntime:
         return best
 
     async def _dispatch(self) -> None:
-        async for job in self._queue_recv:
-            while job.state == "queued":
-                if not self.admitting:
-                    job.cancel(self._stop_error or model_unloading(self.name))
-                    break
-                replica = self._pick()
-                if replica is None:
-                    await self._wait_changed()
-                    continue
-                self.waiting -= 1
-                job._on_cancel_queued = None
-                replica.active += 1
-                replica.jobs.add(job)
-                job.mark_dispatched(replica.name, functools.partial(self._release, replica))
-                replica.put(job)
+        job: Job | None = None
+        try:
+            async for job in self._queue_recv:
+                while job.state == "queued":
+                    if not self.admitting:
+                        job.cancel(self._queued_error or model_unloading(self.name))
+                        break
+                    replica = self._pick()
+                    if replica is None:
+                        await self._wait_changed()
+                        continue
+                    self.waiting -= 1
+                    job._on_cancel_queued = None
+                    replica.active += 1
+                    replica.jobs.add(job)
+                    job.mark_dispatched(replica.name, functools.partial(self._release, replica))
+                    replica.put(job)
+        finally:  # cancelled while holding a job it could not place yet
+            if job is not None and job.state == "queued":
+                job.cancel(self._queued_error or backend_error(self.name, "model stopped"))
 
     def _release(self, replica: Replica, job: Job) -> None:
         if job in replica.jobs:
@@ -345,22 +374,30 @@ class ModelRuntime:
         """
         self.admitting = False
         self._stop_error = error
-        self._fail_queued(error or model_unloading(self.name))
+        self._queued_error = error or model_unloading(self.name)
+        self._fail_queued(self._queued_error)
         self._notify()
-        with trio.move_on_after(drain_timeout) as drain:
-            await self.wait_idle()
-        self._stop_error = error or request_cancelled(
-            self.name, f"model unloaded; the request did not finish within the {drain_timeout:g}s drain"
-        )
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            await self.finished.wait()
-        return not drain.cancelled_caught
+        drained = False
+        try:
+            with trio.move_on_after(drain_timeout):
+                await self.wait_idle()
+                drained = True
+        finally:  # also when the caller is cancelled during the drain
+            self._stop_error = error or request_cancelled(
+                self.name, f"model unloaded; the request did not finish within the {drain_timeout:g}s drain"
+            )
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self.finished.wait()
+        return drained
 
     async def resize(self, replicas: int, *, drain_timeout: float) -> None:
         """Grow (load new replicas while the others serve) or shrink (drain the removed ones
-        first; jobs still running at ``drain_timeout`` are cancelled)."""
+        first; jobs still running at ``drain_timeout`` are cancelled).  One at a time (the
+        manager serializes them); 409 ``model_unloading`` once :meth:`stop` began."""
+        if not self.admitting:
+            raise model_unloading(self.name)
         current = [r for r in self.replicas if r.state in ("serving", "loading")]
         if replicas > len(current):
             error = await self._add_replicas(replicas - len(current))

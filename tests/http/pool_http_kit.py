@@ -14,6 +14,7 @@ the request's ``input``:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -63,7 +64,10 @@ class FakeControl:
     loaded: list[str] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    #: inputs whose generation ran to its end (EOS / max_tokens)
     finished: list[str] = field(default_factory=list)
+    #: inputs whose generation stopped early on the job's stop flag
+    cancelled: list[str] = field(default_factory=list)
     contexts: list[Any] = field(default_factory=list)
 
 
@@ -109,7 +113,8 @@ class FakeBackend:
             job.fail(e)
         else:
             job.finish(stats)
-            self.control.finished.append(job.request.input)
+            done = self.control.cancelled if stats.finish_reason == "cancelled" else self.control.finished
+            done.append(job.request.input)
 
     async def _generate(self, job: Job) -> GenerationStats:
         text = job.request.input
@@ -215,7 +220,7 @@ class Pool:
     async def get(self, path: str, **kw: Any) -> Reply:
         return await self.request("GET", path, **kw)
 
-    async def respond(self, body: dict[str, Any], **kw: Any) -> Reply:
+    async def respond(self, body: dict[str, Any] | None, **kw: Any) -> Reply:
         return await self.post("/v1/responses", body, **kw)
 
     async def stream(self, body: dict[str, Any], *, headers: dict[str, str] | None = None) -> StreamReply:
@@ -243,12 +248,22 @@ class Pool:
                 yield chunk
 
     async def wait_state(self, name: str, *states: str) -> None:
-        entry = self.manager.entries[name]
-        while entry.state not in states:
-            await trio.sleep(0.001)
+        """Wait (on the manager's state hooks, not by polling) until ``name`` is in ``states``."""
+        while self.manager.entries[name].state not in states:
+            changed = trio.Event()
+
+            def hook(entry: Any, before: str, after: str, changed: trio.Event = changed) -> None:
+                changed.set()
+
+            self.manager.state_hooks.append(hook)
+            try:
+                await changed.wait()
+            finally:
+                self.manager.state_hooks.remove(hook)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
+        """Poll (1 ms of trio time) for a condition nothing signals, e.g. a queue depth."""
+        while not predicate():  # noqa: ASYNC110 - no event exists for these conditions
             await trio.sleep(0.001)
 
 
@@ -313,14 +328,18 @@ async def start_pool(
     autoload: bool = True,
     wait: bool = True,
     config_path: str | None = None,
+    factory: Callable[[Any], Any] | None = None,
+    settings: Settings | None = None,
 ) -> Pool:
-    raw = dict(raw or {})
-    engine = dict(raw.get("engine", {}))
-    engine.setdefault("models", models if models is not None else default_models())
-    raw["engine"] = engine
-    settings = settings_from(raw, base_dir)
-    manager = PoolManager(settings, backend_factory=FakeFactory(control), config_path=config_path)
-    await nursery.start(lambda task_status: manager.run(autoload=autoload, task_status=task_status))
+    """A running manager (in ``nursery``) and its app; by default ``wait`` for the autoloads."""
+    if settings is None:
+        raw = dict(raw or {})
+        engine = dict(raw.get("engine", {}))
+        engine.setdefault("models", models if models is not None else default_models())
+        raw["engine"] = engine
+        settings = settings_from(raw, base_dir)
+    manager = PoolManager(settings, backend_factory=factory or FakeFactory(control), config_path=config_path)
+    await nursery.start(functools.partial(manager.run, autoload=autoload))
     app = create_app(manager, settings)
     pool = Pool(manager, app, app.test_client(), settings, control)
     if wait:

@@ -1,0 +1,618 @@
+"""CTranslate2 models (decoder-only ``Generator`` or encoder-decoder ``Translator``), batched.
+
+One replica runs up to ``target_inflight`` jobs at once in shared CTranslate2 calls.  Everything
+but the per-token callback runs on the replica's one worker thread (see :mod:`backends.base`).
+
+How CTranslate2 shapes the design (each fact measured on ctranslate2 4.8, SmolLM2-135M int8, and
+read in ``src/models/language_model.cc``):
+
+* CT2 keeps no KV cache between calls.  A job joins a running batch by **restarting** the call:
+  every unfinished sequence is resubmitted as ``prompt + tokens generated so far``.
+* Inside one ``generate_batch`` call the prompts are prefilled together up to the *shortest*
+  one; the longer ones' remaining tokens are forced one per decode step.  A sequence that has
+  generated ``s`` tokens therefore *stalls* for about ``s`` steps when a restart adds a fresh
+  prompt (the newcomer generates meanwhile).  So a join is not free: :meth:`CT2Backend._worth_joining`
+  admits newcomers into a running call only when the wait they save outweighs the stall and the
+  prefill it costs the running ones (measured online; in practice newcomers join early in a call,
+  or when few sequences are left in a long one, and otherwise start with the next call).
+* A prompt much longer than the others would be forced token by token (~50x slower than a
+  prefill), so :meth:`CT2Backend._select` only batches sequences whose lengths are close.
+* The per-step ``callback`` (beam_size 1 only) runs on CT2's own thread; returning True stops
+  that batch item.  We stream, apply stop strings, ``max_tokens``, the stop flag and a restart
+  from there.  The end token comes as a final step (not emitted).  With a one-token shortest
+  prompt CT2 reports the forced prompt tails as steps too: those steps are skipped, as are the
+  translator's target-prefix steps.
+* ``repetition_penalty != 1`` sees forced tails and not prefilled prompts, so batching or
+  restarting would change the result: such jobs run alone and are never restarted.  Sampling
+  settings are per call, so only jobs with the same settings share a call (greedy ones all do).
+* Exactness: greedy results are identical to a job run alone in float32 (tested); with int8
+  CT2's CPU kernels are not batch-invariant, so near-ties can decode differently when batched.
+
+``ctranslate2`` and ``tokenizers`` are imported in :meth:`CT2Backend.load` only.
+
+Cancellation: the stop flag is checked at every step of every sequence (including a sequence that
+is waiting for the next call), and the job ends at once with ``finish_reason="cancelled"``; the
+other sequences of its call go on.  ``serve`` returns on ``None`` only after every job it took
+has ended (the pool sets the stop flags first on unload, so that is one step).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import queue
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backends.base import StreamTimer
+from backends.prompts import NATIVE_STOPS, StopMatcher, render_prompt
+from pool.errors import invalid_request
+from pool.jobs import GenerationStats, Job
+
+if TYPE_CHECKING:
+    from backends import BackendContext
+    from backends.base import Inbox
+
+log = logging.getLogger("llm_pool.ct2")
+
+#: Sequences whose lengths differ by at most this many tokens may always share a call (their
+#: extra prompt tokens are forced one per step, about one decode step each).
+MIN_SPREAD_TOKENS = 32
+#: A newcomer joins a running call only if the wait it saves exceeds this times the delay the
+#: restart costs the running sequences (1.0: minimise the summed latency).
+JOIN_COST_FACTOR = 1.0
+#: Weight of the newest sample in the moving averages of step and prefill times.
+EMA_WEIGHT = 0.2
+#: Hugging Face writes huge ``model_max_length`` values (1e30) for "no limit".
+NO_CONTEXT_LIMIT = 10**7
+#: CT2 spec names (the header of ``model.bin``) by backend kind.
+SPEC_KINDS = {"TransformerDecoderSpec": "generator", "TransformerSpec": "translator"}
+#: Token shapes used for a language code, in order (M2M100/NLLB-style, MADLAD-style).
+LANG_TOKEN_FORMS = ("__{}__", "<2{}>", "<{}>")
+
+
+def model_kind(path: Path) -> str:
+    """``"generator"`` or ``"translator"`` for a CTranslate2 model folder.
+
+    Read from the spec name that heads ``model.bin`` (binary version >= 2); older folders are
+    recognised by their vocabulary files.  Raises ``ValueError`` for other CT2 models (Whisper,
+    encoders...) and ``FileNotFoundError`` for a folder without ``model.bin``.
+    """
+    model_bin = path / "model.bin"
+    if not model_bin.is_file():
+        raise FileNotFoundError(f"{path} is not a CTranslate2 model folder: no model.bin")
+    with model_bin.open("rb") as f:
+        head = f.read(4 + 2 + 256)
+    (version,) = struct.unpack("<I", head[:4])
+    if version >= 2:
+        (n,) = struct.unpack("<H", head[4:6])
+        spec = head[6 : 6 + n].rstrip(b"\0").decode("utf-8", "replace")
+        if spec in SPEC_KINDS:
+            return SPEC_KINDS[spec]
+        raise ValueError(f"{path.name}: CTranslate2 model spec {spec!r} is neither a generator nor a translator")
+    names = {p.stem for p in path.iterdir()}
+    if names & {"shared_vocabulary", "source_vocabulary"}:
+        return "translator"
+    return "generator"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str:
+    """A special token from tokenizer_config.json: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+def _chat_template(path: Path, tok_config: dict[str, Any]) -> str | None:
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not template and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return template if isinstance(template, str) and template else None
+
+
+class _Detokenizer:
+    """Incremental text of a growing list of token ids.
+
+    Decodes a short window (from the last emitted boundary) so that decoders which strip a
+    leading space at the start of a text, and characters split across byte-level tokens (which
+    decode to U+FFFD until complete), come out right.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :]
+
+
+#: What CT2 must share per call: (sampling_topk, sampling_topp, sampling_temperature,
+#: repetition_penalty, suppressed sequences).
+CallKey = tuple[int, float, float, float, tuple[str, ...]]
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One job's sequence inside the backend, kept across calls (restarts)."""
+
+    job: Job
+    order: int
+    key: CallKey
+    #: Runs alone and is never restarted (repetition penalty, or isolated after an error).
+    solo: bool
+    #: Generator: the prompt tokens.  Translator: the source tokens.
+    tokens: list[str]
+    #: Translator: the target prefix before any output (language token); generator: empty.
+    prefix: list[str]
+    #: Tokens fed to the decoder before any output: the prompt, or the target prefix.
+    base: int
+    budget: int
+    prompt_tokens: int
+    stops: StopMatcher
+    detok: _Detokenizer
+    timer: StreamTimer
+    out: list[str] = field(default_factory=list)
+    finish: str | None = None
+    #: Steps CT2 reports for this item in the current call before its first new token.
+    skip: int = 0
+
+    @property
+    def forced(self) -> int:
+        """Tokens this sequence feeds CT2 before a new one: its decode position."""
+        return self.base + len(self.out)
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.out)
+
+
+class CT2Backend:
+    """One CTranslate2 model with dynamic batching; see the module docstring."""
+
+    threaded = True
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        #: Jobs one replica runs at once: the configured target (one CT2 call holds them all).
+        self.capability = ctx.model.target_inflight
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.kind = ""
+        self.n_ctx: int | None = None
+        self._chat_template: str | None = None
+        self._bos = ""
+        self._eos = ""
+        self._end_tokens: list[str] = []
+        self._end_set: frozenset[str] = frozenset()
+        self._beam_warned = False
+        # batching state: only the worker thread touches it, or CT2's callback thread while the
+        # worker thread is blocked in that very call
+        self._inbox: Inbox | None = None
+        self._closing = False
+        self._order = 0
+        self._waiting: list[_Seq] = []
+        self._call: list[_Seq] = []
+        self._restart = False
+        self._step_no = -1
+        self._t_call = 0.0
+        self._t_step: float | None = None
+        #: Moving averages: seconds per decode step, seconds per prefilled token.
+        self._step_s = 0.03
+        self._prefill_tok_s = 0.002
+        # counters (read by describe() and tests)
+        #: CT2 calls made; calls restarted to let newcomers join; largest batch of one call.
+        self.calls = 0
+        self.joins = 0
+        self.max_batch = 0
+        self.tokens_out = 0
+
+    def describe(self) -> dict[str, object]:
+        m = self.ctx.model
+        return {
+            "kind": self.kind or None,
+            "device": m.device,
+            "compute_type": getattr(self.model, "compute_type", m.compute_type),
+            "intra_threads": self.ctx.n_threads,
+            "capability": self.capability,
+            "calls": self.calls,
+            "joins": self.joins,
+            "max_batch": self.max_batch,
+        }
+
+    # ------------------------------------------------------------------ lifetime
+    def load(self) -> None:
+        import ctranslate2
+        import tokenizers
+
+        m = self.ctx.model
+        path = self.ctx.model_path()
+        if not path.is_dir():
+            raise RuntimeError(f"{path.name} is not a CTranslate2 model folder (a directory with model.bin)")
+        self.kind = model_kind(path)
+        if not (path / "tokenizer.json").is_file():
+            raise RuntimeError(f"{path.name} has no tokenizer.json")
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok_config = _read_json(path / "tokenizer_config.json")
+        ct2_config = _read_json(path / "config.json")
+        limit = tok_config.get("model_max_length")
+        self.n_ctx = int(limit) if isinstance(limit, (int, float)) and 0 < limit < NO_CONTEXT_LIMIT else None
+        self._chat_template = _chat_template(path, tok_config)
+        self._bos = _token_text(tok_config.get("bos_token")) or ct2_config.get("bos_token", "")
+        self._eos = _token_text(tok_config.get("eos_token")) or ct2_config.get("eos_token", "")
+        self._end_tokens = self._find_end_tokens(path, ct2_config)
+        self._end_set = frozenset(self._end_tokens)
+
+        cls = ctranslate2.Generator if self.kind == "generator" else ctranslate2.Translator
+        compute_type = "default" if m.compute_type == "auto" else m.compute_type
+        try:
+            self.model = cls(
+                str(path),
+                device=m.device,
+                compute_type=compute_type,
+                inter_threads=1,
+                intra_threads=self.ctx.n_threads,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise RuntimeError(f"CTranslate2 could not load {path.name}: {e}") from None
+
+    def _find_end_tokens(self, path: Path, ct2_config: dict[str, Any]) -> list[str]:
+        """The tokens that end a sequence: the format's stop tokens that are in the vocabulary,
+        then EOS (CT2's ``end_token`` replaces its default, so EOS is listed explicitly)."""
+        ends = []
+        if self.kind == "generator":
+            ends += [s for s in NATIVE_STOPS[self.ctx.model.prompt_format] if self.tokenizer.token_to_id(s) is not None]
+        ends.append(ct2_config.get("eos_token") or self._eos)
+        eos_ids = _read_json(path / "generation_config.json").get("eos_token_id")
+        for i in eos_ids if isinstance(eos_ids, list) else [eos_ids]:
+            if isinstance(i, int) and (token := self.tokenizer.id_to_token(i)) is not None:
+                ends.append(token)
+        return [t for t in dict.fromkeys(ends) if t]
+
+    def close(self) -> None:
+        """Drop the model now: a CT2 model that ran a Python callback and is still alive at
+        interpreter exit aborts the process."""
+        model, self.model = self.model, None
+        del model
+        gc.collect()
+
+    # ------------------------------------------------------------------ serving (worker thread)
+    def serve(self, inbox: Inbox) -> None:
+        """Run the jobs of ``inbox`` in batched CT2 calls until ``None``, then end what is left.
+
+        Every job taken from the inbox ends (finish or fail) before this returns or raises.
+        """
+        self._inbox = inbox
+        try:
+            while True:
+                self._reap()
+                if not self._waiting:
+                    if self._closing:
+                        return
+                    self._accept(inbox.get())
+                    continue
+                self._drain()
+                self._reap()
+                if self._waiting:
+                    self._run(self._select(self._waiting))
+        except BaseException as e:
+            for seq in [*self._call, *self._waiting]:
+                if seq.finish is None:
+                    seq.finish = "failed"
+                    seq.job.fail(e)
+            raise
+
+    def _accept(self, job: Job | None) -> None:
+        if job is None:
+            self._closing = True
+            return
+        if job.should_stop():
+            job.finish(GenerationStats(finish_reason="cancelled", output_tokens=0))
+            return
+        job.begin()
+        try:
+            seq = self._prepare(job)
+        except BaseException as e:  # a bad request gets its 4xx; the replica keeps serving
+            job.fail(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._waiting.append(seq)
+
+    def _drain(self) -> None:
+        assert self._inbox is not None
+        while not self._closing:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._accept(job)
+
+    def _reap(self) -> None:
+        """End waiting sequences whose stop flag is set."""
+        if any(s.job.should_stop() for s in self._waiting):
+            for seq in self._waiting:
+                if seq.job.should_stop():
+                    self._end(seq, "cancelled")
+            self._waiting = [s for s in self._waiting if s.finish is None]
+
+    def _prepare(self, job: Job) -> _Seq:
+        """Render and tokenize one request; 400 for an empty or too long prompt."""
+        timer = StreamTimer()
+        req = job.request
+        d = req.decoding
+        if self.kind == "generator":
+            prompt = render_prompt(
+                self.ctx.model.prompt_format,
+                req,
+                chat_template=self._chat_template,
+                bos_token=self._bos,
+                eos_token=self._eos,
+                enable_thinking=self.ctx.model.enable_thinking,
+            )
+            tokens = self.tokenizer.encode(prompt.text, add_special_tokens=False).tokens
+            prefix: list[str] = []
+            stops = [*prompt.stop, *d.stop]
+            suppress = tuple(prompt.suppress)
+        else:
+            tokens = self.tokenizer.encode(req.input).tokens
+            source_lang = self._lang_token(req.source_lang_code)
+            if source_lang and tokens and tokens[0] != source_lang:
+                tokens = [source_lang, *tokens]
+            target_lang = self._lang_token(req.target_lang_code)
+            prefix = [target_lang] if target_lang else []
+            stops = list(d.stop)
+            suppress = ()
+        if not tokens:
+            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
+        if self.n_ctx is not None and len(tokens) >= self.n_ctx:
+            raise invalid_request(
+                f"the prompt has {len(tokens)} tokens; model {req.model!r} has a context of {self.n_ctx}",
+                param="input",
+                model=req.model,
+            )
+        if d.beam_size > 1 and not self._beam_warned:
+            log.info("beam_size is not supported with streaming CT2 batches; decoding without beams")
+            self._beam_warned = True
+        budget = d.max_tokens
+        if self.n_ctx is not None:
+            budget = min(budget, self.n_ctx - (len(tokens) if self.kind == "generator" else len(prefix)))
+        greedy = d.temperature == 0 or d.top_k == 1
+        key: CallKey = (
+            1 if greedy else d.top_k,
+            1.0 if greedy else d.top_p,
+            1.0 if greedy else d.temperature,
+            d.repetition_penalty,
+            suppress,
+        )
+        timer.prompt_ready()
+        self._order += 1
+        return _Seq(
+            job=job,
+            order=self._order,
+            key=key,
+            solo=d.repetition_penalty != 1.0,
+            tokens=tokens,
+            prefix=prefix,
+            base=len(tokens) if self.kind == "generator" else len(prefix),
+            budget=budget,
+            prompt_tokens=len(tokens),
+            stops=StopMatcher(stops),
+            detok=_Detokenizer(self.tokenizer),
+            timer=timer,
+        )
+
+    def _lang_token(self, code: str | None) -> str | None:
+        """The vocabulary's token for a language code (``fr`` -> ``__fr__``), if it has one."""
+        if not code:
+            return None
+        forms = [f.format(code) for f in LANG_TOKEN_FORMS]
+        if "_" in code or "-" in code:  # already a model-specific code such as fra_Latn
+            forms.append(code)
+        return next((t for t in forms if self.tokenizer.token_to_id(t) is not None), None)
+
+    # ------------------------------------------------------------------ batching policy
+    def _spread_ok(self, group: list[_Seq]) -> bool:
+        """Whether the lengths in ``group`` are close enough to share a call: the longest
+        sequence's forced tokens stay under half of the work left, or ``MIN_SPREAD_TOKENS``."""
+        lengths = [s.forced for s in group]
+        allowed = max(MIN_SPREAD_TOKENS, max(s.remaining for s in group) // 2)
+        return max(lengths) - min(lengths) <= allowed
+
+    def _select(self, candidates: list[_Seq]) -> list[_Seq]:
+        """The next call: the oldest sequence, plus (oldest first) every compatible one that
+        keeps the lengths close, up to ``capability``."""
+        head = candidates[0]
+        group = [head]
+        if head.solo:
+            return group
+        for seq in candidates[1:]:
+            if len(group) >= self.capability:
+                break
+            if seq.key == head.key and not seq.solo and self._spread_ok([*group, seq]):
+                group.append(seq)
+        return group
+
+    def _worth_joining(self) -> bool:
+        """Whether to restart the running call now so that waiting sequences join it.
+
+        Joining saves each newcomer the rest of the current call (bounded by the longest
+        remaining budget); it costs every running sequence a prefill of the new batch plus the
+        steps in which its own tokens are forced again.  Both in seconds, from moving averages.
+        """
+        live = [s for s in self._call if s.finish is None]
+        if not live or live[0].solo or not self._waiting:
+            return False
+        key = live[0].key
+        if any(s.key != key or s.solo for s in self._waiting):
+            return False  # an incompatible job waits: nobody overtakes it
+        group = self._select(sorted([*live, *self._waiting], key=lambda s: s.order))
+        if len(group) <= len(live) or any(s not in group for s in live):
+            return False
+        joiners = len(group) - len(live)
+        lo = min(s.forced for s in group)
+        prefill_s = self._prefill_tok_s * len(group) * max(lo - 1, 1)
+        saved = joiners * max(s.remaining for s in live) * self._step_s
+        cost = sum((s.forced - lo) * self._step_s + prefill_s for s in live)
+        return saved > JOIN_COST_FACTOR * cost
+
+    # ------------------------------------------------------------------ one CT2 call
+    def _run(self, group: list[_Seq]) -> None:
+        chosen = set(map(id, group))
+        self._waiting = [s for s in self._waiting if id(s) not in chosen]
+        self._call = group
+        self._restart = False
+        self._step_no = -1
+        self._t_step = None
+        self.calls += 1
+        self.max_batch = max(self.max_batch, len(group))
+        try:
+            self._generate(group)
+        except Exception as e:
+            unfinished = [s for s in group if s.finish is None]
+            if len(group) == 1:
+                for seq in unfinished:
+                    self._fail(seq, e)
+            else:  # find the culprit: retry each alone
+                log.warning("a CT2 batch of %d failed (%s: %s); retrying its jobs one by one", len(group), type(e).__name__, e)
+                for seq in unfinished:
+                    seq.solo = True
+        finally:
+            self._call = []
+            left = [s for s in group if s.finish is None]
+            if left:
+                self._waiting = sorted([*self._waiting, *left], key=lambda s: s.order)
+
+    def _generate(self, group: list[_Seq]) -> None:
+        topk, topp, temperature, repetition_penalty, suppress = group[0].key
+        common: dict[str, Any] = {
+            "beam_size": 1,
+            "sampling_topk": topk,
+            "sampling_topp": topp,
+            "sampling_temperature": temperature,
+            "repetition_penalty": repetition_penalty,
+            "callback": self._on_step,
+        }
+        self._t_call = time.perf_counter()
+        if self.kind == "generator":
+            inputs = [[*s.tokens, *s.out] for s in group]
+            shortest = min(map(len, inputs))
+            for s, tokens in zip(group, inputs, strict=True):
+                # CT2 prefills up to the shortest prompt; with a one-token shortest prompt it
+                # also reports the others' forced prompt tails as steps
+                s.skip = len(tokens) - 1 if shortest == 1 else 0
+            suppress_ids = [self.tokenizer.encode(x, add_special_tokens=False).tokens for x in suppress]
+            self.model.generate_batch(
+                inputs,
+                max_length=max(s.skip + s.remaining for s in group),
+                include_prompt_in_result=False,
+                end_token=self._end_tokens,
+                suppress_sequences=suppress_ids or None,
+                **common,
+            )
+        else:
+            prefixes = [[*s.prefix, *s.out] for s in group]
+            for s, p in zip(group, prefixes, strict=True):
+                s.skip = len(p)  # the translator reports its target prefix as steps
+            self.model.translate_batch(
+                [s.tokens for s in group],
+                target_prefix=[p or None for p in prefixes] if any(prefixes) else None,
+                max_decoding_length=max(s.skip + s.remaining for s in group),
+                max_input_length=0,
+                **common,
+            )
+
+    def _on_step(self, step: Any) -> bool:
+        """CT2's per-token callback (CT2's thread): True stops that batch item."""
+        seq: _Seq | None = None
+        try:
+            if step.step != self._step_no:
+                self._step_no = step.step
+                self._new_step()
+            seq = self._call[step.batch_id]
+            if seq.finish is not None:
+                return True
+            if seq.job.should_stop():
+                self._end(seq, "cancelled")
+                return True
+            if seq.skip > 0:
+                seq.skip -= 1
+                return self._restart
+            if step.token in self._end_set:
+                self._end(seq, "stop")
+                return True
+            self._push(seq, step.token)
+            return seq.finish is not None or self._restart
+        except BaseException as e:  # never raise into CT2: fail this job, stop its item
+            if seq is not None and seq.finish is None:
+                self._fail(seq, e)
+            else:
+                log.exception("CT2 step callback failed")
+            return True
+
+    def _new_step(self) -> None:
+        """Once per decode step: timings, newcomers, cancelled waiters, restart decision."""
+        now = time.perf_counter()
+        if self._t_step is None:
+            lo = min(s.forced for s in self._call)
+            sample = (now - self._t_call) / (len(self._call) * max(lo - 1, 1))
+            self._prefill_tok_s += EMA_WEIGHT * (sample - self._prefill_tok_s)
+        else:
+            self._step_s += EMA_WEIGHT * (now - self._t_step - self._step_s)
+        self._t_step = now
+        self._drain()
+        self._reap()
+        if not self._restart and self._worth_joining():
+            self._restart = True
+            self.joins += 1
+
+    def _push(self, seq: _Seq, token: str) -> None:
+        seq.timer.token()
+        seq.out.append(token)
+        self.tokens_out += 1
+        token_id = self.tokenizer.token_to_id(token)
+        piece = seq.detok.push(token_id) if token_id is not None else ""
+        text, hit = seq.stops.push(piece)
+        seq.job.emit(text)
+        if hit:
+            self._end(seq, "stop", flush=False)
+        elif seq.remaining <= 0:
+            self._end(seq, "length")
+
+    def _end(self, seq: _Seq, reason: str, *, flush: bool = True) -> None:
+        if flush:  # release text held back for a possible stop string or an unfinished character
+            text, hit = seq.stops.push(seq.detok.flush())
+            seq.job.emit(text if hit else text + seq.stops.flush())
+        seq.finish = reason
+        seq.job.finish(seq.timer.stats(finish_reason=reason, prompt_tokens=seq.prompt_tokens))
+
+    def _fail(self, seq: _Seq, error: BaseException) -> None:
+        seq.finish = "failed"
+        seq.job.fail(error)

@@ -1,0 +1,419 @@
+"""GGUF models through llama.cpp with continuous batching: one context, many sequences.
+
+The one-at-a-time :mod:`backends.gguf` replica buys concurrency with more replicas, each with its
+own copy of the model and a share of the cores.  Here one replica keeps every core and serves up
+to ``target_inflight`` requests at once from one llama.cpp context, the way llama.cpp's own server
+uses slots::
+
+    inbox ──▶ admit (between steps, up to capability) ──▶ sequence slot 0..n-1
+                                                              │
+    step: one llama_batch = each decoding sequence's next token (first)
+                          + prompt chunks of sequences still prefilling (up to n_batch tokens)
+          llama_decode once ─▶ per sequence with an output row: its own sampler chain samples,
+          the token is streamed (job.emit), EOS / stop strings / max_tokens / stop flag end it
+                                                              │
+    a sequence ends ─▶ its KV cells are removed, its sampler freed, then finish/fail
+
+Everything runs on the replica's one worker thread (see :mod:`backends.base`): ``load``,
+``serve`` and ``close``.  ``serve`` blocks on the inbox only when no sequence is active; between
+steps it takes new jobs with ``get_nowait``, so requests join and leave between decode steps.
+
+Memory: the context has ``n_seq_max = capability`` sequences and a *non-unified* KV cache of
+``gguf_n_ctx × capability`` cells, i.e. every sequence gets its own stream of ``gguf_n_ctx`` cells
+(the same per-request context as the sequential backend, and attention only over its own cells).
+The KV cache therefore costs ``capability`` times the sequential backend's.
+
+The request path mirrors :meth:`backends.gguf.GGUFBackend.generate` exactly (prompt rendering,
+tokenisation, context checks, sampler chain, incremental UTF-8 decoding, stop strings, metrics),
+so a request returns what it returns alone.  Not done here: prefix reuse across requests (each
+sequence's cells are dropped when it ends) and beam search.
+
+Uses llama-cpp-python's low-level bindings only (``llama_cpp.llama_*`` and
+``llama_cpp._internals.LlamaModel``); ``llama_cpp`` is imported in :meth:`load` only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import queue
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from backends.base import Inbox, StreamTimer
+from backends.gguf import ggml_type
+from backends.prompts import StopMatcher, render_prompt
+from pool.errors import invalid_request
+from pool.jobs import GenerationStats, Job
+
+if TYPE_CHECKING:
+    from backends import BackendContext
+
+log = logging.getLogger("llm_pool.gguf_batched")
+
+#: llama.cpp's LLAMA_MAX_SEQ: a context cannot hold more sequences.
+MAX_SEQUENCES = 256
+#: What llama-cpp-python's ``Llama`` uses for the repeat-penalty window (``last_n_tokens_size``).
+PENALTY_LAST_N = 64
+#: llama-cpp-python's default physical batch (``Llama(n_ubatch=512)``).
+N_UBATCH = 512
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request in the batch: its slot (llama.cpp seq_id), prompt, sampler and stream state."""
+
+    job: Job
+    slot: int
+    prompt: list[int]
+    budget: int
+    sampler: Any
+    stops: StopMatcher
+    timer: StreamTimer
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    #: Prompt tokens already sent to llama_decode.
+    prefilled: int = 0
+    #: Position of the next token in this sequence's KV stream.
+    n_past: int = 0
+    #: The last sampled token, to decode in the next step (None while prefilling).
+    next_token: int | None = None
+    #: Index of this sequence's output row in the current batch (-1: none this step).
+    out: int = -1
+
+
+class BatchedGGUFBackend:
+    """One llama.cpp context serving up to ``capability`` sequences; see the module docstring."""
+
+    threaded = True
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.capability = max(1, min(ctx.model.target_inflight, MAX_SEQUENCES))
+        self.model: Any = None  # llama_cpp._internals.LlamaModel
+        self._lctx: Any = None  # llama_context *
+        self._mem: Any = None  # llama_memory_t
+        self._vocab: Any = None
+        self._batch: Any = None  # llama_batch
+        self._n_batch = 0
+        self._n_ctx_seq = 0
+        self._n_vocab = 0
+        self._piece_buf = ctypes.create_string_buffer(64)
+        self._chat_template: str | None = None
+        self._bos = ""
+        self._eos = ""
+        self._beam_warned = False
+        self._free_slots: list[int] = []
+        self._active: list[_Sequence] = []
+        #: Diagnostics (read them from any thread; written by the worker thread only).
+        self.steps = 0
+        #: Most sequences that one llama_decode call has served (evidence of real batching).
+        self.max_batch_sequences = 0
+        self.max_batch_tokens = 0
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "n_threads": self.ctx.n_threads,
+            "n_ctx": self.ctx.model.gguf_n_ctx,
+            "batching": True,
+            "n_seq_max": self.capability,
+            "n_batch": self._n_batch or None,
+            "max_batch_sequences": self.max_batch_sequences,
+        }
+
+    # ------------------------------------------------------------------ load / close
+    def load(self) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
+
+        m = self.ctx.model
+        path = self.ctx.model_path()
+        set_verbose(False)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0x7FFFFFFF if m.gguf_n_gpu_layers == -1 else m.gguf_n_gpu_layers
+        try:
+            self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+        except ValueError as e:  # "Failed to load model from file"
+            raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
+        n_seq = self.capability
+        self._n_batch = max(m.gguf_n_batch, n_seq)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = m.gguf_n_ctx * n_seq
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = min(self._n_batch, N_UBATCH)
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False  # one KV stream per sequence: attention over its own cells only
+        cparams.n_threads = self.ctx.n_threads
+        cparams.n_threads_batch = self.ctx.n_threads
+        flash = m.gguf_flash_attn == "on" or (m.gguf_flash_attn == "auto" and m.gguf_n_gpu_layers != 0)
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        if m.gguf_type_k:
+            cparams.type_k = ggml_type(m.gguf_type_k)
+        if m.gguf_type_v:
+            cparams.type_v = ggml_type(m.gguf_type_v)
+        self._lctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
+        if not self._lctx:
+            self.close()
+            raise RuntimeError(
+                f"llama.cpp could not create a context of {n_seq} sequences × {m.gguf_n_ctx} tokens for {path.name}"
+            )
+        self._mem = llama_cpp.llama_get_memory(self._lctx)
+        self._vocab = self.model.vocab
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        # llama.cpp may round the context up; never give a request more than the configured size.
+        self._n_ctx_seq = min(llama_cpp.llama_n_ctx_seq(self._lctx), m.gguf_n_ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._free_slots = list(range(n_seq - 1, -1, -1))  # pop() hands out slot 0 first
+        meta = self.model.metadata()
+        self._chat_template = meta.get("tokenizer.chat_template")
+        self._bos = self._special_text(self.model.token_bos())
+        self._eos = self._special_text(self.model.token_eos())
+
+    def _special_text(self, token: int) -> str:
+        return "" if token < 0 else str(self.model.token_get_text(token))
+
+    def close(self) -> None:
+        import llama_cpp
+
+        for seq in self._active:  # only after a crash: serve ends every sequence it holds
+            llama_cpp.llama_sampler_free(seq.sampler)
+        self._active = []
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._lctx is not None:
+            llama_cpp.llama_free(self._lctx)
+            self._lctx = None
+            self._mem = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    # ------------------------------------------------------------------ diagnostics
+    def kv_positions(self) -> dict[int, tuple[int, int]]:
+        """``{slot: (pos_min, pos_max)}`` of every sequence that holds KV cells right now.
+
+        Empty when no cells leaked.  Reads llama.cpp state: call it only while the replica is
+        idle (every job ended), e.g. from tests.
+        """
+        import llama_cpp
+
+        held = {}
+        for slot in range(self.capability):
+            hi = llama_cpp.llama_memory_seq_pos_max(self._mem, slot)
+            if hi >= 0:
+                held[slot] = (llama_cpp.llama_memory_seq_pos_min(self._mem, slot), hi)
+        return held
+
+    # ------------------------------------------------------------------ serving
+    def serve(self, inbox: Inbox) -> None:
+        """Run the step loop until ``None`` arrives and every admitted job has ended.
+
+        Cancellation: a job's stop flag is checked before every step; a flagged job ends
+        ``cancelled`` before the next decode.  After ``None`` nothing new is admitted; jobs still
+        running (the pool sets their stop flags first) end at the next step, and jobs found
+        behind ``None`` end ``cancelled`` without running.
+        """
+        closing = False
+        try:
+            while True:
+                while not closing and len(self._active) < self.capability:
+                    try:
+                        job = inbox.get_nowait() if self._active else inbox.get()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        closing = True
+                        self._drain(inbox)
+                    else:
+                        self._admit(job)
+                for seq in [s for s in self._active if s.job.should_stop()]:
+                    self._end(seq, "cancelled")
+                if not self._active:
+                    if closing:
+                        return
+                    continue
+                self._step()
+        except BaseException as e:
+            for seq in list(self._active):
+                self._end(seq, error=e)
+            raise
+
+    @staticmethod
+    def _drain(inbox: Inbox) -> None:
+        while True:
+            try:
+                job = inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.finish(GenerationStats(finish_reason="cancelled", output_tokens=0))
+
+    def _admit(self, job: Job) -> None:
+        """Render and check the prompt, build the job's sampler and give it a slot; or end it."""
+        if job.should_stop():
+            job.finish(GenerationStats(finish_reason="cancelled", output_tokens=0))
+            return
+        job.begin()
+        try:
+            seq = self._new_sequence(job)
+        except BaseException as e:
+            job.fail(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self._active.append(seq)
+
+    def _new_sequence(self, job: Job) -> _Sequence:
+        req = job.request
+        d = req.decoding
+        timer = StreamTimer()
+        prompt = render_prompt(
+            self.ctx.model.prompt_format,
+            req,
+            chat_template=self._chat_template,
+            bos_token=self._bos,
+            eos_token=self._eos,
+            enable_thinking=self.ctx.model.enable_thinking,
+        )
+        tokens = self.model.tokenize(prompt.text.encode("utf-8"), add_bos=False, special=True)
+        n_ctx = self._n_ctx_seq
+        if not tokens:
+            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
+        if len(tokens) >= n_ctx:
+            raise invalid_request(
+                f"the prompt has {len(tokens)} tokens; model {req.model!r} has a context of {n_ctx}",
+                param="input",
+                model=req.model,
+            )
+        if d.beam_size > 1 and not self._beam_warned:
+            log.info("beam_size is not supported by the gguf backend; decoding without beams")
+            self._beam_warned = True
+        timer.prompt_ready()
+        return _Sequence(
+            job=job,
+            slot=self._free_slots.pop(),
+            prompt=tokens,
+            budget=min(d.max_tokens, n_ctx - len(tokens)),
+            sampler=self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty),
+            stops=StopMatcher([*prompt.stop, *d.stop]),
+            timer=timer,
+        )
+
+    def _new_sampler(self, temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> Any:
+        """The chain ``Llama.generate`` builds for the sequential backend's arguments."""
+        import llama_cpp
+
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        add(llama_cpp.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repetition_penalty, 0.0, 0.0))
+        if temperature == 0 or top_k == 1:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(llama_cpp.llama_sampler_init_top_k(top_k))
+            add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(0.0, 1))
+            add(llama_cpp.llama_sampler_init_temp(temperature))
+            add(llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
+        return chain
+
+    def _step(self) -> None:
+        """One llama_decode for every active sequence, then sample, stream and end sequences."""
+        import llama_cpp
+
+        batch = self._batch
+        token, pos, seq_ids, n_seq_id, logits = batch.token, batch.pos, batch.seq_id, batch.n_seq_id, batch.logits
+        n = 0
+        members: list[_Sequence] = []
+        # decoding sequences first: one token each, so a long prompt never stalls running streams
+        for seq in self._active:
+            seq.out = -1
+            if seq.next_token is not None:
+                token[n], pos[n], seq_ids[n][0], n_seq_id[n], logits[n] = seq.next_token, seq.n_past, seq.slot, 1, 1
+                seq.out = n
+                seq.n_past += 1
+                n += 1
+                members.append(seq)
+        # then prompt chunks (chunked prefill), oldest request first, while the batch has room
+        for seq in self._active:
+            if seq.next_token is not None or n >= self._n_batch:
+                continue
+            chunk = seq.prompt[seq.prefilled : seq.prefilled + self._n_batch - n]
+            for t in chunk:
+                token[n], pos[n], seq_ids[n][0], n_seq_id[n], logits[n] = t, seq.n_past, seq.slot, 1, 0
+                seq.n_past += 1
+                n += 1
+            seq.prefilled += len(chunk)
+            if seq.prefilled == len(seq.prompt):
+                logits[n - 1] = 1
+                seq.out = n - 1
+            members.append(seq)
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._lctx, batch)
+        self.steps += 1
+        self.max_batch_tokens = max(self.max_batch_tokens, n)
+        self.max_batch_sequences = max(self.max_batch_sequences, len(members))
+        if rc != 0:
+            error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens in {len(members)} sequences")
+            for seq in members:
+                self._end(seq, error=error)
+            return
+        for seq in members:
+            if seq.out < 0:
+                continue
+            try:
+                tok = llama_cpp.llama_sampler_sample(seq.sampler, self._lctx, seq.out)
+                finish = self._accept(seq, tok)
+            except Exception as e:
+                self._end(seq, error=e)
+                continue
+            if finish is not None:
+                self._end(seq, finish)
+
+    def _accept(self, seq: _Sequence, tok: int) -> str | None:
+        """Stream one sampled token; the finish reason if the sequence ends with it."""
+        import llama_cpp
+
+        if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            return "stop"
+        seq.timer.token()
+        text, hit = seq.stops.push(seq.utf8.decode(self._piece(tok)))
+        seq.job.emit(text)
+        if hit:
+            return "stop"
+        if seq.timer.tokens >= seq.budget:
+            return "length"
+        seq.next_token = tok
+        return None
+
+    def _piece(self, tok: int) -> bytes:
+        import llama_cpp
+
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+        if n < 0:  # the buffer is too small: grow it and ask again
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _end(self, seq: _Sequence, finish: str = "cancelled", *, error: BaseException | None = None) -> None:
+        """Free the sequence's KV cells, sampler and slot first, then end its job."""
+        import llama_cpp
+
+        self._active.remove(seq)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        self._free_slots.append(seq.slot)
+        if error is not None:
+            seq.job.fail(error)
+            return
+        try:
+            if finish != "stop":
+                seq.job.emit(seq.stops.push(seq.utf8.decode(b"", final=True))[0] + seq.stops.flush())
+        finally:
+            seq.job.finish(seq.timer.stats(finish_reason=finish, prompt_tokens=len(seq.prompt)))

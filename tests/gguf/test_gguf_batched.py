@@ -1,0 +1,318 @@
+"""The batched GGUF backend (``gguf_batching = true``) on real llama.cpp, through the pool manager.
+
+Same rules as ``test_gguf_backend.py``: a tiny deterministic model generated per session, real
+clock and real threads, every test bounded by ``trio.fail_after``, no sleeps.  The tiny model's next
+token depends on the last token only, so a request's exact output is known in advance
+(:func:`models.tiny_gguf.expected_continuation`) whatever else shares its decode steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from backends import BackendContext, create_backend
+from backends.gguf_batched import BatchedGGUFBackend
+from config import ModelSettings, decode_settings
+from pool.errors import PoolError
+from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from pool.manager import PoolManager
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
+
+from models.tiny_gguf import expected_continuation, write_tiny_gguf  # noqa: E402
+
+LIMIT_S = 30
+#: Small on purpose: prompts longer than this are prefilled in chunks across several steps.
+N_BATCH = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf-batched") / "tiny.gguf")
+
+
+def settings_for(path: Path, **model: Any) -> Any:
+    base = {
+        "model_path": str(path),
+        "backend": "gguf",
+        "prompt_format": "native",
+        "gguf_n_ctx": 256,
+        "gguf_n_batch": N_BATCH,
+        "n_threads": 1,
+    }
+    return decode_settings(
+        {
+            "engine": {
+                "models": {
+                    "tiny": {**base, "gguf_batching": True, "target_inflight": 8, **model},
+                    "solo": {**base, "enabled": False},  # the sequential backend, loaded on demand
+                }
+            }
+        },
+        source="test",
+    )
+
+
+def request(text: str, model: str = "tiny", **decoding: Any) -> GenerationRequest:
+    return GenerationRequest(
+        model=model,
+        messages=[Message(role="user", content=text)],
+        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
+    )
+
+
+async def run(manager: PoolManager, req: GenerationRequest) -> tuple[list[str], Done]:
+    job = Job(req)
+    manager.submit(job, allow_remote=False)
+    deltas: list[str] = []
+    async for event in job.events():
+        if isinstance(event, Delta):
+            deltas.append(event.text)
+        elif isinstance(event, Done):
+            return deltas, event
+        else:
+            raise event.error
+    raise AssertionError("no result")
+
+
+def backend_of(manager: PoolManager, name: str = "tiny") -> BatchedGGUFBackend:
+    runtime = manager.entries[name].runtime
+    assert runtime is not None and len(runtime.replicas) == 1
+    backend = runtime.replicas[0].backend
+    assert isinstance(backend, BatchedGGUFBackend)
+    return backend
+
+
+@pytest.fixture
+async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
+    overrides = getattr(request, "param", {})
+    manager = PoolManager(settings_for(tiny_gguf, **overrides))
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await manager.load("tiny")
+            yield manager
+            nursery.cancel_scope.cancel()
+
+
+def outcome(deltas: list[str], done: Done) -> tuple[str, str, str, int | None, int | None]:
+    s = done.stats
+    return "".join(deltas), done.text, s.finish_reason, s.prompt_tokens, s.output_tokens
+
+
+#: Eight requests with their own prompts, max_tokens and stop strings, and what each must return.
+#: Some prompts are longer than N_BATCH (chunked prefill); "k…" and "hello q" end on a stop string.
+MIXED: list[tuple[GenerationRequest, str, str]] = [
+    (request("x", max_tokens=5), "yzabc", "length"),
+    (request("5", max_tokens=50), "6789", "stop"),
+    (request("a" * 40 + "m", max_tokens=12), "nopqrstuvwxy", "length"),
+    (request("hello q", max_tokens=7, stop=["u"]), "rst", "stop"),
+    (request("3", max_tokens=3), "456", "length"),
+    (request("Hi!" * 10, max_tokens=30), expected_continuation("!", 30), "length"),
+    (request("k", max_tokens=20, stop=["xyz", "never"]), "lmnopqrstuvw", "stop"),
+    (request("0", max_tokens=4, stop=["34"]), "12", "stop"),
+]
+
+
+async def test_concurrent_requests_return_what_they_return_alone(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        await pool.load("solo")
+        sequential = [outcome(*await run(pool, request(r.input, model="solo", **_decoding(r)))) for r, _, _ in MIXED]
+        alone = [outcome(*await run(pool, r)) for r, _, _ in MIXED]
+        together: dict[int, Any] = {}
+
+        async def one(i: int, req: GenerationRequest) -> None:
+            together[i] = outcome(*await run(pool, req))
+
+        async with trio.open_nursery() as nursery:
+            for i, (req, _, _) in enumerate(MIXED):
+                nursery.start_soon(one, i, req)
+    assert [together[i] for i in range(len(MIXED))] == alone == sequential
+    for (req, text, finish), (streamed, final, reason, prompt_tokens, _) in zip(MIXED, alone, strict=True):
+        assert (streamed, final, reason) == (text, text, finish)
+        assert prompt_tokens == len(req.input)
+    backend = backend_of(pool)
+    assert backend.max_batch_tokens <= N_BATCH
+    assert backend.kv_positions() == {}
+
+
+def _decoding(req: GenerationRequest) -> dict[str, Any]:
+    d = req.decoding
+    return {"max_tokens": d.max_tokens, "stop": list(d.stop)}
+
+
+async def test_sequences_share_decode_steps(pool: PoolManager) -> None:
+    """Eight long requests submitted together: after the first step every one of them is decoded
+    in the same llama_decode call (the backend records the most sequences one call served)."""
+    prompts = [chr(ord("a") + i) for i in range(8)]
+    with trio.fail_after(LIMIT_S):
+        results: dict[str, Done] = {}
+
+        async def one(p: str) -> None:
+            results[p] = (await run(pool, request(p, max_tokens=200)))[1]
+
+        async with trio.open_nursery() as nursery:
+            for p in prompts:
+                nursery.start_soon(one, p)
+    backend = backend_of(pool)
+    assert backend.max_batch_sequences == 8
+    # one step decodes one token of every active sequence: far fewer steps than tokens
+    assert backend.steps < 8 * 200 / 2
+    for p in prompts:
+        assert results[p].text == expected_continuation(p, 200)
+        assert results[p].stats.output_tokens == 200
+
+
+async def test_each_request_samples_with_its_own_settings(pool: PoolManager) -> None:
+    settings = [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1},
+        {"temperature": 0.7, "top_k": 5, "top_p": 0.5},
+        {"temperature": 2.0, "top_k": 200, "top_p": 1.0, "repetition_penalty": 0.8},
+        {"temperature": 0.3, "top_k": 1},
+    ]
+    with trio.fail_after(LIMIT_S):
+        results: dict[int, Done] = {}
+
+        async def one(i: int, decoding: dict[str, Any]) -> None:
+            results[i] = (await run(pool, request("x", max_tokens=30, **decoding)))[1]
+
+        async with trio.open_nursery() as nursery:
+            for i, decoding in enumerate(settings):
+                nursery.start_soon(one, i, decoding)
+    # the tiny model's successor wins by ~100 logits: any sane sampler still picks it
+    assert all(results[i].text == expected_continuation("x", 30) for i in range(len(settings)))
+
+
+async def test_cancelling_one_request_leaves_the_others_untouched(pool: PoolManager) -> None:
+    others = {p: request(p, max_tokens=60, stop=["zz"]) for p in ("b", "5", "q", "Hi")}
+    with trio.fail_after(LIMIT_S):
+        results: dict[str, Done] = {}
+
+        async def one(p: str, req: GenerationRequest) -> None:
+            results[p] = (await run(pool, req))[1]
+
+        victim = Job(request("a", max_tokens=250))
+        async with trio.open_nursery() as nursery:
+            pool.submit(victim, allow_remote=False)
+            for p, req in others.items():
+                nursery.start_soon(one, p, req)
+            seen = []
+            async for event in victim.events():
+                if isinstance(event, Delta):
+                    seen.append(event.text)
+                    if len(seen) == 3:
+                        victim.cancel()
+                elif isinstance(event, Done):
+                    break
+        assert isinstance(event, Done)
+        assert event.stats.finish_reason == "cancelled"
+        assert event.stats.output_tokens is not None and 3 <= event.stats.output_tokens < 250
+        assert event.text == expected_continuation("a", event.stats.output_tokens)
+        for p, done in results.items():
+            assert done.text == expected_continuation(p, 60)
+            assert done.stats.finish_reason == ("stop" if p == "5" else "length")
+        assert backend_of(pool).kv_positions() == {}
+        _, done = await run(pool, request("x"))  # the freed slot serves the next request
+        assert done.text == "yzabc"
+
+
+@pytest.mark.parametrize("pool", [{"gguf_n_ctx": 48, "target_inflight": 4}], indirect=True)
+async def test_kv_cells_are_freed_across_many_requests(pool: PoolManager) -> None:
+    """200 requests through 4 slots of 48 cells.  Each request fills 30-40 cells of its slot, so a
+    slot that kept the cells of its previous request would overflow (or break llama.cpp's
+    consecutive-position rule) on its second request."""
+    inputs = [("abcdefghij"[i % 10] + "0123456789"[i % 7]) * 10 for i in range(200)]
+    with trio.fail_after(LIMIT_S * 2):
+        sem = trio.Semaphore(8)
+        results: dict[int, Done] = {}
+
+        async def one(i: int) -> None:
+            async with sem:
+                results[i] = (await run(pool, request(inputs[i], max_tokens=20)))[1]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(inputs)):
+                nursery.start_soon(one, i)
+    for i, text in enumerate(inputs):
+        assert results[i].text == expected_continuation(text, 20), i
+    backend = backend_of(pool)
+    assert backend.kv_positions() == {}
+    assert backend.max_batch_sequences == 4
+
+
+async def test_context_limits_per_sequence(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(PoolError) as info:
+            await run(pool, request("q" * 300))
+        assert info.value.status == 400
+        assert info.value.message == "the prompt has 300 tokens; model 'tiny' has a context of 256"
+        # every sequence gets the whole configured context, even with others running beside it
+        results: dict[int, Done] = {}
+
+        async def one(i: int) -> None:
+            results[i] = (await run(pool, request("a" * 250, max_tokens=100)))[1]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(one, i)
+        assert [(d.stats.output_tokens, d.stats.finish_reason) for d in results.values()] == [(6, "length")] * 3
+        _, done = await run(pool, request("x"))
+        assert done.text == "yzabc"
+        assert backend_of(pool).kv_positions() == {}
+
+
+async def test_metrics_are_per_request(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        jobs = [Job(request(p, max_tokens=m)) for p, m in (("x", 5), ("b", 40), ("5", 9))]
+        for job in jobs:
+            pool.submit(job, allow_remote=False)
+        for job in jobs:
+            await job.result()
+    for job, n in zip(jobs, (5, 40, 4), strict=True):
+        s = job.stats
+        assert s is not None and s.output_tokens == n and s.prompt_tokens == 1
+        assert s.tokenize_ms is not None and s.time_to_first_token_ms is not None
+        assert s.generate_total_ms is not None and s.decode_after_first_token_ms is not None
+        assert s.generate_total_ms >= s.time_to_first_token_ms
+        t = job.timings()
+        assert t["engine_total_wall_ms"] >= t["backend_inference_wall_ms"] >= 0  # type: ignore[operator]
+
+
+async def test_unload_ends_running_sequences_and_the_worker_returns(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        jobs = [Job(request(p, max_tokens=250)) for p in "abc"]
+        for job in jobs:
+            pool.submit(job, allow_remote=False)
+        for job in jobs:  # all three are generating
+            async for event in job.events():
+                assert isinstance(event, Delta)
+                break
+        backend = backend_of(pool)
+        await pool.unload("tiny", drain_timeout=0)
+        assert pool.entries["tiny"].state == "unloaded"
+        for job in jobs:
+            with pytest.raises(PoolError) as info:
+                await job.result()
+            assert info.value.code == "request_cancelled"
+        assert backend.model is None  # closed on its worker thread after serve returned
+
+
+def test_batching_is_opt_in(tiny_gguf: Path) -> None:
+    settings = settings_for(tiny_gguf)
+
+    def make(name: str) -> Any:
+        model = settings.engine.models[name]
+        ctx = BackendContext(name=name, replica_index=1, replicas=1, model=model, settings=settings, kind="gguf")
+        return create_backend(ctx)
+
+    from backends.gguf import GGUFBackend
+
+    solo, batched = make("solo"), make("tiny")
+    assert isinstance(solo, GGUFBackend) and solo.capability == 1
+    assert isinstance(batched, BatchedGGUFBackend) and batched.capability == 8
+    assert ModelSettings().gguf_batching is False
