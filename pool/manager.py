@@ -25,7 +25,7 @@ import trio
 from backends import BackendContext, create_backend
 from backends.base import Backend
 from config import ModelSettings, Settings
-from pool.errors import PoolError, model_unloading, shutting_down, unknown_model
+from pool.errors import PoolError, model_unloading, request_cancelled, shutting_down, unknown_model
 from pool.jobs import Job
 from pool.scheduler import LoadFailed, ModelRuntime
 
@@ -52,6 +52,8 @@ class ModelEntry:
         #: Resizes of one model run one at a time (two at once would retire/remove the same replica).
         self.resize_lock = trio.Lock()
         self.loaded_at: float | None = None
+        #: True when a loaded model failed because every replica died (not at load).
+        self.failed_while_serving = False
         #: GPU memory delta observed during the last load (kept across unload).
         self.observed_vram_mib: float | None = None
         self.observed_vram_replicas: int | None = None
@@ -139,7 +141,11 @@ class PoolManager:
             raise model_unloading(name)
         if entry.state == "failed":
             raise PoolError(
-                409, "model_failed", f"model {name!r} failed to load: {entry.last_error}", model=name
+                409,
+                "model_failed",
+                f"model {name!r} failed {'while serving' if entry.failed_while_serving else 'to load'}: "
+                f"{entry.last_error}",
+                model=name,
             )
         raise PoolError(409, "model_not_loaded", f"model {name!r} is not loaded", model=name)
 
@@ -220,6 +226,9 @@ class PoolManager:
             if entry.state == "unloading" or (entry.state == "loaded" and entry.last_error is None):
                 self._set_state(entry, "unloaded")
             else:
+                entry.failed_while_serving = entry.state == "loaded"
+                if entry.last_error is None:  # cancelled while loading (shutdown)
+                    entry.last_error = "the load was cancelled (server shutting down)"
                 self._set_state(entry, "failed")
             entry.load_done.set()
             entry.unload_done.set()
@@ -343,12 +352,21 @@ class PoolManager:
             "service_restart_required": restart,
         }
 
+    async def _stop_for_shutdown(self, entry: ModelEntry, runtime: ModelRuntime, drain_s: float) -> None:
+        self._set_state(entry, "unloading")
+        await runtime.stop(
+            drain_timeout=drain_s,
+            error=request_cancelled(entry.name, "the server shut down before the request finished"),
+            queued_error=shutting_down(),
+        )
+        await entry.unload_done.wait()
+
     async def shutdown(self, drain_s: float) -> None:
         """Stop admission everywhere, drain every model within ``drain_s``, close them all."""
         self.shutting_down = True
         async with trio.open_nursery() as nursery:
             for entry in self.entries.values():
-                if entry.state == "loaded":
-                    nursery.start_soon(lambda n=entry.name: self.unload(n, drain_timeout=drain_s))
+                if entry.state == "loaded" and entry.runtime is not None:
+                    nursery.start_soon(self._stop_for_shutdown, entry, entry.runtime, drain_s)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

@@ -108,6 +108,8 @@ class ModelRuntime:
         self._queue_send, self._queue_recv = trio.open_memory_channel[Job](math.inf)
         self._changed = trio.Event()
         self._rr = 0
+        #: Replica numbers are never reused, so a name always means one replica.
+        self._replica_counter = 0
         self._nursery: trio.Nursery | None = None
         #: What running jobs get when the model's scope is cancelled (unload past its drain).
         self._stop_error: PoolError | None = None
@@ -169,7 +171,8 @@ class ModelRuntime:
         assert self._nursery is not None
         new = []
         for _ in range(count):
-            index = len(self.replicas) + 1
+            self._replica_counter += 1
+            index = self._replica_counter
             try:
                 backend = self.make_backend(index)
             except Exception as e:  # a bad definition or a missing library
@@ -365,7 +368,9 @@ class ModelRuntime:
                 return
             await self._wait_changed()
 
-    async def stop(self, *, drain_timeout: float, error: PoolError | None = None) -> bool:
+    async def stop(
+        self, *, drain_timeout: float, error: PoolError | None = None, queued_error: PoolError | None = None
+    ) -> bool:
         """Stop admission, fail queued jobs (409 ``model_unloading``), let running jobs finish
         within ``drain_timeout`` seconds, then cancel the model's scope and wait until every
         replica has closed.  Returns True if the drain finished in time.
@@ -374,7 +379,7 @@ class ModelRuntime:
         """
         self.admitting = False
         self._stop_error = error
-        self._queued_error = error or model_unloading(self.name)
+        self._queued_error = queued_error or error or model_unloading(self.name)
         self._fail_queued(self._queued_error)
         self._notify()
         drained = False
@@ -384,8 +389,15 @@ class ModelRuntime:
                 drained = True
         finally:  # also when the caller is cancelled during the drain
             self._stop_error = error or request_cancelled(
-                self.name, f"model unloaded; the request did not finish within the {drain_timeout:g}s drain"
+                self.name,
+                f"model unloaded; the request did not finish within the {drain_timeout:g}s drain"
+                if drain_timeout > 0
+                else "model unloaded with force",
             )
+            # give every running job its error *before* cancelling the scope: an async backend
+            # ends its cancelled jobs itself, and must find the error already there
+            for replica in self.replicas:
+                replica.stop_jobs(self._stop_error)
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):

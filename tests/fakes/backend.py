@@ -16,6 +16,10 @@ dies when it receives a job with that input), :meth:`FakeBackend.kill` (``serve`
 ``RuntimeError(message)``; its running jobs are abandoned, as a crashed runtime would), and
 ``on_begin`` (called as ``on_begin(backend, job)`` when a job starts, for invariant checks).
 
+Cancellation by the pool (trio cancels the replica's task, e.g. an unload past its drain): like
+the real async backend (backends/openai_compatible.py), every job it holds, running or still in the
+inbox, ends with ``job.fail(job.cancel_error)``, or ``finish_reason="cancelled"`` without one.
+
 What the fake saw is recorded for assertions: ``received`` (jobs taken from the inbox, in order),
 ``begun`` (jobs it started generating), ``outcomes`` (job id → ``"length"``, ``"cancelled"``,
 ``"failed"``, ``"skipped"`` or ``"abandoned"``), ``tokens_emitted``, ``active`` and
@@ -146,6 +150,16 @@ class FakeBackend:
                 nursery.cancel_scope.cancel()  # abandon the running jobs, like a crashed runtime
         finally:
             self.serving = False
+            if self._death_message is None:  # cancelled: end what was dispatched but never started
+                while True:
+                    try:
+                        job = inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if job is not None:
+                        self.received.append(job)
+                        self.outcomes[job.id] = "cancelled"
+                        self._end_cancelled(job, 0)
         if self._death_message is not None:
             self.died = self._death_message
             raise RuntimeError(self._death_message)
@@ -178,10 +192,10 @@ class FakeBackend:
         if self.on_begin is not None:
             self.on_begin(self, job)
         outcome = "abandoned"
+        emitted = 0
         try:
             text = expected_text(job.request.input, job.request.decoding.max_tokens)
             fail_at = self.fail_jobs.get(job.request.input)
-            emitted = 0
             reason = "length"
             for i, char in enumerate(text):
                 await trio.sleep(self.token_delay)
@@ -205,8 +219,19 @@ class FakeBackend:
             outcome = "failed"
             job.fail(e)
         finally:
+            if not job.ended and self._death_message is None:
+                # cancelled by the pool (the replica's scope), like a real async backend: end it
+                # with the pool's cancel error, else as stopped
+                outcome = "cancelled"
+                self._end_cancelled(job, emitted)
             self.outcomes[job.id] = outcome
             self.active -= 1
+
+    def _end_cancelled(self, job: Job, emitted: int) -> None:
+        if job.cancel_error is not None:
+            job.fail(job.cancel_error)
+        else:
+            job.finish(GenerationStats(finish_reason="cancelled", output_tokens=emitted))
 
 
 class FakeBackendFactory:

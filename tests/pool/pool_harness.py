@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
+from fakes.backend import FakeBackendFactory, expected_text
 
 from config import Settings
-from fakes.backend import FakeBackendFactory, expected_text
 from pool.errors import PoolError
 from pool.http import wait_for_dispatch
 from pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
@@ -76,22 +76,40 @@ class Clients:
         self.nursery = nursery
         self.jobs: list[Job] = []
         self.outcomes: dict[str, Outcome] = {}
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     def start(self, job: Job, *, queue_timeout: float | None = None) -> Job:
         """Start a client for an already admitted ``job``."""
-        self.jobs.append(job)
+        self._enter(job)
         self.nursery.start_soon(self._client, job, queue_timeout)
         return job
 
     async def request(self, job: Job, *, queue_timeout: float | None = None) -> Outcome:
         """Be the client of an already admitted ``job`` in this task: wait for its end."""
-        self.jobs.append(job)
+        self._enter(job)
         await self._client(job, queue_timeout)
         return self.outcomes[job.id]
 
+    def _enter(self, job: Job) -> None:
+        self.jobs.append(job)
+        if self._pending == 0:
+            self._idle = trio.Event()
+        self._pending += 1
+
     async def _client(self, job: Job, queue_timeout: float | None) -> None:
-        await wait_for_dispatch(job, queue_timeout)
-        self.outcomes[job.id] = await collect(job)
+        try:
+            await wait_for_dispatch(job, queue_timeout)
+            self.outcomes[job.id] = await collect(job)
+        finally:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until every client started so far has its outcome."""
+        await self._idle.wait()
 
     def outcome(self, job: Job) -> Outcome:
         return self.outcomes[job.id]
@@ -139,7 +157,13 @@ def runtime_tasks(runtime: ModelRuntime) -> list[str]:
 
 
 def submit(
-    manager: PoolManager, clients: Clients, model: str, text: str, max_tokens: int = 5, *, queue_timeout: float | None = None
+    manager: PoolManager,
+    clients: Clients,
+    model: str,
+    text: str,
+    max_tokens: int = 5,
+    *,
+    queue_timeout: float | None = None,
 ) -> Job:
     """Admit a request through the manager (raises its PoolError) and start its client."""
     job = make_job(model, text, max_tokens)

@@ -9,13 +9,8 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
-from trio.testing import wait_all_tasks_blocked
-
 from fakes.backend import FakeBackend, FakeBackendFactory, expected_text, make_settings
-from pool.errors import PoolError
-from pool.jobs import Job
-from pool.manager import PoolManager
+from hypothesis import HealthCheck, given, settings
 from pool_harness import (
     Clients,
     all_task_names,
@@ -27,6 +22,11 @@ from pool_harness import (
     runtime_tasks,
     submit,
 )
+from trio.testing import wait_all_tasks_blocked
+
+from pool.errors import PoolError
+from pool.jobs import Job
+from pool.manager import PoolManager
 
 M = {"replica_max": 3, "max_queue": 16}
 
@@ -71,7 +71,11 @@ async def test_unload_under_load_fails_the_queued_and_drains_the_running(autojum
         for job in queued:  # at once, before the running job ends
             out = clients.outcome(job)
             assert out.ended_at == t0 and job.t_dispatched is None
-            assert (out.error.status, out.error.code, out.error.message) == (409, "model_unloading", "model 'm' is unloading")
+            assert (out.error.status, out.error.code, out.error.message) == (
+                409,
+                "model_unloading",
+                "model 'm' is unloading",
+            )
         with admin_error(409, "model_unloading", "model 'm' is unloading"):
             manager.submit(make_job("m", "z"), allow_remote=False)
         with admin_error(409, "model_unloading", "model 'm' is unloading"):
@@ -127,7 +131,7 @@ async def test_unload_drain_deadline_then_force(autojump_clock: Any, watchdog: N
         assert trio.current_time() == t0
         out = clients.outcome(slow)
         assert out.deltas == ["b"] and out.error.message == (
-            "request to model 'm' was cancelled: model unloaded; the request did not finish within the 0s drain"
+            "request to model 'm' was cancelled: model unloaded with force"
         )
         assert manager.entry("m").state == "unloaded" and factory.backends[1].closed
         clients.assert_all_ended_once()
@@ -324,7 +328,7 @@ async def test_all_replicas_dead_fails_the_model_and_its_queue(autojump_clock: A
             assert clients.outcome(job).error.message == (
                 "model 'm' failed: no replica left: runtime died: RuntimeError: boom"
             )
-        with admin_error(409, "model_failed", "model 'm' failed to load: runtime died: RuntimeError: boom"):
+        with admin_error(409, "model_failed", "model 'm' failed while serving: runtime died: RuntimeError: boom"):
             manager.submit(make_job("m", "z"), allow_remote=False)
         assert manager_tasks(manager) == []
         assert states[-1] == ("m", "loaded", "failed")
@@ -359,8 +363,11 @@ async def test_shutdown_drains_every_model(autojump_clock: Any, watchdog: None) 
     # the manager's run() returned: its nursery is gone
     check_ok(clients.outcome(running[0]), 3)
     assert clients.outcome(running[1]).error.code == "request_cancelled"
-    for job in queued:
-        assert clients.outcome(job).error.code == "model_unloading"
+    for job in queued:  # queued requests learn why: the server is going away, retry elsewhere
+        assert clients.outcome(job).error.code == "shutting_down"
+    assert clients.outcome(running[1]).error.message == (
+        "request to model 'b' was cancelled: the server shut down before the request finished"
+    )
     assert {n: e.state for n, e in manager.entries.items()} == {"a": "unloaded", "b": "unloaded", "off": "unloaded"}
     assert all(b.closed for b in factory.backends)
     clients.assert_all_ended_once()
@@ -481,7 +488,12 @@ async def _property_run(models: dict[str, Any], steps: list[Any]) -> None:
                     try:
                         manager.submit(job, allow_remote=False)
                     except PoolError as e:
-                        assert e.code in ("model_not_loaded", "model_loading", "model_unloading", "executor_queue_full"), e
+                        assert e.code in (
+                            "model_not_loaded",
+                            "model_loading",
+                            "model_unloading",
+                            "executor_queue_full",
+                        ), e
                         refused.append(e.code)
                         continue
                     submitted[name].append(job)

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 import trio
+from fakes.backend import FakeBackend, FakeBackendFactory
+from pool_harness import Clients, check_ok, collect, make_job, runtime_tasks
 from trio.testing import wait_all_tasks_blocked
 
-from fakes.backend import FakeBackend, FakeBackendFactory, expected_text
 from pool.errors import PoolError
 from pool.http import wait_for_dispatch
 from pool.jobs import Job
 from pool.scheduler import LoadFailed, ModelRuntime
-from pool_harness import Clients, check_ok, collect, make_job, runtime_tasks
 
 
 class Served:
@@ -85,7 +85,9 @@ async def test_dispatch_least_loaded_replica_ties_round_robin(autojump_clock: An
 
 
 @pytest.mark.parametrize(("target", "capability"), [(3, 2), (1, 4), (2, 2)])
-async def test_inflight_never_exceeds_min_of_target_and_capability(autojump_clock: Any, watchdog: None, target: int, capability: int) -> None:
+async def test_inflight_never_exceeds_min_of_target_and_capability(
+    autojump_clock: Any, watchdog: None, target: int, capability: int
+) -> None:
     limit = min(target, capability)
     async with serving(2, target_inflight=target, capability=capability) as s:
         assert [r.capacity for r in s.runtime.replicas] == [limit, limit]
@@ -98,9 +100,7 @@ async def test_inflight_never_exceeds_min_of_target_and_capability(autojump_cloc
         for backend in s.backends:
             backend.on_begin = lambda b, j: on_change()
         jobs = [s.submit("abcdefghij"[i % 10], 1 + i % 4) for i in range(16)]
-        while len(s.clients.outcomes) < len(jobs):
-            await trio.sleep(0.5)
-            on_change()
+        await s.clients.wait_idle()
         for job in jobs:
             check_ok(s.outcome(job), job.request.decoding.max_tokens)
         assert max(seen) == limit
@@ -122,8 +122,7 @@ async def test_fifo_per_model(autojump_clock: Any, watchdog: None) -> None:
             backend.on_begin = check_order
         for i in range(20):
             submitted.append(s.submit("xyz"[i % 3], 1 + (i * 7) % 5))
-        while len(s.clients.outcomes) < len(submitted):
-            await trio.sleep(1)
+        await s.clients.wait_idle()
         order = {j.id: i for i, j in enumerate(submitted)}
         for backend in s.backends:
             indexes = [order[j.id] for j in backend.received]
@@ -136,15 +135,16 @@ async def test_fifo_per_model(autojump_clock: Any, watchdog: None) -> None:
 async def test_fifo_single_slot_runs_in_submission_order(autojump_clock: Any, watchdog: None) -> None:
     async with serving(1) as s:
         jobs = [s.submit(c, 2) for c in "qwertyuiop"]
-        while len(s.clients.outcomes) < len(jobs):
-            await trio.sleep(1)
+        await s.clients.wait_idle()
         assert [j.id for j in s.backends[0].begun] == [j.id for j in jobs]
         t0 = s.backends[0].begin_times[jobs[0].id]
         assert [s.backends[0].begin_times[j.id] - t0 for j in jobs] == pytest.approx([2.0 * i for i in range(10)])
 
 
 # ---------------------------------------------------------------------------------------- admission
-async def test_queue_full_is_429_with_retry_after_counting_waiting_jobs_only(autojump_clock: Any, watchdog: None) -> None:
+async def test_queue_full_is_429_with_retry_after_counting_waiting_jobs_only(
+    autojump_clock: Any, watchdog: None
+) -> None:
     async with serving(1, max_queue=2) as s:
         running = s.submit("a", 3)
         await wait_all_tasks_blocked()
@@ -152,15 +152,16 @@ async def test_queue_full_is_429_with_retry_after_counting_waiting_jobs_only(aut
         queued = [s.submit("b", 3), s.submit("c", 3)]  # the running job does not count
         assert s.runtime.waiting == 2
         refused = make_job("m", "d", 3)
-        with pytest.raises(PoolError, match=r"^model 'm' is busy: its queue is full \(max_queue=2\); retry later$") as e:
+        with pytest.raises(
+            PoolError, match=r"^model 'm' is busy: its queue is full \(max_queue=2\); retry later$"
+        ) as e:
             s.runtime.submit_nowait(refused)
         assert (e.value.status, e.value.code, e.value.headers) == (429, "executor_queue_full", {"Retry-After": "1"})
         assert s.runtime.waiting == 2 and not refused.started.is_set()
         await trio.sleep(3.5)  # the first job ended; one queued job started: room for one more
         assert s.runtime.waiting == 1
         late = s.submit("e", 1)
-        while len(s.clients.outcomes) < 4:
-            await trio.sleep(1)
+        await s.clients.wait_idle()
         for job in [running, *queued]:
             check_ok(s.outcome(job), 3)
         check_ok(s.outcome(late), 1)
@@ -171,7 +172,9 @@ async def test_queue_full_is_429_with_retry_after_counting_waiting_jobs_only(aut
 async def test_max_queue_zero_still_admits_while_a_slot_is_free(autojump_clock: Any, watchdog: None) -> None:
     async with serving(1, max_queue=0, target_inflight=2, capability=2) as s:
         first, second = s.submit("a", 2), s.submit("b", 2)  # admitted before any dispatch
-        with pytest.raises(PoolError, match=r"^model 'm' is busy: its queue is full \(max_queue=0\); retry later$") as e:
+        with pytest.raises(
+            PoolError, match=r"^model 'm' is busy: its queue is full \(max_queue=0\); retry later$"
+        ) as e:
             s.runtime.submit_nowait(make_job("m", "c", 2))
         assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
         await wait_all_tasks_blocked()
@@ -187,7 +190,9 @@ async def test_max_queue_zero_still_admits_while_a_slot_is_free(autojump_clock: 
         check_ok(s.outcome(third), 2)
 
 
-async def test_queue_timeout_fails_a_queued_job_that_never_reaches_the_backend(autojump_clock: Any, watchdog: None) -> None:
+async def test_queue_timeout_fails_a_queued_job_that_never_reaches_the_backend(
+    autojump_clock: Any, watchdog: None
+) -> None:
     async with serving(1) as s:
         busy = s.submit("a", 10)
         await wait_all_tasks_blocked()
@@ -208,7 +213,9 @@ async def test_queue_timeout_fails_a_queued_job_that_never_reaches_the_backend(a
         assert [j.id for j in s.backends[0].received] == [busy.id, after.id]
 
 
-async def test_wait_for_dispatch_returns_once_dispatched_within_the_timeout(autojump_clock: Any, watchdog: None) -> None:
+async def test_wait_for_dispatch_returns_once_dispatched_within_the_timeout(
+    autojump_clock: Any, watchdog: None
+) -> None:
     async with serving(1) as s:
         s.submit("a", 2)
         job = make_job("m", "b", 2)
@@ -245,7 +252,9 @@ async def test_cancelling_queued_jobs_keeps_them_from_the_backend(autojump_clock
         s.clients.assert_all_ended_once()
 
 
-async def test_cancelling_a_running_job_stops_it_at_the_next_token_and_frees_the_slot(autojump_clock: Any, watchdog: None) -> None:
+async def test_cancelling_a_running_job_stops_it_at_the_next_token_and_frees_the_slot(
+    autojump_clock: Any, watchdog: None
+) -> None:
     async with serving(1) as s:
         running = s.submit("a", 10)
         queued = s.submit("k", 2)
@@ -265,7 +274,9 @@ async def test_cancelling_a_running_job_stops_it_at_the_next_token_and_frees_the
 
 
 # ---------------------------------------------------------------------------------------- failures
-async def test_backend_raising_mid_job_is_502_and_the_replica_keeps_serving(autojump_clock: Any, watchdog: None) -> None:
+async def test_backend_raising_mid_job_is_502_and_the_replica_keeps_serving(
+    autojump_clock: Any, watchdog: None
+) -> None:
     async with serving(1, fail_jobs={"boom": 2}) as s:
         bad = s.submit("boom", 5)
         good = s.submit("a", 3)
