@@ -11,7 +11,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_KEY        := $(shell printf '%s' '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench bench-deps clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -37,6 +37,13 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# llama-cpp-python's own OpenAI server, for bench/vs_llama_server.py only: a separate venv, so
+# its FastAPI stack never mixes with ours.  Same wheel as ours.
+bench-deps: install
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl \
+	  fastapi uvicorn sse-starlette starlette-context pydantic-settings
 
 clean:
 	rm -rf $(VENV)

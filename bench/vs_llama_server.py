@@ -1,0 +1,199 @@
+"""P3: llm-pool against the server users would otherwise run: ``python -m llama_cpp.server``.
+
+Run: ``make bench-deps`` once (a separate venv, ``.venv-bench``, with llama-cpp-python's
+``server`` extra — FastAPI is not a dependency of llm-pool), then
+``.venv/bin/python -m bench.vs_llama_server``.  Same GGUF (SmolLM2-135M Q4_1), same prompt,
+greedy, 128 tokens, streaming; concurrency 1, 4 and 8; one wave of ``concurrency × waves``
+requests per cell.  Figures: aggregate tokens/s (all tokens / wall time of the cell), p50
+time to first token, and answers with 0 tokens (llama_cpp.server's default
+``interrupt_requests=true`` cuts a running stream when another request arrives).
+
+Each server runs alone on the machine while it is measured.  Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from bench.gguf_pool import PROMPT, SYSTEM, ROOT, free_port, smollm2_path, write_config
+
+BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
+
+
+@dataclass
+class Cell:
+    tokens_per_s: float
+    ttft_p50_s: float
+    zero_token_answers: int
+    requests: int
+
+
+async def _measure(url: str, kind: str, concurrency: int, requests: int, tokens: int, model: str) -> Cell:
+    ttfts: list[float] = []
+    counts: list[int] = []
+    sem = trio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    if kind == "pool":
+        path = "/v1/responses"
+        body: dict[str, Any] = {
+            "model": model, "input": PROMPT, "instructions": SYSTEM, "stream": True,
+            "decoding": {"temperature": 0, "max_tokens": tokens},
+        }
+    else:
+        path = "/v1/chat/completions"
+        body = {
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
+            "stream": True, "temperature": 0, "top_k": 1, "max_tokens": tokens,
+        }
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one() -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                first: float | None = None
+                n = 0
+                try:
+                    async with client.stream("POST", path, json=body) as r:
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            data = json.loads(line[6:])
+                            if kind == "pool":
+                                if data.get("type") == "response.output_text.delta" and first is None:
+                                    first = time.perf_counter() - t0
+                                if data.get("type") == "response.metrics":
+                                    n = data["metrics"]["engine_output_tokens"] or 0
+                            elif (data.get("choices") or [{}])[0].get("delta", {}).get("content"):
+                                n += 1
+                                if first is None:
+                                    first = time.perf_counter() - t0
+                except (httpx.HTTPError, ValueError):
+                    pass  # a cut stream counts as what it delivered
+                ttfts.append(first if first is not None else time.perf_counter() - t0)
+                counts.append(n)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(requests):
+                nursery.start_soon(one)
+        wall = time.perf_counter() - t0
+    return Cell(sum(counts) / wall, statistics.median(ttfts), sum(1 for c in counts if c == 0), requests)
+
+
+def wait_ready(url: str, path: str, proc: subprocess.Popen[bytes], model: str | None) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            r = httpx.get(url + path)
+            if r.status_code == 200 and (model is None or model in r.json().get("models", [])):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server not ready in 120 s")
+
+
+def run_llama_server(variant: str, threads: int, cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
+    if not BENCH_PY.exists():
+        raise SystemExit("missing .venv-bench: run `make bench-deps`")
+    port = free_port()
+    env = dict(os.environ)
+    args = [str(BENCH_PY), "-m", "llama_cpp.server", "--model", str(smollm2_path()), "--n_threads", str(threads),
+            "--n_ctx", "2048", "--port", str(port), "--host", "127.0.0.1"]
+    if variant in ("no-interrupt", "best"):
+        args += ["--interrupt_requests", "false"]
+    if variant == "best":
+        env["OMP_WAIT_POLICY"] = "ACTIVE"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "/v1/models", proc, None)
+        trio.run(_measure, url, "llama", 1, 1, 8, "")
+        return {(c, n): trio.run(_measure, url, "llama", c, n, tokens, "") for c, n in cells}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_pool(model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        fields = {"model_path": str(smollm2_path()), "prompt_format": "generic", "gguf_n_ctx": 2048, "max_queue": 1024, **model_fields}
+        config = write_config(Path(tmp), {"smollm2": fields}, port)
+        proc = subprocess.Popen([sys.executable, "-m", "pool.cli", "serve", "--config", str(config)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, "/v1/models", proc, "smollm2")
+            trio.run(_measure, url, "pool", 1, 1, 8, "smollm2")
+            return {(c, n): trio.run(_measure, url, "pool", c, n, tokens, "smollm2") for c, n in cells}
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--waves", type=int, default=1)
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--only", default="", help="comma list of configurations to run (default: all)")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    cells = [(c, max(c * args.waves, 2 if c == 1 else c)) for c in map(int, args.concurrency.split(","))]
+    configs: dict[str, Any] = {
+        "llama_cpp.server default": lambda: run_llama_server("default", cores, cells, args.tokens),
+        "llama_cpp.server interrupt_requests=false": lambda: run_llama_server("no-interrupt", cores, cells, args.tokens),
+        "llama_cpp.server best (no-interrupt, OMP_WAIT_POLICY=ACTIVE)": lambda: run_llama_server("best", cores, cells, args.tokens),
+        "llm-pool 1 replica x all threads": lambda: run_pool({"replicas": 1, "n_threads": cores}, cells, args.tokens),
+        f"llm-pool {cores} replicas x 1 thread": lambda: run_pool({"replicas": cores, "replica_max": cores, "n_threads": 1}, cells, args.tokens),
+        "llm-pool 1 batched replica (gguf_batching, target_inflight 8)": lambda: run_pool(
+            {"replicas": 1, "n_threads": cores, "gguf_batching": True, "target_inflight": 8}, cells, args.tokens),
+    }
+    only = [o.strip() for o in args.only.split(",") if o.strip()]
+    results: dict[str, dict[tuple[int, int], Cell]] = {}
+    for name, fn in configs.items():
+        if only and not any(o in name for o in only):
+            continue
+        print(f"... {name}", file=sys.stderr, flush=True)
+        try:
+            results[name] = fn()
+        except Exception as e:  # a configuration the build does not support: say so, go on
+            print(f"    skipped: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"# P3: llm-pool vs llama_cpp.server — SmolLM2-135M Q4_1, {args.tokens} tokens, greedy, streaming, {cores} cores")
+    print("| configuration | " + " | ".join(f"c={c}: tok/s, TTFT p50 s, 0-token" for c, _ in cells) + " |")
+    print("| --- | " + " | ".join("---" for _ in cells) + " |")
+    for name, res in results.items():
+        row = [f"{res[k].tokens_per_s:.1f}, {res[k].ttft_p50_s:.2f}, {res[k].zero_token_answers}/{res[k].requests}" for k in cells]
+        print(f"| {name} | " + " | ".join(row) + " |")
+    base = results.get("llama_cpp.server default")
+    best = results.get("llama_cpp.server best (no-interrupt, OMP_WAIT_POLICY=ACTIVE)")
+    c8 = next((k for k in cells if k[0] == 8), None)
+    if c8:
+        for name, res in results.items():
+            if name.startswith("llm-pool"):
+                parts = []
+                if base:
+                    parts.append(f"{res[c8].tokens_per_s / base[c8].tokens_per_s:.2f}x default")
+                if best:
+                    parts.append(f"{res[c8].tokens_per_s / best[c8].tokens_per_s:.2f}x best")
+                print(f"- {name}, aggregate at c=8: " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
