@@ -8,7 +8,7 @@ and the same Structs generate the OpenAPI schema.  Nothing here does I/O.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -19,16 +19,25 @@ from pool.jobs import Decoding, GenerationRequest, Message
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
+# Decoding constraints, shared by every request shape that carries them (``decoding`` in
+# /v1/responses, the top-level OpenAI fields in /v1/chat/completions).
+TopK = Annotated[int, msgspec.Meta(ge=1, le=200)]
+TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(ge=0, le=4)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+StopString = Annotated[str, msgspec.Meta(min_length=1)]
+StopList = Annotated[list[StopString], msgspec.Meta(max_length=16)]
+
+
 class DecodingIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] | msgspec.UnsetType = msgspec.UNSET
-    top_k: Annotated[int, msgspec.Meta(ge=1, le=200)] | msgspec.UnsetType = msgspec.UNSET
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | msgspec.UnsetType = msgspec.UNSET
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | msgspec.UnsetType = msgspec.UNSET
-    repetition_penalty: Annotated[float, msgspec.Meta(ge=0, le=4)] | msgspec.UnsetType = msgspec.UNSET
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=16)] | msgspec.UnsetType = (
-        msgspec.UNSET
-    )
+    top_k: TopK | msgspec.UnsetType = msgspec.UNSET
+    top_p: TopP | msgspec.UnsetType = msgspec.UNSET
+    temperature: Temperature | msgspec.UnsetType = msgspec.UNSET
+    repetition_penalty: RepetitionPenalty | msgspec.UnsetType = msgspec.UNSET
+    max_tokens: MaxTokens | msgspec.UnsetType = msgspec.UNSET
+    stop: StopList | msgspec.UnsetType = msgspec.UNSET
 
 
 class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -63,21 +72,212 @@ class Metrics(msgspec.Struct, kw_only=True):
 
 
 class OutputText(msgspec.Struct, kw_only=True):
+    """A content part of an output message (OpenAI's ``output_text``)."""
+
     type: str = "output_text"
+    text: str
+    annotations: list[Any] = msgspec.field(default_factory=list)
+
+
+class OutputTextItem(msgspec.Struct, kw_only=True, tag_field="type", tag="output_text"):
+    """llm-pool's item of a response's ``output``: ``{"type": "output_text", "text": ...}``."""
+
     text: str
 
 
+class OutputMessage(msgspec.Struct, kw_only=True, tag_field="type", tag="message"):
+    """OpenAI's assistant ``message`` item, which the openai SDK's ``Response.output_text``
+    reads; served to OpenAI SDKs (see :func:`pool.http.wants_openai_items`) and in streams."""
+
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: str = "assistant"
+    content: list[OutputText]
+
+
+class ResponseUsage(msgspec.Struct, kw_only=True):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class IncompleteDetails(msgspec.Struct, kw_only=True):
+    reason: str
+
+
 class ResponseBody(msgspec.Struct, kw_only=True):
+    """A response, in OpenAI's shape plus llm-pool's ``output_text`` and ``metrics``.
+
+    The same object is the non-streamed body and the ``response`` of the stream's
+    ``response.created`` / ``response.in_progress`` (``status: in_progress``, empty output, no
+    usage or metrics yet) and ``response.completed`` events.  ``status`` is ``incomplete``
+    (``incomplete_details.reason: max_output_tokens``) when generation stopped at ``max_tokens``.
+    """
+
     id: str
     object: str = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
     model: str
-    output: list[OutputText]
+    output: list[OutputTextItem | OutputMessage]
     output_text: str
-    metrics: Metrics
+    incomplete_details: IncompleteDetails | None = None
+    usage: ResponseUsage | None = None
+    metrics: Metrics | None = None
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    """One entry of ``GET /v1/models``'s OpenAI-style ``data`` list."""
+
+    id: str
+    object: str = "model"
+    #: Unix time the model finished loading.
+    created: int
+    owned_by: str = "llm-pool"
 
 
 class ModelsList(msgspec.Struct, kw_only=True):
+    """``GET /v1/models``: llm-pool's ``models`` (loaded model names) and, alongside, OpenAI's
+    list shape (``object: list``, ``data``) so OpenAI clients (``client.models.list()``) read the
+    same body.  Both always name the same models."""
+
     models: list[str]
+    object: str = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- OpenAI chat completions
+# The policy (which OpenAI fields are honoured, ignored, or refused) lives with the route in
+# pool.openai_compat; these are only the shapes.
+
+
+class ChatTextPart(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="text"):
+    """A ``{"type": "text", "text": ...}`` content part (the only kind llm-pool reads)."""
+
+    text: str
+
+
+class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ChatTextPart]
+    #: Accepted and ignored (a participant's name).
+    name: str | None = None
+    # What an SDK-made assistant message carries when a client sends it back (``model_dump()``);
+    # accepted only when empty (checked by pool.openai_compat).
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
+
+
+class ChatStreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    include_usage: bool | None = None
+    #: Accepted and ignored (llm-pool adds no obfuscation padding).
+    include_obfuscation: bool | None = None
+
+
+class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/chat/completions``: OpenAI's fields, llm-pool's extensions, and the OpenAI
+    fields accepted and ignored (typed ``Any``; see pool.openai_compat for which values pass)."""
+
+    model: NonEmpty
+    messages: Annotated[list[ChatMessageIn], msgspec.Meta(min_length=1)]
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    stop: StopString | StopList | None = None
+    stream: bool | None = None
+    stream_options: ChatStreamOptions | None = None
+    n: int | None = None
+    # llm-pool extensions (the openai SDK sends them through ``extra_body``)
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    allow_remote: bool = False
+    source_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    target_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    # OpenAI fields accepted and ignored, whatever their value
+    user: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI fields accepted only at their neutral value
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+
+class ChatMessageOut(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    """A ``chat.completion`` body, plus llm-pool's ``metrics``."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    metrics: Metrics
+
+
+class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct, kw_only=True):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A ``chat.completion.chunk`` frame.  ``usage`` only on the ``include_usage`` chunk (whose
+    ``choices`` is empty); llm-pool's ``metrics`` on the chunk that carries ``finish_reason``."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: ChatUsage | None = None
+    metrics: Metrics | None = None
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -189,3 +389,46 @@ def build_metrics(job: Any, pool_total_ms: float | None) -> Metrics:
         engine_tokens_per_second=tps,
         request_cost=s.cost if s else None,
     )
+
+
+def message_id(request_id: str) -> str:
+    """The id of a response's one output message (``resp_<hex>`` → ``msg_<hex>``)."""
+    return "msg_" + request_id.partition("_")[2]
+
+
+def response_body(
+    job: Any, *, created_at: int, text: str | None = None, metrics: Metrics | None = None, openai_items: bool = True
+) -> ResponseBody:
+    """``job``'s response object: in progress (empty output) while ``text`` is None, else
+    finished with ``text``, its usage and ``metrics``.  ``output`` holds OpenAI's message item,
+    or llm-pool's ``{"type": "output_text", "text": ...}`` when ``openai_items`` is false."""
+    if text is None:
+        return ResponseBody(
+            id=job.id, created_at=created_at, status="in_progress", model=job.request.model, output=[], output_text=""
+        )
+    s = job.stats
+    cut = s is not None and s.finish_reason == "length"
+    status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
+    prompt, output = token_counts(job)
+    return ResponseBody(
+        id=job.id,
+        created_at=created_at,
+        status=status,
+        model=job.request.model,
+        output=[
+            OutputMessage(id=message_id(job.id), status=status, content=[OutputText(text=text)])
+            if openai_items
+            else OutputTextItem(text=text)
+        ],
+        output_text=text,
+        incomplete_details=IncompleteDetails(reason="max_output_tokens") if cut else None,
+        usage=ResponseUsage(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output),
+        metrics=metrics,
+    )
+
+
+def token_counts(job: Any) -> tuple[int, int]:
+    """``(prompt_tokens, output_tokens)`` for OpenAI's ``usage``: 0 where the backend did not
+    count (``metrics`` keeps the honest nulls)."""
+    s = job.stats
+    return (s.prompt_tokens or 0, s.output_tokens or 0) if s is not None else (0, 0)

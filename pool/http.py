@@ -26,16 +26,20 @@ from werkzeug.exceptions import HTTPException
 
 from config import Settings
 from pool.api import (
+    Metrics,
+    ModelCard,
     ModelsList,
+    OutputMessage,
     OutputText,
-    ResponseBody,
     ResponsesRequest,
     build_metrics,
     decode_body,
+    message_id,
+    response_body,
     to_generation_request,
 )
 from pool.errors import PoolError, queue_timeout
-from pool.jobs import Delta, Done, Failed, Job
+from pool.jobs import Delta, Done, Failed, GenerationRequest, Job
 from pool.manager import PoolManager
 
 log = logging.getLogger("llm_pool.http")
@@ -75,6 +79,78 @@ async def wait_for_dispatch(job: Job, timeout_s: float | None) -> None:
         job.cancel(queue_timeout(job.request.model, timeout_s))
 
 
+async def run_job(
+    manager: PoolManager, gen: GenerationRequest, *, allow_remote: bool, request_id: str | None = None
+) -> Job:
+    """Admit ``gen`` and wait until it leaves its model's queue; every inference route starts here.
+
+    Runs the model's admission checks, submits the job (403 without ``allow_remote`` for a
+    remote model, 409/429 from admission) and waits at most the model's ``queue_timeout_s``
+    (503 ``queue_timeout``).  Returns a job that runs on a replica (or already ended there);
+    a job that ended in its queue raises its error here, so a stream never starts for it.
+
+    Cancellation: if the caller is cancelled (client gone) or anything raises, the job is
+    cancelled: a queued job never runs, a running one stops at its next token.
+    """
+    entry = manager.entry(gen.model)
+    check = _request_check(manager, entry)
+    if check is not None:
+        check(gen)
+    job = Job(gen, request_id=request_id)
+    manager.submit(job, allow_remote=allow_remote)
+    try:
+        await wait_for_dispatch(job, entry.settings.queue_timeout_s)
+        if job.t_dispatched is None:  # ended in the queue: a status, not a stream
+            await job.result()
+    except PoolError as e:
+        log_inference(job, stream=gen.stream, status=e.status, error=e.code)
+        job.cancel()
+        raise
+    except BaseException:
+        job.cancel()
+        raise
+    return job
+
+
+async def job_result(job: Job, t0: float) -> tuple[Done, Metrics]:
+    """Wait for a non-streamed job's whole result; log it; return it with its metrics
+    (``t0``: when the handler started).  Raises the job's :class:`PoolError`.
+
+    Cancellation: cancels the job."""
+    try:
+        done = await job.result()
+    except PoolError as e:
+        log_inference(job, stream=False, status=e.status, error=e.code)
+        job.cancel()
+        raise
+    except BaseException:
+        job.cancel()
+        raise
+    return done, finished_metrics(job, t0, stream=False)
+
+
+def finished_metrics(job: Job, t0: float, *, stream: bool) -> Metrics:
+    """A finished job's metrics (``pool_total_wall_ms`` measured from ``t0``), logged as its
+    inference line."""
+    metrics = build_metrics(job, _ms_since(t0))
+    log_inference(job, stream=stream, status=200, metrics=metrics)
+    return metrics
+
+
+def sse_response(frames: AsyncIterator[bytes]) -> Response:
+    return Response(
+        frames,
+        status=200,
+        content_type=SSE,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def unix_time_of(t: float) -> int:
+    """The Unix time (seconds) of ``time.perf_counter()`` timestamp ``t``."""
+    return int(time.time() - (time.perf_counter() - t))
+
+
 def sse_frame(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
 
@@ -95,6 +171,21 @@ def log_inference(job: Job, *, stream: bool, status: int, metrics: Any = None, e
             }
         },
     )
+
+
+def wants_openai_items() -> bool:
+    """Whether a non-streamed ``/v1/responses`` body carries OpenAI's message items in ``output``.
+
+    llm-pool's contract is ``"output": [{"type": "output_text", "text": ...}]``; the openai SDKs
+    read text only from ``{"type": "message", "content": [...]}`` items.  Both cannot live in one
+    item, so the OpenAI shape goes to OpenAI's SDKs (they all send ``X-Stainless-Lang``) and to
+    any client sending ``X-LLM-Pool-Output: openai``; ``X-LLM-Pool-Output: llm-pool`` forces the
+    llm-pool shape.  Every other key is the same in both.
+    """
+    choice = request.headers.get("X-LLM-Pool-Output", "").lower()
+    if choice in ("openai", "llm-pool"):
+        return choice == "openai"
+    return "X-Stainless-Lang" in request.headers
 
 
 def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
@@ -158,51 +249,30 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return json_response(ModelsList(models=manager.loaded_models()))
+        names = manager.loaded_models()
+        cards = [ModelCard(id=n, created=int(manager.entries[n].loaded_at or 0)) for n in names]
+        return json_response(ModelsList(models=names, data=cards))
 
     @app.post("/v1/responses")
     async def responses() -> Response:
         t0 = time.perf_counter()
         body: ResponsesRequest = await read_json(ResponsesRequest)
         gen = to_generation_request(manager.settings, body)
-        entry = manager.entry(gen.model)
-        check = _request_check(manager, entry)
-        if check is not None:
-            check(gen)
-        job = Job(gen)
-        manager.submit(job, allow_remote=body.allow_remote)
-        try:
-            await wait_for_dispatch(job, entry.settings.queue_timeout_s)
-            if not body.stream:
-                try:
-                    done = await job.result()
-                except PoolError as e:
-                    log_inference(job, stream=False, status=e.status, error=e.code)
-                    raise
-                metrics = build_metrics(job, _ms_since(t0))
-                log_inference(job, stream=False, status=200, metrics=metrics)
-                return json_response(
-                    ResponseBody(
-                        id=job.id,
-                        model=gen.model,
-                        output=[OutputText(text=done.text)],
-                        output_text=done.text,
-                        metrics=metrics,
-                    )
-                )
-            if job.t_dispatched is None:  # ended in the queue: a status, not a stream
-                await job.result()
-        except BaseException:
-            job.cancel()
-            raise
-        return Response(
-            _stream_responses(job, t0),
-            status=200,
-            content_type=SSE,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        job = await run_job(manager, gen, allow_remote=body.allow_remote)
+        created_at = unix_time_of(job.t_submitted)
+        if not body.stream:
+            done, metrics = await job_result(job, t0)
+            body_out = response_body(
+                job, created_at=created_at, text=done.text, metrics=metrics, openai_items=wants_openai_items()
+            )
+            return json_response(body_out)
+        return sse_response(_stream_responses(job, t0, created_at))
 
-    async def _stream_responses(job: Job, t0: float) -> AsyncIterator[bytes]:
+    async def _stream_responses(job: Job, t0: float, created_at: int) -> AsyncIterator[bytes]:
+        """llm-pool's events (``response.created``, ``response.output_text.delta``,
+        ``response.metrics`` right before ``response.completed``, which carries ``output_text``;
+        ``error`` on a failure) interleaved with the rest of OpenAI's Responses stream, so the
+        openai SDK reads it as typed events.  Every frame but ``error`` carries llm-pool's ``id``."""
         seq = 0
 
         def frame(event: str, data: dict[str, Any]) -> bytes:
@@ -211,17 +281,27 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             seq += 1
             return out
 
-        model = job.request.model
+        rid = job.id
+        at = {"id": rid, "item_id": message_id(rid), "output_index": 0, "content_index": 0}
         try:
-            yield frame("response.created", {"id": job.id, "model": model, "object": "response"})
+            snapshot = response_body(job, created_at=created_at)
+            yield frame("response.created", {"id": rid, "model": job.request.model, "object": "response", "response": snapshot})
+            yield frame("response.in_progress", {"id": rid, "response": snapshot})
+            item = OutputMessage(id=message_id(rid), status="in_progress", content=[])
+            yield frame("response.output_item.added", {"id": rid, "output_index": 0, "item": item})
+            yield frame("response.content_part.added", {**at, "part": OutputText(text="")})
             async for event in job.events():
                 if isinstance(event, Delta):
-                    yield frame("response.output_text.delta", {"id": job.id, "delta": event.text})
+                    yield frame("response.output_text.delta", {**at, "delta": event.text, "logprobs": []})
                 elif isinstance(event, Done):
-                    metrics = build_metrics(job, _ms_since(t0))
-                    log_inference(job, stream=True, status=200, metrics=metrics)
-                    yield frame("response.metrics", {"id": job.id, "metrics": msgspec.to_builtins(metrics)})
-                    yield frame("response.completed", {"id": job.id, "output_text": event.text})
+                    metrics = finished_metrics(job, t0, stream=True)
+                    final = response_body(job, created_at=created_at, text=event.text, metrics=metrics)
+                    item = final.output[0]
+                    yield frame("response.output_text.done", {**at, "text": event.text, "logprobs": []})
+                    yield frame("response.content_part.done", {**at, "part": item.content[0]})
+                    yield frame("response.output_item.done", {"id": rid, "output_index": 0, "item": item})
+                    yield frame("response.metrics", {"id": rid, "metrics": metrics})
+                    yield frame("response.completed", {"id": rid, "output_text": event.text, "response": final})
                 elif isinstance(event, Failed):
                     e = event.error
                     log_inference(job, stream=True, status=e.status, error=e.code)
@@ -230,8 +310,12 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             job.cancel()
 
     from admin.routes import register_admin
+    from pool.openai_compat import register_openai
+    from pool.ops import register_ops
 
     register_admin(app, manager)
+    register_openai(app, manager)
+    register_ops(app, manager)
     return app
 
 

@@ -40,7 +40,7 @@ async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=server, timeout=BOUND) as client:
             # the server answers at once; the model loads in the background
-            while (r := await client.get("/v1/models")).json() != {"models": ["m"]}:
+            while (r := await client.get("/v1/models")).json()["models"] != ["m"]:
                 assert r.status_code == 200
                 await trio.sleep(0.01)
 
@@ -48,7 +48,14 @@ async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"
             body = r.json()
             assert RESP_ID.match(body["id"]) and body["object"] == "response" and body["model"] == "m"
+            # llm-pool's output item; OpenAI SDKs (X-Stainless-Lang) get OpenAI's message item
             assert body["output"] == [{"type": "output_text", "text": "The capital of France"}]
+            r = await client.post(
+                "/v1/responses", json={"model": "m", "input": "x y"}, headers={"X-LLM-Pool-Output": "openai"}
+            )
+            [item] = r.json()["output"]
+            assert item["type"] == "message" and item["role"] == "assistant"
+            assert item["content"] == [{"type": "output_text", "text": "x y", "annotations": []}]
             assert body["output_text"] == "The capital of France"
             assert METRIC_KEYS <= set(body["metrics"])
             m = body["metrics"]
@@ -65,11 +72,19 @@ async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
                     arrivals.append((time.perf_counter() - t0, chunk))
             raw = b"".join(c for _, c in arrivals)
             events = parse_sse(raw)
-            assert [e for e, _ in events] == ["response.created"] + ["response.output_text.delta"] * 5 + [
+            assert [e for e, _ in events] == [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                *["response.output_text.delta"] * 5,
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
                 "response.metrics",
                 "response.completed",
             ]
-            assert [d["sequence_number"] for _, d in events] == list(range(8))
+            assert [d["sequence_number"] for _, d in events] == list(range(14))
             assert events[-1][1]["output_text"] == "a b c d e"
             first_delta = next(t for t, c in arrivals if b"output_text.delta" in c)
             assert first_delta < arrivals[-1][0] - 0.15  # deltas arrived while it was still generating
@@ -110,7 +125,7 @@ async def test_client_disconnect_stops_generation_and_frees_the_replica(server: 
     words = " ".join(f"w{i}" for i in range(100))  # 5 s if it ran to the end
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=server, timeout=BOUND) as client:
-            while (await client.get("/v1/models")).json() != {"models": ["m"]}:  # noqa: ASYNC110 - polling over HTTP
+            while (await client.get("/v1/models")).json()["models"] != ["m"]:  # noqa: ASYNC110 - polling over HTTP
                 await trio.sleep(0.01)
             async with client.stream("POST", "/v1/responses", json={"model": "m", "input": words, "stream": True}) as s:
                 async for chunk in s.aiter_bytes():

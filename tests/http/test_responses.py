@@ -21,13 +21,53 @@ async def test_json_response_shape(autojump_clock: MockClock, pool: Pool) -> Non
     assert r.status == 200
     assert r.headers["Content-Type"] == "application/json"
     body = r.json
-    assert list(body) == ["id", "object", "model", "output", "output_text", "metrics"]
+    assert list(body) == [
+        "id",
+        "object",
+        "created_at",
+        "status",
+        "model",
+        "output",
+        "output_text",
+        "incomplete_details",
+        "usage",
+        "metrics",
+    ]
     assert RESP_ID.match(body["id"]), body["id"]
     assert body["object"] == "response"
+    assert body["status"] == "completed" and body["incomplete_details"] is None
     assert body["model"] == "m"
+    # llm-pool's output shape (issue 2's contract)
     assert body["output"] == [{"type": "output_text", "text": "Hello there world"}]
     assert body["output_text"] == "Hello there world"
+    assert body["usage"] == {"input_tokens": 3, "output_tokens": 3, "total_tokens": 6}
     check_metrics(body["metrics"], output_tokens=3)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Stainless-Lang": "python"}, {"X-LLM-Pool-Output": "openai"}, {"X-LLM-Pool-Output": "OpenAI"}],
+)
+async def test_openai_sdks_get_openai_output_items(autojump_clock: MockClock, pool: Pool, headers: dict[str, str]) -> None:
+    r = await pool.respond({"model": "m", "input": "Hello there world"}, headers=headers)
+    body = r.json
+    # OpenAI's output shape (what the openai SDK's ``Response.output_text`` reads)
+    assert body["output"] == [
+        {
+            "type": "message",
+            "id": "msg_" + body["id"][len("resp_") :],
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hello there world", "annotations": []}],
+        }
+    ]
+    assert body["output_text"] == "Hello there world"
+
+
+async def test_llm_pool_output_can_be_forced_for_an_sdk(autojump_clock: MockClock, pool: Pool) -> None:
+    headers = {"X-Stainless-Lang": "python", "X-LLM-Pool-Output": "llm-pool"}
+    r = await pool.respond({"model": "m", "input": "Hello"}, headers=headers)
+    assert r.json["output"] == [{"type": "output_text", "text": "Hello"}]
 
 
 def check_metrics(metrics: dict[str, Any], *, output_tokens: int) -> None:
@@ -56,11 +96,18 @@ async def test_stream_frames_and_order(autojump_clock: MockClock, pool: Pool) ->
     assert s.headers["Cache-Control"] == "no-cache"
     events = parse_sse(s.raw)  # strict: only `event: <type>\ndata: <json>\n\n` frames
     kinds = [e for e, _ in events]
+    # llm-pool's events, with OpenAI's Responses stream events between them (tests/openai pins those)
     assert kinds == [
         "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
         "response.output_text.delta",
         "response.output_text.delta",
         "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
         "response.metrics",
         "response.completed",
     ]
@@ -69,12 +116,16 @@ async def test_stream_frames_and_order(autojump_clock: MockClock, pool: Pool) ->
         assert data["sequence_number"] == i
     rid = events[0][1]["id"]
     assert RESP_ID.match(rid)
-    assert events[0][1] == {"type": "response.created", "sequence_number": 0, "id": rid, "model": "m", "object": "response"}
+    created = events[0][1]
+    assert set(created) == {"type", "sequence_number", "id", "model", "object", "response"}
+    assert (created["model"], created["object"]) == ("m", "response")
     assert [d["delta"] for e, d in events if e == "response.output_text.delta"] == ["one", " two", " three"]
     assert all(d["id"] == rid for _, d in events)
-    assert set(events[4][1]) == {"type", "sequence_number", "id", "metrics"}
-    check_metrics(events[4][1]["metrics"], output_tokens=3)
-    assert events[5][1] == {"type": "response.completed", "sequence_number": 5, "id": rid, "output_text": "one two three"}
+    assert set(events[-2][1]) == {"type", "sequence_number", "id", "metrics"}
+    check_metrics(events[-2][1]["metrics"], output_tokens=3)
+    completed = events[-1][1]
+    assert set(completed) == {"type", "sequence_number", "id", "output_text", "response"}
+    assert completed["output_text"] == completed["response"]["output_text"] == "one two three"
 
 
 async def test_stream_deltas_arrive_while_the_backend_still_generates(autojump_clock: MockClock, pool: Pool, control: FakeControl) -> None:
@@ -97,11 +148,18 @@ async def test_stream_failure_after_start_is_an_error_event(autojump_clock: Mock
     s = await pool.stream({"model": "m", "input": "fail", "stream": True})
     assert s.status == 200
     events = parse_sse(s.raw)
-    assert [e for e, _ in events] == ["response.created", "response.output_text.delta", "error"]
-    assert events[1][1]["delta"] == "partial"
-    assert events[2][1] == {
+    assert [e for e, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "error",
+    ]
+    assert events[4][1]["delta"] == "partial"
+    assert events[5][1] == {
         "type": "error",
-        "sequence_number": 2,
+        "sequence_number": 5,
         "code": "backend_error",
         "message": "model 'm' failed: RuntimeError: fake backend exploded",
         "param": None,
@@ -315,9 +373,9 @@ async def test_model_state_conflicts(autojump_clock: MockClock, nursery: trio.Nu
         "model 'bad' failed to load: weights are corrupt",
         model="bad",
     )
-    assert (await pool.get("/v1/models")).json == {"models": ["m"]}
+    assert (await pool.get("/v1/models")).json["models"] == ["m"]
     await pool.wait_state("slow", "loaded")
-    assert (await pool.get("/v1/models")).json == {"models": ["m", "slow"]}
+    assert (await pool.get("/v1/models")).json["models"] == ["m", "slow"]
 
 
 async def test_model_unloading_conflict(autojump_clock: MockClock, pool: Pool, control: FakeControl, nursery: trio.Nursery) -> None:
@@ -432,4 +490,10 @@ async def test_models_lists_loaded_ids_sorted_without_replicas(autojump_clock: M
     pool = await start_pool(nursery, control, models=models)
     r = await pool.get("/v1/models")
     assert r.status == 200 and r.headers["Content-Type"] == "application/json"
-    assert r.json == {"models": ["Mid", "alpha", "zeta"]}
+    assert r.json["models"] == ["Mid", "alpha", "zeta"]
+    # OpenAI's list shape alongside, naming the same models (what ``client.models.list()`` reads)
+    assert r.json["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in r.json["data"]] == [
+        (name, "model", "llm-pool") for name in ["Mid", "alpha", "zeta"]
+    ]
+    assert all(isinstance(m["created"], int) and m["created"] > 0 for m in r.json["data"])

@@ -37,7 +37,7 @@ async def test_json_request_body_headers_text_and_usage(start: StartPool, up: Fa
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["output_text"] == "Bonjour."
-    assert body["output"] == [{"type": "output_text", "text": "Bonjour."}]
+    assert body["output"][0]["content"] == [{"type": "output_text", "text": "Bonjour.", "annotations": []}]
     metrics = body["metrics"]
     assert (metrics["engine_prompt_tokens"], metrics["engine_output_tokens"]) == (21, 4)
     assert metrics["request_cost"] is None  # no prices configured
@@ -267,7 +267,13 @@ async def test_stream_forwards_each_delta_as_the_upstream_sends_it(start: StartP
     assert deltas == ["Hel", "lo", " there", "   friend"]
     assert [kind for kind, _ in events] == [
         "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
         *["response.output_text.delta"] * 4,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
         "response.metrics",
         "response.completed",
     ]

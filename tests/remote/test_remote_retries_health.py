@@ -74,9 +74,16 @@ async def test_no_retry_once_output_began(start: StartPool, up: FakeUpstream) ->
             "POST", "/v1/responses", json={"model": "r", "input": "hi", "allow_remote": True, "stream": True}
         ) as s:
             events = sse(await s.aread())
-    assert [k for k, _ in events] == ["response.created", "response.output_text.delta", "error"]
-    assert events[1][1]["delta"] == "Hello"
-    assert events[2][1]["code"] == "upstream_connection_error"
+    assert [k for k, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "error",
+    ]
+    assert events[-2][1]["delta"] == "Hello"
+    assert events[-1][1]["code"] == "upstream_connection_error"
     assert len(up.chat_requests) == 1
 
 

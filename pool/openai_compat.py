@@ -1,0 +1,313 @@
+"""OpenAI's ``POST /v1/chat/completions`` on the pool, for the tools people already have.
+
+Verified with the official ``openai`` Python SDK (``tests/openai``).  The route is a thin layer
+like ``/v1/responses``: it decodes, translates to a :class:`~pool.jobs.GenerationRequest`, and
+runs the job through :func:`pool.http.run_job`, so admission, ``allow_remote``, ``queue_timeout``,
+disconnect cancellation, logs and metrics behave exactly as they do there.  Nothing here
+schedules.
+
+Request fields (``pool.api.ChatCompletionRequest``):
+
+* honoured: ``model``, ``messages`` (see below), ``temperature``, ``top_p``, ``max_tokens`` /
+  ``max_completion_tokens`` (either; both only if equal), ``stop`` (a string or a list),
+  ``stream``, ``stream_options.include_usage``, ``n`` (1 only);
+* llm-pool extensions, sent with the SDK's ``extra_body``: ``top_k``, ``repetition_penalty``,
+  ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma);
+* :data:`IGNORED_FIELDS`: accepted with any value and ignored (bookkeeping that changes nothing
+  about the text generated);
+* :data:`NEUTRAL_FIELDS`: accepted only at the value that asks for nothing (null, or what
+  common clients send by default); anything else is a 400 naming the field and why;
+* any other field: a 400 naming it (``Object contains unknown field `x```, ``param: $.x``).
+
+Messages: roles ``system`` (or ``developer``, its newer name), ``user`` and ``assistant``;
+``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined with
+newlines).  System turns come first (several are joined); the conversation ends with a user
+turn.  Multi-turn is rendered through the model's prompt format; a format that can't take it
+answers 400 from :func:`backends.prompts.check_request` (translategemma: one user message).
+A remote (``openai_compatible``) model is sent one system and one user message today, so a
+multi-turn conversation to one is a 400 rather than a silently truncated prompt.
+
+Response: ``chat.completion`` with ``usage`` (0 where a backend does not count tokens; the
+``metrics`` object, an extra field the SDK keeps, has the honest nulls).  ``finish_reason`` is
+``length`` when ``max_tokens`` cut the answer, else ``stop``.  Streaming sends
+``chat.completion.chunk`` frames (``data: {...}`` without ``event:`` lines): a first chunk with
+``role``, one per text delta, one with ``finish_reason`` (and ``metrics``), with
+``include_usage`` a ``usage`` chunk whose ``choices`` is empty, then ``data: [DONE]``.  A
+failure after the stream started is ``data: {"error": {...}, "detail": {...}}`` (the SDK raises
+``openai.APIError`` on it) followed by ``data: [DONE]``; errors before it are plain statuses with
+:meth:`pool.errors.PoolError.body`, which is OpenAI's error shape plus llm-pool's ``detail``.
+
+``GET /v1/models`` and ``/v1/responses`` speak OpenAI too; see :class:`pool.api.ModelsList`,
+:class:`pool.api.ResponseBody` and ``_stream_responses`` in :mod:`pool.http`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+from quart import Response
+
+from config import Settings
+from pool.api import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageIn,
+    ChatMessageOut,
+    ChatUsage,
+    DecodingIn,
+    resolve_decoding,
+    token_counts,
+)
+from pool.errors import invalid_request
+from pool.http import (
+    finished_metrics,
+    job_result,
+    json_response,
+    log_inference,
+    read_json,
+    run_job,
+    sse_response,
+    unix_time_of,
+)
+from pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
+from pool.manager import PoolManager
+
+#: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
+#: hints that change nothing about the generated text.  (``seed``: llm-pool's samplers take no
+#: per-request seed, and clients send one by habit; refusing it would break them for nothing.)
+IGNORED_FIELDS = (
+    "user",
+    "seed",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
+    "stream_options.include_obfuscation",
+    "messages[].name",
+    "messages[].annotations",
+)
+
+#: OpenAI request fields accepted only at null or the value here (the one that asks for
+#: nothing); any other value is refused, never silently dropped: field → (accepted, why not).
+NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logprobs": ((False,), "it returns no log probabilities"),
+    "top_logprobs": ((0,), "it returns no log probabilities"),
+    "presence_penalty": ((0,), "its samplers have no presence penalty (repetition_penalty is an extension)"),
+    "frequency_penalty": ((0,), "its samplers have no frequency penalty (repetition_penalty is an extension)"),
+    "logit_bias": (({},), "its samplers take no logit bias"),
+    "tools": (([],), "it does no tool calling"),
+    "tool_choice": (("none",), "it does no tool calling"),
+    "functions": (([],), "it does no function calling"),
+    "function_call": (("none",), "it does no function calling"),
+    "response_format": (({"type": "text"},), "it does not constrain the output's format"),
+    "modalities": ((["text"],), "it generates text only"),
+    "audio": ((), "it generates text only"),
+    "reasoning_effort": ((), "it has no reasoning-effort setting"),
+    "verbosity": ((), "it has no verbosity setting"),
+    "prediction": ((), "it does not take predicted outputs"),
+    "web_search_options": ((), "it does no web search"),
+}
+
+#: Fields of an assistant message as the SDK returns it; a client that sends such a message back
+#: (``model_dump()``) sends them empty, which is accepted.
+_MESSAGE_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "refusal": ((), "a refusal is not a turn a prompt format can render"),
+    "tool_calls": (([],), "it does no tool calling"),
+    "function_call": ((), "it does no function calling"),
+    "audio": ((), "it generates text only"),
+}
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_encoder = msgspec.json.Encoder()
+
+
+def register_openai(app: Any, manager: PoolManager) -> None:
+    """Add ``POST /v1/chat/completions`` to ``app`` (called once from ``create_app``)."""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        t0 = time.perf_counter()
+        body: ChatCompletionRequest = await read_json(ChatCompletionRequest)
+        gen = to_chat_request(manager.settings, body)
+        entry = manager.entry(gen.model)
+        if manager.backend_of(entry) == "openai_compatible" and sum(m.role != "system" for m in gen.messages) > 1:
+            raise invalid_request(
+                f"model {gen.model!r} runs on a remote API, which llm-pool sends one user message; "
+                "send a conversation with a single user message",
+                param="$.messages",
+                model=gen.model,
+            )
+        job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id())
+        created = unix_time_of(job.t_submitted)
+        if not gen.stream:
+            done, metrics = await job_result(job, t0)
+            prompt, output = token_counts(job)
+            return json_response(
+                ChatCompletion(
+                    id=job.id,
+                    created=created,
+                    model=gen.model,
+                    choices=[ChatChoice(message=ChatMessageOut(content=done.text), finish_reason=finish_reason(job))],
+                    usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
+                    metrics=metrics,
+                )
+            )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_stream_chat(job, t0, created, include_usage=include_usage))
+
+
+async def _stream_chat(job: Job, t0: float, created: int, *, include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE body; see the module docstring.  Cancellation: the job is cancelled in
+    ``finally`` (client gone → it stops at its next token)."""
+
+    def chunk(choices: list[ChatChunkChoice], **extra: Any) -> bytes:
+        out = ChatCompletionChunk(
+            id=job.id,
+            object="chat.completion.chunk",
+            created=created,
+            model=job.request.model,
+            choices=choices,
+            **extra,
+        )
+        return data_frame(out)
+
+    try:
+        yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+        async for event in job.events():
+            if isinstance(event, Delta):
+                yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
+            elif isinstance(event, Done):
+                metrics = finished_metrics(job, t0, stream=True)
+                yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)
+                if include_usage:
+                    prompt, output = token_counts(job)
+                    usage = ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+                    yield chunk([], usage=usage)
+            elif isinstance(event, Failed):
+                e = event.error
+                log_inference(job, stream=True, status=e.status, error=e.code)
+                yield data_frame(e.body())
+        yield b"data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+def data_frame(payload: Any) -> bytes:
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+def new_chat_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(16)
+
+
+def finish_reason(job: Job) -> Literal["stop", "length"]:
+    """OpenAI's finish_reason: ``length`` when max_tokens cut the answer; else ``stop`` (EOS, a
+    stop string, or a stop flag the client never sees)."""
+    return "length" if job.stats is not None and job.stats.finish_reason == "length" else "stop"
+
+
+# --------------------------------------------------------------------------- translation
+def to_chat_request(settings: Settings, body: ChatCompletionRequest) -> GenerationRequest:
+    """``body`` as an engine request, or a 400 naming the field that can't be honoured."""
+    _check_neutral(body, NEUTRAL_FIELDS, "$")
+    if body.n is not None and body.n != 1:
+        raise invalid_request(
+            f"n={body.n} is not supported: llm-pool returns one choice; leave n out or send 1", param="$.n"
+        )
+    return GenerationRequest(
+        model=body.model,
+        messages=to_messages(body.messages),
+        decoding=_resolve_decoding(settings, body),
+        source_lang_code=body.source_lang_code,
+        target_lang_code=body.target_lang_code,
+        stream=bool(body.stream),
+    )
+
+
+def to_messages(given: list[ChatMessageIn]) -> list[Message]:
+    """OpenAI messages as the pool's: leading system turns joined into one, text parts joined,
+    ending with a user turn."""
+    system: list[str] = []
+    turns: list[Message] = []
+    for i, m in enumerate(given):
+        at = f"$.messages[{i}]"
+        _check_neutral(m, _MESSAGE_NEUTRAL, at)
+        content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
+        if "\x00" in content:
+            raise invalid_request(f"{at[2:]}.content contains a NUL character", param=f"{at}.content")
+        role = _ROLES[m.role]
+        if role == "system":
+            if turns:
+                raise invalid_request(
+                    f"{at[2:]} is a {m.role} message after the conversation started; "
+                    "llm-pool takes system messages only before the first user or assistant message",
+                    param=f"{at}.role",
+                )
+            system.append(content)
+        else:
+            turns.append(Message(role=role, content=content))  # type: ignore[arg-type]
+    if not turns or turns[-1].role != "user":
+        raise invalid_request(
+            "the last message must be a user message (llm-pool generates the next assistant turn)",
+            param="$.messages",
+        )
+    head = [Message(role="system", content="\n\n".join(system))] if system else []
+    return head + turns
+
+
+def _resolve_decoding(settings: Settings, body: ChatCompletionRequest) -> Decoding:
+    max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = body.max_tokens, "max_tokens"
+    elif body.max_tokens is not None and body.max_tokens != max_tokens:
+        raise invalid_request(
+            f"max_tokens={body.max_tokens} and max_completion_tokens={max_tokens} disagree; send one of them",
+            param="$.max_completion_tokens",
+        )
+    limit = settings.engine.max_tokens_limit
+    if max_tokens is not None and max_tokens > limit:
+        raise invalid_request(f"{param}={max_tokens} exceeds this server's limit of {limit}", param=f"$.{param}")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    for i, s in enumerate(stop or ()):
+        if "\x00" in s:
+            path = "$.stop" if isinstance(body.stop, str) else f"$.stop[{i}]"
+            raise invalid_request(f"{path[2:]} contains a NUL character", param=path)
+    given: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repetition_penalty": body.repetition_penalty,
+        "max_tokens": max_tokens,
+        "stop": stop,
+    }
+    return resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None}))
+
+
+def _check_neutral(obj: Any, fields: dict[str, tuple[tuple[Any, ...], str]], at: str) -> None:
+    for name, (accepted, why) in fields.items():
+        value = getattr(obj, name)
+        if value is None or any(_same(value, a) for a in accepted):
+            continue
+        alternative = " or send " + " or ".join(_encoder.encode(a).decode() for a in accepted) if accepted else ""
+        where = f"{at}.{name}"
+        raise invalid_request(
+            f"{where[2:]} is not supported by llm-pool ({why}); leave it out{alternative}",
+            param=where,
+        )
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """JSON equality: ``0 == 0.0``, but ``false`` is not ``0``."""
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return value is accepted
+    return bool(value == accepted)

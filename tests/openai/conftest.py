@@ -1,0 +1,75 @@
+"""Fixtures for the OpenAI-compatibility tests: the official ``openai`` SDK against a real
+server (``test_openai_sdk.py``, real clock, every step bounded), and quart's in-memory client for
+exact wire shapes (the other modules, autojump clock).
+
+Both use the fake async backend of ``tests/http/pool_http_kit.py`` (it echoes its input one word
+per chunk; ``"fail"`` fails after one chunk; ``"wait:<s>"`` sleeps), imported, not copied.
+
+The SDK runs as its *sync* client on a worker thread (``trio.to_thread.run_sync``): its async
+client leaves its SSE async generators (``openai._streaming``, ``httpx2``, ``httpcore2``) to the
+garbage collector when a stream ends at ``[DONE]``, which trio reports as ResourceWarnings at
+random later points.  The sync client has no async generators, so no warning needs a filter.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+import trio
+from openai_kit import BOUND, CHAT_MODELS, MODELS, REMOTE_KEY_ENV, in_thread
+from pool_http_kit import FakeControl, FakeFactory, Pool, settings_from, start_pool
+
+from pool.server import serve
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No settings path from the developer's shell; the remote model's key is set."""
+    for var in ("LLM_POOL_SETTINGS_PATH", "LLM_POOL_LOCAL_SETTINGS_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(REMOTE_KEY_ENV, "sk-test")
+
+
+@pytest.fixture
+def control() -> FakeControl:
+    return FakeControl()
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, control: FakeControl) -> str:
+    """``pool.server.serve`` on 127.0.0.1:<ephemeral> (models :data:`openai_kit.MODELS`); its URL."""
+    settings = settings_from({"service": {"host": "127.0.0.1", "port": 0}, "engine": {"models": MODELS}})
+    with trio.fail_after(BOUND):
+        url: str = await nursery.start(
+            functools.partial(serve, settings, backend_factory=FakeFactory(control), handle_signals=False)
+        )
+    return url
+
+
+@pytest.fixture
+async def client(server: str) -> AsyncIterator[openai.OpenAI]:
+    """The SDK pointed at ``server``, once both models are loaded.  No retries: a retried 409
+    or 5xx would hide what the pool answered."""
+    sdk = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=BOUND)
+
+    def wait_loaded() -> None:
+        deadline = time.monotonic() + BOUND
+        while sorted(m.id for m in sdk.models.list()) != ["m", "r"]:
+            assert time.monotonic() < deadline, "the models did not load"
+            time.sleep(0.01)
+
+    try:
+        await in_thread(wait_loaded)
+        yield sdk
+    finally:
+        sdk.close()
+
+
+@pytest.fixture
+async def pool(nursery: trio.Nursery, control: FakeControl) -> Pool:
+    """An in-memory pool (quart's test client) with :data:`openai_kit.CHAT_MODELS` loaded."""
+    return await start_pool(nursery, control, models=CHAT_MODELS)

@@ -1,0 +1,76 @@
+"""Helpers for the OpenAI-compatibility tests (see ``conftest.py`` beside this file)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "http"))  # pool_http_kit, shared with tests/http
+
+T = TypeVar("T")
+#: Every SDK call and every test step is bounded by this many seconds (real clock).
+BOUND = 10.0
+REMOTE_KEY_ENV = "LLMPOOL_TEST_OPENAI_REMOTE_KEY"
+#: ``m``: a local model (generic ChatML prompt format); ``r``: a remote (openai_compatible)
+#: model, which needs ``allow_remote``.  Both run on the fake backend.
+REMOTE: dict[str, Any] = {
+    "backend": "openai_compatible",
+    "remote_base_url": "http://127.0.0.1:9/v1",
+    "remote_model": "gpt-test",
+    "remote_api_key_env": REMOTE_KEY_ENV,
+}
+MODELS: dict[str, Any] = {"m": {"model_path": "m.gguf", "replicas": 1, "replica_max": 2}, "r": REMOTE}
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking SDK call on a worker thread.  The SDK's own ``timeout`` (:data:`BOUND`)
+    ends a stuck call; ``fail_after`` reports anything slower."""
+    with trio.fail_after(BOUND * 2):
+        return await trio.to_thread.run_sync(fn)
+
+
+# --------------------------------------------------------------------------- quart test client
+#: Models of the in-memory pool: ``MODELS`` plus one per prompt format that treats
+#: multi-turn differently, and one with a short queue timeout.
+CHAT_MODELS: dict[str, Any] = {
+    **MODELS,
+    "mis": {"model_path": "mis.gguf", "prompt_format": "mistral_template"},
+    "tg": {"model_path": "tg.gguf", "prompt_format": "translategemma_template"},
+    "q": {"model_path": "q.gguf", "queue_timeout_s": 0.5},
+}
+CHAT = "/v1/chat/completions"
+
+
+async def stream_chat(pool: Any, body: dict[str, Any]) -> tuple[int, Any, bytes]:
+    """POST ``body`` (with ``stream: true``) to the chat route through quart's client and read
+    the response chunk by chunk (quart's buffered ``open`` would block on a long stream).
+    Returns ``(status, headers, raw body)``.  (A client disconnect is tested over a real socket in
+    ``test_openai_sdk.py``: quart's test connection never ends after ``disconnect()``.)"""
+    conn = pool.client.request(CHAT, method="POST", headers={"Content-Type": "application/json"})
+    chunks: list[bytes] = []
+    async with conn:
+        await conn.send(json.dumps({**body, "stream": True}).encode())
+        await conn.send_complete()
+        while True:
+            try:
+                chunks.append(await conn.receive())
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                break
+    return conn.status_code, conn.headers, b"".join(chunks)
+
+
+def parse_chat_sse(raw: bytes) -> list[Any]:
+    """Strictly parse ``data: <json>\\n\\n`` frames (no ``event:`` lines); ``[DONE]`` stays a str."""
+    text = raw.decode()
+    assert text.endswith("\n\n"), text[-80:]
+    frames: list[Any] = []
+    for frame in text[:-2].split("\n\n"):
+        assert frame.startswith("data: ") and "\n" not in frame, frame
+        data = frame[len("data: ") :]
+        frames.append(data if data == "[DONE]" else json.loads(data))
+    return frames
