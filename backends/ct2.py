@@ -11,22 +11,32 @@ read in ``src/models/language_model.cc``):
 * Inside one ``generate_batch`` call the prompts are prefilled together up to the *shortest*
   one; the longer ones' remaining tokens are forced one per decode step.  A sequence that has
   generated ``s`` tokens therefore *stalls* for about ``s`` steps when a restart adds a fresh
-  prompt (the newcomer generates meanwhile).  So a join is not free: :meth:`CT2Backend._worth_joining`
-  admits newcomers into a running call only when the wait they save outweighs the stall and the
-  prefill it costs the running ones (measured online; in practice newcomers join early in a call,
-  or when few sequences are left in a long one, and otherwise start with the next call).
-* A prompt much longer than the others would be forced token by token (~50x slower than a
-  prefill), so :meth:`CT2Backend._select` only batches sequences whose lengths are close.
+  prompt (the newcomer generates meanwhile), and every sequence is prefilled again.  So a join
+  is not free: :meth:`CT2Backend._worth_joining` lets newcomers into a running call only when
+  the wait they save outweighs what the restart costs the running ones (from step and prefill
+  times measured online).  In practice a burst that arrives while a call starts joins it, and
+  under steady load newcomers start with the next call: joining at every arrival halved the
+  throughput at concurrency 16 (``bench.ct2_batching --join-cost-factor 0``).
+* A prompt much longer than the others would be forced token by token (a decode step each,
+  ~10x a prefilled token at batch 1), so :meth:`CT2Backend._select` only batches sequences
+  whose lengths are close.
+* Fairness (:meth:`CT2Backend._restart_reason`): no waiting job overtakes the one that has
+  waited longest, and if that one cannot share the running call, the call *yields* to it after
+  a time slice (1-10 s, four times what the restart costs): its sequences wait and resume in a
+  later call.  So a job with other sampling settings never waits for a long call to end.
 * The per-step ``callback`` (beam_size 1 only) runs on CT2's own thread; returning True stops
   that batch item.  We stream, apply stop strings, ``max_tokens``, the stop flag and a restart
   from there.  The end token comes as a final step (not emitted).  With a one-token shortest
   prompt CT2 reports the forced prompt tails as steps too: those steps are skipped, as are the
   translator's target-prefix steps.
 * ``repetition_penalty != 1`` sees forced tails and not prefilled prompts, so batching or
-  restarting would change the result: such jobs run alone and are never restarted.  Sampling
+  restarting would change the result: such jobs run alone and are never restarted (the others
+  wait for them).  Sampling
   settings are per call, so only jobs with the same settings share a call (greedy ones all do).
-* Exactness: greedy results are identical to a job run alone in float32 (tested); with int8
-  CT2's CPU kernels are not batch-invariant, so near-ties can decode differently when batched.
+* Exactness: our bookkeeping (restarts, skipped steps, budgets, stops) is exact; a greedy result
+  is then what the job gives alone as far as CT2's arithmetic is batch-invariant.  float32 is
+  (SmolLM2: ``bench.ct2_batching --compute-type float32``); CT2's int8 CPU kernels are not, so
+  with int8 a batched answer can drift from the lone one after a near-tie.
 
 ``ctranslate2`` and ``tokenizers`` are imported in :meth:`CT2Backend.load` only.
 
@@ -62,9 +72,24 @@ log = logging.getLogger("llm_pool.ct2")
 #: Sequences whose lengths differ by at most this many tokens may always share a call (their
 #: extra prompt tokens are forced one per step, about one decode step each).
 MIN_SPREAD_TOKENS = 32
+#: ... or under this fraction of the largest budget left in the group (the forced steps then stay
+#: a fraction of the generation they precede).
+SPREAD_FRACTION = 0.5
 #: A newcomer joins a running call only if the wait it saves exceeds this times the delay the
 #: restart costs the running sequences (1.0: minimise the summed latency).
 JOIN_COST_FACTOR = 1.0
+#: A waiting job that cannot join the running call (other sampling settings, a length too far
+#: from the others, a solo job) gets the replica after waiting this long at least ...
+MIN_SLICE_S = 1.0
+#: ... or this many times what restarting the running sequences costs, if longer: the running
+#: call then yields (its sequences wait, and resume in a later call) ...
+SLICE_COST_FACTOR = 4.0
+#: ... but never longer than this, however long the running sequences are (and a job that could
+#: share the call but for its length waits this long before the call yields to it).
+MAX_SLICE_S = 10.0
+#: Prefill cost per token is sampled from calls that prefill at least this many tokens (below,
+#: the fixed cost of a call dominates).
+PREFILL_SAMPLE_MIN_TOKENS = 16
 #: Weight of the newest sample in the moving averages of step and prefill times.
 EMA_WEIGHT = 0.2
 #: Hugging Face writes huge ``model_max_length`` values (1e30) for "no limit".
@@ -179,6 +204,8 @@ class _Seq:
     stops: StopMatcher
     detok: _Detokenizer
     timer: StreamTimer
+    #: When it last started waiting (arrival, or the end of a call that did not finish it).
+    ready_at: float = field(default_factory=time.perf_counter)
     out: list[str] = field(default_factory=list)
     finish: str | None = None
     #: Steps CT2 reports for this item in the current call before its first new token.
@@ -192,6 +219,9 @@ class _Seq:
     @property
     def remaining(self) -> int:
         return self.budget - len(self.out)
+
+    def wait_order(self) -> tuple[float, int]:
+        return (self.ready_at, self.order)
 
 
 class CT2Backend:
@@ -224,26 +254,38 @@ class CT2Backend:
         self._step_no = -1
         self._t_call = 0.0
         self._t_step: float | None = None
-        #: Moving averages: seconds per decode step, seconds per prefilled token.
+        #: Moving averages: seconds per decode step, seconds per prefilled token (guesses for a
+        #: small model on a CPU until the first samples replace them).
         self._step_s = 0.03
         self._prefill_tok_s = 0.002
+        self._sampled: set[str] = set()
         # counters (read by describe() and tests)
-        #: CT2 calls made; calls restarted to let newcomers join; largest batch of one call.
+        #: CT2 calls made; calls restarted to let newcomers join; calls that yielded the replica
+        #: to a job that could not join; the largest batch of one call.
         self.calls = 0
         self.joins = 0
+        self.yields = 0
         self.max_batch = 0
         self.tokens_out = 0
+
+    @property
+    def intra_threads(self) -> int:
+        """CT2 compute threads: ``n_threads`` when set, else 1.  On small models CT2 batches
+        better with one thread per replica (SmolLM2 int8 on 2 cores: 316 vs 118 tok/s at
+        batch 16 with 1 vs 2 threads)."""
+        return self.ctx.model.n_threads or 1
 
     def describe(self) -> dict[str, object]:
         m = self.ctx.model
         return {
             "kind": self.kind or None,
-            "device": m.device,
+            "device": getattr(self.model, "device", m.device),
             "compute_type": getattr(self.model, "compute_type", m.compute_type),
-            "intra_threads": self.ctx.n_threads,
+            "intra_threads": self.intra_threads,
             "capability": self.capability,
             "calls": self.calls,
             "joins": self.joins,
+            "yields": self.yields,
             "max_batch": self.max_batch,
         }
 
@@ -278,7 +320,7 @@ class CT2Backend:
                 device=m.device,
                 compute_type=compute_type,
                 inter_threads=1,
-                intra_threads=self.ctx.n_threads,
+                intra_threads=self.intra_threads,
             )
         except (ValueError, RuntimeError) as e:
             raise RuntimeError(f"CTranslate2 could not load {path.name}: {e}") from None
@@ -441,14 +483,14 @@ class CT2Backend:
     # ------------------------------------------------------------------ batching policy
     def _spread_ok(self, group: list[_Seq]) -> bool:
         """Whether the lengths in ``group`` are close enough to share a call: the longest
-        sequence's forced tokens stay under half of the work left, or ``MIN_SPREAD_TOKENS``."""
+        sequence's forced tokens stay under ``MIN_SPREAD_TOKENS`` or a fraction of the work left."""
         lengths = [s.forced for s in group]
-        allowed = max(MIN_SPREAD_TOKENS, max(s.remaining for s in group) // 2)
+        allowed = max(MIN_SPREAD_TOKENS, int(SPREAD_FRACTION * max(s.remaining for s in group)))
         return max(lengths) - min(lengths) <= allowed
 
     def _select(self, candidates: list[_Seq]) -> list[_Seq]:
-        """The next call: the oldest sequence, plus (oldest first) every compatible one that
-        keeps the lengths close, up to ``capability``."""
+        """The next call: the longest-waiting sequence, plus (longest-waiting first) every
+        compatible one that keeps the lengths close, up to ``capability``."""
         head = candidates[0]
         group = [head]
         if head.solo:
@@ -460,26 +502,50 @@ class CT2Backend:
                 group.append(seq)
         return group
 
-    def _worth_joining(self) -> bool:
-        """Whether to restart the running call now so that waiting sequences join it.
+    def _restart_reason(self) -> str | None:
+        """Whether to restart the running call now: ``"join"``, ``"yield"`` or None.
+
+        Fairness first: no waiting job overtakes the one that has waited longest.  If that one
+        can join the running call, everyone who can joins when :meth:`_worth_joining`.  If it
+        cannot, nobody joins, so the call ends within its members' remaining budgets; if that
+        is still far off, the call yields the replica: to a job that can never share it (other
+        sampling settings, a solo job) after a slice (:data:`MIN_SLICE_S`,
+        :data:`SLICE_COST_FACTOR`), to one only too long or short to share it after
+        :data:`MAX_SLICE_S`.  A call running a solo job is never restarted.
+        """
+        live = [s for s in self._call if s.finish is None]
+        if not live or not self._waiting or any(s.solo for s in live):
+            return None  # a solo job is never restarted: that would change its result
+        oldest = self._waiting[0]
+        group = list(live)
+        for seq in self._waiting:
+            if len(group) >= self.capability:
+                break
+            if seq.key == live[0].key and not seq.solo and self._spread_ok([*group, seq]):
+                group.append(seq)
+        joiners = group[len(live) :]
+        if joiners and joiners[0] is oldest:
+            return "join" if self._worth_joining(live, joiners) else None
+        if oldest.key == live[0].key and not oldest.solo:
+            limit = MAX_SLICE_S
+        else:
+            restart_s = self._prefill_tok_s * sum(s.forced for s in live)
+            limit = min(MAX_SLICE_S, max(MIN_SLICE_S, SLICE_COST_FACTOR * restart_s))
+        waited = time.perf_counter() - oldest.ready_at
+        call_left_s = max(s.remaining for s in live) * self._step_s
+        return "yield" if waited >= limit and call_left_s >= limit else None
+
+    def _worth_joining(self, live: list[_Seq], joiners: list[_Seq]) -> bool:
+        """Whether restarting the running call so that ``joiners`` join it pays.
 
         Joining saves each newcomer the rest of the current call (bounded by the longest
         remaining budget); it costs every running sequence a prefill of the new batch plus the
         steps in which its own tokens are forced again.  Both in seconds, from moving averages.
         """
-        live = [s for s in self._call if s.finish is None]
-        if not live or live[0].solo or not self._waiting:
-            return False
-        key = live[0].key
-        if any(s.key != key or s.solo for s in self._waiting):
-            return False  # an incompatible job waits: nobody overtakes it
-        group = self._select(sorted([*live, *self._waiting], key=lambda s: s.order))
-        if len(group) <= len(live) or any(s not in group for s in live):
-            return False
-        joiners = len(group) - len(live)
+        group = [*live, *joiners]
         lo = min(s.forced for s in group)
         prefill_s = self._prefill_tok_s * len(group) * max(lo - 1, 1)
-        saved = joiners * max(s.remaining for s in live) * self._step_s
+        saved = len(joiners) * max(s.remaining for s in live) * self._step_s
         cost = sum((s.forced - lo) * self._step_s + prefill_s for s in live)
         return saved > JOIN_COST_FACTOR * cost
 
@@ -501,14 +567,19 @@ class CT2Backend:
                 for seq in unfinished:
                     self._fail(seq, e)
             else:  # find the culprit: retry each alone
-                log.warning("a CT2 batch of %d failed (%s: %s); retrying its jobs one by one", len(group), type(e).__name__, e)
+                log.warning(
+                    "a CT2 batch of %d failed (%s: %s); retrying its jobs one by one", len(group), type(e).__name__, e
+                )
                 for seq in unfinished:
                     seq.solo = True
         finally:
             self._call = []
             left = [s for s in group if s.finish is None]
             if left:
-                self._waiting = sorted([*self._waiting, *left], key=lambda s: s.order)
+                now = time.perf_counter()
+                for seq in left:
+                    seq.ready_at = now
+                self._waiting = sorted([*self._waiting, *left], key=_Seq.wait_order)
 
     def _generate(self, group: list[_Seq]) -> None:
         topk, topp, temperature, repetition_penalty, suppress = group[0].key
@@ -581,17 +652,27 @@ class CT2Backend:
         """Once per decode step: timings, newcomers, cancelled waiters, restart decision."""
         now = time.perf_counter()
         if self._t_step is None:
-            lo = min(s.forced for s in self._call)
-            sample = (now - self._t_call) / (len(self._call) * max(lo - 1, 1))
-            self._prefill_tok_s += EMA_WEIGHT * (sample - self._prefill_tok_s)
+            prefilled = len(self._call) * (min(s.forced for s in self._call) - 1)
+            if prefilled >= PREFILL_SAMPLE_MIN_TOKENS:
+                self._prefill_tok_s = self._average("prefill", self._prefill_tok_s, (now - self._t_call) / prefilled)
         else:
-            self._step_s += EMA_WEIGHT * (now - self._t_step - self._step_s)
+            self._step_s = self._average("step", self._step_s, now - self._t_step)
         self._t_step = now
         self._drain()
         self._reap()
-        if not self._restart and self._worth_joining():
+        if not self._restart and (reason := self._restart_reason()) is not None:
             self._restart = True
-            self.joins += 1
+            if reason == "join":
+                self.joins += 1
+            else:
+                self.yields += 1
+
+    def _average(self, name: str, current: float, sample: float) -> float:
+        """The moving average ``name`` after ``sample``; the first sample replaces the guess."""
+        if name not in self._sampled:
+            self._sampled.add(name)
+            return sample
+        return current + EMA_WEIGHT * (sample - current)
 
     def _push(self, seq: _Seq, token: str) -> None:
         seq.timer.token()

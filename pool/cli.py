@@ -35,6 +35,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from backends.ct2_convert import GGUFConversionError, convert_gguf_to_ct2
+
+    try:
+        out = convert_gguf_to_ct2(Path(args.src), Path(args.dst), quantization=args.quantization)
+    except (GGUFConversionError, FileNotFoundError, FileExistsError) as e:
+        print(f"llm-pool: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; serve it with backend = \"ct2\", model_path = \"{out}\"")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-pool", description="Many language models behind one HTTP API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="override service.host")
     p.add_argument("--port", type=int, help="override service.port")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("convert-gguf", help="convert a llama-family GGUF to a CTranslate2 model folder")
+    p.add_argument("src", help="the .gguf file")
+    p.add_argument("dst", help="the CTranslate2 folder to write")
+    p.add_argument("--quantization", default="int8", help="CT2 weight type (default int8)")
+    p.set_defaults(func=_convert)
     from pool.client import add_client_commands
 
     add_client_commands(sub)

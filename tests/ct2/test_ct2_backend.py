@@ -24,7 +24,6 @@ from pool.manager import PoolManager
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (run `make install`)")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (run `make install`)")
 
-from backends.ct2 import CT2Backend, model_kind  # noqa: E402
 from models.tiny_ct2 import (  # noqa: E402
     expected_continuation,
     expected_translation,
@@ -32,6 +31,8 @@ from models.tiny_ct2 import (  # noqa: E402
     write_tiny_ct2_translator,
 )
 from models.tiny_gguf import RAW_TEMPLATE  # noqa: E402
+
+from backends.ct2 import CT2Backend, model_kind  # noqa: E402
 
 LIMIT_S = 20
 
@@ -44,6 +45,19 @@ def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["chat_template"] = RAW_TEMPLATE
     config_path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_unbounded(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_raw`` without a context limit: jobs run until cancelled, however slow the machine."""
+    path = tmp_path_factory.mktemp("ct2") / "gen-unbounded"
+    path.mkdir()
+    for f in tiny_raw.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["model_max_length"]
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return path
 
 
@@ -161,6 +175,10 @@ async def pool(tiny_raw: Path, request: pytest.FixtureRequest) -> Any:
 
 
 TRANSLATOR = pytest.mark.parametrize("pool", [("tiny_translator", {})], indirect=True)
+#: For jobs that must still be running when the test stops them.
+UNBOUNDED = pytest.mark.parametrize("pool", [("tiny_unbounded", {})], indirect=True)
+#: Outlives any test: an unbounded job ends only when it is cancelled.
+FOREVER = 10**9
 
 
 # ---------------------------------------------------------------------------- one request
@@ -269,10 +287,11 @@ async def test_concurrent_requests_are_batched_and_each_is_exactly_its_alone_res
     assert backend.max_batch > 1, backend.describe()
 
 
+@UNBOUNDED
 async def test_newcomers_join_a_running_call_and_it_stays_exact(pool: PoolManager) -> None:
     backend = backend_of(pool)
     with trio.fail_after(LIMIT_S):
-        blocker = Job(request("a", max_tokens=2000))
+        blocker = Job(request("a", max_tokens=FOREVER))
         pool.submit(blocker, allow_remote=False)
         events = blocker.events()
         first = await events.receive()  # the blocker is generating
@@ -289,15 +308,17 @@ async def test_newcomers_join_a_running_call_and_it_stays_exact(pool: PoolManage
                 text += event.text
             else:
                 assert isinstance(event, Done)
+                done = event
                 break
         # restarted mid-way, the blocker still produced exactly its own continuation
-        assert event.stats.finish_reason == "cancelled"
-        assert 0 < len(text) < 2000 and text == expected_continuation("a", len(text))
+        assert done.stats.finish_reason == "cancelled"
+        assert len(text) > 0 and text == expected_continuation("a", len(text))
 
 
+@UNBOUNDED
 async def test_cancelling_one_job_mid_batch_leaves_the_others_exact(pool: PoolManager) -> None:
     cases = [("x", 300), ("b", 250), ("q", 280)]
-    victim = Job(request("m", max_tokens=400))
+    victim = Job(request("m", max_tokens=FOREVER))
     with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             results: dict[str, Done] = {}
@@ -319,7 +340,7 @@ async def test_cancelling_one_job_mid_batch_leaves_the_others_exact(pool: PoolMa
                     done = event
                     break
         assert done.stats.finish_reason == "cancelled"
-        assert done.text == got == expected_continuation("m", len(got)) and len(got) < 400
+        assert done.text == got == expected_continuation("m", len(got))
         for text, n in cases:
             assert results[text].text == expected_continuation(text, n)
             assert results[text].stats.finish_reason == "length"
@@ -339,16 +360,61 @@ async def test_requests_with_different_sampling_settings_each_stay_exact(pool: P
         assert done.text == expected_continuation(req.input, req.decoding.max_tokens), req
 
 
-async def test_unload_ends_every_running_and_waiting_job(pool: PoolManager) -> None:
-    jobs = [Job(request(t, max_tokens=100_000)) for t in "abcd"]
+@UNBOUNDED
+async def test_a_job_that_cannot_join_gets_the_replica_after_a_slice(pool: PoolManager) -> None:
+    backend = backend_of(pool)
     with trio.fail_after(LIMIT_S):
-        for job in jobs:
+        await run(pool, request("The prefill of this prompt is timed: " * 4))  # learn the prefill cost
+        blocker = Job(request("a", max_tokens=FOREVER))
+        pool.submit(blocker, allow_remote=False)
+        events = blocker.events()
+        first = await events.receive()
+        assert isinstance(first, Delta)
+        # other sampling settings cannot share the never-ending greedy call: it yields to them
+        _, done = await run(pool, request("x", max_tokens=5, temperature=1.0, top_k=5))
+        assert done.text == "yzabc"
+        assert backend.yields >= 1, backend.describe()
+        blocker.cancel()
+        text = first.text
+        async for event in events:
+            if isinstance(event, Delta):
+                text += event.text
+        # paused and resumed, the blocker's text is still exactly its own continuation
+        assert blocker.stats is not None and blocker.stats.finish_reason == "cancelled"
+        assert text == expected_continuation("a", len(text))
+
+
+@UNBOUNDED
+async def test_a_cancelled_job_that_waits_for_the_next_call_leaves_at_once(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        blocker = Job(request("a", max_tokens=FOREVER))
+        pool.submit(blocker, allow_remote=False)
+        assert isinstance(await blocker.events().receive(), Delta)
+        # other sampling settings: it cannot share the blocker's call, so it waits in the backend
+        waiter = Job(request("x", temperature=1.0, top_k=5))
+        pool.submit(waiter, allow_remote=False)
+        await waiter.started.wait()
+        assert waiter.state == "running"
+        waiter.cancel()
+        done = await waiter.result()
+        assert (done.text, done.stats.finish_reason, done.stats.output_tokens) == ("", "cancelled", 0)
+        assert not blocker.ended
+        blocker.cancel()
+        assert (await blocker.result()).stats.finish_reason == "cancelled"
+
+
+@UNBOUNDED
+async def test_unload_ends_every_running_and_waiting_job(pool: PoolManager) -> None:
+    jobs = [Job(request(t, max_tokens=FOREVER)) for t in "abc"]
+    waiter = Job(request("d", max_tokens=FOREVER, temperature=1.0, top_k=5))
+    with trio.fail_after(LIMIT_S):
+        for job in [*jobs, waiter]:
             pool.submit(job, allow_remote=False)
-        async for event in jobs[0].events():
-            assert isinstance(event, Delta)
-            break
+        for job in jobs:  # in the backend, generating
+            assert isinstance(await job.events().receive(), Delta)
+        await waiter.started.wait()  # in the backend, waiting for the next call
         await pool.unload("tiny", drain_timeout=0)
-        for job in jobs:
+        for job in [*jobs, waiter]:
             with pytest.raises(PoolError) as info:
                 await job.result()
             assert info.value.code == "request_cancelled"
@@ -386,7 +452,9 @@ async def test_translator_language_codes_pick_the_target_language_token(pool: Po
 @TRANSLATOR
 async def test_translator_batches_exactly(pool: PoolManager) -> None:
     codes = ["fr", "de", "es", "en", None, "fr", "de", None]
-    reqs = [translation("x" * (i + 1), "en", c, max_tokens=4 + i, stop=["8"] if i == 5 else []) for i, c in enumerate(codes)]
+    reqs = [
+        translation("x" * (i + 1), "en", c, max_tokens=4 + i, stop=["8"] if i == 5 else []) for i, c in enumerate(codes)
+    ]
     with trio.fail_after(LIMIT_S):
         results = await run_all(pool, reqs)
     for i, (code, (_, done)) in enumerate(zip(codes, results, strict=True)):

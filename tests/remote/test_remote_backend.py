@@ -37,7 +37,7 @@ async def test_json_request_body_headers_text_and_usage(start: StartPool, up: Fa
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["output_text"] == "Bonjour."
-    assert body["output"][0]["content"] == [{"type": "output_text", "text": "Bonjour.", "annotations": []}]
+    assert body["output"] == [{"type": "output_text", "text": "Bonjour."}]
     metrics = body["metrics"]
     assert (metrics["engine_prompt_tokens"], metrics["engine_output_tokens"]) == (21, 4)
     assert metrics["request_cost"] is None  # no prices configured
@@ -389,7 +389,7 @@ async def test_unload_cancels_a_running_request(start: StartPool, up: FakeUpstre
         result[0],
         503,
         "request_cancelled",
-        "request to model 'r' was cancelled: model unloaded; the request did not finish within the 0s drain",
+        "request to model 'r' was cancelled: model unloaded with force",
     )
     assert [e["event"] for e in pool.ledger()] == ["reserved", "failed_usage_unknown"]
 
