@@ -189,7 +189,7 @@ def wants_openai_items() -> bool:
 
 
 def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
-    app = QuartTrio("llm_pool")
+    app = QuartTrio("llm_pool", static_folder=None)  # no /static route serving the working directory
     app.config["MAX_CONTENT_LENGTH"] = settings.service.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # long SSE streams must not be cut at 60 s
     app.config["BODY_TIMEOUT"] = 60

@@ -9,11 +9,18 @@ here; HTTP routes only decode, call and encode.  Each model's lifetime is one ta
 manager's nursery (running :meth:`ModelRuntime.run`), so a client that disconnects from an admin
 call never interrupts a load.
 
+Idle unload (Ollama's keep-alive): a model with ``idle_unload_after_s`` is unloaded once it has
+had no queued or running request for that long.  The timer starts when the model becomes
+``loaded`` (by autoload or an admin load alike) and again whenever its last request ends; a
+request arriving, a resize in progress or any state change stops it.  It is one task per loaded
+model in the manager's nursery (:meth:`PoolManager._unload_when_idle`), gone with the load.
+
 This module must not import quart.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -57,6 +64,15 @@ class ModelEntry:
         #: GPU memory delta observed during the last load (kept across unload).
         self.observed_vram_mib: float | None = None
         self.observed_vram_replicas: int | None = None
+        #: Requests admitted and not ended yet (queued or running): what idle unload watches.
+        self.pending_jobs = 0
+        #: Set (and replaced) whenever ``pending_jobs``, the state or a resize changes.
+        self.activity = trio.Event()
+
+    def touch(self) -> None:
+        """Wake whoever waits on :attr:`activity` (the idle-unload timer)."""
+        self.activity.set()
+        self.activity = trio.Event()
 
 
 class PoolManager:
@@ -80,6 +96,11 @@ class PoolManager:
         self._nursery: trio.Nursery | None = None
         #: Called as ``hook(entry, before, after)`` on every state change (metrics, logs).
         self.state_hooks: list[Callable[[ModelEntry, State, State], None]] = []
+        #: Called as ``hook(job, error)`` once per request that reached admission for a
+        #: configured model: when admission refuses it (``error`` set and ``job.ended`` False: it
+        #: never queued), else when it ends, however (see :attr:`pool.jobs.Job.on_end`).
+        #: The one place request outcomes are seen (metrics).
+        self.job_hooks: list[Callable[[Job, PoolError | None], None]] = []
         #: Measures GPU memory for load deltas; None where no GPU is visible.
         self.gpu_used_mib: Callable[[], float | None] = lambda: None
 
@@ -98,8 +119,16 @@ class PoolManager:
     def _set_state(self, entry: ModelEntry, state: State) -> None:
         before, entry.state = entry.state, state
         if before != state:
+            entry.touch()
             for hook in self.state_hooks:
                 hook(entry, before, state)
+
+    def _run_job_hooks(self, job: Job, error: PoolError | None) -> None:
+        for hook in self.job_hooks:
+            try:
+                hook(job, error)
+            except Exception:  # a metrics bug must never fail a request
+                log.exception("job hook %r failed", hook)
 
     # ------------------------------------------------------------------ queries
     def entry(self, name: str) -> ModelEntry:
@@ -155,14 +184,28 @@ class PoolManager:
         A backend may define ``admit(job, submit)`` to wrap the queueing in its own admission;
         the remote backend reserves the request's cost there (400/429 before the queue).
         """
-        entry = self.check_admission(job.request.model, allow_remote=allow_remote)
-        assert entry.runtime is not None
-        admit = next((getattr(r.backend, "admit", None) for r in entry.runtime.serving_replicas), None)
-        if admit is not None:
-            admit(job, entry.runtime.submit_nowait)
-        else:
-            entry.runtime.submit_nowait(job)
+        try:
+            entry = self.check_admission(job.request.model, allow_remote=allow_remote)
+            assert entry.runtime is not None
+            admit = next((getattr(r.backend, "admit", None) for r in entry.runtime.serving_replicas), None)
+            if admit is not None:
+                admit(job, entry.runtime.submit_nowait)
+            else:
+                entry.runtime.submit_nowait(job)
+        except PoolError as e:
+            if job.request.model in self.entries:  # never a label per unknown name
+                self._run_job_hooks(job, e)
+            raise
+        # queued: nothing can end it before this synchronous code returns
+        entry.pending_jobs += 1
+        entry.touch()
+        job.on_end.append(functools.partial(self._job_ended, entry))
         return entry
+
+    def _job_ended(self, entry: ModelEntry, job: Job, error: PoolError | None) -> None:
+        entry.pending_jobs -= 1
+        entry.touch()
+        self._run_job_hooks(job, error)
 
     # ------------------------------------------------------------------ load
     def _make_runtime(self, entry: ModelEntry, model: ModelSettings, replicas: int) -> ModelRuntime:
@@ -210,6 +253,9 @@ class PoolManager:
             self._set_state(entry, "loaded")
             entry.load_done.set()
             log.info("model %s loaded with %d replica(s)", entry.name, replicas)
+            idle_s = (entry.loaded_settings or entry.settings).idle_unload_after_s
+            if idle_s is not None and self._nursery is not None:
+                self._nursery.start_soon(self._unload_when_idle, entry, runtime, idle_s, name=f"idle unload {entry.name}")
 
         try:
             await runtime.run(replicas, on_loaded=on_loaded)
@@ -302,16 +348,50 @@ class PoolManager:
                 model=name,
                 param="replicas",
             )
-        async with entry.resize_lock:
-            runtime = check_loaded()  # again: it may have changed while this call waited its turn
-            try:
-                with trio.CancelScope(shield=True):
-                    await runtime.resize(replicas, drain_timeout=entry.settings.drain_timeout_s)
-            except LoadFailed as e:
-                if not runtime.admitting:  # the model is being unloaded (or died) meanwhile
-                    raise model_unloading(name) from None
-                raise PoolError(500, "model_load_failed", f"model {name!r}: new replica failed to load: {e}", model=name) from None
+        try:
+            async with entry.resize_lock:
+                entry.touch()  # the idle timer stops while a resize runs...
+                runtime = check_loaded()  # again: it may have changed while this call waited its turn
+                try:
+                    with trio.CancelScope(shield=True):
+                        await runtime.resize(replicas, drain_timeout=entry.settings.drain_timeout_s)
+                except LoadFailed as e:
+                    if not runtime.admitting:  # the model is being unloaded (or died) meanwhile
+                        raise model_unloading(name) from None
+                    raise PoolError(500, "model_load_failed", f"model {name!r}: new replica failed to load: {e}", model=name) from None
+        finally:
+            entry.touch()  # ...and starts again once it ended (the lock is released by now)
         return entry
+
+    # ------------------------------------------------------------------ idle unload
+    async def _unload_when_idle(self, entry: ModelEntry, runtime: ModelRuntime, after_s: float) -> None:
+        """Unload ``entry`` once it has had no queued or running request, and no resize, for
+        ``after_s`` seconds in a row (see the module docstring).  Returns when the load it was
+        started for ends, whoever ended it.
+
+        Cancellation: cancelled with the manager (shutdown); an unload it began finishes first
+        (:meth:`unload` shields itself).
+        """
+        def this_load() -> bool:
+            return entry.runtime is runtime and entry.state == "loaded"
+
+        def busy() -> bool:
+            return entry.pending_jobs > 0 or entry.resize_lock.locked()
+
+        while this_load():
+            changed = entry.activity
+            if busy():
+                await changed.wait()
+                continue
+            with trio.move_on_after(after_s) as timer:
+                await changed.wait()
+            if timer.cancelled_caught and this_load() and not busy():
+                log.info(
+                    "idle unload",
+                    extra={"fields": {"action": "idle_unload", "model": entry.name, "idle_unload_after_s": after_s}},
+                )
+                await self.unload(entry.name)
+                return
 
     def reload(self, settings: Settings) -> dict[str, Any]:
         """Adopt a newly read catalog; never loads or unloads anything.

@@ -1,0 +1,230 @@
+"""Prometheus metrics: what runs and waits, how each request ended, how long it took.
+
+Names follow vLLM's (``vllm:num_requests_running`` → ``llm_pool:num_requests_running``); every
+per-request series is labelled by ``model`` (never by replica), and every configured model has
+all of its series from the first scrape, at 0.
+
+Read from the manager at scrape time (a custom collector, so they are never stale):
+
+=========================================  =====  =================================================
+``llm_pool:num_requests_running``          gauge  ``{model}`` requests on a replica now
+``llm_pool:num_requests_waiting``          gauge  ``{model}`` requests in the model's queue now
+``llm_pool:model_state``                   gauge  ``{model,state}`` 1 for the model's current state
+                                                  (unloaded, loading, loaded, unloading, failed)
+``llm_pool:loaded_replicas``               gauge  ``{model}`` replicas serving (or draining)
+``llm_pool:gpu_memory_used_bytes``         gauge  ``{gpu,gpu_name}`` per device; absent without
+``llm_pool:gpu_memory_total_bytes``        gauge  a visible NVIDIA GPU
+=========================================  =====  =================================================
+
+Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hooks`):
+
+==============================================  =========  ============================================
+``llm_pool:request_outcomes_total``             counter    ``{model,reason}`` see :data:`REASONS`
+``llm_pool:request_queue_time_seconds``         histogram  submitted → dispatched to a replica
+``llm_pool:time_to_first_token_seconds``        histogram  submitted → first output chunk
+``llm_pool:request_inference_time_seconds``     histogram  inside the backend (begin → end)
+``llm_pool:e2e_request_latency_seconds``        histogram  submitted → ended, every admitted request
+``llm_pool:prompt_tokens_total``                counter    as the backend counted them
+``llm_pool:generation_tokens_total``            counter    as the backend counted them
+==============================================  =========  ============================================
+
+A request is counted once it reaches admission for a *configured* model: refused there (queue
+full, model not loaded, ``allow_remote`` missing, budget) it gets an outcome and nothing else;
+admitted, it gets an outcome and an end-to-end latency when it ends, plus a queue time if it
+reached a replica and a time to first token if it produced output.  Requests naming an unknown
+model (unbounded label values) or refused before admission (malformed body, 401) are not counted.
+
+Each app has its own :class:`prometheus_client.CollectorRegistry` (:class:`PoolMetrics`), never
+the process-global one, so any number of apps can live in one process (tests).
+
+This module imports no quart and reads GPUs only through what its caller hands it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from pool.errors import PoolError
+from pool.jobs import Job
+from pool.manager import PoolManager
+
+PREFIX = "llm_pool:"
+
+#: Every ``reason`` label of ``llm_pool:request_outcomes_total``, and what it means.
+REASONS: dict[str, str] = {
+    "ok": "finished: end of text, a stop string or max_tokens",
+    "cancelled": "503 request_cancelled, or stopped early by its stop flag: the client went away, "
+    "or an unload/resize/shutdown cancelled it past its drain",
+    "rejected_queue_full": "429 executor_queue_full at admission",
+    "queue_timeout": "503 queue_timeout: waited longer than queue_timeout_s",
+    "backend_error": "502 backend_error: the runtime failed or died",
+    "upstream_error": "upstream_* (502/504/429): the remote API failed",
+    "model_unavailable": "409 model_not_loaded/loading/unloading/failed at admission, or "
+    "model_unloading for a request still queued when its model began unloading",
+    "shutting_down": "503 shutting_down: refused, or still queued, when the server began stopping",
+    "rejected_remote_disallowed": "403 remote_execution_disallowed at admission",
+    "rejected_budget": "request_cost_exceeds_max, budget_exceeded or cost_ledger_unavailable at "
+    "admission (remote models with a budget)",
+    "invalid_request": "400 invalid_request from the backend (e.g. a prompt longer than the context)",
+    "error": "any other error (a bug if it shows up)",
+}
+
+_REASON_OF_CODE = {
+    "request_cancelled": "cancelled",
+    "executor_queue_full": "rejected_queue_full",
+    "queue_timeout": "queue_timeout",
+    "backend_error": "backend_error",
+    "model_not_loaded": "model_unavailable",
+    "model_loading": "model_unavailable",
+    "model_unloading": "model_unavailable",
+    "model_failed": "model_unavailable",
+    "shutting_down": "shutting_down",
+    "remote_execution_disallowed": "rejected_remote_disallowed",
+    "request_cost_exceeds_max": "rejected_budget",
+    "budget_exceeded": "rejected_budget",
+    "cost_ledger_unavailable": "rejected_budget",
+    "invalid_request": "invalid_request",
+}
+
+STATES = ("unloaded", "loading", "loaded", "unloading", "failed")
+
+# Buckets in seconds: local CPU models answer in tens of ms to minutes; queues can be long.
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+MIB = 2**20
+
+
+class GpuMemory(Protocol):
+    """What :func:`admin.gpu.read_gpus` returns per device (only these fields are read)."""
+
+    index: int
+    name: str
+    used_mib: int
+    total_mib: int
+
+
+def outcome_reason(job: Job, error: PoolError | None) -> str:
+    """The ``reason`` label for a request that ended (or was refused) with ``error``."""
+    if error is None:
+        stats = job.stats
+        return "cancelled" if stats is not None and stats.finish_reason == "cancelled" else "ok"
+    if error.code.startswith("upstream_"):
+        return "upstream_error"
+    return _REASON_OF_CODE.get(error.code, "error")
+
+
+class PoolStateCollector(Collector):
+    """The gauges read from the manager at scrape time (and the GPU snapshot handed in)."""
+
+    def __init__(self, manager: PoolManager) -> None:
+        self.manager = manager
+        #: Set right before each scrape by :meth:`PoolMetrics.render`.
+        self.gpus: Sequence[GpuMemory] = ()
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests running on a replica.", labels=["model"])
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting in the model's queue.", labels=["model"])
+        state = GaugeMetricFamily(
+            PREFIX + "model_state", "1 for the model's current state, 0 for the others.", labels=["model", "state"]
+        )
+        replicas = GaugeMetricFamily(
+            PREFIX + "loaded_replicas", "Replicas serving the model (draining ones included).", labels=["model"]
+        )
+        for name, entry in sorted(self.manager.entries.items()):
+            rt = entry.runtime
+            running.add_metric([name], rt.running if rt else 0)
+            waiting.add_metric([name], rt.waiting if rt else 0)
+            for s in STATES:
+                state.add_metric([name, s], 1.0 if entry.state == s else 0.0)
+            live = [r for r in rt.replicas if r.state in ("serving", "retiring")] if rt else []
+            replicas.add_metric([name], len(live))
+        yield from (running, waiting, state, replicas)
+        if self.gpus:
+            used = GaugeMetricFamily(PREFIX + "gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu", "gpu_name"])
+            total = GaugeMetricFamily(PREFIX + "gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["gpu", "gpu_name"])
+            for g in self.gpus:
+                used.add_metric([str(g.index), g.name], g.used_mib * MIB)
+                total.add_metric([str(g.index), g.name], g.total_mib * MIB)
+            yield from (used, total)
+
+
+class PoolMetrics:
+    """One app's metrics: its registry, the per-request series, and the state collector.
+
+    Creating it subscribes :meth:`observe` to ``manager.job_hooks``.
+    """
+
+    def __init__(self, manager: PoolManager) -> None:
+        self.manager = manager
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.outcomes = Counter(
+            PREFIX + "request_outcomes", "Requests by how they ended (see REASONS).", ["model", "reason"], registry=r
+        )
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds", "Submitted to dispatched to a replica.", ["model"],
+            buckets=QUEUE_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Submitted to the first output chunk.", ["model"],
+            buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.inference = Histogram(
+            PREFIX + "request_inference_time_seconds", "Time inside the backend.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Submitted to ended, for every admitted request.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.state = PoolStateCollector(manager)
+        r.register(self.state)
+        manager.job_hooks.append(self.observe)
+
+    def observe(self, job: Job, error: PoolError | None) -> None:
+        """Count one request that ended, or that admission refused (``job.ended`` False)."""
+        model = job.request.model
+        self.outcomes.labels(model, outcome_reason(job, error)).inc()
+        if not job.ended or job.t_done is None:  # refused at admission: never queued
+            return
+        start = job.t_submitted
+        self.e2e.labels(model).observe(job.t_done - start)
+        if job.t_dispatched is not None:
+            self.queue_time.labels(model).observe(job.t_dispatched - start)
+        if job.t_first_output is not None:
+            self.ttft.labels(model).observe(job.t_first_output - start)
+        if job.t_dispatched is not None and job.t_backend_begin is not None and job.t_backend_end is not None:
+            self.inference.labels(model).observe(job.t_backend_end - job.t_backend_begin)
+        stats = job.stats
+        if stats is not None:
+            self.prompt_tokens.labels(model).inc(stats.prompt_tokens or 0)
+            self.generation_tokens.labels(model).inc(stats.output_tokens or 0)
+
+    def _zero_series(self, models: Iterable[str]) -> None:
+        """Every configured model gets every series (at 0), so ``rate()`` works from the start."""
+        for model in models:
+            for reason in REASONS:
+                self.outcomes.labels(model, reason)
+            for metric in (self.queue_time, self.ttft, self.inference, self.e2e, self.prompt_tokens, self.generation_tokens):
+                metric.labels(model)
+
+    def render(self, accept: str | None = None, gpus: Sequence[GpuMemory] = ()) -> tuple[bytes, str]:
+        """The exposition for an ``Accept`` header (Prometheus text, or OpenMetrics when asked
+        for) and its content type.  ``gpus``: this scrape's GPU readings (none: no GPU series)."""
+        self._zero_series(self.manager.entries)
+        self.state.gpus = gpus
+        encoder, content_type = choose_encoder(accept or "")
+        try:
+            return encoder(self.registry), content_type
+        finally:
+            self.state.gpus = ()

@@ -1,0 +1,422 @@
+"""The OpenAPI 3.1 document of the whole HTTP API (``GET /openapi.json``).
+
+Schemas are generated from the same msgspec Structs the routes decode and encode
+(``msgspec.json.schema_components``), so a field added to a Struct shows up here by itself.  The
+operations are listed by hand in :data:`OPERATIONS`, one per route (method and path) of the app;
+``tests/ops/test_openapi.py`` walks ``app.url_map`` and fails when a route is missing here or an
+operation has no route, so the document stays in sync as routes are added.
+
+The admin routes build their rows as dicts (``admin.routes.model_row``); the Structs below
+(``AdminModel`` and friends) describe them, with ``forbid_unknown_fields`` so a test that decodes
+real responses with them fails when a row gains a key this document does not know.
+
+This module does no I/O; importing it imports no quart (the route Structs are imported when the
+document is built).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Literal
+
+import msgspec
+
+from config import ModelSettings
+
+#: Werkzeug rules of the app that are deliberately not documented, by endpoint, with why.
+UNDOCUMENTED_ENDPOINTS = {
+    # Quart adds /static/<filename> for a static folder beside the app's root path; llm-pool
+    # serves no files from it (the status page is a route), so it is not part of the API.
+    "static": "Quart's built-in static-file route; llm-pool ships no files there",
+}
+
+_RULE_PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def openapi_path(werkzeug_rule: str) -> str:
+    """``/v1/admin/models/<path:name>/load`` → ``/v1/admin/models/{name}/load``."""
+    return _RULE_PARAM.sub(r"{\1}", werkzeug_rule)
+
+
+# --------------------------------------------------------------------------- admin response shapes
+class _Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LoadConstraint(_Doc):
+    """What a load override accepts (for a form): an int range or a set of values."""
+
+    kind: Literal["int", "enum"]
+    default: Any
+    minimum: int | None = None
+    maximum: int | None = None
+    step: int | None = None
+    allowed_values: list[Any] | None = None
+
+
+class ReplicaDetail(_Doc):
+    name: str
+    state: Literal["loading", "serving", "retiring", "stopped", "dead"]
+    active: int
+    capacity: int
+    error: str | None
+
+
+class AdminModel(_Doc):
+    """One configured model as the admin API shows it (``admin.routes.model_row``)."""
+
+    name: str
+    resolved_backend: Literal["ct2", "exllamav3", "gguf", "openai_compatible"]
+    configured_enabled: bool
+    runtime_state: Literal["unloaded", "loading", "loaded", "unloading", "failed"]
+    is_loaded: bool
+    #: Live replicas when loaded, else the configured count.
+    replicas: int
+    replica_max: int
+    loaded_replicas: int
+    #: Queued + running.
+    inflight_requests: int
+    queue_depth: int
+    runtime_inflight: int
+    configured_target_inflight: int
+    effective_target_inflight: int | None
+    last_error: str | None
+    vram_estimate_mib: float | None
+    vram_estimate_replica_count: int | None
+    vram_estimate_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
+    load_constraints: dict[str, LoadConstraint]
+    load_recommendations: dict[str, Any]
+    load_override: dict[str, Any] | None
+    replica_details: list[ReplicaDetail]
+    #: The model's settings as configured (never a secret: keys are named by variable).
+    definition: ModelSettings
+    #: Remote models: today's spend and remaining budget from the cost ledger.
+    remote_cost: dict[str, Any] | None
+
+
+class AdminModels(_Doc):
+    models: list[AdminModel]
+
+
+class ReloadResult(_Doc):
+    added_models: list[str]
+    removed_models: list[str]
+    updated_models: list[str]
+    unchanged_models: list[str]
+    #: ``[service]`` changed: those settings apply only after a restart.
+    service_restart_required: bool
+
+
+class GpuRow(_Doc):
+    index: int
+    name: str
+    used_mib: int
+    total_mib: int
+    used_over_total: str
+
+
+class GpuModelRow(_Doc):
+    name: str
+    runtime_state: Literal["unloaded", "loading", "loaded", "unloading", "failed"]
+    is_loaded: bool
+    configured_target_inflight: int
+    effective_target_inflight: int | None
+    vram_estimate_mib: float | None
+    vram_estimate_replica_count: int | None
+    vram_estimate_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
+
+
+class GpuMemoryReport(_Doc):
+    gpus: list[GpuRow]
+    models: list[GpuModelRow]
+    #: Why no GPU could be read (no NVIDIA GPU or driver), else null.
+    error: str | None
+
+
+# --------------------------------------------------------------------------- operations
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request or response body: a Struct (or a JSON Schema dict) per content type."""
+
+    description: str
+    content: dict[str, Any] = field(default_factory=dict)
+    #: For SSE bodies: the Struct each ``data:`` line carries (``x-sse-data``).
+    sse_data: Any = None
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: Literal["path", "query"]
+    schema: dict[str, Any]
+    description: str
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    tag: str
+    responses: dict[int, Body]
+    request: Any = None
+    #: False where an empty body means "all defaults" (admin load and unload).
+    body_required: bool = True
+    params: tuple[Param, ...] = ()
+    #: Which bearer token guards it (only when the settings name one): "api", "admin" or None.
+    auth: Literal["api", "admin"] | None = None
+    description: str = ""
+
+
+NAME = Param("name", "path", {"type": "string"}, "A configured model's name (it may contain slashes).")
+
+
+def _errors(*statuses: int) -> dict[int, Body]:
+    from pool.api import ErrorBody
+
+    why = {
+        400: "Invalid request (the message names the field; `param` is its JSON path).",
+        401: "Missing or wrong bearer token.",
+        403: "A remote model without `allow_remote: true`.",
+        404: "Unknown model, or no such route.",
+        409: "The model's state does not allow it (not loaded, loading, unloading, failed), or a conflict.",
+        413: "Body larger than `service.max_body_bytes`.",
+        429: "The model's queue is full (`Retry-After`), or a remote rate limit or budget.",
+        500: "The runtime refused to load the model.",
+        502: "The backend or the remote API failed.",
+        503: "Queue timeout, cancelled (unload, shutdown), or shutting down.",
+        504: "The remote API timed out.",
+    }
+    return {s: Body(why[s], {JSON: ErrorBody}) for s in statuses}
+
+
+def operations() -> list[Operation]:
+    """Every documented route, in the document's order."""
+    from admin.routes import LoadRequest, ResizeRequest, UnloadRequest
+    from pool.api import (
+        ChatCompletion,
+        ChatCompletionChunk,
+        ChatCompletionRequest,
+        ModelsList,
+        ResponseBody,
+        ResponsesRequest,
+    )
+    from pool.ops import Live, ModelReadiness, Readiness
+
+    inference_errors = _errors(400, 401, 403, 404, 409, 413, 429, 502, 503, 504)
+    admin_row = {200: Body("The model's row after the call.", {JSON: AdminModel})}
+    return [
+        Operation(
+            "post", "/v1/responses", "Generate a response (JSON, or SSE with stream: true)", "inference",
+            request=ResponsesRequest,
+            responses={
+                200: Body(
+                    "The response; with `stream: true` Server-Sent Events `event: <type>` / `data: <json>`: "
+                    "`response.created`, `response.in_progress`, `response.output_item.added`, "
+                    "`response.content_part.added`, `response.output_text.delta` per chunk, "
+                    "`response.output_text.done`, `response.content_part.done`, `response.output_item.done`, "
+                    "`response.metrics`, `response.completed` (with `output_text`); `error` on a failure "
+                    "after the stream began.",
+                    {JSON: ResponseBody, SSE: {"type": "string"}},
+                ),
+                **inference_errors,
+            },
+            auth="api",
+        ),
+        Operation(
+            "post", "/v1/chat/completions", "OpenAI Chat Completions (JSON, or SSE with stream: true)", "inference",
+            request=ChatCompletionRequest,
+            responses={
+                200: Body(
+                    "A `chat.completion`; with `stream: true` Server-Sent Events `data: <chat.completion.chunk>` "
+                    "ending with `data: [DONE]`.",
+                    {JSON: ChatCompletion, SSE: {"type": "string"}},
+                    sse_data=ChatCompletionChunk,
+                ),
+                **inference_errors,
+            },
+            auth="api",
+        ),
+        Operation(
+            "get", "/v1/models", "Loaded models (llm-pool's `models` and OpenAI's `data`)", "inference",
+            responses={200: Body("The loaded models, sorted.", {JSON: ModelsList}), **_errors(401)},
+            auth="api",
+        ),
+        Operation(
+            "get", "/v1/admin/models", "Every configured model's row", "admin",
+            responses={200: Body("One row per configured model.", {JSON: AdminModels}), **_errors(401)},
+            auth="admin",
+        ),
+        Operation(
+            "get", "/v1/admin/models/{name}", "One model's row", "admin", params=(NAME,),
+            responses={200: Body("The model's row.", {JSON: AdminModel}), **_errors(401, 404)},
+            auth="admin",
+        ),
+        Operation(
+            "post", "/v1/admin/models/{name}/load", "Load a model (optional runtime-only overrides)", "admin",
+            params=(NAME,), request=LoadRequest, body_required=False,
+            responses={**admin_row, **_errors(400, 401, 404, 409, 500, 503)},
+            auth="admin",
+            description="Waits until the load ended. 409 `insufficient_gpu_memory` unless `force`.",
+        ),
+        Operation(
+            "post", "/v1/admin/models/{name}/unload", "Unload a model gracefully", "admin",
+            params=(
+                NAME,
+                Param("drain_timeout_s", "query", {"type": "number", "minimum": 0},
+                      "Seconds running requests get to finish (overrides the body and the model's setting)."),
+                Param("force", "query", {"type": "boolean"}, "Cancel running requests at once."),
+            ),
+            request=UnloadRequest, body_required=False,
+            responses={**admin_row, **_errors(400, 401, 404, 409)},
+            auth="admin",
+        ),
+        Operation(
+            "post", "/v1/admin/models/{name}/replicas", "Resize a loaded model within replica_max", "admin",
+            params=(NAME,), request=ResizeRequest,
+            responses={**admin_row, **_errors(400, 401, 404, 409, 500)},
+            auth="admin",
+        ),
+        Operation(
+            "post", "/v1/admin/settings/reload", "Re-read the settings files (never loads or unloads)", "admin",
+            responses={200: Body("What changed.", {JSON: ReloadResult}), **_errors(400, 401, 409)},
+            auth="admin",
+        ),
+        Operation(
+            "get", "/v1/admin/gpu-memory", "GPU memory (NVML) and each model's VRAM estimate", "admin",
+            responses={200: Body("Per GPU and per model.", {JSON: GpuMemoryReport}), **_errors(401)},
+            auth="admin",
+        ),
+        Operation(
+            "get", "/metrics", "Prometheus metrics", "operations",
+            responses={
+                200: Body(
+                    "Prometheus text exposition (OpenMetrics when the `Accept` header asks for it); "
+                    "series in the `llm_pool:` namespace, labelled by model.",
+                    {"text/plain": {"type": "string"}, "application/openmetrics-text": {"type": "string"}},
+                )
+            },
+        ),
+        Operation(
+            "get", "/health/live", "Liveness: the process serves HTTP", "operations",
+            responses={200: Body("Always, while the server runs.", {JSON: Live})},
+        ),
+        Operation(
+            "get", "/health/ready", "Readiness: every enabled model is loaded", "operations",
+            responses={
+                200: Body("Ready.", {JSON: Readiness}),
+                503: Body("Not ready: a model is not loaded yet (or failed), or the server is draining.",
+                          {JSON: Readiness}),
+            },
+        ),
+        Operation(
+            "get", "/health/ready/{model}", "One model's readiness", "operations",
+            params=(Param("model", "path", {"type": "string"}, "A configured model's name."),),
+            responses={
+                200: Body("The model is loaded.", {JSON: ModelReadiness}),
+                503: Body("The model is not loaded, or the server is draining.", {JSON: ModelReadiness}),
+                **_errors(404),
+            },
+        ),
+        Operation(
+            "get", "/openapi.json", "This document", "operations",
+            responses={200: Body("OpenAPI 3.1.", {JSON: {"type": "object"}})},
+        ),
+        Operation(
+            "get", "/", "The status page", "operations",
+            responses={200: Body("HTML: models, states, queues, load/unload/resize buttons.", {"text/html": {"type": "string"}})},
+        ),
+        Operation(
+            "get", "/admin", "The status page (same as /)", "operations",
+            responses={200: Body("HTML.", {"text/html": {"type": "string"}})},
+        ),
+    ]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("llm-pool")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0"
+
+
+def build_openapi() -> dict[str, Any]:
+    """The whole document, as builtins ready for JSON."""
+    ops = operations()
+    structs: list[Any] = []
+
+    def ref(kind: Any) -> dict[str, Any]:
+        if isinstance(kind, dict):
+            return kind
+        if kind not in structs:
+            structs.append(kind)
+        return {"$ref": f"#/components/schemas/{kind.__name__}"}
+
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        item: dict[str, Any] = {
+            "operationId": _operation_id(op),
+            "summary": op.summary,
+            "tags": [op.tag],
+            "responses": {},
+        }
+        if op.description:
+            item["description"] = op.description
+        if op.params:
+            item["parameters"] = [
+                {"name": p.name, "in": p.where, "required": p.where == "path", "schema": p.schema, "description": p.description}
+                for p in op.params
+            ]
+        if op.request is not None:
+            item["requestBody"] = {
+                "required": op.body_required,
+                "content": {JSON: {"schema": ref(op.request)}},
+            }
+        for status, body in op.responses.items():
+            out: dict[str, Any] = {"description": body.description}
+            if body.content:
+                out["content"] = {ctype: {"schema": ref(kind)} for ctype, kind in body.content.items()}
+                if body.sse_data is not None:
+                    out["content"][SSE]["x-sse-data"] = ref(body.sse_data)
+            item["responses"][str(status)] = out
+        if op.auth is not None:
+            # optional: a token is needed only when the settings name one
+            item["security"] = [{f"{op.auth}Token": []}, {}]
+        paths.setdefault(op.path, {})[op.method] = item
+
+    _, components = msgspec.json.schema_components(structs, ref_template="#/components/schemas/{name}")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llm-pool",
+            "version": _version(),
+            "description": "Many local and remote language models behind one HTTP API. Errors are "
+            "`{\"error\": {type, code, message, param}, \"detail\": {code, model, message}}`.",
+        },
+        "tags": [
+            {"name": "inference", "description": "Generation (OpenAI-compatible where it says so)."},
+            {"name": "admin", "description": "Load, unload, resize, reload; GPU memory."},
+            {"name": "operations", "description": "Metrics, health probes, this document, the status page; no token."},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "securitySchemes": {
+                "apiToken": {"type": "http", "scheme": "bearer",
+                             "description": "The token in the variable named by service.api_token_env (if set)."},
+                "adminToken": {"type": "http", "scheme": "bearer",
+                               "description": "The token in the variable named by service.admin_token_env (if set)."},
+            },
+        },
+    }
+
+
+def _operation_id(op: Operation) -> str:
+    words = re.sub(r"[{}]", "", op.path).strip("/").replace(".", "_").replace("-", "_").split("/")
+    return op.method + "_" + ("_".join(w for w in words if w) or "root")

@@ -1,0 +1,142 @@
+"""Operator routes: Prometheus metrics, health probes, the OpenAPI document and the status page.
+
+=============================  ============================================================
+``GET /metrics``               Prometheus text (OpenMetrics when the scraper asks for it);
+                               see :mod:`pool.observability` for the series
+``GET /health/live``           200 ``{"status": "live"}`` while the process serves HTTP
+``GET /health/ready``          200 once every enabled model is loaded; 503 before that and
+                               while draining for shutdown; the body lists what is not ready
+``GET /health/ready/{model}``  200 when that model is loaded (and the server not draining),
+                               else 503; 404 ``unknown_model``
+``GET /openapi.json``          the OpenAPI 3.1 document of every route (:mod:`pool.openapi`)
+``GET /`` and ``GET /admin``   the status page (``admin/static/index.html``)
+=============================  ============================================================
+
+None of these is behind a bearer token (only ``/v1/...`` is): probes and scrapers carry no
+credentials, and nothing here changes state or shows a secret.  The status page loads without a
+token and sends the admin token its user types to the admin API.
+
+Thin like :mod:`pool.http`: the metrics live in :mod:`pool.observability`, the readiness rule in
+:meth:`pool.manager.PoolManager.ready`.  GPU memory is read through NVML on a worker thread at
+each scrape (``admin.gpu.read_gpus``; no GPU, no GPU series).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import Any, Literal
+
+import msgspec
+import trio
+from quart import Response, request
+
+from admin import gpu
+from pool.manager import ModelEntry, PoolManager, State
+from pool.observability import PoolMetrics
+
+HTML = "text/html; charset=utf-8"
+#: Probes and scrapes must never be answered from a cache.
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class Live(msgspec.Struct, kw_only=True):
+    """``GET /health/live``."""
+
+    status: Literal["live"] = "live"
+
+
+class ModelReadiness(msgspec.Struct, kw_only=True):
+    """One model's readiness: ``GET /health/ready/{model}``, and the items of
+    :attr:`Readiness.not_ready`."""
+
+    model: str
+    #: True when the model is loaded and the server is not draining for shutdown.
+    ready: bool
+    state: State
+    #: ``enabled`` in the settings: whether ``/health/ready`` waits for it.
+    enabled: bool
+    last_error: str | None
+
+
+class Readiness(msgspec.Struct, kw_only=True):
+    """``GET /health/ready`` (200 when ``status`` is ``ready``, else 503)."""
+
+    status: Literal["ready", "not_ready"]
+    #: True from SIGINT/SIGTERM on: requests are draining, new ones get 503.
+    shutting_down: bool
+    #: Enabled models that are not loaded, in name order.
+    not_ready: list[ModelReadiness]
+
+
+def model_readiness(manager: PoolManager, entry: ModelEntry) -> ModelReadiness:
+    return ModelReadiness(
+        model=entry.name,
+        ready=entry.state == "loaded" and not manager.shutting_down,
+        state=entry.state,
+        enabled=entry.settings.enabled,
+        last_error=entry.last_error,
+    )
+
+
+def readiness(manager: PoolManager) -> Readiness:
+    waiting = [
+        model_readiness(manager, e)
+        for _, e in sorted(manager.entries.items())
+        if e.settings.enabled and e.state != "loaded"
+    ]
+    return Readiness(
+        status="ready" if manager.ready() else "not_ready",
+        shutting_down=manager.shutting_down,
+        not_ready=waiting,
+    )
+
+
+def status_page_html() -> bytes:
+    """The status page, as shipped in the ``admin`` package (``admin/static/index.html``)."""
+    return importlib.resources.files("admin").joinpath("static/index.html").read_bytes()
+
+
+def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
+    """Add the routes of the module docstring to ``app`` (once, from ``create_app``); returns
+    the app's metrics (also ``app.extensions["llm_pool_metrics"]``)."""
+    from pool.http import json_response
+
+    metrics = PoolMetrics(manager)
+    app.extensions["llm_pool_metrics"] = metrics
+    page = status_page_html()
+    openapi_cache: list[bytes] = []
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
+        body, content_type = metrics.render(request.headers.get("Accept"), gpus)
+        return Response(body, status=200, content_type=content_type, headers=NO_STORE)
+
+    @app.get("/health/live")
+    async def health_live() -> Response:
+        return json_response(Live(), headers=NO_STORE)
+
+    @app.get("/health/ready")
+    async def health_ready() -> Response:
+        body = readiness(manager)
+        return json_response(body, 200 if body.status == "ready" else 503, headers=NO_STORE)
+
+    @app.get("/health/ready/<path:model>")
+    async def health_ready_model(model: str) -> Response:
+        body = model_readiness(manager, manager.entry(model))
+        return json_response(body, 200 if body.ready else 503, headers=NO_STORE)
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        if not openapi_cache:
+            from pool.openapi import build_openapi
+
+            openapi_cache.append(msgspec.json.encode(build_openapi()))
+        return Response(openapi_cache[0], status=200, content_type="application/json")
+
+    @app.get("/")
+    @app.get("/admin")
+    async def status_page() -> Response:
+        return Response(page, status=200, content_type=HTML, headers={"Cache-Control": "no-cache"})
+
+    return metrics

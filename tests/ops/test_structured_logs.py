@@ -1,0 +1,64 @@
+"""Structured JSON logs: one line per inference (request id, model) and per admin action; the
+level comes from ``service.log_level``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import trio
+from ops_kit import GateControl, start_ops
+from trio.testing import MockClock
+
+from pool.logs import JsonFormatter, configure_logging
+
+
+def lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[dict]:
+    """The records of ``logger`` as the JSON lines the server writes."""
+    formatter = JsonFormatter()
+    return [json.loads(formatter.format(r)) for r in caplog.records if r.name == logger]
+
+
+async def test_one_json_line_per_inference_with_request_id_and_model(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ops = await start_ops(nursery, control=control)
+    ok = await ops.respond("a b c")
+    failed = await ops.respond("fail")
+    assert (ok.status, failed.status) == (200, 502)
+    first, second = lines(caplog, "llm_pool.inference")
+    assert first["event"] == "inference" and first["level"] == "info"
+    assert first["request_id"] == ok.json["id"]
+    assert (first["model"], first["status"], first["stream"], first["error"]) == ("m", 200, False, None)
+    assert first["replica"] == "m#1"
+    assert first["metrics"]["engine_output_tokens"] == 3
+    assert second["request_id"].startswith("resp_") and second["request_id"] != first["request_id"]
+    assert (second["model"], second["status"], second["error"]) == ("m", 502, "backend_error")
+
+
+async def test_one_json_line_per_admin_action(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ops = await start_ops(nursery, {"m": {"replica_max": 2}}, control=control)
+    assert (await ops.post("/v1/admin/models/m/replicas", {"replicas": 2})).status == 200
+    assert (await ops.post("/v1/admin/models/m/unload")).status == 200
+    assert (await ops.post("/v1/admin/models/m/load", {"force": True})).status == 200
+    actions = [(line["action"], line["model"]) for line in lines(caplog, "llm_pool.admin")]
+    assert actions == [("resize", "m"), ("unload", "m"), ("load", "m")]
+
+
+def test_the_level_comes_from_the_settings() -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging("warning")
+        assert root.level == logging.WARNING
+        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+        configure_logging("debug")
+        assert root.level == logging.DEBUG
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
