@@ -8,7 +8,8 @@ uses slots::
     inbox ──▶ admit (between steps, up to capability) ──▶ sequence slot 0..n-1
                                                               │
     step: one llama_batch = each decoding sequence's next token (first)
-                          + prompt chunks of sequences still prefilling (up to n_batch tokens)
+                          + prompt chunks of sequences still prefilling, oldest first
+                            (PREFILL_PER_STEP tokens a step, never more than n_batch in all)
           llama_decode once ─▶ per sequence with an output row: its own sampler chain samples,
           the token is streamed (job.emit), EOS / stop strings / max_tokens / stop flag end it
                                                               │
@@ -58,6 +59,11 @@ MAX_SEQUENCES = 256
 PENALTY_LAST_N = 64
 #: llama-cpp-python's default physical batch (``Llama(n_ubatch=512)``).
 N_UBATCH = 512
+#: Prompt tokens decoded per step (chunked prefill), shared by the prefilling sequences oldest
+#: first.  On a CPU a prompt token costs about as much as a generated one however they are batched,
+#: so one big prefill step only delays every first token and stalls the running streams; small
+#: chunks give first tokens in arrival order and bound the stall of a step.
+PREFILL_PER_STEP = 64
 
 
 @dataclass(eq=False)
@@ -96,6 +102,8 @@ class BatchedGGUFBackend:
         self._vocab: Any = None
         self._batch: Any = None  # llama_batch
         self._n_batch = 0
+        #: See PREFILL_PER_STEP (an attribute so benchmarks can try other values).
+        self.prefill_per_step = PREFILL_PER_STEP
         self._n_ctx_seq = 0
         self._n_vocab = 0
         self._piece_buf = ctypes.create_string_buffer(64)
@@ -129,6 +137,8 @@ class BatchedGGUFBackend:
 
         m = self.ctx.model
         path = self.ctx.model_path()
+        type_k = ggml_type(m.gguf_type_k) if m.gguf_type_k else None
+        type_v = ggml_type(m.gguf_type_v) if m.gguf_type_v else None
         set_verbose(False)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -137,6 +147,16 @@ class BatchedGGUFBackend:
             self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         except ValueError as e:  # "Failed to load model from file"
             raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
+        try:  # the scheduler does not call close() after a failed load
+            self._load_context(path.name, type_k, type_v)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_context(self, name: str, type_k: int | None, type_v: int | None) -> None:
+        import llama_cpp
+
+        m = self.ctx.model
         n_seq = self.capability
         self._n_batch = max(m.gguf_n_batch, n_seq)
         cparams = llama_cpp.llama_context_default_params()
@@ -151,15 +171,14 @@ class BatchedGGUFBackend:
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        if m.gguf_type_k:
-            cparams.type_k = ggml_type(m.gguf_type_k)
-        if m.gguf_type_v:
-            cparams.type_v = ggml_type(m.gguf_type_v)
+        if type_k is not None:
+            cparams.type_k = type_k
+        if type_v is not None:
+            cparams.type_v = type_v
         self._lctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
         if not self._lctx:
-            self.close()
             raise RuntimeError(
-                f"llama.cpp could not create a context of {n_seq} sequences × {m.gguf_n_ctx} tokens for {path.name}"
+                f"llama.cpp could not create a context of {n_seq} sequences × {m.gguf_n_ctx} tokens for {name}"
             )
         self._mem = llama_cpp.llama_get_memory(self._lctx)
         self._vocab = self.model.vocab
@@ -214,9 +233,10 @@ class BatchedGGUFBackend:
         """Run the step loop until ``None`` arrives and every admitted job has ended.
 
         Cancellation: a job's stop flag is checked before every step; a flagged job ends
-        ``cancelled`` before the next decode.  After ``None`` nothing new is admitted; jobs still
-        running (the pool sets their stop flags first) end at the next step, and jobs found
-        behind ``None`` end ``cancelled`` without running.
+        ``cancelled`` before the next decode.  After ``None`` nothing new is admitted: running jobs
+        whose stop flags are set (the pool sets them before it sends ``None``) end at the next
+        step, any others run to their end as in the sequential backend, and jobs found behind
+        ``None`` end ``cancelled`` without running.
         """
         closing = False
         try:
@@ -294,12 +314,13 @@ class BatchedGGUFBackend:
             log.info("beam_size is not supported by the gguf backend; decoding without beams")
             self._beam_warned = True
         timer.prompt_ready()
+        sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
         return _Sequence(
             job=job,
             slot=self._free_slots.pop(),
             prompt=tokens,
             budget=min(d.max_tokens, n_ctx - len(tokens)),
-            sampler=self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty),
+            sampler=sampler,
             stops=StopMatcher([*prompt.stop, *d.stop]),
             timer=timer,
         )
@@ -339,11 +360,12 @@ class BatchedGGUFBackend:
                 seq.n_past += 1
                 n += 1
                 members.append(seq)
-        # then prompt chunks (chunked prefill), oldest request first, while the batch has room
+        # then prompt chunks (chunked prefill), oldest request first, within the step's budget
+        limit = min(self._n_batch, n + max(1, self.prefill_per_step))
         for seq in self._active:
-            if seq.next_token is not None or n >= self._n_batch:
+            if seq.next_token is not None or n >= limit:
                 continue
-            chunk = seq.prompt[seq.prefilled : seq.prefilled + self._n_batch - n]
+            chunk = seq.prompt[seq.prefilled : seq.prefilled + limit - n]
             for t in chunk:
                 token[n], pos[n], seq_ids[n][0], n_seq_id[n], logits[n] = t, seq.n_past, seq.slot, 1, 0
                 seq.n_past += 1

@@ -316,3 +316,41 @@ def test_batching_is_opt_in(tiny_gguf: Path) -> None:
     assert isinstance(solo, GGUFBackend) and solo.capability == 1
     assert isinstance(batched, BatchedGGUFBackend) and batched.capability == 8
     assert ModelSettings().gguf_batching is False
+
+
+async def test_a_failed_load_says_why(tiny_gguf: Path) -> None:
+    manager = PoolManager(settings_for(tiny_gguf, gguf_type_k="q9_9"))
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            with pytest.raises(PoolError) as info:
+                await manager.load("tiny")
+            assert info.value.code == "model_load_failed"
+            assert manager.entries["tiny"].last_error == (
+                "unknown GGML cache type 'q9_9'; one of: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def test_prompts_are_prefilled_in_chunks_beside_running_streams(pool: PoolManager) -> None:
+    """A small prefill budget spreads long prompts over many steps; running streams keep their
+    token each step and every output stays exact."""
+    backend = backend_of(pool)
+    backend.prefill_per_step = 3
+    reqs = {
+        "runner": request("b", max_tokens=80),
+        **{f"long{i}": request("Hi!" * 9 + chr(ord("c") + i), max_tokens=10) for i in range(4)},
+    }
+    with trio.fail_after(LIMIT_S):
+        results: dict[str, Done] = {}
+
+        async def one(name: str, req: GenerationRequest) -> None:
+            results[name] = (await run(pool, req))[1]
+
+        async with trio.open_nursery() as nursery:
+            for name, req in reqs.items():
+                nursery.start_soon(one, name, req)
+    for name, req in reqs.items():
+        assert results[name].text == expected_continuation(req.input, req.decoding.max_tokens)
+    assert backend.max_batch_tokens <= 5 + 3  # one token per decoding sequence + the prefill budget
+    assert backend.kv_positions() == {}
