@@ -18,7 +18,7 @@ from quart import Response, request
 from admin import gpu
 from backends.gguf import KV_CACHE_TYPES
 from config import ModelSettings, SettingsError, load_settings, resolve_model_path
-from pool.api import error_path
+from pool.api import decode_body
 from pool.errors import PoolError
 from pool.manager import ModelEntry, PoolManager
 
@@ -223,14 +223,7 @@ async def _body(kind: type[Any], *, code: str = "invalid_request") -> Any:
     assert isinstance(raw, bytes)
     if not raw.strip():
         raw = b"{}"
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as e:
-        raise PoolError(400, code, f"invalid request body: {e}", param=error_path(e)) from None
-    except msgspec.DecodeError as e:
-        raise PoolError(400, code, f"invalid JSON body: {e}") from None
-    except UnicodeDecodeError as e:
-        raise PoolError(400, code, f"invalid JSON body: not valid UTF-8 ({e.reason})") from None
+    return decode_body(raw, kind, code=code)
 
 
 def _query_flag(name: str) -> bool | None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from config import Settings
-from pool.errors import invalid_request
+from pool.errors import PoolError, invalid_request
 from pool.jobs import Decoding, GenerationRequest, Message
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -301,19 +301,25 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
-def decode_body(body: bytes, kind: type[Any]) -> Any:
-    """Decode a JSON body into ``kind`` or raise 400 naming the problem and its path."""
+def decode_body(body: bytes, kind: type[Any], *, code: str = "invalid_request") -> Any:
+    """Decode a JSON body into ``kind`` or raise 400 ``code`` naming the problem and its path."""
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+
+    def bad(message: str, param: str | None = None) -> PoolError:
+        return PoolError(400, code, message, param=param)
+
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise invalid_request(f"invalid request body: {e}", param=error_path(e)) from None
+        raise bad(f"invalid request body: {e}", error_path(e)) from None
     except msgspec.DecodeError as e:
-        raise invalid_request(f"invalid JSON body: {e}") from None
+        raise bad(f"invalid JSON body: {e}") from None
     except UnicodeDecodeError as e:  # msgspec checks UTF-8 late, with Python's own error
-        raise invalid_request(f"invalid JSON body: not valid UTF-8 ({e.reason})") from None
+        raise bad(f"invalid JSON body: not valid UTF-8 ({e.reason})") from None
+    except RecursionError:  # deep nesting inside a field typed Any
+        raise bad("invalid JSON body: nested too deeply") from None
 
 
 _FIELD_IN_MESSAGE = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")

@@ -59,6 +59,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.errorlog = logging.getLogger("hypercorn.error")  # our JSON handler, not a second format
     config.graceful_timeout = 5.0
     config.keep_alive_timeout = 75.0
+    # hypercorn's default backlog (100) resets connections when a burst of clients connects at once
+    config.backlog = 2048
     return config
 
 
