@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from backends.base import SequentialBackend, StreamTimer
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
     from backends import BackendContext
 
 log = logging.getLogger("llm_pool.gguf")
+
+#: Held while llama-cpp-python builds a model or context with ``verbose=False``: it then silences
+#: llama.cpp by ``dup2``-ing /dev/null over the *process's* fds 1 and 2 and restoring the copies
+#: it saved.  Two replicas loading at once interleave that save/restore, and fds 1 and 2 stay on
+#: /dev/null for good (every later log line of the server lost; found by tests/reliability).
+#: Every construction of a ``Llama`` or ``_internals.LlamaModel``/``LlamaContext`` with
+#: ``verbose=False`` must hold it (``backends.gguf_batched`` too).
+LLAMA_QUIET_LOAD_LOCK = threading.Lock()
 
 #: K/V cache types an admin may ask for, by GGML name (lower case).
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
@@ -66,17 +75,18 @@ class GGUFBackend(SequentialBackend):
         # llama-cpp-python takes a bool; "auto" means on where layers run on a GPU.
         flash = m.gguf_flash_attn == "on" or (m.gguf_flash_attn == "auto" and m.gguf_n_gpu_layers != 0)
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=m.gguf_n_ctx,
-                n_batch=min(m.gguf_n_batch, m.gguf_n_ctx),
-                n_threads=self.ctx.n_threads,
-                n_threads_batch=self.ctx.n_threads,
-                n_gpu_layers=m.gguf_n_gpu_layers,
-                flash_attn=flash,
-                verbose=False,
-                **kwargs,
-            )
+            with LLAMA_QUIET_LOAD_LOCK:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=m.gguf_n_ctx,
+                    n_batch=min(m.gguf_n_batch, m.gguf_n_ctx),
+                    n_threads=self.ctx.n_threads,
+                    n_threads_batch=self.ctx.n_threads,
+                    n_gpu_layers=m.gguf_n_gpu_layers,
+                    flash_attn=flash,
+                    verbose=False,
+                    **kwargs,
+                )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
         meta = self.llm.metadata
