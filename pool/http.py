@@ -39,7 +39,7 @@ from pool.api import (
     to_generation_request,
 )
 from pool.errors import PoolError, queue_timeout
-from pool.jobs import Delta, Done, Failed, GenerationRequest, Job
+from pool.jobs import Delta, Done, GenerationRequest, Job
 from pool.manager import PoolManager
 
 log = logging.getLogger("llm_pool.http")
@@ -290,22 +290,29 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             item = OutputMessage(id=message_id(rid), status="in_progress", content=[])
             yield frame("response.output_item.added", {"id": rid, "output_index": 0, "item": item})
             yield frame("response.content_part.added", {**at, "part": OutputText(text="")})
-            async for event in job.events():
+
+            def frames(event: Any) -> list[bytes]:
                 if isinstance(event, Delta):
-                    yield frame("response.output_text.delta", {**at, "delta": event.text, "logprobs": []})
-                elif isinstance(event, Done):
+                    return [frame("response.output_text.delta", {**at, "delta": event.text, "logprobs": []})]
+                if isinstance(event, Done):
                     metrics = finished_metrics(job, t0, stream=True)
                     final = response_body(job, created_at=created_at, text=event.text, metrics=metrics)
                     item = final.output[0]
-                    yield frame("response.output_text.done", {**at, "text": event.text, "logprobs": []})
-                    yield frame("response.content_part.done", {**at, "part": item.content[0]})
-                    yield frame("response.output_item.done", {"id": rid, "output_index": 0, "item": item})
-                    yield frame("response.metrics", {"id": rid, "metrics": metrics})
-                    yield frame("response.completed", {"id": rid, "output_text": event.text, "response": final})
-                elif isinstance(event, Failed):
-                    e = event.error
-                    log_inference(job, stream=True, status=e.status, error=e.code)
-                    yield frame("error", {"code": e.code, "message": e.message, "param": e.param})
+                    assert isinstance(item, OutputMessage)
+                    return [
+                        frame("response.output_text.done", {**at, "text": event.text, "logprobs": []}),
+                        frame("response.content_part.done", {**at, "part": item.content[0]}),
+                        frame("response.output_item.done", {"id": rid, "output_index": 0, "item": item}),
+                        frame("response.metrics", {"id": rid, "metrics": metrics}),
+                        frame("response.completed", {"id": rid, "output_text": event.text, "response": final}),
+                    ]
+                e = event.error
+                log_inference(job, stream=True, status=e.status, error=e.code)
+                return [frame("error", {"code": e.code, "message": e.message, "param": e.param})]
+
+            # one write per burst: events already queued go out together, one frame per event
+            while batch := await job.next_events():
+                yield b"".join(f for event in batch for f in frames(event))
         finally:
             job.cancel()
 

@@ -77,7 +77,7 @@ from pool.http import (
     sse_response,
     unix_time_of,
 )
-from pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
+from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
 from pool.manager import PoolManager
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
@@ -183,20 +183,25 @@ async def _stream_chat(job: Job, t0: float, created: int, *, include_usage: bool
 
     try:
         yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
-        async for event in job.events():
+
+        def frames(event: Any) -> list[bytes]:
             if isinstance(event, Delta):
-                yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
-            elif isinstance(event, Done):
+                return [chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])]
+            if isinstance(event, Done):
                 metrics = finished_metrics(job, t0, stream=True)
-                yield chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)
+                out = [chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)]
                 if include_usage:
                     prompt, output = token_counts(job)
                     usage = ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
-                    yield chunk([], usage=usage)
-            elif isinstance(event, Failed):
-                e = event.error
-                log_inference(job, stream=True, status=e.status, error=e.code)
-                yield data_frame(e.body())
+                    out.append(chunk([], usage=usage))
+                return out
+            e = event.error
+            log_inference(job, stream=True, status=e.status, error=e.code)
+            return [data_frame(e.body())]
+
+        # one write per burst: events already queued go out together, one frame per event
+        while batch := await job.next_events():
+            yield b"".join(f for event in batch for f in frames(event))
         yield b"data: [DONE]\n\n"
     finally:
         job.cancel()
