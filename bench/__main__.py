@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-MODULES = ["bench.gguf_pool", "bench.gguf_batching", "bench.ct2_batching", "bench.vs_llama_server", "bench.pool_costs"]
+MODULES = ["bench.gguf_pool", "bench.gguf_batching", "bench.ct2_batching", "bench.vs_llama_server"]
 
 if __name__ == "__main__":
     for name in MODULES:
