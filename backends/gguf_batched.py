@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import heapq
 import logging
 import queue
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Inbox, StreamTimer
-from backends.gguf import ggml_type
+from backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
 from backends.prompts import StopMatcher, render_prompt
 from pool.errors import invalid_request
 from pool.jobs import GenerationStats, Job
@@ -144,7 +145,8 @@ class BatchedGGUFBackend:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0x7FFFFFFF if m.gguf_n_gpu_layers == -1 else m.gguf_n_gpu_layers
         try:
-            self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+            with LLAMA_QUIET_LOAD_LOCK:  # verbose=False swaps the process's fds 1/2: one at a time
+                self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         except ValueError as e:  # "Failed to load model from file"
             raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
         try:  # the scheduler does not call close() after a failed load
@@ -164,7 +166,7 @@ class BatchedGGUFBackend:
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(self._n_batch, N_UBATCH)
         cparams.n_seq_max = n_seq
-        cparams.kv_unified = False  # one KV stream per sequence: attention over its own cells only
+        cparams.kv_unified = __import__("os").environ.get("KVU") == "1"  # TEMP one KV stream per sequence: attention over its own cells only
         cparams.n_threads = self.ctx.n_threads
         cparams.n_threads_batch = self.ctx.n_threads
         flash = m.gguf_flash_attn == "on" or (m.gguf_flash_attn == "auto" and m.gguf_n_gpu_layers != 0)
@@ -186,7 +188,7 @@ class BatchedGGUFBackend:
         # llama.cpp may round the context up; never give a request more than the configured size.
         self._n_ctx_seq = min(llama_cpp.llama_n_ctx_seq(self._lctx), m.gguf_n_ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._free_slots = list(range(n_seq - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free_slots = list(range(n_seq))  # a heap: the lowest free slot first, see _step
         meta = self.model.metadata()
         self._chat_template = meta.get("tokenizer.chat_template")
         self._bos = self._special_text(self.model.token_bos())
@@ -317,7 +319,7 @@ class BatchedGGUFBackend:
         sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
         return _Sequence(
             job=job,
-            slot=self._free_slots.pop(),
+            slot=heapq.heappop(self._free_slots),
             prompt=tokens,
             budget=min(d.max_tokens, n_ctx - len(tokens)),
             sampler=sampler,
@@ -347,45 +349,49 @@ class BatchedGGUFBackend:
         """One llama_decode for every active sequence, then sample, stream and end sequences."""
         import llama_cpp
 
-        batch = self._batch
-        token, pos, seq_ids, n_seq_id, logits = batch.token, batch.pos, batch.seq_id, batch.n_seq_id, batch.logits
+        # Plan: each decoding sequence sends its one token (a running stream never waits for a
+        # prompt); prompt chunks share the step's prefill budget, oldest request first.
+        plan: list[tuple[_Sequence, list[int]]] = []
         n = 0
-        members: list[_Sequence] = []
-        # decoding sequences first: one token each, so a long prompt never stalls running streams
         for seq in self._active:
-            seq.out = -1
             if seq.next_token is not None:
-                token[n], pos[n], seq_ids[n][0], n_seq_id[n], logits[n] = seq.next_token, seq.n_past, seq.slot, 1, 1
-                seq.out = n
-                seq.n_past += 1
+                plan.append((seq, [seq.next_token]))
                 n += 1
-                members.append(seq)
-        # then prompt chunks (chunked prefill), oldest request first, within the step's budget
         limit = min(self._n_batch, n + max(1, self.prefill_per_step))
         for seq in self._active:
-            if seq.next_token is not None or n >= limit:
-                continue
-            chunk = seq.prompt[seq.prefilled : seq.prefilled + limit - n]
-            for t in chunk:
-                token[n], pos[n], seq_ids[n][0], n_seq_id[n], logits[n] = t, seq.n_past, seq.slot, 1, 0
+            if seq.next_token is None and n < limit:
+                chunk = seq.prompt[seq.prefilled : seq.prefilled + limit - n]
+                seq.prefilled += len(chunk)
+                plan.append((seq, chunk))
+                n += len(chunk)
+        # Written in slot order: with one KV stream per sequence, llama.cpp puts only consecutive,
+        # increasing seq ids in one micro-batch (one pass over the weights), so sequences in
+        # arrival order would cost a pass each.
+        plan.sort(key=lambda p: p[0].slot)
+        batch = self._batch
+        token, pos, seq_ids, n_seq_id, logits = batch.token, batch.pos, batch.seq_id, batch.n_seq_id, batch.logits
+        i = 0
+        for seq, tokens in plan:
+            for t in tokens:
+                token[i], pos[i], seq_ids[i][0], n_seq_id[i], logits[i] = t, seq.n_past, seq.slot, 1, 0
                 seq.n_past += 1
-                n += 1
-            seq.prefilled += len(chunk)
-            if seq.prefilled == len(seq.prompt):
-                logits[n - 1] = 1
-                seq.out = n - 1
-            members.append(seq)
+                i += 1
+            if seq.next_token is not None or seq.prefilled == len(seq.prompt):
+                logits[i - 1] = 1
+                seq.out = i - 1
+            else:
+                seq.out = -1
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._lctx, batch)
         self.steps += 1
         self.max_batch_tokens = max(self.max_batch_tokens, n)
-        self.max_batch_sequences = max(self.max_batch_sequences, len(members))
+        self.max_batch_sequences = max(self.max_batch_sequences, len(plan))
         if rc != 0:
-            error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens in {len(members)} sequences")
-            for seq in members:
+            error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens in {len(plan)} sequences")
+            for seq, _ in plan:
                 self._end(seq, error=error)
             return
-        for seq in members:
+        for seq, _ in plan:
             if seq.out < 0:
                 continue
             try:
@@ -430,7 +436,7 @@ class BatchedGGUFBackend:
         self._active.remove(seq)
         llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
-        self._free_slots.append(seq.slot)
+        heapq.heappush(self._free_slots, seq.slot)
         if error is not None:
             seq.job.fail(error)
             return
