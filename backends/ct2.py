@@ -59,8 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.base import StreamTimer
-from backends.prompts import NATIVE_STOPS, StopMatcher, render_prompt
-from pool.errors import invalid_request
+from backends.prompts import NATIVE_STOPS, StopMatcher, check_prompt_length, render_prompt
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -432,14 +431,7 @@ class CT2Backend:
             prefix = [target_lang] if target_lang else []
             stops = list(d.stop)
             suppress = ()
-        if not tokens:
-            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
-        if self.n_ctx is not None and len(tokens) >= self.n_ctx:
-            raise invalid_request(
-                f"the prompt has {len(tokens)} tokens; model {req.model!r} has a context of {self.n_ctx}",
-                param="input",
-                model=req.model,
-            )
+        check_prompt_length(req.model, len(tokens), self.n_ctx)
         if d.beam_size > 1 and not self._beam_warned:
             log.info("beam_size is not supported with streaming CT2 batches; decoding without beams")
             self._beam_warned = True

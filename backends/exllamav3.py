@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Inbox, StreamTimer
-from backends.prompts import render_prompt
-from pool.errors import backend_error, invalid_request
+from backends.prompts import check_prompt_length, render_prompt
+from pool.errors import backend_error
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -265,15 +265,8 @@ class ExLlamaV3Backend:
         )
         ids = self.tokenizer.encode(prompt.text, encode_special_tokens=True)
         n = ids.shape[-1]
-        if n == 0:
-            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
         # exllamav3 needs room for the prompt, one new token, and one more position.
-        if n + 1 >= self._context:
-            raise invalid_request(
-                f"the prompt has {n} tokens; model {req.model!r} has a context of {self._context}",
-                param="input",
-                model=req.model,
-            )
+        check_prompt_length(req.model, n, self._context, reserve=1)
         if d.beam_size > 1 and not self._beam_warned:
             log.info("beam_size is not supported by the exllamav3 backend; decoding without beams")
             self._beam_warned = True

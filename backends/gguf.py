@@ -18,8 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from backends.base import SequentialBackend, StreamTimer
-from backends.prompts import StopMatcher, render_prompt
-from pool.errors import invalid_request
+from backends.prompts import StopMatcher, check_prompt_length, render_prompt
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -122,14 +121,7 @@ class GGUFBackend(SequentialBackend):
         )
         tokens = llm.tokenize(prompt.text.encode("utf-8"), add_bos=False, special=True)
         n_ctx = llm.n_ctx()
-        if not tokens:
-            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
-        if len(tokens) >= n_ctx:
-            raise invalid_request(
-                f"the prompt has {len(tokens)} tokens; model {req.model!r} has a context of {n_ctx}",
-                param="input",
-                model=req.model,
-            )
+        check_prompt_length(req.model, len(tokens), n_ctx)
         if d.beam_size > 1 and not self._beam_warned:
             log.info("beam_size is not supported by the gguf backend; decoding without beams")
             self._beam_warned = True

@@ -45,8 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.base import Inbox, StreamTimer
 from backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
-from backends.prompts import StopMatcher, render_prompt
-from pool.errors import invalid_request
+from backends.prompts import StopMatcher, check_prompt_length, render_prompt
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -166,7 +165,7 @@ class BatchedGGUFBackend:
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(self._n_batch, N_UBATCH)
         cparams.n_seq_max = n_seq
-        cparams.kv_unified = __import__("os").environ.get("KVU") == "1"  # TEMP one KV stream per sequence: attention over its own cells only
+        cparams.kv_unified = False  # one KV stream per sequence: attention over its own cells only
         cparams.n_threads = self.ctx.n_threads
         cparams.n_threads_batch = self.ctx.n_threads
         flash = m.gguf_flash_attn == "on" or (m.gguf_flash_attn == "auto" and m.gguf_n_gpu_layers != 0)
@@ -304,14 +303,7 @@ class BatchedGGUFBackend:
         )
         tokens = self.model.tokenize(prompt.text.encode("utf-8"), add_bos=False, special=True)
         n_ctx = self._n_ctx_seq
-        if not tokens:
-            raise invalid_request("the input renders to an empty prompt", param="input", model=req.model)
-        if len(tokens) >= n_ctx:
-            raise invalid_request(
-                f"the prompt has {len(tokens)} tokens; model {req.model!r} has a context of {n_ctx}",
-                param="input",
-                model=req.model,
-            )
+        check_prompt_length(req.model, len(tokens), n_ctx)
         if d.beam_size > 1 and not self._beam_warned:
             log.info("beam_size is not supported by the gguf backend; decoding without beams")
             self._beam_warned = True

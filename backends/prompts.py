@@ -169,6 +169,19 @@ def check_request(fmt: str, request: GenerationRequest) -> None:
         )
 
 
+def check_prompt_length(model: str, n_tokens: int, n_ctx: int | None, *, reserve: int = 0) -> None:
+    """Raise 400 for an empty prompt, or one that leaves no room in the context (``reserve``
+    more positions are needed by runtimes that keep some)."""
+    if n_tokens == 0:
+        raise invalid_request("the input renders to an empty prompt", param="input", model=model)
+    if n_ctx is not None and n_tokens + reserve >= n_ctx:
+        raise invalid_request(
+            f"the prompt has {n_tokens} tokens; model {model!r} has a context of {n_ctx}",
+            param="input",
+            model=model,
+        )
+
+
 class StopMatcher:
     """Cuts a text stream at the first stop string, never emitting part of one.
 
