@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class FakeControl:
     finished: list[str] = field(default_factory=list)
     #: inputs whose generation stopped early on the job's stop flag
     cancelled: list[str] = field(default_factory=list)
+    #: set each time a job ends (finished or cancelled): lets a test thread wait without polling
+    job_ended: threading.Event = field(default_factory=threading.Event)
     contexts: list[Any] = field(default_factory=list)
 
 
@@ -115,6 +118,7 @@ class FakeBackend:
             job.finish(stats)
             done = self.control.cancelled if stats.finish_reason == "cancelled" else self.control.finished
             done.append(job.request.input)
+            self.control.job_ended.set()
 
     async def _generate(self, job: Job) -> GenerationStats:
         text = job.request.input
