@@ -118,6 +118,10 @@ class BatchedGGUFBackend:
         #: Most sequences that one llama_decode call has served (evidence of real batching).
         self.max_batch_sequences = 0
         self.max_batch_tokens = 0
+        #: Sequences moved to a lower slot by _compact.
+        self.moves = 0
+        #: Most runs of consecutive slots in one step (1: every step was one micro-batch of decodes).
+        self.max_slot_runs = 0
 
     def describe(self) -> dict[str, object]:
         return {
@@ -258,6 +262,7 @@ class BatchedGGUFBackend:
                     if closing:
                         return
                     continue
+                self._compact()
                 self._step()
         except BaseException as e:
             for seq in list(self._active):
@@ -337,6 +342,30 @@ class BatchedGGUFBackend:
             add(llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
         return chain
 
+    def _compact(self) -> None:
+        """Keep the active slots contiguous (0..k-1): move the highest one into the lowest gap.
+
+        With one KV stream per sequence, llama.cpp puts only consecutive seq ids in one
+        micro-batch, so slots 0, 1 and 3 would cost two passes over the weights every step.  New
+        requests take the lowest free slot; when none comes, the sequence in the highest slot
+        moves down: ``llama_memory_seq_cp`` across streams copies the whole stream (at the start
+        of the next decode, bit-exact), then ``llama_memory_seq_rm`` frees the old slot.  One
+        copy per ended sequence at most, against an extra pass on every later step.
+        """
+        import llama_cpp
+
+        while self._free_slots and self._active:
+            top = max(self._active, key=lambda s: s.slot)
+            low = self._free_slots[0]
+            if low > top.slot:
+                return
+            if top.n_past:  # nothing to copy before its first prompt chunk
+                llama_cpp.llama_memory_seq_cp(self._mem, top.slot, low, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self._mem, top.slot, -1, -1)
+                self.moves += 1
+            heapq.heapreplace(self._free_slots, top.slot)
+            top.slot = low
+
     def _step(self) -> None:
         """One llama_decode for every active sequence, then sample, stream and end sequences."""
         import llama_cpp
@@ -360,6 +389,8 @@ class BatchedGGUFBackend:
         # increasing seq ids in one micro-batch (one pass over the weights), so sequences in
         # arrival order would cost a pass each.
         plan.sort(key=lambda p: p[0].slot)
+        runs = 1 + sum(b[0].slot != a[0].slot + 1 for a, b in zip(plan, plan[1:], strict=False))
+        self.max_slot_runs = max(self.max_slot_runs, runs)
         batch = self._batch
         token, pos, seq_ids, n_seq_id, logits = batch.token, batch.pos, batch.seq_id, batch.n_seq_id, batch.logits
         i = 0

@@ -224,6 +224,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 out["ttft"].append(statistics.median(ttfts))
                 out["ttft_max"] = max(out.get("ttft_max", 0.0), *ttfts)
             out["max_batch_sequences"] = backend.max_batch_sequences
+            out["moves"], out["max_slot_runs"] = backend.moves, backend.max_slot_runs
             nursery.cancel_scope.cancel()
         if args.raw_steps:
             out["raw"] = await trio.to_thread.run_sync(direct.call, "raw", args.raw_steps)
@@ -259,6 +260,7 @@ def main() -> None:
         (f"p50 TTFT at c={c}, client side, s (target < 1)", both("{:.3f}", lambda x: x["ttft"])),
         (f"worst TTFT at c={c}, s", f"{r['ttft_max']:.3f}"),
         ("most sequences in one llama_decode", str(r["max_batch_sequences"])),
+        ("sequences moved to close slot gaps / most slot runs in a step", f"{r['moves']} / {r['max_slot_runs']}"),
     ]
     if "raw" in r:
         one, many = r["raw"][1], r["raw"][c]
