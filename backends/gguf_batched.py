@@ -22,11 +22,16 @@ steps it takes new jobs with ``get_nowait``, so requests join and leave between 
 Memory: the context has ``n_seq_max = capability`` sequences and a *non-unified* KV cache of
 ``gguf_n_ctx × capability`` cells, i.e. every sequence gets its own stream of ``gguf_n_ctx`` cells
 (the same per-request context as the sequential backend, and attention only over its own cells).
-The KV cache therefore costs ``capability`` times the sequential backend's.
+The KV cache therefore costs ``capability`` times the sequential backend's.  Why not one unified
+cache: attention would then span every sequence's cells (SmolLM2, 8 sequences at ~900 tokens each:
+107 ms a step unified vs 65 ms split, here).  The price of split streams is llama.cpp's micro-batch
+rule (consecutive seq ids only), which the slot policy handles: see :meth:`_compact`.
 
 The request path mirrors :meth:`backends.gguf.GGUFBackend.generate` exactly (prompt rendering,
 tokenisation, context checks, sampler chain, incremental UTF-8 decoding, stop strings, metrics),
-so a request returns what it returns alone.  Not done here: prefix reuse across requests (each
+so a request returns what it returns alone (exactly so with the tiny test model; with a real
+model llama.cpp's kernels differ by batch size, so greedy text can part from a solo run at a
+near tie, as in llama.cpp's own server).  Not done here: prefix reuse across requests (each
 sequence's cells are dropped when it ends) and beam search.
 
 Uses llama-cpp-python's low-level bindings only (``llama_cpp.llama_*`` and
@@ -37,7 +42,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import heapq
 import logging
 import queue
 from dataclasses import dataclass, field
@@ -111,7 +115,7 @@ class BatchedGGUFBackend:
         self._bos = ""
         self._eos = ""
         self._beam_warned = False
-        self._free_slots: list[int] = []
+        self._free_slots: set[int] = set()
         self._active: list[_Sequence] = []
         #: Diagnostics (read them from any thread; written by the worker thread only).
         self.steps = 0
@@ -131,6 +135,7 @@ class BatchedGGUFBackend:
             "n_seq_max": self.capability,
             "n_batch": self._n_batch or None,
             "max_batch_sequences": self.max_batch_sequences,
+            "slot_moves": self.moves,
         }
 
     # ------------------------------------------------------------------ load / close
@@ -191,7 +196,7 @@ class BatchedGGUFBackend:
         # llama.cpp may round the context up; never give a request more than the configured size.
         self._n_ctx_seq = min(llama_cpp.llama_n_ctx_seq(self._lctx), m.gguf_n_ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._free_slots = list(range(n_seq))  # a heap: the lowest free slot first, see _step
+        self._free_slots = set(range(n_seq))
         meta = self.model.metadata()
         self._chat_template = meta.get("tokenizer.chat_template")
         self._bos = self._special_text(self.model.token_bos())
@@ -316,7 +321,7 @@ class BatchedGGUFBackend:
         sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
         return _Sequence(
             job=job,
-            slot=heapq.heappop(self._free_slots),
+            slot=self._take_slot(),
             prompt=tokens,
             budget=min(d.max_tokens, n_ctx - len(tokens)),
             sampler=sampler,
@@ -342,29 +347,44 @@ class BatchedGGUFBackend:
             add(llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
         return chain
 
-    def _compact(self) -> None:
-        """Keep the active slots contiguous (0..k-1): move the highest one into the lowest gap.
+    def _take_slot(self) -> int:
+        """A free slot that keeps the active slots one run: a hole inside the run, else one next
+        to it (see :meth:`_compact` for why)."""
+        busy = sorted(s.slot for s in self._active)
+        if not busy:
+            slot = min(self._free_slots)
+        else:
+            holes = [f for f in self._free_slots if busy[0] < f < busy[-1]]
+            slot = min(holes) if holes else busy[0] - 1 if busy[0] > 0 else busy[-1] + 1
+        self._free_slots.remove(slot)
+        return slot
 
-        With one KV stream per sequence, llama.cpp puts only consecutive seq ids in one
-        micro-batch, so slots 0, 1 and 3 would cost two passes over the weights every step.  New
-        requests take the lowest free slot; when none comes, the sequence in the highest slot
-        moves down: ``llama_memory_seq_cp`` across streams copies the whole stream (at the start
-        of the next decode, bit-exact), then ``llama_memory_seq_rm`` frees the old slot.  One
-        copy per ended sequence at most, against an extra pass on every later step.
+    def _compact(self) -> None:
+        """Keep the active slots one run of consecutive seq ids: move the top one into a hole.
+
+        With one KV stream per sequence, llama.cpp puts only consecutive, increasing seq ids in
+        one micro-batch, so slots 0, 1 and 3 cost two passes over the weights every step.  New
+        requests fill holes first (:meth:`_take_slot`); when a sequence inside the run ends and
+        none comes, the sequence in the highest slot moves into the hole: ``llama_memory_seq_cp``
+        across streams copies the whole stream buffer (at the start of the next decode; the
+        result is bit-exact), then ``llama_memory_seq_rm`` frees the old slot.  At most one copy
+        per ended sequence, against an extra pass on every later step.
         """
         import llama_cpp
 
-        while self._free_slots and self._active:
-            top = max(self._active, key=lambda s: s.slot)
-            low = self._free_slots[0]
-            if low > top.slot:
+        while True:
+            busy = sorted(self._active, key=lambda s: s.slot)
+            if not busy or busy[-1].slot - busy[0].slot + 1 == len(busy):
                 return
+            top = busy[-1]
+            hole = min(f for f in self._free_slots if busy[0].slot < f < top.slot)
             if top.n_past:  # nothing to copy before its first prompt chunk
-                llama_cpp.llama_memory_seq_cp(self._mem, top.slot, low, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self._mem, top.slot, hole, -1, -1)
                 llama_cpp.llama_memory_seq_rm(self._mem, top.slot, -1, -1)
                 self.moves += 1
-            heapq.heapreplace(self._free_slots, top.slot)
-            top.slot = low
+            self._free_slots.remove(hole)
+            self._free_slots.add(top.slot)
+            top.slot = hole
 
     def _step(self) -> None:
         """One llama_decode for every active sequence, then sample, stream and end sequences."""
@@ -459,7 +479,7 @@ class BatchedGGUFBackend:
         self._active.remove(seq)
         llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
-        heapq.heappush(self._free_slots, seq.slot)
+        self._free_slots.add(seq.slot)
         if error is not None:
             seq.job.fail(error)
             return

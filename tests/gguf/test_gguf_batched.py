@@ -376,9 +376,9 @@ async def test_prompts_are_prefilled_in_chunks_beside_running_streams(pool: Pool
 
 
 async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(pool: PoolManager, kv_audit: list[str]) -> None:
-    """Slots 0, 1, 2 busy; the job in slot 0 ends: the sequence in slot 2 moves to slot 0 (KV cells
+    """Slots 0, 1, 2 busy; the job in slot 1 ends: the sequence in slot 2 moves to slot 1 (KV cells
     and all), so every later step is one run of consecutive slots; outputs stay exact.  (The audit
-    checks the cells moved; ``test_smollm2_*`` checks the copied K/V data.)"""
+    checks the cells moved; ``test_llama_cpp_moves_kv_data_between_streams`` the copied data.)"""
     backend = backend_of(pool)
     jobs = {p: Job(request(p, max_tokens=120)) for p in "bcd"}
     with trio.fail_after(LIMIT_S):
@@ -388,10 +388,10 @@ async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(pool: PoolManag
                 assert isinstance(event, Delta)
                 break
         assert backend.moves == 0
-        jobs["b"].cancel()
+        jobs["c"].cancel()
         done = {p: await job.result() for p, job in jobs.items()}
-    assert done["b"].stats.finish_reason == "cancelled"
-    for p in "cd":
+    assert done["c"].stats.finish_reason == "cancelled"
+    for p in "bd":
         assert done[p].text == expected_continuation(p, 120)
     assert backend.moves == 1 and backend.max_slot_runs == 1
     assert backend.kv_positions() == {} and kv_audit == []
@@ -450,7 +450,7 @@ def test_llama_cpp_moves_kv_data_between_streams(tiny_gguf: Path) -> None:
 async def test_smollm2_concurrent_requests() -> None:
     """The real default model (chat template, real vocabulary and EOS, multi-byte pieces) through
     a batched replica: concurrent requests that end at different times all stream real text, share
-    steps, move between slots and leave no cells behind.  Not compared with solo runs: llama.cpp's
+    steps in one run of consecutive slots and leave no cells behind.  Not compared with solo runs: llama.cpp's
     kernels differ by batch size, so a real model's greedy output may part at a near tie (the tiny
     model's margins are what make exact comparisons possible)."""
     settings = decode_settings(
@@ -469,7 +469,6 @@ async def test_smollm2_concurrent_requests() -> None:
         },
         source="test",
     )
-    # whichever order they are admitted in, a sequence below a running one ends first: a move
     topics = [("a haiku about rain", 12), ("the capital of France", 40), ("why the sky is blue", 24), ("a cat", 32)]
     manager = PoolManager(settings)
     with trio.fail_after(120):
@@ -491,7 +490,7 @@ async def test_smollm2_concurrent_requests() -> None:
                 for i in range(len(topics)):
                     inner.start_soon(one, i)
             backend = backend_of(manager, "smollm2")
-            assert backend.max_batch_sequences == 4 and backend.moves >= 1 and backend.max_slot_runs == 1
+            assert backend.max_batch_sequences == 4 and backend.max_slot_runs == 1
             assert backend.kv_positions() == {}
             nursery.cancel_scope.cancel()
     for i, (_, n) in enumerate(topics):
