@@ -2,7 +2,7 @@
 
 A job is shared by two sides:
 
-* the **trio side** (handler, dispatcher, replica task) submits it, waits for it to start,
+* the **trio side** (handler, scheduler, replica task) submits it, waits for it to start,
   iterates its output events and cancels it;
 * the **runtime side** (a backend, usually on the replica's worker thread) reads the request,
   checks :meth:`Job.should_stop` once per token, calls :meth:`Job.emit` for each text chunk as it

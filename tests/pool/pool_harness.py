@@ -151,7 +151,7 @@ def manager_tasks(manager: PoolManager) -> list[str]:
 
 
 def runtime_tasks(runtime: ModelRuntime) -> list[str]:
-    """Names of the tasks directly under a model's nursery (dispatcher + one per replica)."""
+    """Names of the tasks directly under a model's nursery (one per replica)."""
     assert runtime._nursery is not None
     return sorted(t.name.rsplit(".", 1)[-1] for t in runtime._nursery.child_tasks)
 

@@ -249,7 +249,7 @@ async def test_resize_1_3_1_under_steady_traffic_drops_nothing(autojump_clock: A
         b1, b2, b3 = factory.backends
         assert b2.received and b3.received and b2.closed and b3.closed and not b1.closed
         assert all(b.max_concurrency == 1 for b in factory.backends)
-        assert runtime_tasks(entry.runtime) == ["_dispatch", "m#1"]
+        assert runtime_tasks(entry.runtime) == ["m#1"]
         clients.assert_all_ended_once()
 
 
@@ -382,7 +382,7 @@ async def test_no_leaked_tasks(autojump_clock: Any, watchdog: None) -> None:
         await manager.load("m", replicas=2)
         await manager.load("n")
         assert manager_tasks(manager) == ["model m", "model n"]
-        assert runtime_tasks(manager.entry("m").runtime) == ["_dispatch", "m#1", "m#2"]
+        assert runtime_tasks(manager.entry("m").runtime) == ["m#1", "m#2"]
         for i in range(10):
             submit(manager, clients, "m" if i % 2 else "n", "abc"[i % 3], 3)
         cancelled = submit(manager, clients, "m", "q", 3)

@@ -60,7 +60,7 @@ async def serving(
 async def test_dispatch_least_loaded_replica_ties_round_robin(autojump_clock: Any, watchdog: None) -> None:
     async with serving(3, target_inflight=3, capability=3) as s:
         r1, r2, r3 = s.runtime.replicas
-        assert runtime_tasks(s.runtime) == ["_dispatch", "m#1", "m#2", "m#3"]
+        assert runtime_tasks(s.runtime) == ["m#1", "m#2", "m#3"]
         j1, j2, j3 = (s.submit("a", 100) for _ in range(3))
         await wait_all_tasks_blocked()
         # all idle: ties go round-robin
@@ -227,12 +227,58 @@ async def test_wait_for_dispatch_returns_once_dispatched_within_the_timeout(
         check_ok(out, 2)
 
 
+async def test_a_free_slot_takes_a_job_in_the_same_step(autojump_clock: Any, watchdog: None) -> None:
+    """Dispatch is synchronous: a job submitted to a free replica, or queued behind a job that
+    ends, is on a replica before any other task runs (no scheduling round in between)."""
+    async with serving(1) as s:
+        first = make_job("m", "a", 2)
+        s.runtime.submit_nowait(first)
+        assert first.state == "running" and first.replica == "m#1"
+        second = make_job("m", "b", 2)
+        s.runtime.submit_nowait(second)
+        assert second.state == "queued"
+        # on_end callbacks run right after the slot's release, in the same callback
+        seen_at_end: list[str] = []
+        first.on_end.append(lambda job, error: seen_at_end.append(second.state))
+        s.clients.start(first)
+        s.clients.start(second)
+        await trio.sleep(5)
+        assert seen_at_end == ["running"]
+        check_ok(s.outcome(first), 2)
+        check_ok(s.outcome(second), 2)
+        s.clients.assert_all_ended_once()
+
+
+async def test_cancelled_queued_jobs_are_swept_and_fifo_holds(autojump_clock: Any, watchdog: None) -> None:
+    """Cancelling a queued job is O(1) (it is skipped later); the queue never keeps more dead
+    jobs than live ones (beyond a small slack), and the live ones still run oldest first."""
+    async with serving(1, max_queue=1000) as s:
+        busy = s.submit("busy", 3)
+        await wait_all_tasks_blocked()
+        jobs = [s.submit(f"j{i}", 1) for i in range(600)]
+        await wait_all_tasks_blocked()
+        keep = jobs[::10]
+        for job in jobs:
+            if job not in keep:
+                job.cancel()
+        assert s.runtime.waiting == len(keep)
+        assert len(s.runtime._queue) <= 2 * len(keep) + 65
+        await trio.sleep(200)
+        check_ok(s.outcome(busy), 3)
+        for job in keep:
+            check_ok(s.outcome(job), 1)
+        assert sorted(keep, key=lambda j: j.t_dispatched or 0) == keep
+        assert s.backends[0].received == [busy, *keep]
+        assert s.runtime.waiting == 0 and not s.runtime._queue
+        s.clients.assert_all_ended_once()
+
+
 # ---------------------------------------------------------------------------------------- cancel
 async def test_cancelling_queued_jobs_keeps_them_from_the_backend(autojump_clock: Any, watchdog: None) -> None:
     async with serving(1) as s:
         busy = s.submit("a", 4)
         await wait_all_tasks_blocked()
-        head, tail = s.submit("b", 2), s.submit("c", 2)  # head is held by the dispatcher
+        head, tail = s.submit("b", 2), s.submit("c", 2)
         await wait_all_tasks_blocked()
         assert s.runtime.waiting == 2
         head.cancel()
@@ -313,7 +359,7 @@ async def test_serve_dying_fails_its_jobs_502_and_the_model_serves_on(autojump_c
         after = s.submit("d", 1)
         await trio.sleep(1.5)
         check_ok(s.outcome(after), 1)
-        assert runtime_tasks(s.runtime) == ["_dispatch", "m#2"]
+        assert runtime_tasks(s.runtime) == ["m#2"]
         s.clients.assert_all_ended_once()
 
 
