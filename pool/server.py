@@ -64,6 +64,35 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+def keep_alive_safe(app: Any) -> Any:
+    """``app`` as an ASGI callable whose last response message is sent shielded from cancellation.
+
+    Sending a response's last body message makes hypercorn recycle the keep-alive connection and
+    start its idle watcher (which closes the connection after ``keep_alive_timeout``, or at once
+    on shutdown) from inside that ``send``.  quart-trio cancels the request's task as soon as the
+    disconnect message arrives, which lands in that very ``send``: the watcher's start is cancelled
+    and the idle connection then never times out, and holds every graceful stop for hypercorn's
+    whole ``graceful_timeout`` (5 s, measured).  Socket writes are shielded by hypercorn already;
+    this shield adds only the bookkeeping that follows the last one.
+    """
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_last_shielded(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, send_last_shielded)
+
+    return asgi
+
+
 async def serve(
     settings: Settings,
     *,
@@ -101,7 +130,9 @@ async def serve(
                 nursery.cancel_scope.cancel()
 
     async def run_http(nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status)
+        await hypercorn_serve(
+            keep_alive_safe(app), hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status
+        )
         nursery.cancel_scope.cancel()  # hypercorn finished its graceful shutdown
 
     async with trio.open_nursery() as nursery:
