@@ -84,20 +84,25 @@ async def run_job(
 ) -> Job:
     """Admit ``gen`` and wait until it leaves its model's queue; every inference route starts here.
 
-    Runs the model's admission checks, submits the job (403 without ``allow_remote`` for a
-    remote model, 409/429 from admission) and waits at most the model's ``queue_timeout_s``
+    Runs the model's admission checks, submits the job (404 unknown model, 403 without
+    ``allow_remote`` for a remote model, 409/429 from admission; each refusal writes its inference
+    log line) and waits at most the model's ``queue_timeout_s``
     (503 ``queue_timeout``).  Returns a job that runs on a replica (or already ended there);
     a job that ended in its queue raises its error here, so a stream never starts for it.
 
     Cancellation: if the caller is cancelled (client gone) or anything raises, the job is
     cancelled: a queued job never runs, a running one stops at its next token.
     """
-    entry = manager.entry(gen.model)
-    check = _request_check(manager, entry)
-    if check is not None:
-        check(gen)
     job = Job(gen, request_id=request_id)
-    manager.submit(job, allow_remote=allow_remote)
+    try:
+        entry = manager.entry(gen.model)
+        check = _request_check(manager, entry)
+        if check is not None:
+            check(gen)
+        manager.submit(job, allow_remote=allow_remote)
+    except PoolError as e:  # refused at admission: logged like every other outcome
+        log_inference(job, stream=gen.stream, status=e.status, error=e.code)
+        raise
     try:
         await wait_for_dispatch(job, entry.settings.queue_timeout_s)
         if job.t_dispatched is None:  # ended in the queue: a status, not a stream

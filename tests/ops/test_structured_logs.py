@@ -38,6 +38,31 @@ async def test_one_json_line_per_inference_with_request_id_and_model(
     assert (second["model"], second["status"], second["error"]) == ("m", 502, "backend_error")
 
 
+async def test_refusals_at_admission_are_logged_too(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request refused before it reached a queue (404, 429...) still gets its inference line."""
+    caplog.set_level(logging.INFO)
+    ops = await start_ops(nursery, {"m": {"max_queue": 0}}, control=control)
+    replies = []
+
+    async def hold() -> None:
+        replies.append(await ops.respond("hold"))
+
+    nursery.start_soon(hold)
+    await ops.wait_until(lambda: control.held == 1)
+    full = await ops.respond("x")
+    unknown = await ops.respond("x", model="nope")
+    assert (full.status, unknown.status) == (429, 404)
+    control.release()
+    await ops.wait_until(lambda: len(replies) == 1)
+    refused, missing, held = lines(caplog, "llm_pool.inference")
+    assert (refused["model"], refused["status"], refused["error"], refused["replica"]) == ("m", 429, "executor_queue_full", None)
+    assert (missing["model"], missing["status"], missing["error"]) == ("nope", 404, "unknown_model")
+    assert refused["request_id"].startswith("resp_") and refused["metrics"] is None
+    assert (held["status"], held["error"]) == (200, None)
+
+
 async def test_one_json_line_per_admin_action(
     autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
 ) -> None:
