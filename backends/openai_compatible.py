@@ -8,7 +8,8 @@ Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorizati
 
     {"model": remote_model,
      "messages": [{"role": "system", "content": instructions or DEFAULT_SYSTEM_PROMPT},
-                  {"role": "user", "content": input}],
+                  {"role": "user", "content": input}],   # /v1/responses; a chat's whole
+                                                          # conversation after its system turn
      "temperature", "top_p", "max_tokens", "stop" (only if non-empty),
      "thinking": {"type": remote_thinking} (only if set),
      "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
@@ -92,10 +93,11 @@ REDACTED = "[redacted]"
 
 # ---------------------------------------------------------------------- request and response shapes
 def messages_for(request: GenerationRequest) -> list[Message]:
-    """The two messages sent upstream: the system prompt (instructions or the default) and the input."""
+    """The messages sent upstream: the system prompt (instructions or the default), then the
+    conversation's turns in order (one user turn for ``/v1/responses``)."""
     return [
         Message(role="system", content=request.system or DEFAULT_SYSTEM_PROMPT),
-        Message(role="user", content=request.input),
+        *(m for m in request.messages if m.role != "system"),
     ]
 
 

@@ -24,8 +24,7 @@ Messages: roles ``system`` (or ``developer``, its newer name), ``user`` and ``as
 newlines).  System turns come first (several are joined); the conversation ends with a user
 turn.  Multi-turn is rendered through the model's prompt format; a format that can't take it
 answers 400 from :func:`backends.prompts.check_request` (translategemma: one user message).
-A remote (``openai_compatible``) model is sent one system and one user message today, so a
-multi-turn conversation to one is a 400 rather than a silently truncated prompt.
+A remote (``openai_compatible``) model is sent the whole conversation, behind one system message.
 
 Response: ``chat.completion`` with ``usage`` (0 where a backend does not count tokens; the
 ``metrics`` object, an extra field the SDK keeps, has the honest nulls).  ``finish_reason`` is
@@ -139,14 +138,6 @@ def register_openai(app: Any, manager: PoolManager) -> None:
         t0 = time.perf_counter()
         body: ChatCompletionRequest = await read_json(ChatCompletionRequest)
         gen = to_chat_request(manager.settings, body)
-        entry = manager.entry(gen.model)
-        if manager.backend_of(entry) == "openai_compatible" and sum(m.role != "system" for m in gen.messages) > 1:
-            raise invalid_request(
-                f"model {gen.model!r} runs on a remote API, which llm-pool sends one user message; "
-                "send a conversation with a single user message",
-                param="$.messages",
-                model=gen.model,
-            )
         job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id())
         created = unix_time_of(job.t_submitted)
         if not gen.stream:

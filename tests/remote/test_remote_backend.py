@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, DEFAULT_SYSTEM_PROMPT, KEY, KEY_ENV, StartPool, sse, wait_until
+from remote_kit import BOUND, DEFAULT_SYSTEM_PROMPT, KEY, KEY_ENV, MODEL, StartPool, sse, wait_until
 from upstream import DEFAULT_400_MESSAGE, FakeUpstream, split_words
 
 
@@ -55,6 +55,33 @@ async def test_json_request_body_headers_text_and_usage(start: StartPool, up: Fa
         "top_p": 1.0,
         "max_tokens": 9,
     }
+
+
+async def test_a_chat_conversation_goes_upstream_whole(start: StartPool, up: FakeUpstream) -> None:
+    """/v1/chat/completions with several turns: every turn reaches the upstream, in order,
+    behind one system message; the reply comes back as the chat completion."""
+    up.reply_text = "Fine."
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    with trio.fail_after(BOUND):
+        pool = await start()
+        r = await pool.client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": turns, "allow_remote": True}
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Fine."
+    assert up.last_request["json"]["messages"] == turns
+    # without a system turn the default one leads
+    with trio.fail_after(BOUND):
+        r = await pool.client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": turns[1:], "allow_remote": True}
+        )
+    assert r.status_code == 200, r.text
+    assert up.last_request["json"]["messages"] == [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *turns[1:]]
 
 
 @pytest.mark.parametrize("thinking", ["enabled", "disabled"])
