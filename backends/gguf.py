@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.base import SequentialBackend, StreamTimer
@@ -47,16 +48,49 @@ def ggml_type(name: str) -> int:
     return int(value)
 
 
+class PromptPrep:
+    """What both GGUF backends do before decoding a job: render its prompt for the model's
+    prompt format (with the GGUF's chat template and special tokens, once :meth:`set_model`
+    read them), tokenize it, check it fits the context, and note an ignored ``beam_size`` once."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.chat_template: str | None = None
+        self.bos = ""
+        self.eos = ""
+        self._beam_warned = False
+
+    def set_model(self, chat_template: str | None, bos: str, eos: str) -> None:
+        self.chat_template, self.bos, self.eos = chat_template, bos, eos
+
+    def prepare(self, job: Job, tokenize: Callable[[bytes], list[int]], n_ctx: int) -> tuple[list[int], StopMatcher]:
+        """The job's prompt tokens and its stop matcher (the format's stops and the request's);
+        raises the 400 of :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
+        req = job.request
+        m = self.ctx.model
+        prompt = render_prompt(
+            m.prompt_format,
+            req,
+            chat_template=self.chat_template,
+            bos_token=self.bos,
+            eos_token=self.eos,
+            enable_thinking=m.enable_thinking,
+        )
+        tokens = tokenize(prompt.text.encode("utf-8"))
+        check_prompt_length(req.model, len(tokens), n_ctx)
+        if req.decoding.beam_size > 1 and not self._beam_warned:
+            log.info("beam_size is not supported by the gguf backend; decoding without beams")
+            self._beam_warned = True
+        return tokens, StopMatcher([*prompt.stop, *req.decoding.stop])
+
+
 class GGUFBackend(SequentialBackend):
     """One llama.cpp context; see the module docstring."""
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.llm: Any = None
-        self._beam_warned = False
-        self._chat_template: str | None = None
-        self._bos = ""
-        self._eos = ""
+        self.prompts = PromptPrep(ctx)
 
     def describe(self) -> dict[str, object]:
         return {"n_threads": self.ctx.n_threads, "n_ctx": self.ctx.model.gguf_n_ctx}
@@ -88,11 +122,10 @@ class GGUFBackend(SequentialBackend):
                 )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
-        meta = self.llm.metadata
-        self._chat_template = meta.get("tokenizer.chat_template")
         model = self.llm._model
-        self._bos = self._piece(model.token_bos())
-        self._eos = self._piece(model.token_eos())
+        self.prompts.set_model(
+            self.llm.metadata.get("tokenizer.chat_template"), self._piece(model.token_bos()), self._piece(model.token_eos())
+        )
 
     def _piece(self, token: int) -> str:
         if token < 0:
@@ -111,25 +144,14 @@ class GGUFBackend(SequentialBackend):
         req = job.request
         d = req.decoding
         timer = StreamTimer()
-        prompt = render_prompt(
-            self.ctx.model.prompt_format,
-            req,
-            chat_template=self._chat_template,
-            bos_token=self._bos,
-            eos_token=self._eos,
-            enable_thinking=self.ctx.model.enable_thinking,
-        )
-        tokens = llm.tokenize(prompt.text.encode("utf-8"), add_bos=False, special=True)
         n_ctx = llm.n_ctx()
-        check_prompt_length(req.model, len(tokens), n_ctx)
-        if d.beam_size > 1 and not self._beam_warned:
-            log.info("beam_size is not supported by the gguf backend; decoding without beams")
-            self._beam_warned = True
+        tokens, stops = self.prompts.prepare(
+            job, lambda text: llm.tokenize(text, add_bos=False, special=True), n_ctx
+        )
         timer.prompt_ready()
         budget = min(d.max_tokens, n_ctx - len(tokens))
         greedy = d.temperature == 0 or d.top_k == 1
         vocab = llm._model.vocab
-        stops = StopMatcher([*prompt.stop, *d.stop])
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish = "length"
         history = list(tokens)

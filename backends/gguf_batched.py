@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Inbox, StreamTimer
-from backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
-from backends.prompts import StopMatcher, check_prompt_length, render_prompt
+from backends.gguf import LLAMA_QUIET_LOAD_LOCK, PromptPrep, ggml_type
+from backends.prompts import StopMatcher
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -111,10 +111,7 @@ class BatchedGGUFBackend:
         self._n_ctx_seq = 0
         self._n_vocab = 0
         self._piece_buf = ctypes.create_string_buffer(64)
-        self._chat_template: str | None = None
-        self._bos = ""
-        self._eos = ""
-        self._beam_warned = False
+        self.prompts = PromptPrep(ctx)
         self._free_slots: set[int] = set()
         self._active: list[_Sequence] = []
         #: Diagnostics (read them from any thread; written by the worker thread only).
@@ -198,9 +195,11 @@ class BatchedGGUFBackend:
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._free_slots = set(range(n_seq))
         meta = self.model.metadata()
-        self._chat_template = meta.get("tokenizer.chat_template")
-        self._bos = self._special_text(self.model.token_bos())
-        self._eos = self._special_text(self.model.token_eos())
+        self.prompts.set_model(
+            meta.get("tokenizer.chat_template"),
+            self._special_text(self.model.token_bos()),
+            self._special_text(self.model.token_eos()),
+        )
 
     def _special_text(self, token: int) -> str:
         return "" if token < 0 else str(self.model.token_get_text(token))
@@ -303,20 +302,10 @@ class BatchedGGUFBackend:
         req = job.request
         d = req.decoding
         timer = StreamTimer()
-        prompt = render_prompt(
-            self.ctx.model.prompt_format,
-            req,
-            chat_template=self._chat_template,
-            bos_token=self._bos,
-            eos_token=self._eos,
-            enable_thinking=self.ctx.model.enable_thinking,
-        )
-        tokens = self.model.tokenize(prompt.text.encode("utf-8"), add_bos=False, special=True)
         n_ctx = self._n_ctx_seq
-        check_prompt_length(req.model, len(tokens), n_ctx)
-        if d.beam_size > 1 and not self._beam_warned:
-            log.info("beam_size is not supported by the gguf backend; decoding without beams")
-            self._beam_warned = True
+        tokens, stops = self.prompts.prepare(
+            job, lambda text: self.model.tokenize(text, add_bos=False, special=True), n_ctx
+        )
         timer.prompt_ready()
         sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
         return _Sequence(
@@ -325,7 +314,7 @@ class BatchedGGUFBackend:
             prompt=tokens,
             budget=min(d.max_tokens, n_ctx - len(tokens)),
             sampler=sampler,
-            stops=StopMatcher([*prompt.stop, *d.stop]),
+            stops=stops,
             timer=timer,
         )
 
