@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import trio
 
-from bench.gguf_pool import PROMPT, SYSTEM, ROOT, free_port, smollm2_path, write_config
+from bench.gguf_pool import PROMPT, ROOT, SYSTEM, free_port, smollm2_path, write_config
 
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 

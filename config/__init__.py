@@ -5,8 +5,8 @@ Public surface: :func:`load_settings`, :class:`Settings`, :class:`ModelSettings`
 """
 
 from config.settings import (
-    DEFAULT_SYSTEM_PROMPT,
     BACKENDS,
+    DEFAULT_SYSTEM_PROMPT,
     DecodingSettings,
     EngineSettings,
     ModelSettings,

@@ -47,7 +47,7 @@ def _status(args: argparse.Namespace) -> int:
     table = [heads] + [tuple("" if r[c] is None else str(r[c]) for c in cols) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
