@@ -333,8 +333,7 @@ async def test_gate_and_concurrency(upstream: FakeUpstream) -> None:
             async with trio.open_nursery() as n:
                 for _ in range(3):
                     n.start_soon(one)
-                while upstream.in_flight < 3:
-                    await trio.sleep(0.01)
+                await upstream.wait_in_flight(3)
                 assert results == []
                 upstream.gate.set()
     assert results == [200, 200, 200] and upstream.max_in_flight == 3
@@ -360,8 +359,7 @@ async def test_clean_shutdown_and_context_manager() -> None:
                             json=chat_body(),
                         )
                     )
-                    while up.in_flight < 1:
-                        await trio.sleep(0.01)
+                    await up.wait_in_flight(1)
                     n.cancel_scope.cancel()
             # server gone: the listener is closed, nothing is left behind
             assert up.base_url is not None

@@ -80,7 +80,8 @@ without a fault.
 
 Bookkeeping: ``requests`` (list of ``{"method", "path", "headers", "json"}``,
 headers lower-cased, ``json`` None if absent/invalid), ``in_flight`` /
-``max_in_flight`` (chat requests being answered now / at most so far),
+``max_in_flight`` (chat requests being answered now / at most so far;
+``await up.wait_in_flight(n)`` waits until at least ``n`` are),
 ``client_disconnects`` (streamed responses where sending a frame failed because
 the client went away; detected only on a failed send, so usually one or two
 frames after the client closes).
@@ -216,6 +217,8 @@ class FakeUpstream:
     in_flight: int = 0
     max_in_flight: int = 0
     client_disconnects: int = 0
+    # set and replaced on every change of in_flight (see wait_in_flight)
+    _in_flight_changed: trio.Event = field(default_factory=trio.Event, repr=False, compare=False)
 
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
@@ -224,6 +227,20 @@ class FakeUpstream:
     @property
     def last_request(self) -> dict[str, Any]:
         return self.requests[-1]
+
+    def _add_in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._in_flight_changed.set()
+        self._in_flight_changed = trio.Event()
+
+    async def wait_in_flight(self, n: int) -> None:
+        """Wait until at least ``n`` chat requests are being answered at once.
+
+        Call it from the trio run that serves this upstream.
+        """
+        while self.in_flight < n:
+            await self._in_flight_changed.wait()
 
     def take_fault(self) -> str | None:
         """Decide (and consume) the fault for one request."""
@@ -430,8 +447,7 @@ class _Conn:
             await self.send_error(400, "Missing required parameter: 'messages'.")
             return True
 
-        up.in_flight += 1
-        up.max_in_flight = max(up.max_in_flight, up.in_flight)
+        up._add_in_flight(1)
         try:
             if up.gate is not None:
                 await up.gate.wait()
@@ -453,7 +469,7 @@ class _Conn:
                 await self.send_json(200, self._completion(payload, fault))
             return True
         finally:
-            up.in_flight -= 1
+            up._add_in_flight(-1)
 
     async def _simple_fault(self, fault: str) -> bool:
         """Status / slow / garbage / disconnect faults; returns keep-alive."""

@@ -63,8 +63,11 @@ async def test_real_text_streaming_and_disconnect(monkeypatch: pytest.MonkeyPatc
         async with trio.open_nursery() as nursery:
             base = await nursery.start(lambda task_status: serve(smollm2_settings(), backend_factory=factory, handle_signals=False, task_status=task_status))
             async with httpx.AsyncClient(base_url=base, timeout=LIMIT_S) as client:
-                while (await client.get("/v1/models")).json()["models"] != ["smollm2"]:
-                    await trio.sleep(0.05)  # the model loads in the background; poll its state
+                # the model loads in the background; an admin load of a loading model waits for
+                # that load to end (the manager's load event) and answers the model's row
+                r = await client.post("/v1/admin/models/smollm2/load", json={})
+                assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
+                assert (await client.get("/v1/models")).json()["models"] == ["smollm2"]
 
                 r = await client.post(
                     "/v1/responses",

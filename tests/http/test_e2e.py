@@ -39,10 +39,11 @@ async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
     control.step_s = 0.05
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=server, timeout=BOUND) as client:
-            # the server answers at once; the model loads in the background
-            while (r := await client.get("/v1/models")).json()["models"] != ["m"]:
-                assert r.status_code == 200
-                await trio.sleep(0.01)
+            # the server answers at once; the model loads in the background, and an admin load
+            # of a loading model waits for that load to end (the manager's event)
+            r = await client.post("/v1/admin/models/m/load", json={})
+            assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
+            assert (await client.get("/v1/models")).json()["models"] == ["m"]
 
             r = await client.post("/v1/responses", json={"model": "m", "input": "The capital of France"})
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"

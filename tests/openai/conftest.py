@@ -14,9 +14,9 @@ random later points.  The sync client has no async generators, so no warning nee
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import AsyncIterator
 
+import httpx
 import openai
 import pytest
 import trio
@@ -55,15 +55,15 @@ async def client(server: str) -> AsyncIterator[openai.OpenAI]:
     """The SDK pointed at ``server``, once both models are loaded.  No retries: a retried 409
     or 5xx would hide what the pool answered."""
     sdk = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=BOUND)
-
-    def wait_loaded() -> None:
-        deadline = time.monotonic() + BOUND
-        while sorted(m.id for m in sdk.models.list()) != ["m", "r"]:
-            assert time.monotonic() < deadline, "the models did not load"
-            time.sleep(0.01)
-
     try:
-        await in_thread(wait_loaded)
+        # the models load in the background; an admin load of a loading model waits for that
+        # load to end (the manager's load event) and answers the model's row
+        with trio.fail_after(BOUND):
+            async with httpx.AsyncClient(base_url=server, timeout=BOUND) as http:
+                for name in sorted(MODELS):
+                    r = await http.post(f"/v1/admin/models/{name}/load", json={})
+                    assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
+        assert sorted(m.id for m in await in_thread(sdk.models.list)) == ["m", "r"], "the models did not load"
         yield sdk
     finally:
         sdk.close()

@@ -39,7 +39,6 @@ __all__ = [
     "RemotePool",
     "StartPool",
     "start_upstream",
-    "wait_until",
     "start_pool",
 ]
 
@@ -136,12 +135,6 @@ async def start_pool(
         for name in settings.engine.models:
             await pool.wait_settled(name)
     return pool
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll ``predicate`` (state owned by another task or the fake upstream) every 10 ms."""
-    while not predicate():  # noqa: ASYNC110
-        await trio.sleep(0.01)  # nothing to wait on but the state itself
 
 
 def sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, StartPool, sse, wait_until
+from remote_kit import BOUND, StartPool, sse
 from upstream import FakeUpstream
 
 from backends.ledger import estimate_prompt_tokens, money
@@ -222,7 +222,7 @@ async def test_queued_job_that_never_runs_releases_its_reservation(start: StartP
                 first.append(await pool.respond(ASK))
 
             nursery.start_soon(ask)
-            await wait_until(lambda: up.in_flight > 0)
+            await up.wait_in_flight(1)
             second = await pool.respond(ASK)  # waits in the queue behind the first
             assert second.status_code == 503 and second.json()["error"]["code"] == "queue_timeout", second.text
             up.gate.set()

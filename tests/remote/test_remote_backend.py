@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, DEFAULT_SYSTEM_PROMPT, KEY, KEY_ENV, MODEL, StartPool, sse, wait_until
+from remote_kit import BOUND, DEFAULT_SYSTEM_PROMPT, KEY, KEY_ENV, MODEL, StartPool, sse
 from upstream import DEFAULT_400_MESSAGE, FakeUpstream, split_words
 
 
@@ -402,15 +402,17 @@ async def test_unload_cancels_a_running_request(start: StartPool, up: FakeUpstre
             remote_price_input_per_1m=1000.0, remote_price_output_per_1m=1000.0, remote_cost_ledger_path="ledger.jsonl"
         )
         result: list[Any] = []
+        answered = trio.Event()
 
         async def ask() -> None:
             result.append(await pool.respond())
+            answered.set()
 
         nursery.start_soon(ask)
-        await wait_until(lambda: up.in_flight > 0)
+        await up.wait_in_flight(1)
         r = await pool.client.post("/v1/admin/models/r/unload", json={"drain_timeout_s": 0})
         assert r.status_code == 200 and r.json()["runtime_state"] == "unloaded", r.text
-        await wait_until(lambda: bool(result))
+        await answered.wait()
         up.gate.set()
     assert_error(
         result[0],

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, StartPool, wait_until
+from remote_kit import BOUND, StartPool
 from upstream import FakeUpstream
 
 from backends.ledger import CostLedger
@@ -43,16 +43,20 @@ def committed_after_each_line(events: list[dict[str, Any]]) -> list[float]:
 async def test_twenty_at_once_never_overspend(start: StartPool, up: FakeUpstream, replicas: int) -> None:
     up.gate = trio.Event()  # hold every upstream call until all 20 were admitted or refused
     replies: list[Any] = []
+    seventeen_replies = trio.Event()
     with trio.fail_after(BOUND):
         pool = await start(**SETTINGS, replicas=replicas, replica_max=2, target_inflight=4)
 
         async def ask() -> None:
             replies.append(await pool.respond(ASK))
+            if len(replies) >= 17:
+                seventeen_replies.set()
 
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(ask)
-            await wait_until(lambda: len(replies) >= 17 and up.in_flight >= 3)
+            await seventeen_replies.wait()  # the refused ones; none is answered while the gate is shut
+            await up.wait_in_flight(3)
             assert up.in_flight == 3 and len(replies) == 17  # 3 × 0.028 fit in 0.1; the 4th does not
             row = await pool.row()
             assert row["remote_cost"]["reserved_now"] == pytest.approx(0.084)
