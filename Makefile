@@ -6,8 +6,11 @@ BIN    := $(VENV)/bin
 # llama-cpp-python is sdist-only, and its default build (GGML_NATIVE=ON) uses AMX instructions that
 # segfault on these CPUs with any quantized model.  We build it once with explicit, portable flags
 # into a wheelhouse keyed by version + flags, so reinstalls and CI reuse the wheel.
+# GGML_OPENMP=OFF: with OpenMP, each OS thread that calls llama.cpp keeps its own worker team, and
+# one idle live team (another model's or replica's thread) cut a 2-thread decode to 0.61-0.68x;
+# ggml's own thread pool has no such cliff and decodes as fast (bench/gguf_threads.py).
 LLAMA_VERSION    := 0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF
 LLAMA_KEY        := $(shell printf '%s' '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 
