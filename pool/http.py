@@ -48,6 +48,9 @@ inference_log = logging.getLogger("llm_pool.inference")
 _encoder = msgspec.json.Encoder()
 JSON = "application/json"
 SSE = "text/event-stream; charset=utf-8"
+#: How long an answer waits for the rest of a request body that its route did not read (see
+#: ``finish_request_body`` in :func:`create_app`); past it the answer closes the connection.
+BODY_DRAIN_S = 2.0
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -229,6 +232,29 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
                 )
             )
         return None
+
+    @app.after_request
+    async def finish_request_body(response: Response) -> Response:
+        """Receive the rest of the request body before answering, or say ``Connection: close``.
+
+        Some answers never read the body: a 401, a 404 (no route, unknown model), a 405, a GET
+        sent a body.  If the body has not fully arrived when such an answer ends, hypercorn
+        closes the connection (its HTTP/1.1 cycle cannot restart) after an answer that did not
+        say so: a keep-alive client's next request on it fails (``RemoteDisconnected``) without
+        knowing whether it was received (found by R4's schemathesis run).  So the rest of the
+        body (at most ``max_body_bytes``) is read and dropped here, and the connection stays
+        usable; a body over the limit, or not received within ``BODY_DRAIN_S``, is not waited
+        for: the answer says ``Connection: close``, as the connection will be closed."""
+        drained = False
+        with trio.move_on_after(BODY_DRAIN_S):
+            try:
+                await request.get_data(cache=False)  # returns at once when a route read it all
+                drained = True
+            except HTTPException:  # 413 (over max_body_bytes) or the body timed out
+                pass
+        if not drained:
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(PoolError)
     async def on_pool_error(error: PoolError) -> Response:

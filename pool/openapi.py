@@ -176,6 +176,41 @@ class Operation:
 
 NAME = Param("name", "path", {"type": "string"}, "A configured model's name (it may contain slashes).")
 
+#: The ``event:`` names of a ``/v1/responses`` stream, in the order they come (``error`` ends a
+#: stream that failed after it began); ``pool.http`` writes exactly these.
+RESPONSES_STREAM_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.metrics",
+    "response.completed",
+    "error",
+]
+
+
+def sse_event_schema(description: str, event: dict[str, Any] | None = None, *, json_data: bool = True) -> dict[str, Any]:
+    """The schema of a ``text/event-stream`` body: one Server-Sent Event, as an object of its
+    fields (``event``, ``data``; SSE's default event type is ``message``).
+
+    OpenAPI 3.1 says nothing about a stream's items (3.2 adds ``itemSchema``); schemathesis
+    reads the ``schema`` of an event stream as the schema of each event and validates every
+    event of a streamed answer against it.  The former ``{"type": "string"}`` said nothing
+    useful and failed that check for every event (found by R4's schemathesis run)."""
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["data"] + (["event"] if event is not None else []),
+        "properties": {
+            **({"event": event} if event is not None else {}),
+            "data": {"type": "string", **({"contentMediaType": JSON} if json_data else {})},
+        },
+    }
+
 
 def _errors(*statuses: int) -> dict[int, Body]:
     from pool.api import ErrorBody
@@ -223,7 +258,13 @@ def operations() -> list[Operation]:
                     "`response.output_text.done`, `response.content_part.done`, `response.output_item.done`, "
                     "`response.metrics`, `response.completed` (with `output_text`); `error` on a failure "
                     "after the stream began.",
-                    {JSON: ResponseBody, SSE: {"type": "string"}},
+                    {
+                        JSON: ResponseBody,
+                        SSE: sse_event_schema(
+                            "One event: `event: <type>`, `data: <JSON object whose type is the event's>`.",
+                            {"type": "string", "enum": RESPONSES_STREAM_EVENTS},
+                        ),
+                    },
                 ),
                 **inference_errors,
             },
@@ -236,7 +277,14 @@ def operations() -> list[Operation]:
                 200: Body(
                     "A `chat.completion`; with `stream: true` Server-Sent Events `data: <chat.completion.chunk>` "
                     "ending with `data: [DONE]`.",
-                    {JSON: ChatCompletion, SSE: {"type": "string"}},
+                    {
+                        JSON: ChatCompletion,
+                        SSE: sse_event_schema(
+                            "One event: `data: <chat.completion.chunk JSON>` (see `x-sse-data`), "
+                            "or `data: [DONE]` last; no `event:` line.",
+                            json_data=False,
+                        ),
+                    },
                     sse_data=ChatCompletionChunk,
                 ),
                 **inference_errors,
