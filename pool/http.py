@@ -115,7 +115,7 @@ async def run_job(
         job.cancel()
         raise
     except BaseException:
-        job.cancel()
+        abandon(job, stream=gen.stream)
         raise
     return job
 
@@ -132,9 +132,35 @@ async def job_result(job: Job, t0: float) -> tuple[Done, Metrics]:
         job.cancel()
         raise
     except BaseException:
-        job.cancel()
+        abandon(job, stream=False, t0=t0)
         raise
     return done, finished_metrics(job, t0, stream=False)
+
+
+#: The status an inference log line gives a request whose client went away before its answer
+#: ended (nginx's "client closed request"; no client ever receives it).
+CLIENT_CLOSED = 499
+
+
+def abandon(job: Job, *, stream: bool, t0: float | None = None) -> None:
+    """The handler of ``job`` ends without having delivered the job's end (its client went away,
+    or a bug): cancel the job, and once it has ended (a running job stops at its next token) write
+    its inference line, status 499 ``client_closed_request``, with the metrics of what it did.
+    Does nothing more for a job whose line was written (``t0``: when the handler started)."""
+    job.cancel()
+    if job.reported:
+        return
+    start = job.t_submitted if t0 is None else t0
+
+    def report(job: Job, error: PoolError | None = None) -> None:
+        if not job.reported:
+            metrics = build_metrics(job, _ms_since(start))
+            log_inference(job, stream=stream, status=CLIENT_CLOSED, metrics=metrics, error="client_closed_request")
+
+    if job.state == "done":
+        report(job)
+    else:
+        job.on_end.append(report)
 
 
 def finished_metrics(job: Job, t0: float, *, stream: bool) -> Metrics:
@@ -164,6 +190,7 @@ def sse_frame(event: str, data: dict[str, Any]) -> bytes:
 
 
 def log_inference(job: Job, *, stream: bool, status: int, metrics: Any = None, error: str | None = None) -> None:
+    job.reported = True
     inference_log.info(
         "inference",
         extra={
@@ -345,7 +372,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             while batch := await job.next_events():
                 yield b"".join(f for event in batch for f in frames(event))
         finally:
-            job.cancel()
+            abandon(job, stream=True, t0=t0)
 
     from admin.routes import register_admin
     from pool.openai_compat import register_openai

@@ -13,7 +13,8 @@ Runtime-side methods are safe to call from any thread: they hand their work to t
 replica slot is released right after the final event is queued, whatever happened, and then the
 job's :attr:`Job.on_end` callbacks run (metrics, idle tracking).
 
-Cancellation: :meth:`Job.cancel` sets the stop flag (a ``threading.Event``).  A queued job then
+Cancellation: :meth:`Job.cancel` sets the stop flag (a plain attribute: one atomic store that the
+backend thread reads once per token; a ``threading.Event`` would cost ~1 KB per queued job).  A queued job then
 never reaches a backend and ends at once (with the given error, else 503 ``request_cancelled``);
 a running one stops at its next token.  If ``cancel`` carries an error
 (unload deadline), the caller receives that error instead of a result.
@@ -126,7 +127,7 @@ class Job:
         self.request = request
         self.state: JobState = "queued"
         self.replica: str | None = None
-        self.stop_flag = threading.Event()
+        self._stop = False
         self.cancel_error: PoolError | None = None
         #: Set when the job leaves the queue: dispatched to a replica, or ended while queued.
         self.started = trio.Event()
@@ -140,7 +141,10 @@ class Job:
         self.t_first_output: float | None = None
         self.output: list[str] = []
         self.stats: GenerationStats | None = None
-        self._send, self._recv = trio.open_memory_channel[Event](float("inf"))
+        #: Set by the HTTP layer once it wrote this job's inference log line (one per request).
+        self.reported = False
+        # the output channel is opened on first use: a job waiting in a queue needs none yet
+        self._channel: tuple[trio.MemorySendChannel[Event], trio.MemoryReceiveChannel[Event]] | None = None
         self._token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
         self._end_lock = threading.Lock()
@@ -155,7 +159,7 @@ class Job:
 
     # ---------------------------------------------------------------- runtime side (any thread)
     def should_stop(self) -> bool:
-        return self.stop_flag.is_set()
+        return self._stop
 
     def begin(self) -> None:
         """The backend starts working on this job (marks the inference timer's start)."""
@@ -204,6 +208,19 @@ class Job:
                 pass
 
     # ---------------------------------------------------------------- trio side
+    @property
+    def _send(self) -> trio.MemorySendChannel[Event]:
+        return self._channels()[0]
+
+    @property
+    def _recv(self) -> trio.MemoryReceiveChannel[Event]:
+        return self._channels()[1]
+
+    def _channels(self) -> tuple[trio.MemorySendChannel[Event], trio.MemoryReceiveChannel[Event]]:
+        if self._channel is None:
+            self._channel = trio.open_memory_channel[Event](float("inf"))
+        return self._channel
+
     def _deliver(self, event: Event) -> None:
         if isinstance(event, Delta):
             if not self.output:
@@ -256,7 +273,7 @@ class Job:
         """
         if error is not None and self.cancel_error is None and not self._ended:
             self.cancel_error = error
-        self.stop_flag.set()
+        self._stop = True
         if self.state == "queued":
             self.state = "cancelled"
             hook, self._on_cancel_queued = self._on_cancel_queued, None

@@ -67,6 +67,7 @@ from pool.api import (
 )
 from pool.errors import invalid_request
 from pool.http import (
+    abandon,
     finished_metrics,
     job_result,
     json_response,
@@ -195,7 +196,7 @@ async def _stream_chat(job: Job, t0: float, created: int, *, include_usage: bool
             yield b"".join(f for event in batch for f in frames(event))
         yield b"data: [DONE]\n\n"
     finally:
-        job.cancel()
+        abandon(job, stream=True, t0=t0)
 
 
 def data_frame(payload: Any) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from typing import Any
 
@@ -121,13 +122,16 @@ async def test_chunked_body_above_the_limit_is_413(server: str) -> None:
             assert r.json()["error"]["message"] == "request body larger than 4096 bytes"
 
 
-async def test_client_disconnect_stops_generation_and_frees_the_replica(server: str, control: FakeControl) -> None:
+async def test_client_disconnect_stops_generation_and_frees_the_replica(
+    server: str, control: FakeControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_pool.inference")
     control.step_s = 0.05
     words = " ".join(f"w{i}" for i in range(100))  # 5 s if it ran to the end
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=server, timeout=BOUND) as client:
-            while (await client.get("/v1/models")).json()["models"] != ["m"]:  # noqa: ASYNC110 - polling over HTTP
-                await trio.sleep(0.01)
+            r = await client.post("/v1/admin/models/m/load", json={})  # waits for the background load
+            assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
             async with client.stream("POST", "/v1/responses", json={"model": "m", "input": words, "stream": True}) as s:
                 async for chunk in s.aiter_bytes():
                     if b"output_text.delta" in chunk:
@@ -138,3 +142,8 @@ async def test_client_disconnect_stops_generation_and_frees_the_replica(server: 
             assert time.perf_counter() - t0 < 1.0  # the one replica was free again at once
             assert words not in control.finished and control.cancelled == [words]
             assert json.dumps(words) not in r.text
+    # the request whose client left still has its inference line, written when its job ended
+    gone, nxt = [r.fields for r in caplog.records if r.name == "llm_pool.inference"]  # type: ignore[attr-defined]
+    assert (gone["status"], gone["error"], gone["stream"], gone["finish_reason"]) == (499, "client_closed_request", True, "cancelled")
+    assert 1 <= gone["metrics"]["engine_output_tokens"] < 100
+    assert (nxt["status"], nxt["error"]) == (200, None)

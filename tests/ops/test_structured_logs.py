@@ -63,6 +63,30 @@ async def test_refusals_at_admission_are_logged_too(
     assert (held["status"], held["error"]) == (200, None)
 
 
+async def test_a_request_whose_client_left_gets_a_499_line(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Client gone while its request waited in the queue: one line, status 499, never ran."""
+    caplog.set_level(logging.INFO)
+    ops = await start_ops(nursery, control=control)
+    replies = []
+
+    async def hold() -> None:
+        replies.append(await ops.respond("hold"))
+
+    nursery.start_soon(hold)
+    await ops.wait_until(lambda: control.held == 1)
+    with trio.move_on_after(1):  # the client gives up while its request is queued
+        await ops.respond("queued")
+    control.release()
+    await ops.wait_until(lambda: len(replies) == 1)
+    gone, held = lines(caplog, "llm_pool.inference")
+    assert (gone["status"], gone["error"], gone["replica"], gone["stream"]) == (499, "client_closed_request", None, False)
+    assert gone["metrics"]["engine_queue_wait_ms"] is None and gone["metrics"]["engine_output_tokens"] is None
+    assert gone["metrics"]["pool_total_wall_ms"] >= gone["metrics"]["engine_total_wall_ms"] >= 0
+    assert (held["status"], held["request_id"]) == (200, replies[0].json["id"])
+
+
 async def test_one_json_line_per_admin_action(
     autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
 ) -> None:
