@@ -46,10 +46,20 @@ bench: install
 	$(BIN)/python -m bench
 
 # llama-cpp-python's own OpenAI server, for bench/vs_llama_server.py only: a separate venv, so
-# its FastAPI stack never mixes with ours.  Same wheel as ours.
+# its FastAPI stack never mixes with ours.  Its wheel is built as a user's `pip install` builds it
+# (OpenMP on), with only the flags that keep it from crashing here; LLAMA_SERVER_OPENMP=OFF gives
+# it our wheel instead (the bench prints which build it ran).
+LLAMA_SERVER_OPENMP ?= ON
+LLAMA_SERVER_CMAKE_ARGS := $(subst -DGGML_OPENMP=OFF,-DGGML_OPENMP=$(LLAMA_SERVER_OPENMP),$(LLAMA_CMAKE_ARGS))
+LLAMA_SERVER_KEY        := $(shell printf '%s' '$(LLAMA_VERSION) $(LLAMA_SERVER_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+SERVER_WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_SERVER_KEY)
 bench-deps: install
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip install -q $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl \
+	ls $(SERVER_WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_SERVER_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
+	    -w $(SERVER_WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
+	.venv-bench/bin/python -m pip install -q --force-reinstall --no-deps $(SERVER_WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	.venv-bench/bin/python -m pip install -q $(SERVER_WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl \
 	  fastapi uvicorn sse-starlette starlette-context pydantic-settings
 
 clean:

@@ -8,7 +8,9 @@ requests per cell.  Figures: aggregate tokens/s (all tokens / wall time of the c
 time to first token, and answers with 0 tokens (llama_cpp.server's default
 ``interrupt_requests=true`` cuts a running stream when another request arrives).
 
-Each server runs alone on the machine while it is measured.  Not a test.
+Each server runs alone on the machine while it is measured.  Not a test.  ``make bench-deps`` gives
+llama_cpp.server the wheel a user's ``pip install`` builds (OpenMP on, plus the flags that keep it
+from crashing here); ``make bench-deps LLAMA_SERVER_OPENMP=OFF`` gives it llm-pool's wheel.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ import trio
 from bench.gguf_pool import PROMPT, ROOT, SYSTEM, free_port, smollm2_path, write_config
 
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
+
+
+def build_of(python: str) -> str:
+    """How the llama-cpp-python wheel of ``python`` was built (OpenMP or ggml's thread pool)."""
+    code = "import llama_cpp; print('OPENMP = 1' in llama_cpp.llama_print_system_info().decode())"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False).stdout.strip()
+    return {"True": "OpenMP", "False": "GGML_OPENMP=OFF"}.get(out, "unknown")
 
 
 @dataclass
@@ -176,6 +185,7 @@ def main() -> None:
         except Exception as e:  # a configuration the build does not support: say so, go on
             print(f"    skipped: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"# P3: llm-pool vs llama_cpp.server — SmolLM2-135M Q4_1, {args.tokens} tokens, greedy, streaming, {cores} cores")
+    print(f"# llama.cpp builds: llm-pool {build_of(sys.executable)}, llama_cpp.server {build_of(str(BENCH_PY))}")
     print("| configuration | " + " | ".join(f"c={c}: tok/s, TTFT p50 s, 0-token" for c, _ in cells) + " |")
     print("| --- | " + " | ".join("---" for _ in cells) + " |")
     for name, res in results.items():
