@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Inbox, StreamTimer
-from backends.prompts import check_prompt_length, render_prompt
+from backends.prompts import PromptPrep, check_prompt_length
 from pool.errors import backend_error
 from pool.jobs import GenerationStats, Job
 
@@ -133,10 +133,7 @@ class ExLlamaV3Backend:
         self._bits: tuple[int, int] | None = None
         self._context = m.exllama_cache_size
         self._eos_ids: list[int] = []
-        self._chat_template: str | None = None
-        self._bos = ""
-        self._eos = ""
-        self._beam_warned = False
+        self.prompts = PromptPrep(m, backend="exllamav3")
 
     def describe(self) -> dict[str, object]:
         m = self.ctx.model
@@ -203,9 +200,11 @@ class ExLlamaV3Backend:
         eos = [*self.config.eos_token_id_list, self.tokenizer.eos_token_id]
         self._eos_ids = [int(t) for t in dict.fromkeys(eos) if t is not None and t >= 0]
         self._context = min(m.exllama_cache_size, self.config.max_position_embeddings or m.exllama_cache_size)
-        self._chat_template = read_chat_template(path)
-        self._bos = getattr(self.tokenizer, "bos_token", None) or ""
-        self._eos = getattr(self.tokenizer, "eos_token", None) or ""
+        self.prompts.set_model(
+            read_chat_template(path),
+            getattr(self.tokenizer, "bos_token", None) or "",
+            getattr(self.tokenizer, "eos_token", None) or "",
+        )
 
     def close(self) -> None:
         generator, model = self.generator, self.model
@@ -255,21 +254,11 @@ class ExLlamaV3Backend:
         ex, m = self.ex, self.ctx.model
         req = job.request
         d = req.decoding
-        prompt = render_prompt(
-            m.prompt_format,
-            req,
-            chat_template=self._chat_template,
-            bos_token=self._bos,
-            eos_token=self._eos,
-            enable_thinking=m.enable_thinking,
-        )
+        prompt = self.prompts.render(req)
         ids = self.tokenizer.encode(prompt.text, encode_special_tokens=True)
         n = ids.shape[-1]
         # exllamav3 needs room for the prompt, one new token, and one more position.
         check_prompt_length(req.model, n, self._context, reserve=1)
-        if d.beam_size > 1 and not self._beam_warned:
-            log.info("beam_size is not supported by the exllamav3 backend; decoding without beams")
-            self._beam_warned = True
         stops: list[int | str] = list(self._eos_ids)
         for s in prompt.stop:
             token = self.tokenizer.single_id(s)

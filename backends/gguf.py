@@ -15,11 +15,10 @@ from __future__ import annotations
 import codecs
 import logging
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.base import SequentialBackend, StreamTimer
-from backends.prompts import StopMatcher, check_prompt_length, render_prompt
+from backends.prompts import PromptPrep
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -48,49 +47,13 @@ def ggml_type(name: str) -> int:
     return int(value)
 
 
-class PromptPrep:
-    """What both GGUF backends do before decoding a job: render its prompt for the model's
-    prompt format (with the GGUF's chat template and special tokens, once :meth:`set_model`
-    read them), tokenize it, check it fits the context, and note an ignored ``beam_size`` once."""
-
-    def __init__(self, ctx: BackendContext) -> None:
-        self.ctx = ctx
-        self.chat_template: str | None = None
-        self.bos = ""
-        self.eos = ""
-        self._beam_warned = False
-
-    def set_model(self, chat_template: str | None, bos: str, eos: str) -> None:
-        self.chat_template, self.bos, self.eos = chat_template, bos, eos
-
-    def prepare(self, job: Job, tokenize: Callable[[bytes], list[int]], n_ctx: int) -> tuple[list[int], StopMatcher]:
-        """The job's prompt tokens and its stop matcher (the format's stops and the request's);
-        raises the 400 of :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
-        req = job.request
-        m = self.ctx.model
-        prompt = render_prompt(
-            m.prompt_format,
-            req,
-            chat_template=self.chat_template,
-            bos_token=self.bos,
-            eos_token=self.eos,
-            enable_thinking=m.enable_thinking,
-        )
-        tokens = tokenize(prompt.text.encode("utf-8"))
-        check_prompt_length(req.model, len(tokens), n_ctx)
-        if req.decoding.beam_size > 1 and not self._beam_warned:
-            log.info("beam_size is not supported by the gguf backend; decoding without beams")
-            self._beam_warned = True
-        return tokens, StopMatcher([*prompt.stop, *req.decoding.stop])
-
-
 class GGUFBackend(SequentialBackend):
     """One llama.cpp context; see the module docstring."""
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.llm: Any = None
-        self.prompts = PromptPrep(ctx)
+        self.prompts = PromptPrep(ctx.model, backend="gguf")
 
     def describe(self) -> dict[str, object]:
         return {"n_threads": self.ctx.n_threads, "n_ctx": self.ctx.model.gguf_n_ctx}

@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Inbox, StreamTimer
-from backends.gguf import LLAMA_QUIET_LOAD_LOCK, PromptPrep, ggml_type
-from backends.prompts import StopMatcher
+from backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
+from backends.prompts import PromptPrep, StopMatcher
 from pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class BatchedGGUFBackend:
         self._n_ctx_seq = 0
         self._n_vocab = 0
         self._piece_buf = ctypes.create_string_buffer(64)
-        self.prompts = PromptPrep(ctx)
+        self.prompts = PromptPrep(ctx.model, backend="gguf")
         self._free_slots: set[int] = set()
         self._active: list[_Sequence] = []
         #: Diagnostics (read them from any thread; written by the worker thread only).

@@ -9,13 +9,20 @@ with jinja2's sandbox, the way Hugging Face and llama.cpp render them.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import DEFAULT_SYSTEM_PROMPT
 from pool.errors import invalid_request
-from pool.jobs import GenerationRequest, Message
+from pool.jobs import GenerationRequest, Job, Message
+
+if TYPE_CHECKING:
+    from config import ModelSettings
+
+log = logging.getLogger("llm_pool.prompts")
 
 CHATML_STOP = "<|im_end|>"
 #: Formats whose rendering needs the model's own chat template.
@@ -214,3 +221,42 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.buf = self.buf, ""
         return out
+
+
+class PromptPrep:
+    """A local backend's prompt step: render a job's prompt for the model's prompt format (with
+    the model's chat template and special tokens, once :meth:`set_model` read them), note an
+    ignored ``beam_size`` once, and (:meth:`prepare`) tokenize and length-check it."""
+
+    def __init__(self, model: ModelSettings, *, backend: str) -> None:
+        self.model = model
+        self.backend = backend
+        self.chat_template: str | None = None
+        self.bos = ""
+        self.eos = ""
+        self._beam_warned = False
+
+    def set_model(self, chat_template: str | None, bos: str, eos: str) -> None:
+        self.chat_template, self.bos, self.eos = chat_template, bos, eos
+
+    def render(self, request: GenerationRequest) -> Prompt:
+        if request.decoding.beam_size > 1 and not self._beam_warned:
+            log.info("beam_size is not supported by the %s backend; decoding without beams", self.backend)
+            self._beam_warned = True
+        return render_prompt(
+            self.model.prompt_format,
+            request,
+            chat_template=self.chat_template,
+            bos_token=self.bos,
+            eos_token=self.eos,
+            enable_thinking=self.model.enable_thinking,
+        )
+
+    def prepare(self, job: Job, tokenize: Callable[[bytes], list[int]], n_ctx: int) -> tuple[list[int], StopMatcher]:
+        """The job's prompt tokens and its stop matcher (the format's stops and the request's);
+        raises the 400 of :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
+        req = job.request
+        prompt = self.render(req)
+        tokens = tokenize(prompt.text.encode("utf-8"))
+        check_prompt_length(req.model, len(tokens), n_ctx)
+        return tokens, StopMatcher([*prompt.stop, *req.decoding.stop])
