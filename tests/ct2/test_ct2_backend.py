@@ -18,7 +18,7 @@ import trio
 
 from config import decode_settings
 from pool.errors import PoolError
-from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from pool.jobs import Delta, Done, GenerationRequest, Job
 from pool.manager import PoolManager
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (run `make install`)")
@@ -31,6 +31,7 @@ from models.tiny_ct2 import (  # noqa: E402
     write_tiny_ct2_translator,
 )
 from models.tiny_gguf import RAW_TEMPLATE  # noqa: E402
+from runtime_kit import request, run
 
 from backends.ct2 import CT2Backend, model_kind  # noqa: E402
 
@@ -106,32 +107,10 @@ def settings_for(path: Path, **model: Any) -> Any:
     )
 
 
-def request(text: str, **decoding: Any) -> GenerationRequest:
-    return GenerationRequest(
-        model="tiny",
-        messages=[Message(role="user", content=text)],
-        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
-    )
-
-
 def translation(text: str, src: str | None, tgt: str | None, **decoding: Any) -> GenerationRequest:
     req = request(text, **{"max_tokens": 20, **decoding})
     req.source_lang_code, req.target_lang_code = src, tgt
     return req
-
-
-async def run(manager: PoolManager, req: GenerationRequest) -> tuple[list[str], Done]:
-    job = Job(req)
-    manager.submit(job, allow_remote=False)
-    deltas: list[str] = []
-    async for event in job.events():
-        if isinstance(event, Delta):
-            deltas.append(event.text)
-        elif isinstance(event, Done):
-            return deltas, event
-        else:
-            raise event.error
-    raise AssertionError("no result")
 
 
 async def run_all(manager: PoolManager, reqs: list[GenerationRequest]) -> list[tuple[list[str], Done]]:

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import runtime_kit
 import trio
 import trio.testing
 from fakes.backend import FakeBackend, expected_text
@@ -36,12 +37,13 @@ from fakes.exllamav3_model import (
     installed_fake_exllamav3,
     write_fake_exl3_model,
 )
+from runtime_kit import collect, run, submit
 
 from backends import BackendContext, create_backend
 from backends.exllamav3 import ExLlamaV3Backend, read_chat_template
 from config import decode_settings
 from pool.errors import PoolError
-from pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
+from pool.jobs import Delta, Failed, GenerationRequest, Job
 from pool.manager import PoolManager
 
 LIMIT_S = 20
@@ -75,34 +77,7 @@ def exl3_model(path: Path, **keys: Any) -> dict[str, Any]:
 
 
 def request(text: str, model: str = "m", **decoding: Any) -> GenerationRequest:
-    return GenerationRequest(
-        model=model,
-        messages=[Message(role="user", content=text)],
-        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
-    )
-
-
-def submit(manager: PoolManager, req: GenerationRequest) -> Job:
-    job = Job(req)
-    manager.submit(job, allow_remote=False)
-    return job
-
-
-async def collect(job: Job) -> tuple[list[str], Done]:
-    """Every delta, then the result; raises the job's error."""
-    deltas: list[str] = []
-    async for event in job.events():
-        if isinstance(event, Delta):
-            deltas.append(event.text)
-        elif isinstance(event, Done):
-            return deltas, event
-        else:
-            raise event.error
-    raise AssertionError("no result")
-
-
-async def run(manager: PoolManager, req: GenerationRequest) -> tuple[list[str], Done]:
-    return await collect(submit(manager, req))
+    return runtime_kit.request(text, model, **decoding)
 
 
 def backend_of(manager: PoolManager, model: str = "m") -> ExLlamaV3Backend:

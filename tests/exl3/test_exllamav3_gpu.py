@@ -28,11 +28,13 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import runtime_kit
 import trio
 from fakes.exllamav3_model import EOS_ID, VOCAB, write_fake_exl3_model
+from runtime_kit import collect, submit
 
 from config import decode_settings
-from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from pool.jobs import GenerationRequest
 from pool.manager import PoolManager
 
 pytestmark = pytest.mark.gpu
@@ -141,29 +143,7 @@ def model_dir(real_exllamav3: ModuleType, tmp_path_factory: pytest.TempPathFacto
 
 
 def request(text: str, **decoding: Any) -> GenerationRequest:
-    return GenerationRequest(
-        model="m",
-        messages=[Message(role="user", content=text)],
-        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
-    )
-
-
-async def collect(job: Job) -> tuple[list[str], Done]:
-    deltas: list[str] = []
-    async for event in job.events():
-        if isinstance(event, Delta):
-            deltas.append(event.text)
-        elif isinstance(event, Done):
-            return deltas, event
-        else:
-            raise event.error
-    raise AssertionError("no result")
-
-
-def submit(manager: PoolManager, req: GenerationRequest) -> Job:
-    job = Job(req)
-    manager.submit(job, allow_remote=False)
-    return job
+    return runtime_kit.request(text, "m", **decoding)
 
 
 def expected(last: str, n: int) -> str:

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import trio
+from runtime_kit import request, run
 
 from config import decode_settings
 from pool.errors import PoolError
-from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from pool.jobs import Delta, Done, Job
 from pool.manager import PoolManager
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
@@ -53,28 +54,6 @@ def settings_for(path: Path, **model: Any) -> Any:
         },
         source="test",
     )
-
-
-def request(text: str, **decoding: Any) -> GenerationRequest:
-    return GenerationRequest(
-        model="tiny",
-        messages=[Message(role="user", content=text)],
-        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
-    )
-
-
-async def run(manager: PoolManager, req: GenerationRequest) -> tuple[list[str], Done]:
-    job = Job(req)
-    manager.submit(job, allow_remote=False)
-    deltas: list[str] = []
-    async for event in job.events():
-        if isinstance(event, Delta):
-            deltas.append(event.text)
-        elif isinstance(event, Done):
-            return deltas, event
-        else:
-            raise event.error
-    raise AssertionError("no result")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from runtime_kit import request, run
 
 from backends import BackendContext, create_backend
 from backends.gguf_batched import BatchedGGUFBackend
@@ -56,28 +57,6 @@ def settings_for(path: Path, **model: Any) -> Any:
         },
         source="test",
     )
-
-
-def request(text: str, model: str = "tiny", **decoding: Any) -> GenerationRequest:
-    return GenerationRequest(
-        model=model,
-        messages=[Message(role="user", content=text)],
-        decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding}),
-    )
-
-
-async def run(manager: PoolManager, req: GenerationRequest) -> tuple[list[str], Done]:
-    job = Job(req)
-    manager.submit(job, allow_remote=False)
-    deltas: list[str] = []
-    async for event in job.events():
-        if isinstance(event, Delta):
-            deltas.append(event.text)
-        elif isinstance(event, Done):
-            return deltas, event
-        else:
-            raise event.error
-    raise AssertionError("no result")
 
 
 def backend_of(manager: PoolManager, name: str = "tiny") -> BatchedGGUFBackend:
