@@ -97,6 +97,7 @@ async def run_job(
     cancelled: a queued job never runs, a running one stops at its next token.
     """
     job = Job(gen, request_id=request_id)
+    job.stream_deltas = gen.stream
     try:
         entry = manager.entry(gen.model)
         check = _request_check(manager, entry)

@@ -143,6 +143,11 @@ class Job:
         self.stats: GenerationStats | None = None
         #: Set by the HTTP layer once it wrote this job's inference log line (one per request).
         self.reported = False
+        #: False when nobody reads the deltas (a non-streamed answer): the backend's chunks after
+        #: the first are then held on its side and handed over in one piece at the end, instead
+        #: of one cross-thread wake-up of the event loop (and of the handler) per token.
+        self.stream_deltas = True
+        self._held: list[str] | None = None
         # the output channel is opened on first use: a job waiting in a queue needs none yet
         self._channel: tuple[trio.MemorySendChannel[Event], trio.MemoryReceiveChannel[Event]] | None = None
         self._token = trio.lowlevel.current_trio_token()
@@ -166,14 +171,27 @@ class Job:
         self.t_backend_begin = time.perf_counter()
 
     def emit(self, text: str) -> None:
-        """Hand one chunk of generated text to the client, now."""
-        if text:
+        """Hand one chunk of generated text to the client, now (see :attr:`stream_deltas`: the
+        first chunk always goes at once, for the time-to-first-token metric)."""
+        if not text:
+            return
+        if self.stream_deltas or self._held is None:
+            if not self.stream_deltas:
+                self._held = []
             self._post(self._deliver, Delta(text))
+        else:
+            self._held.append(text)
+
+    def _flush_held(self) -> None:
+        if self._held:
+            self._post(self._deliver, Delta("".join(self._held)))
+            self._held = []
 
     def finish(self, stats: GenerationStats) -> None:
         """The job ended normally (EOS, stop string, max_tokens, or stop flag)."""
         if self._end():
             self.stats = stats
+            self._flush_held()
             self._post(self._complete, None)
 
     def fail(self, error: BaseException) -> None:
@@ -182,6 +200,7 @@ class Job:
             if not isinstance(error, PoolError):
                 log.error("job %s on %s failed", self.id, self.replica, exc_info=error)
                 error = backend_error(self.request.model, f"{type(error).__name__}: {error}")
+            self._flush_held()
             self._post(self._complete, error)
 
     def _end(self) -> bool:

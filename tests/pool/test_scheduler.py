@@ -273,6 +273,22 @@ async def test_cancelled_queued_jobs_are_swept_and_fifo_holds(autojump_clock: An
         s.clients.assert_all_ended_once()
 
 
+async def test_unread_deltas_are_handed_over_in_one_piece(autojump_clock: Any, watchdog: None) -> None:
+    """A job whose deltas nobody reads (a non-streamed answer) gets its first chunk at once (the
+    time-to-first-token metric) and the rest in one event at the end; the text is the same."""
+    async with serving(1) as s:
+        streamed, held = make_job("m", "a", 6), make_job("m", "b", 6)
+        held.stream_deltas = False
+        events: dict[str, list[Any]] = {}
+        for job in (streamed, held):
+            s.runtime.submit_nowait(job)
+            events[job.request.input] = [e async for e in job.events()]
+        assert [e.text for e in events["a"][:-1]] == list("bcdefg")
+        assert [e.text for e in events["b"][:-1]] == ["c", "defgh"]
+        assert events["a"][-1].text == "bcdefg" and events["b"][-1].text == "cdefgh"
+        assert held.t_first_output is not None and held.t_first_output < (held.t_done or 0)
+
+
 # ---------------------------------------------------------------------------------------- cancel
 async def test_cancelling_queued_jobs_keeps_them_from_the_backend(autojump_clock: Any, watchdog: None) -> None:
     async with serving(1) as s:
