@@ -13,7 +13,8 @@ uses slots::
           llama_decode once ─▶ per sequence with an output row: its own sampler chain samples,
           the token is streamed (job.emit), EOS / stop strings / max_tokens / stop flag end it
                                                               │
-    a sequence ends ─▶ its KV cells are removed, its sampler freed, then finish/fail
+    a sequence ends ─▶ its generated KV cells are removed (its prompt's stay: the slot's prefix
+                       cache), its sampler freed, then finish/fail
 
 Everything runs on the replica's one worker thread (see :mod:`backends.base`): ``load``,
 ``serve`` and ``close``.  ``serve`` blocks on the inbox only when no sequence is active; between
@@ -31,8 +32,12 @@ The request path mirrors :meth:`backends.gguf.GGUFBackend.generate` exactly (pro
 tokenisation, context checks, sampler chain, incremental UTF-8 decoding, stop strings, metrics),
 so a request returns what it returns alone (exactly so with the tiny test model; with a real
 model llama.cpp's kernels differ by batch size, so greedy text can part from a solo run at a
-near tie, as in llama.cpp's own server).  Not done here: prefix reuse across requests (each
-sequence's cells are dropped when it ends) and beam search.
+near tie, as in llama.cpp's own server).  Not done here: beam search.
+
+Prefix reuse: like llama.cpp's server slots, a free slot keeps the KV cells of the prompt that last
+ran in it, and a new request goes to the allowed slot whose cached prompt shares the longest
+prefix with its own (a repeated system prompt, a conversation's earlier turns); only the rest of
+its prompt is decoded.  The cache costs nothing extra: the cells are the slot's own stream.
 
 Uses llama-cpp-python's low-level bindings only (``llama_cpp.llama_*`` and
 ``llama_cpp._internals.LlamaModel``); ``llama_cpp`` is imported in :meth:`load` only.
@@ -113,7 +118,12 @@ class BatchedGGUFBackend:
         self._piece_buf = ctypes.create_string_buffer(64)
         self.prompts = PromptPrep(ctx.model, backend="gguf")
         self._free_slots: set[int] = set()
+        #: Free slots whose KV stream still holds the prompt of the sequence that last ran there
+        #: (positions 0..len-1): a new prompt with the same prefix starts after it.
+        self._cached: dict[int, list[int]] = {}
         self._active: list[_Sequence] = []
+        #: Prompt tokens not decoded again thanks to a cached prefix (diagnostics).
+        self.reused_tokens = 0
         #: Diagnostics (read them from any thread; written by the worker thread only).
         self.steps = 0
         #: Most sequences that one llama_decode call has served (evidence of real batching).
@@ -225,8 +235,8 @@ class BatchedGGUFBackend:
     def kv_positions(self) -> dict[int, tuple[int, int]]:
         """``{slot: (pos_min, pos_max)}`` of every sequence that holds KV cells right now.
 
-        Empty when no cells leaked.  Reads llama.cpp state: call it only while the replica is
-        idle (every job ended), e.g. from tests.
+        When the replica is idle this equals :meth:`cached_positions` unless cells leaked.  Reads
+        llama.cpp state: call it only while the replica is idle (every job ended), e.g. from tests.
         """
         import llama_cpp
 
@@ -236,6 +246,11 @@ class BatchedGGUFBackend:
             if hi >= 0:
                 held[slot] = (llama_cpp.llama_memory_seq_pos_min(self._mem, slot), hi)
         return held
+
+    def cached_positions(self) -> dict[int, tuple[int, int]]:
+        """``{slot: (0, n-1)}`` for every free slot that keeps a prompt prefix of n tokens: what
+        :meth:`kv_positions` must show when the replica is idle (nothing else may be held)."""
+        return {slot: (0, len(tokens) - 1) for slot, tokens in self._cached.items()}
 
     # ------------------------------------------------------------------ serving
     def serve(self, inbox: Inbox) -> None:
@@ -308,14 +323,17 @@ class BatchedGGUFBackend:
         )
         timer.prompt_ready()
         sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
+        slot, reused = self._take_slot(tokens)
         return _Sequence(
             job=job,
-            slot=self._take_slot(),
+            slot=slot,
             prompt=tokens,
             budget=min(d.max_tokens, n_ctx - len(tokens)),
             sampler=sampler,
             stops=stops,
             timer=timer,
+            prefilled=reused,
+            n_past=reused,
         )
 
     def _new_sampler(self, temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> Any:
@@ -336,17 +354,39 @@ class BatchedGGUFBackend:
             add(llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
         return chain
 
-    def _take_slot(self) -> int:
-        """A free slot that keeps the active slots one run: a hole inside the run, else one next
-        to it (see :meth:`_compact` for why)."""
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for ``prompt`` and how many of its tokens that slot's cache already holds.
+
+        Allowed slots keep the active ones one run (see :meth:`_compact` for why): any slot when
+        none is active, else a hole inside the run, else one next to it.  Among those, the one
+        whose cached prompt shares the longest prefix with ``prompt`` wins (ties: the lowest);
+        its cells past that prefix are dropped.  At least the last prompt token is decoded again:
+        its logits give the first output token."""
+        import llama_cpp
+
         busy = sorted(s.slot for s in self._active)
         if not busy:
-            slot = min(self._free_slots)
+            allowed = sorted(self._free_slots)
         else:
-            holes = [f for f in self._free_slots if busy[0] < f < busy[-1]]
-            slot = min(holes) if holes else busy[0] - 1 if busy[0] > 0 else busy[-1] + 1
+            holes = sorted(f for f in self._free_slots if busy[0] < f < busy[-1])
+            allowed = holes or [f for f in (busy[0] - 1, busy[-1] + 1) if f in self._free_slots]
+
+        def shared(slot: int) -> int:
+            cached = self._cached.get(slot, ())
+            n = 0
+            for a, b in zip(cached, prompt[: len(prompt) - 1], strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        slot = max(allowed, key=lambda f: (shared(f), -f))
+        reused = shared(slot)
         self._free_slots.remove(slot)
-        return slot
+        if self._cached.pop(slot, None) is not None:
+            llama_cpp.llama_memory_seq_rm(self._mem, slot, reused, -1)
+        self.reused_tokens += reused
+        return slot, reused
 
     def _compact(self) -> None:
         """Keep the active slots one run of consecutive seq ids: move the top one into a hole.
@@ -367,6 +407,8 @@ class BatchedGGUFBackend:
                 return
             top = busy[-1]
             hole = min(f for f in self._free_slots if busy[0].slot < f < top.slot)
+            if self._cached.pop(hole, None) is not None:
+                llama_cpp.llama_memory_seq_rm(self._mem, hole, -1, -1)
             if top.n_past:  # nothing to copy before its first prompt chunk
                 llama_cpp.llama_memory_seq_cp(self._mem, top.slot, hole, -1, -1)
                 llama_cpp.llama_memory_seq_rm(self._mem, top.slot, -1, -1)
@@ -466,7 +508,12 @@ class BatchedGGUFBackend:
         import llama_cpp
 
         self._active.remove(seq)
-        llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+        # keep the cells of the prompt (a later prompt with the same prefix starts after them);
+        # drop the generated ones, and everything after an error
+        keep = 0 if error is not None else min(seq.n_past, len(seq.prompt))
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, keep, -1)
+        if keep:
+            self._cached[seq.slot] = seq.prompt[:keep]
         llama_cpp.llama_sampler_free(seq.sampler)
         self._free_slots.add(seq.slot)
         if error is not None:

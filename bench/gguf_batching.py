@@ -9,8 +9,9 @@ table measured side by side in this run.  Not a test: nothing here asserts a tim
   route does, but without HTTP (``bench.gguf_pool`` measures the HTTP layer).
 * **direct side** (a child process, so its llama.cpp threads never share a process with the
   replica's worker thread): ``Llama.create_completion`` on the same GGUF, prompt rendering and
-  thread count, greedy.  ``Llama.reset()`` before each call, so it prefills the whole prompt like
-  the batched replica (which keeps no prefix cache).
+  thread count, greedy.  Both sides reuse the prompt prefix they share with an earlier prompt
+  (``Llama`` with its previous prompt's KV cache, the batched replica with its slots' caches):
+  every request here has the same system prompt.
 * rounds are interleaved (direct, lone pool request, 8 concurrent pool requests) and medians
   reported, which matters on a shared machine.
 
@@ -72,7 +73,6 @@ def _direct_main(conn: Any, path: str, threads: int, n_ctx: int) -> None:
         kind, arg = msg
         if kind == "complete":
             user, tokens = arg
-            llm.reset()  # no prefix reuse: prefill the whole prompt, as the batched replica does
             t0 = time.perf_counter()
             out: Any = llm.create_completion(
                 chatml(SYSTEM, user), max_tokens=tokens, temperature=0.0, top_k=1, min_p=0.0

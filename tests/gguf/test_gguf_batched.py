@@ -82,13 +82,14 @@ async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
 @pytest.fixture
 def kv_audit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """After every step, on the worker thread: each active sequence's slot holds exactly the
-    positions it decoded (0 .. n_past-1) and no other slot holds any cell.  Returns the mismatches."""
+    positions it decoded (0 .. n_past-1), each free slot exactly its cached prompt prefix, and no
+    other slot holds any cell.  Returns the mismatches."""
     errors: list[str] = []
     original = BatchedGGUFBackend._step
 
     def step(self: BatchedGGUFBackend) -> None:
         original(self)
-        expected = {s.slot: (0, s.n_past - 1) for s in self._active if s.n_past}
+        expected = {**self.cached_positions(), **{s.slot: (0, s.n_past - 1) for s in self._active if s.n_past}}
         held = self.kv_positions()
         if held != expected:
             errors.append(f"step {self.steps}: cells {held}, expected {expected}")
@@ -135,12 +136,60 @@ async def test_concurrent_requests_return_what_they_return_alone(pool: PoolManag
         assert prompt_tokens == len(req.input)
     backend = backend_of(pool)
     assert backend.max_batch_tokens <= N_BATCH
-    assert backend.kv_positions() == {} and kv_audit == []
+    assert backend.kv_positions() == backend.cached_positions() and kv_audit == []
 
 
 def _decoding(req: GenerationRequest) -> dict[str, Any]:
     d = req.decoding
     return {"max_tokens": d.max_tokens, "stop": list(d.stop)}
+
+
+async def test_a_shared_prompt_prefix_is_decoded_once(pool: PoolManager, kv_audit: list[str]) -> None:
+    """A free slot keeps the cells of its last prompt: a later prompt with the same prefix
+    decodes only the rest (at least its last token, whose logits give the first output), and
+    answers exactly what it answers from scratch on the sequential backend."""
+    system = "abcdefghij" * 6
+    with trio.fail_after(LIMIT_S):
+        await pool.load("solo")
+        backend = backend_of(pool)
+        fresh = {t: (await run(pool, request(system + t, model="solo", max_tokens=8)))[1].text for t in "xqx"}
+        _, first = await run(pool, request(system + "x", max_tokens=8))
+        assert backend.reused_tokens == 0
+        assert backend.cached_positions() == {0: (0, len(system))}  # the prompt's 61 cells
+        _, other = await run(pool, request(system + "q", max_tokens=8))
+        assert backend.reused_tokens == len(system)  # only "q" was decoded
+        _, again = await run(pool, request(system + "x", max_tokens=8))
+        assert backend.reused_tokens == 2 * len(system)  # the prompt minus its last token
+    assert (first.text, other.text, again.text) == (fresh["x"], fresh["q"], fresh["x"])
+    assert first.stats.prompt_tokens == again.stats.prompt_tokens == len(system) + 1
+    assert kv_audit == []
+
+
+async def test_the_slot_with_the_longest_shared_prefix_is_chosen(pool: PoolManager, kv_audit: list[str]) -> None:
+    """Two slots cache different prompts; a request goes to the one it shares most with, and
+    a cached slot taken by an unrelated prompt drops all of its old cells."""
+    with trio.fail_after(LIMIT_S):
+        backend = backend_of(pool)
+        results: dict[str, Done] = {}
+
+        async def one(text: str) -> None:
+            results[text] = (await run(pool, request(text, max_tokens=4)))[1]
+
+        async with trio.open_nursery() as nursery:  # two at once: slots 0 and 1
+            for text in ("k" * 30 + "a", "m" * 30 + "b"):
+                nursery.start_soon(one, text)
+        cached = backend.cached_positions()
+        assert cached == {0: (0, 30), 1: (0, 30)}
+        before = dict(backend._cached)
+        await one("m" * 30 + "c")
+        assert backend.reused_tokens == 30
+        [changed] = [slot for slot in before if backend._cached[slot] != before[slot]]  # the "m" slot
+        assert backend._cached[changed][:30] == before[changed][:30] != before[1 - changed][:30]
+        await one("zzz")  # shares nothing: takes the lowest slot and drops its cells
+        assert backend.reused_tokens == 30 and len(backend._cached[0]) == 3
+    assert results["m" * 30 + "c"].text == expected_continuation("c", 4)
+    assert results["zzz"].text == expected_continuation("z", 4)
+    assert kv_audit == []
 
 
 async def test_sequences_share_decode_steps(pool: PoolManager) -> None:
@@ -214,7 +263,7 @@ async def test_cancelling_one_request_leaves_the_others_untouched(pool: PoolMana
         for p, done in results.items():
             assert done.text == expected_continuation(p, 60)
             assert done.stats.finish_reason == ("stop" if p == "5" else "length")
-        assert backend_of(pool).kv_positions() == {}
+        assert backend_of(pool).kv_positions() == backend_of(pool).cached_positions()
         _, done = await run(pool, request("x"))  # the freed slot serves the next request
         assert done.text == "yzabc"
 
@@ -222,8 +271,9 @@ async def test_cancelling_one_request_leaves_the_others_untouched(pool: PoolMana
 @pytest.mark.parametrize("pool", [{"gguf_n_ctx": 48, "target_inflight": 4}], indirect=True)
 async def test_kv_cells_are_freed_across_many_requests(pool: PoolManager) -> None:
     """200 requests through 4 slots of 48 cells.  Each request fills 30-40 cells of its slot, so a
-    slot that kept the cells of its previous request would overflow (or break llama.cpp's
-    consecutive-position rule) on its second request."""
+    slot that kept more than the cached prefix its next prompt shares (the generated cells, or a
+    prompt tail that differs) would overflow, or break llama.cpp's consecutive-position rule, on
+    its next request."""
     inputs = [("abcdefghij"[i % 10] + "0123456789"[i % 7]) * 10 for i in range(200)]
     with trio.fail_after(LIMIT_S * 2):
         sem = trio.Semaphore(8)
@@ -239,7 +289,7 @@ async def test_kv_cells_are_freed_across_many_requests(pool: PoolManager) -> Non
     for i, text in enumerate(inputs):
         assert results[i].text == expected_continuation(text, 20), i
     backend = backend_of(pool)
-    assert backend.kv_positions() == {}
+    assert backend.kv_positions() == backend.cached_positions()
     assert backend.max_batch_sequences == 4
 
 
@@ -261,7 +311,7 @@ async def test_context_limits_per_sequence(pool: PoolManager) -> None:
         assert [(d.stats.output_tokens, d.stats.finish_reason) for d in results.values()] == [(6, "length")] * 3
         _, done = await run(pool, request("x"))
         assert done.text == "yzabc"
-        assert backend_of(pool).kv_positions() == {}
+        assert backend_of(pool).kv_positions() == backend_of(pool).cached_positions()
 
 
 async def test_metrics_are_per_request(pool: PoolManager) -> None:
@@ -351,7 +401,7 @@ async def test_prompts_are_prefilled_in_chunks_beside_running_streams(pool: Pool
     for name, req in reqs.items():
         assert results[name].text == expected_continuation(req.input, req.decoding.max_tokens)
     assert backend.max_batch_tokens <= 5 + 3  # one token per decoding sequence + the prefill budget
-    assert backend.kv_positions() == {}
+    assert backend.kv_positions() == backend.cached_positions()
 
 
 async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(pool: PoolManager, kv_audit: list[str]) -> None:
@@ -373,7 +423,7 @@ async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(pool: PoolManag
     for p in "bd":
         assert done[p].text == expected_continuation(p, 120)
     assert backend.moves == 1 and backend.max_slot_runs == 1
-    assert backend.kv_positions() == {} and kv_audit == []
+    assert backend.kv_positions() == backend.cached_positions() and kv_audit == []
 
 
 smollm2 = pytest.mark.skipif(
@@ -470,7 +520,7 @@ async def test_smollm2_concurrent_requests() -> None:
                     inner.start_soon(one, i)
             backend = backend_of(manager, "smollm2")
             assert backend.max_batch_sequences == 4 and backend.max_slot_runs == 1
-            assert backend.kv_positions() == {}
+            assert backend.kv_positions() == backend.cached_positions()
             nursery.cancel_scope.cancel()
     for i, (_, n) in enumerate(topics):
         deltas, done = results[i]
