@@ -9,12 +9,13 @@ token depends on the last token only, so a request's exact output is known in ad
 from __future__ import annotations
 
 import importlib.util
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from runtime_kit import request, run
+from runtime_kit import request, run, submit
 
 from backends import BackendContext, create_backend
 from backends.gguf_batched import BatchedGGUFBackend
@@ -190,6 +191,52 @@ async def test_the_slot_with_the_longest_shared_prefix_is_chosen(pool: PoolManag
     assert results["m" * 30 + "c"].text == expected_continuation("c", 4)
     assert results["zzz"].text == expected_continuation("z", 4)
     assert kv_audit == []
+
+
+@pytest.mark.parametrize("pool", [{"gguf_n_ctx": 96, "target_inflight": 6}], indirect=True)
+async def test_mixed_traffic_with_shared_prefixes_and_cancels(pool: PoolManager, kv_audit: list[str]) -> None:
+    """600 requests, 10 at a time through 6 slots: prompts with and without shared prefixes,
+    random lengths, a third cancelled after 1 or 3 deltas.  Every answer that was not cancelled
+    is exact, the KV audit holds after every step, and prefixes were reused and slots moved
+    (so the cache and the compaction met each other)."""
+    rnd = random.Random(7)
+    prefixes = ["abcdefghij" * 3, "klmnopqrst" * 2, "uvw" * 5, ""]
+    wrong: list[Any] = []
+
+    async def one() -> None:
+        text = rnd.choice(prefixes) + "".join(rnd.choice("abcxyz0123") for _ in range(rnd.randint(1, 20)))
+        n = rnd.randint(1, 40)
+        cancel_at = rnd.choice([None, None, 1, 3])
+        job = submit(pool, request(text, max_tokens=n))
+        deltas = 0
+        async for event in job.events():
+            if isinstance(event, Delta):
+                deltas += 1
+                if deltas == cancel_at:
+                    job.cancel()
+            elif isinstance(event, Done):
+                full = expected_continuation(text, n)
+                if event.stats.finish_reason == "cancelled" and full.startswith(event.text):
+                    continue
+                if event.text != full[: len(event.text)] or (event.stats.finish_reason == "length" and event.text != full):
+                    wrong.append((text, n, event.text, full))
+            else:
+                wrong.append((text, n, event.error))
+
+    with trio.fail_after(LIMIT_S * 2):
+        sem = trio.Semaphore(10)
+
+        async def gated() -> None:
+            async with sem:
+                await one()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(600):
+                nursery.start_soon(gated)
+    backend = backend_of(pool)
+    assert wrong == [] and kv_audit == []
+    assert backend.kv_positions() == backend.cached_positions()
+    assert backend.reused_tokens > 500 and backend.moves > 10
 
 
 async def test_sequences_share_decode_steps(pool: PoolManager) -> None:
