@@ -2,7 +2,7 @@
 server (``test_openai_sdk.py``, real clock, every step bounded), and quart's in-memory client for
 exact wire shapes (the other modules, autojump clock).
 
-Both use the fake async backend of ``tests/http/pool_http_kit.py`` (it echoes its input one word
+Both use the fake async backend of ``tests/pool_http_kit.py`` (it echoes its input one word
 per chunk; ``"fail"`` fails after one chunk; ``"wait:<s>"`` sleeps), imported, not copied.
 
 The SDK runs as its *sync* client on a worker thread (``trio.to_thread.run_sync``): its async

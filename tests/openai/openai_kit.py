@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "http"))  # pool_http_kit, shared with tests/http
 
 T = TypeVar("T")
 #: Every SDK call and every test step is bounded by this many seconds (real clock).

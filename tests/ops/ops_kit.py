@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from pool_http_kit import Reply
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings, decode_settings
@@ -124,21 +125,6 @@ def settings_of(models: dict[str, dict[str, Any]], **service: Any) -> Settings:
     if service:
         raw["service"] = service
     return decode_settings(raw, source="test settings")
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: Any
-    raw: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-    @property
-    def text(self) -> str:
-        return self.raw.decode()
 
 
 @dataclass

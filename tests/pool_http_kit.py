@@ -1,5 +1,5 @@
-"""Shared helpers for the HTTP/admin contract tests: a deterministic async fake backend,
-settings builders, and thin wrappers over quart's in-memory test client.
+"""Shared helpers for the HTTP, admin, OpenAI-compatibility and ops tests: a deterministic async
+fake backend, settings builders, and thin wrappers over quart's in-memory test client.
 
 The fake is an *async* backend (``threaded = False``): it runs in the replica's trio task, so it
 is safe under trio's autojump clock (no threads, no sockets).  What it answers is a function of
