@@ -3,10 +3,27 @@ request, submit it as the HTTP route would, and collect its deltas and result.""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+
+from config import Settings
 from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
 from pool.manager import PoolManager
+
+
+@asynccontextmanager
+async def serving(settings: Settings, *load: str) -> AsyncIterator[PoolManager]:
+    """A PoolManager running in its own nursery, with the models ``load`` loaded; stopped at exit."""
+    manager = PoolManager(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        for name in load:
+            await manager.load(name)
+        yield manager
+        nursery.cancel_scope.cancel()
 
 
 def request(text: str, model: str = "tiny", **decoding: Any) -> GenerationRequest:

@@ -31,7 +31,7 @@ from models.tiny_ct2 import (  # noqa: E402
     write_tiny_ct2_translator,
 )
 from models.tiny_gguf import RAW_TEMPLATE  # noqa: E402
-from runtime_kit import request, run
+from runtime_kit import request, run, serving
 
 from backends.ct2 import CT2Backend, model_kind  # noqa: E402
 
@@ -144,13 +144,9 @@ def alone(text: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
 @pytest.fixture
 async def pool(tiny_raw: Path, request: pytest.FixtureRequest) -> Any:
     path_fixture, overrides = getattr(request, "param", ("tiny_raw", {}))
-    manager = PoolManager(settings_for(request.getfixturevalue(path_fixture), **overrides))
     with trio.fail_after(LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.run)
-            await manager.load("tiny")
+        async with serving(settings_for(request.getfixturevalue(path_fixture), **overrides), "tiny") as manager:
             yield manager
-            nursery.cancel_scope.cancel()
 
 
 TRANSLATOR = pytest.mark.parametrize("pool", [("tiny_translator", {})], indirect=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from runtime_kit import request, run
+from runtime_kit import request, run, serving
 
 from config import decode_settings
 from pool.errors import PoolError
@@ -59,13 +59,9 @@ def settings_for(path: Path, **model: Any) -> Any:
 @pytest.fixture
 async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
     overrides = getattr(request, "param", {})
-    manager = PoolManager(settings_for(tiny_gguf, **overrides))
     with trio.fail_after(LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.run)
-            await manager.load("tiny")
+        async with serving(settings_for(tiny_gguf, **overrides), "tiny") as manager:
             yield manager
-            nursery.cancel_scope.cancel()
 
 
 async def test_exact_greedy_outputs_and_finish_reasons(pool: PoolManager) -> None:

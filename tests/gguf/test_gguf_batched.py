@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from runtime_kit import request, run, submit
+from runtime_kit import request, run, serving, submit
 
 from backends import BackendContext, create_backend
 from backends.gguf_batched import BatchedGGUFBackend
@@ -71,13 +71,9 @@ def backend_of(manager: PoolManager, name: str = "tiny") -> BatchedGGUFBackend:
 @pytest.fixture
 async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
     overrides = getattr(request, "param", {})
-    manager = PoolManager(settings_for(tiny_gguf, **overrides))
     with trio.fail_after(LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.run)
-            await manager.load("tiny")
+        async with serving(settings_for(tiny_gguf, **overrides), "tiny") as manager:
             yield manager
-            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
