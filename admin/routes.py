@@ -15,12 +15,12 @@ import msgspec
 import trio
 from quart import Response, request
 
-from admin import gpu
-from backends.gguf import KV_CACHE_TYPES
-from config import ModelSettings, SettingsError, load_settings, resolve_model_path
-from pool.api import decode_body
-from pool.errors import PoolError
-from pool.manager import ModelEntry, PoolManager
+from llm_pool.admin import gpu
+from llm_pool.backends.gguf import KV_CACHE_TYPES
+from llm_pool.config import ModelSettings, SettingsError, load_settings, resolve_model_path
+from llm_pool.pool.api import decode_body
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.manager import ModelEntry, PoolManager
 
 log = logging.getLogger("llm_pool.admin")
 
@@ -213,7 +213,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
 
 
 def _remote_cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:
-    from backends.openai_compatible import cost_summary
+    from llm_pool.backends.openai_compatible import cost_summary
 
     return cost_summary(manager.settings, (entry.loaded_settings if entry.runtime else None) or entry.settings, entry.name)
 
@@ -272,13 +272,13 @@ def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, ove
 
 def register_admin(app: Any, manager: PoolManager) -> None:
     def row_response(entry: ModelEntry) -> Response:
-        from pool.http import json_response
+        from llm_pool.pool.http import json_response
 
         return json_response(model_row(manager, entry))
 
     @app.get("/v1/admin/models")
     async def admin_models() -> Response:
-        from pool.http import json_response
+        from llm_pool.pool.http import json_response
 
         return json_response({"models": [model_row(manager, e) for e in manager.entries.values()]})
 
@@ -327,7 +327,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.post("/v1/admin/settings/reload")
     async def admin_reload() -> Response:
-        from pool.http import json_response
+        from llm_pool.pool.http import json_response
 
         try:
             settings = await trio.to_thread.run_sync(load_settings, manager.config_path)
@@ -339,7 +339,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.get("/v1/admin/gpu-memory")
     async def admin_gpu_memory() -> Response:
-        from pool.http import json_response
+        from llm_pool.pool.http import json_response
 
         gpus, error = await trio.to_thread.run_sync(gpu.read_gpus)
         models = []

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.base import Backend
-from config import ModelSettings, Settings, resolve_model_path
+from llm_pool.backends.base import Backend
+from llm_pool.config import ModelSettings, Settings, resolve_model_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,22 +42,22 @@ def create_backend(ctx: BackendContext) -> Backend:
     """A new, not yet loaded backend for one replica of ``ctx.name``."""
     if ctx.kind == "gguf":
         if ctx.model.gguf_batching:
-            from backends.gguf_batched import BatchedGGUFBackend
+            from llm_pool.backends.gguf_batched import BatchedGGUFBackend
 
             return BatchedGGUFBackend(ctx)
-        from backends.gguf import GGUFBackend
+        from llm_pool.backends.gguf import GGUFBackend
 
         return GGUFBackend(ctx)
     if ctx.kind == "ct2":
-        from backends.ct2 import CT2Backend
+        from llm_pool.backends.ct2 import CT2Backend
 
         return CT2Backend(ctx)
     if ctx.kind == "exllamav3":
-        from backends.exllamav3 import ExLlamaV3Backend
+        from llm_pool.backends.exllamav3 import ExLlamaV3Backend
 
         return ExLlamaV3Backend(ctx)
     if ctx.kind == "openai_compatible":
-        from backends.openai_compatible import RemoteBackend
+        from llm_pool.backends.openai_compatible import RemoteBackend
 
         return RemoteBackend(ctx)
     raise ValueError(f"unknown backend {ctx.kind!r}")

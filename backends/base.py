@@ -24,7 +24,7 @@ import queue
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from pool.jobs import GenerationStats, Job
+from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
     from collections.abc import Callable

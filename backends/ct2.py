@@ -58,13 +58,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.base import StreamTimer
-from backends.prompts import NATIVE_STOPS, StopMatcher, check_prompt_length, render_prompt
-from pool.jobs import GenerationStats, Job
+from llm_pool.backends.base import StreamTimer
+from llm_pool.backends.prompts import NATIVE_STOPS, StopMatcher, check_prompt_length, render_prompt
+from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from backends import BackendContext
-    from backends.base import Inbox
+    from llm_pool.backends import BackendContext
+    from llm_pool.backends.base import Inbox
 
 log = logging.getLogger("llm_pool.ct2")
 

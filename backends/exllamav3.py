@@ -43,14 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Inbox, StreamTimer
-from backends.prompts import PromptPrep, check_prompt_length
-from pool.errors import backend_error
-from pool.jobs import GenerationStats, Job
+from llm_pool.backends.base import Inbox, StreamTimer
+from llm_pool.backends.prompts import PromptPrep, check_prompt_length
+from llm_pool.pool.errors import backend_error
+from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from backends import BackendContext
-    from config import ModelSettings
+    from llm_pool.backends import BackendContext
+    from llm_pool.config import ModelSettings
 
 log = logging.getLogger("llm_pool.exllamav3")
 

@@ -17,12 +17,12 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from backends.base import SequentialBackend, StreamTimer
-from backends.prompts import PromptPrep
-from pool.jobs import GenerationStats, Job
+from llm_pool.backends.base import SequentialBackend, StreamTimer
+from llm_pool.backends.prompts import PromptPrep
+from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from backends import BackendContext
+    from llm_pool.backends import BackendContext
 
 log = logging.getLogger("llm_pool.gguf")
 

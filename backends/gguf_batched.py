@@ -52,13 +52,13 @@ import queue
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Inbox, StreamTimer
-from backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
-from backends.prompts import PromptPrep, StopMatcher
-from pool.jobs import GenerationStats, Job
+from llm_pool.backends.base import Inbox, StreamTimer
+from llm_pool.backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
+from llm_pool.backends.prompts import PromptPrep, StopMatcher
+from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from backends import BackendContext
+    from llm_pool.backends import BackendContext
 
 log = logging.getLogger("llm_pool.gguf_batched")
 

@@ -56,8 +56,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from pool.errors import PoolError
-from pool.jobs import Message
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Message
 
 log = logging.getLogger("llm_pool.ledger")
 

@@ -71,13 +71,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from backends.ledger import Account, Prices, check_ledger_path, ledger_for, summarize
-from config import DEFAULT_SYSTEM_PROMPT, ModelSettings, Settings
-from pool.errors import PoolError, request_cancelled
-from pool.jobs import GenerationRequest, GenerationStats, Job, Message
+from llm_pool.backends.ledger import Account, Prices, check_ledger_path, ledger_for, summarize
+from llm_pool.config import DEFAULT_SYSTEM_PROMPT, ModelSettings, Settings
+from llm_pool.pool.errors import PoolError, request_cancelled
+from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, Message
 
 if TYPE_CHECKING:
-    from backends import BackendContext
+    from llm_pool.backends import BackendContext
 
 log = logging.getLogger("llm_pool.remote")
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from config import DEFAULT_SYSTEM_PROMPT
-from pool.errors import invalid_request
-from pool.jobs import GenerationRequest, Job, Message
+from llm_pool.config import DEFAULT_SYSTEM_PROMPT
+from llm_pool.pool.errors import invalid_request
+from llm_pool.pool.jobs import GenerationRequest, Job, Message
 
 if TYPE_CHECKING:
-    from config import ModelSettings
+    from llm_pool.config import ModelSettings
 
 log = logging.getLogger("llm_pool.prompts")
 

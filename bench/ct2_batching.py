@@ -85,7 +85,7 @@ def smollm2_gguf() -> Path:
 
 def ct2_model(out: Path, compute_type: str) -> float | None:
     """Convert SmolLM2 into ``out`` unless it already holds a model; seconds taken, or None."""
-    from backends.ct2_convert import convert_gguf_to_ct2
+    from llm_pool.backends.ct2_convert import convert_gguf_to_ct2
 
     if (out / "model.bin").is_file():
         return None
@@ -96,7 +96,7 @@ def ct2_model(out: Path, compute_type: str) -> float | None:
 
 
 def settings(path: Path, args: argparse.Namespace) -> Any:
-    from config import decode_settings
+    from llm_pool.config import decode_settings
 
     model = {
         "model_path": str(path),
@@ -129,7 +129,7 @@ def replica_backend(manager: Any) -> Any:
 
 async def one(manager: Any, question: str, max_tokens: int) -> dict[str, Any]:
     """One request as a client sees it: TTFT, total, output tokens, text."""
-    from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+    from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
 
     req = GenerationRequest(
         model=MODEL,
@@ -194,10 +194,10 @@ async def phase(manager: Any, concurrency: int, questions: list[str], max_tokens
 
 
 async def bench(args: argparse.Namespace) -> None:
-    import backends.ct2
+    import llm_pool.backends.ct2
 
     if args.join_cost_factor is not None:
-        backends.ct2.JOIN_COST_FACTOR = args.join_cost_factor
+        llm_pool.backends.ct2.JOIN_COST_FACTOR = args.join_cost_factor
     with tempfile.TemporaryDirectory(prefix="llm-pool-ct2-bench-") as tmp:
         path = args.model_dir or Path(tmp) / "smollm2"
         convert_s = ct2_model(path, args.compute_type)
@@ -208,7 +208,7 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 async def measure(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from pool.manager import PoolManager
+    from llm_pool.pool.manager import PoolManager
 
     manager = PoolManager(settings(path, args))
     async with trio.open_nursery() as nursery:
@@ -225,12 +225,12 @@ async def measure(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    import backends.ct2
+    import llm_pool.backends.ct2
 
     print()
     print(
         f"SmolLM2-135M CT2 {args.compute_type}, 1 replica, target_inflight 16, intra_threads {args.threads}, "
-        f"greedy, max_tokens {args.max_tokens} x {BUDGET_SHAPE}, join cost factor {backends.ct2.JOIN_COST_FACTOR}"
+        f"greedy, max_tokens {args.max_tokens} x {BUDGET_SHAPE}, join cost factor {llm_pool.backends.ct2.JOIN_COST_FACTOR}"
     )
     head = (
         f"{'concurrency':>11} {'requests':>8} {'out tok':>7} {'wall s':>7} {'tok/s':>7} "

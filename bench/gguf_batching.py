@@ -133,7 +133,7 @@ class Direct:
 # ---------------------------------------------------------------------- pool side (this process)
 async def _one(manager: Any, user: str, tokens: int, t_submit: float) -> tuple[float, float, int]:
     """(seconds to first text chunk, seconds to the result, output tokens) of one request."""
-    from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+    from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
 
     req = GenerationRequest(
         model="smollm2",
@@ -169,8 +169,8 @@ async def _concurrent(manager: Any, tokens: int, concurrency: int) -> tuple[floa
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from config import decode_settings
-    from pool.manager import PoolManager
+    from llm_pool.config import decode_settings
+    from llm_pool.pool.manager import PoolManager
 
     path = smollm2_path()
     settings = decode_settings(

@@ -63,7 +63,7 @@ class Server:
     def __init__(self, config: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pool.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -105,7 +105,7 @@ class LoggedServer(Server):
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pool.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
@@ -502,10 +502,10 @@ def p5_memory_http(n: int) -> list[tuple[str, str]]:
 async def _memory_inprocess(n: int) -> list[tuple[str, str]]:
     from fakes.backend import FakeBackendFactory, make_settings
 
-    from pool.api import DecodingIn, ResponsesRequest, to_generation_request
-    from pool.http import run_job
-    from pool.jobs import Job
-    from pool.manager import PoolManager
+    from llm_pool.pool.api import DecodingIn, ResponsesRequest, to_generation_request
+    from llm_pool.pool.http import run_job
+    from llm_pool.pool.jobs import Job
+    from llm_pool.pool.manager import PoolManager
 
     settings = make_settings({"fake": {"max_queue": 2 * n + 10}})
     manager = PoolManager(settings, backend_factory=FakeBackendFactory(token_delay=3600.0))

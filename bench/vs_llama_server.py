@@ -144,7 +144,7 @@ def run_pool(model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens:
     with tempfile.TemporaryDirectory() as tmp:
         fields = {"model_path": str(smollm2_path()), "prompt_format": "generic", "gguf_n_ctx": 2048, "max_queue": 1024, **model_fields}
         config = write_config(Path(tmp), {"smollm2": fields}, port)
-        proc = subprocess.Popen([sys.executable, "-m", "pool.cli", "serve", "--config", str(config)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:

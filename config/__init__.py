@@ -4,7 +4,7 @@ Public surface: :func:`load_settings`, :class:`Settings`, :class:`ModelSettings`
 :class:`SettingsError`.  This package decodes and validates; it never loads models.
 """
 
-from config.settings import (
+from llm_pool.config.settings import (
     BACKENDS,
     DEFAULT_SYSTEM_PROMPT,
     DecodingSettings,

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from config import Settings
-from pool.errors import PoolError, invalid_request
-from pool.jobs import Decoding, GenerationRequest, Message
+from llm_pool.config import Settings
+from llm_pool.pool.errors import PoolError, invalid_request
+from llm_pool.pool.jobs import Decoding, GenerationRequest, Message
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 

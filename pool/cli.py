@@ -9,9 +9,9 @@ import trio
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from config import SettingsError, load_settings
-    from pool.logs import configure_logging
-    from pool.server import serve
+    from llm_pool.config import SettingsError, load_settings
+    from llm_pool.pool.logs import configure_logging
+    from llm_pool.pool.server import serve
 
     try:
         settings = load_settings(args.config)
@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from backends.ct2_convert import GGUFConversionError, convert_gguf_to_ct2
+    from llm_pool.backends.ct2_convert import GGUFConversionError, convert_gguf_to_ct2
 
     try:
         out = convert_gguf_to_ct2(Path(args.src), Path(args.dst), quantization=args.quantization)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst", help="the CTranslate2 folder to write")
     p.add_argument("--quantization", default="int8", help="CT2 weight type (default int8)")
     p.set_defaults(func=_convert)
-    from pool.client import add_client_commands
+    from llm_pool.pool.client import add_client_commands
 
     add_client_commands(sub)
     args = parser.parse_args(argv)

@@ -24,8 +24,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from config import Settings
-from pool.api import (
+from llm_pool.config import Settings
+from llm_pool.pool.api import (
     Metrics,
     ModelCard,
     ModelsList,
@@ -38,9 +38,9 @@ from pool.api import (
     response_body,
     to_generation_request,
 )
-from pool.errors import PoolError, queue_timeout
-from pool.jobs import Delta, Done, GenerationRequest, Job
-from pool.manager import PoolManager
+from llm_pool.pool.errors import PoolError, queue_timeout
+from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
+from llm_pool.pool.manager import PoolManager
 
 log = logging.getLogger("llm_pool.http")
 inference_log = logging.getLogger("llm_pool.inference")
@@ -375,9 +375,9 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
         finally:
             abandon(job, stream=True, t0=t0)
 
-    from admin.routes import register_admin
-    from pool.openai_compat import register_openai
-    from pool.ops import register_ops
+    from llm_pool.admin.routes import register_admin
+    from llm_pool.pool.openai_compat import register_openai
+    from llm_pool.pool.ops import register_ops
 
     register_admin(app, manager)
     register_openai(app, manager)
@@ -387,7 +387,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
 
 def _request_check(manager: PoolManager, entry: Any) -> Any:
     """Model-specific admission checks that need no runtime (e.g. translategemma codes)."""
-    from backends.prompts import check_request
+    from llm_pool.backends.prompts import check_request
 
     if manager.backend_of(entry) == "openai_compatible":
         return None

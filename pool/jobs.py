@@ -35,7 +35,7 @@ from typing import Literal
 import msgspec
 import trio
 
-from pool.errors import PoolError, backend_error, request_cancelled
+from llm_pool.pool.errors import PoolError, backend_error, request_cancelled
 
 log = logging.getLogger("llm_pool.jobs")
 

@@ -29,12 +29,12 @@ from typing import Any, Literal
 import msgspec
 import trio
 
-from backends import BackendContext, create_backend
-from backends.base import Backend
-from config import ModelSettings, Settings
-from pool.errors import PoolError, model_unloading, request_cancelled, shutting_down, unknown_model
-from pool.jobs import Job
-from pool.scheduler import LoadFailed, ModelRuntime
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.backends.base import Backend
+from llm_pool.config import ModelSettings, Settings
+from llm_pool.pool.errors import PoolError, model_unloading, request_cancelled, shutting_down, unknown_model
+from llm_pool.pool.jobs import Job
+from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
 
 log = logging.getLogger("llm_pool.manager")
 

@@ -51,9 +51,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from pool.errors import PoolError
-from pool.jobs import Job
-from pool.manager import PoolManager
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Job
+from llm_pool.pool.manager import PoolManager
 
 PREFIX = "llm_pool:"
 

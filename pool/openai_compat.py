@@ -50,8 +50,8 @@ from typing import Any, Literal
 import msgspec
 from quart import Response
 
-from config import Settings
-from pool.api import (
+from llm_pool.config import Settings
+from llm_pool.pool.api import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -65,8 +65,8 @@ from pool.api import (
     resolve_decoding,
     token_counts,
 )
-from pool.errors import invalid_request
-from pool.http import (
+from llm_pool.pool.errors import invalid_request
+from llm_pool.pool.http import (
     abandon,
     finished_metrics,
     job_result,
@@ -77,8 +77,8 @@ from pool.http import (
     sse_response,
     unix_time_of,
 )
-from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
-from pool.manager import PoolManager
+from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from llm_pool.pool.manager import PoolManager
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
 #: hints that change nothing about the generated text.  (``seed``: llm-pool's samplers take no

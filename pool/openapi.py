@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from config import ModelSettings
+from llm_pool.config import ModelSettings
 
 #: Werkzeug rules of the app that are deliberately not documented, by endpoint, with why.
 UNDOCUMENTED_ENDPOINTS = {
@@ -213,7 +213,7 @@ def sse_event_schema(description: str, event: dict[str, Any] | None = None, *, j
 
 
 def _errors(*statuses: int) -> dict[int, Body]:
-    from pool.api import ErrorBody
+    from llm_pool.pool.api import ErrorBody
 
     why = {
         400: "Invalid request (the message names the field; `param` is its JSON path).",
@@ -233,8 +233,8 @@ def _errors(*statuses: int) -> dict[int, Body]:
 
 def operations() -> list[Operation]:
     """Every documented route, in the document's order."""
-    from admin.routes import LoadRequest, ResizeRequest, UnloadRequest
-    from pool.api import (
+    from llm_pool.admin.routes import LoadRequest, ResizeRequest, UnloadRequest
+    from llm_pool.pool.api import (
         ChatCompletion,
         ChatCompletionChunk,
         ChatCompletionRequest,
@@ -242,7 +242,7 @@ def operations() -> list[Operation]:
         ResponseBody,
         ResponsesRequest,
     )
-    from pool.ops import Live, ModelReadiness, Readiness
+    from llm_pool.pool.ops import Live, ModelReadiness, Readiness
 
     inference_errors = _errors(400, 401, 403, 404, 409, 413, 429, 502, 503, 504)
     admin_row = {200: Body("The model's row after the call.", {JSON: AdminModel})}

@@ -30,9 +30,9 @@ import msgspec
 import trio
 from quart import Response, request
 
-from admin import gpu
-from pool.manager import ModelEntry, PoolManager, State
-from pool.observability import PoolMetrics
+from llm_pool.admin import gpu
+from llm_pool.pool.manager import ModelEntry, PoolManager, State
+from llm_pool.pool.observability import PoolMetrics
 
 HTML = "text/html; charset=utf-8"
 #: Probes and scrapes must never be answered from a cache.
@@ -93,13 +93,13 @@ def readiness(manager: PoolManager) -> Readiness:
 
 def status_page_html() -> bytes:
     """The status page, as shipped in the ``admin`` package (``admin/static/index.html``)."""
-    return importlib.resources.files("admin").joinpath("static/index.html").read_bytes()
+    return importlib.resources.files("llm_pool.admin").joinpath("static/index.html").read_bytes()
 
 
 def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
     """Add the routes of the module docstring to ``app`` (once, from ``create_app``); returns
     the app's metrics (also ``app.extensions["llm_pool_metrics"]``)."""
-    from pool.http import json_response
+    from llm_pool.pool.http import json_response
 
     metrics = PoolMetrics(manager)
     app.extensions["llm_pool_metrics"] = metrics
@@ -129,7 +129,7 @@ def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
     @app.get("/openapi.json")
     async def openapi_document() -> Response:
         if not openapi_cache:
-            from pool.openapi import build_openapi
+            from llm_pool.pool.openapi import build_openapi
 
             openapi_cache.append(msgspec.json.encode(build_openapi()))
         return Response(openapi_cache[0], status=200, content_type="application/json")

@@ -37,9 +37,9 @@ from typing import Any, Literal
 
 import trio
 
-from backends.base import Backend
-from pool.errors import PoolError, backend_error, model_unloading, queue_full, request_cancelled
-from pool.jobs import Job
+from llm_pool.backends.base import Backend
+from llm_pool.pool.errors import PoolError, backend_error, model_unloading, queue_full, request_cancelled
+from llm_pool.pool.jobs import Job
 
 log = logging.getLogger("llm_pool.scheduler")
 

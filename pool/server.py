@@ -24,9 +24,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from config import Settings
-from pool.http import create_app
-from pool.manager import BackendFactory, PoolManager
+from llm_pool.config import Settings
+from llm_pool.pool.http import create_app
+from llm_pool.pool.manager import BackendFactory, PoolManager
 
 log = logging.getLogger("llm_pool.server")
 
@@ -108,7 +108,7 @@ async def serve(
         kwargs["backend_factory"] = backend_factory
     manager = PoolManager(settings, **kwargs)
     if any(m.device == "cuda" or m.backend == "exllamav3" or m.gguf_n_gpu_layers for m in settings.engine.models.values()):
-        from admin.gpu import used_mib
+        from llm_pool.admin.gpu import used_mib
 
         manager.gpu_used_mib = used_mib
     app = create_app(manager, settings)

@@ -26,10 +26,10 @@ from typing import Any
 import msgspec
 import trio
 
-from config import Settings, decode_settings
-from pool.http import create_app
-from pool.jobs import GenerationRequest, GenerationStats, Job
-from pool.manager import PoolManager
+from llm_pool.config import Settings, decode_settings
+from llm_pool.pool.http import create_app
+from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job
+from llm_pool.pool.manager import PoolManager
 
 ERROR_KEYS = {"type", "code", "message", "param"}
 DETAIL_KEYS = {"code", "model", "message"}

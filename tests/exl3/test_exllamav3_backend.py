@@ -39,12 +39,12 @@ from fakes.exllamav3_model import (
 )
 from runtime_kit import collect, run, submit
 
-from backends import BackendContext, create_backend
-from backends.exllamav3 import ExLlamaV3Backend, read_chat_template
-from config import decode_settings
-from pool.errors import PoolError
-from pool.jobs import Delta, Failed, GenerationRequest, Job
-from pool.manager import PoolManager
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.backends.exllamav3 import ExLlamaV3Backend, read_chat_template
+from llm_pool.config import decode_settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Delta, Failed, GenerationRequest, Job
+from llm_pool.pool.manager import PoolManager
 
 LIMIT_S = 20
 

@@ -33,9 +33,9 @@ import trio
 from fakes.exllamav3_model import EOS_ID, VOCAB, write_fake_exl3_model
 from runtime_kit import collect, submit
 
-from config import decode_settings
-from pool.jobs import GenerationRequest
-from pool.manager import PoolManager
+from llm_pool.config import decode_settings
+from llm_pool.pool.jobs import GenerationRequest
+from llm_pool.pool.manager import PoolManager
 
 pytestmark = pytest.mark.gpu
 

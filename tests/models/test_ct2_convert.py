@@ -25,7 +25,7 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 tokenizers = pytest.importorskip("tokenizers")
 gguf = pytest.importorskip("gguf")
 
-from backends.ct2_convert import GGUFConversionError, convert_gguf_to_ct2  # noqa: E402
+from llm_pool.backends.ct2_convert import GGUFConversionError, convert_gguf_to_ct2  # noqa: E402
 
 from .tiny_ct2 import BYTE_TO_TOKEN  # noqa: E402
 

@@ -23,7 +23,7 @@ import trio
 from openai_kit import BOUND, CHAT_MODELS, MODELS, REMOTE_KEY_ENV, in_thread
 from pool_http_kit import FakeControl, FakeFactory, Pool, settings_from, start_pool
 
-from pool.server import serve
+from llm_pool.pool.server import serve
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ from openai_kit import CHAT, parse_chat_sse, stream_chat
 from pool_http_kit import METRIC_KEYS, FakeControl, Pool, assert_error
 from trio.testing import MockClock
 
-from backends.prompts import render_prompt
-from config import DEFAULT_SYSTEM_PROMPT
-from pool.openai_compat import IGNORED_FIELDS, NEUTRAL_FIELDS
+from llm_pool.backends.prompts import render_prompt
+from llm_pool.config import DEFAULT_SYSTEM_PROMPT
+from llm_pool.pool.openai_compat import IGNORED_FIELDS, NEUTRAL_FIELDS
 
 CHAT_ID = re.compile(r"^chatcmpl-[0-9a-f]{32}$")
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import trio
 
-from config import Settings
-from pool.server import serve
+from llm_pool.config import Settings
+from llm_pool.pool.server import serve
 
 CHROMIUM = os.environ.get("LLM_POOL_CHROMIUM", "/usr/bin/chromium")
 #: Headless, and nothing that reaches outside this machine.

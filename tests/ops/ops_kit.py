@@ -24,10 +24,10 @@ import trio
 from pool_http_kit import Reply
 from prometheus_client.parser import text_string_to_metric_families
 
-from config import Settings, decode_settings
-from pool.http import create_app
-from pool.jobs import GenerationStats, Job
-from pool.manager import PoolManager
+from llm_pool.config import Settings, decode_settings
+from llm_pool.pool.http import create_app
+from llm_pool.pool.jobs import GenerationStats, Job
+from llm_pool.pool.manager import PoolManager
 
 
 @dataclass

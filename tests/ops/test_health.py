@@ -10,7 +10,7 @@ import trio
 from ops_kit import GateControl, settings_of, start_ops
 from trio.testing import MockClock
 
-from pool.ops import Readiness
+from llm_pool.pool.ops import Readiness
 
 ROOT = Path(__file__).resolve().parents[2]
 

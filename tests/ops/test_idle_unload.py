@@ -16,9 +16,9 @@ import trio.testing
 from fakes.backend import FakeBackendFactory, make_settings
 from trio.testing import MockClock
 
-from pool.errors import PoolError
-from pool.jobs import Decoding, GenerationRequest, Job, Message
-from pool.manager import PoolManager
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Decoding, GenerationRequest, Job, Message
+from llm_pool.pool.manager import PoolManager
 
 
 class Timeline:

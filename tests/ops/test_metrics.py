@@ -8,10 +8,10 @@ import trio
 from ops_kit import GateControl, Samples, start_ops
 from trio.testing import MockClock
 
-import admin.gpu
-from pool.errors import PoolError
-from pool.jobs import Decoding, GenerationRequest, GenerationStats, Job, Message
-from pool.observability import REASONS, outcome_reason
+import llm_pool.admin.gpu
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Decoding, GenerationRequest, GenerationStats, Job, Message
+from llm_pool.pool.observability import REASONS, outcome_reason
 
 # No virtual-time watchdog here: /metrics reads GPUs on a worker thread, and while a thread runs
 # the autojump clock leaps to the next timer, which would be the watchdog's.
@@ -24,7 +24,7 @@ def make_job(text: str, model: str = "m") -> Job:
 @pytest.fixture(autouse=True)
 def _no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same answer on every machine: no GPU (tests that want one install their own)."""
-    monkeypatch.setattr(admin.gpu, "read_gpus", lambda: ([], "NVML unavailable (test)"))
+    monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: ([], "NVML unavailable (test)"))
 
 
 async def test_every_series_exists_at_zero_before_any_request(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
@@ -186,10 +186,10 @@ async def test_gpu_memory_per_device(
     autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gpus = [
-        admin.gpu.GpuInfo(index=0, name="Fake GPU A", used_mib=1024, total_mib=8192, free_mib=7168, used_over_total="x"),
-        admin.gpu.GpuInfo(index=1, name="Fake GPU B", used_mib=0, total_mib=4096, free_mib=4096, used_over_total="y"),
+        llm_pool.admin.gpu.GpuInfo(index=0, name="Fake GPU A", used_mib=1024, total_mib=8192, free_mib=7168, used_over_total="x"),
+        llm_pool.admin.gpu.GpuInfo(index=1, name="Fake GPU B", used_mib=0, total_mib=4096, free_mib=4096, used_over_total="y"),
     ]
-    monkeypatch.setattr(admin.gpu, "read_gpus", lambda: (gpus, None))
+    monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: (gpus, None))
     ops = await start_ops(nursery, control=control)
     s = await ops.scrape()
     assert s("llm_pool:gpu_memory_used_bytes", gpu="0", gpu_name="Fake GPU A") == 1024 * 2**20

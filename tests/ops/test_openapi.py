@@ -12,8 +12,8 @@ from openapi_spec_validator import validate
 from ops_kit import GateControl, start_ops
 from trio.testing import MockClock
 
-from pool.api import ModelsList, ResponseBody
-from pool.openapi import (
+from llm_pool.pool.api import ModelsList, ResponseBody
+from llm_pool.pool.openapi import (
     UNDOCUMENTED_ENDPOINTS,
     AdminModel,
     AdminModels,
@@ -22,7 +22,7 @@ from pool.openapi import (
     build_openapi,
     openapi_path,
 )
-from pool.ops import Live, ModelReadiness, Readiness
+from llm_pool.pool.ops import Live, ModelReadiness, Readiness
 
 #: Methods every rule gets from Werkzeug/Quart by itself; not documented per route.
 AUTOMATIC = {"HEAD", "OPTIONS"}
@@ -96,7 +96,7 @@ async def test_documented_shapes_match_real_responses(
     config = tmp_path / "pool.toml"
     config.write_text('[engine]\nbackend = "gguf"\n[engine.models.m]\nmodel_path = "m.gguf"\nreplica_max = 2\n'
                       '[engine.models.spare]\nmodel_path = "spare.gguf"\nenabled = false\n')
-    from config import load_settings
+    from llm_pool.config import load_settings
 
     settings = load_settings(config)
     ops = await start_ops(nursery, control=control, settings=settings)

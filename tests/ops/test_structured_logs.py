@@ -11,7 +11,7 @@ import trio
 from ops_kit import GateControl, start_ops
 from trio.testing import MockClock
 
-from pool.logs import JsonFormatter, configure_logging
+from llm_pool.pool.logs import JsonFormatter, configure_logging
 
 
 def lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[dict]:

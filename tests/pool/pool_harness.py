@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import trio
 from fakes.backend import FakeBackendFactory, expected_text
 
-from config import Settings
-from pool.errors import PoolError
-from pool.http import wait_for_dispatch
-from pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
-from pool.manager import PoolManager
-from pool.scheduler import ModelRuntime
+from llm_pool.config import Settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.http import wait_for_dispatch
+from llm_pool.pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
+from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.scheduler import ModelRuntime
 
 
 def make_job(model: str, text: str, max_tokens: int = 5) -> Job:

@@ -24,9 +24,9 @@ from pool_harness import (
 )
 from trio.testing import wait_all_tasks_blocked
 
-from pool.errors import PoolError
-from pool.jobs import Job
-from pool.manager import PoolManager
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Job
+from llm_pool.pool.manager import PoolManager
 
 M = {"replica_max": 3, "max_queue": 16}
 

@@ -13,10 +13,10 @@ from fakes.backend import FakeBackend, FakeBackendFactory
 from pool_harness import Clients, check_ok, collect, make_job, runtime_tasks
 from trio.testing import wait_all_tasks_blocked
 
-from pool.errors import PoolError
-from pool.http import wait_for_dispatch
-from pool.jobs import Job
-from pool.scheduler import LoadFailed, ModelRuntime
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.http import wait_for_dispatch
+from llm_pool.pool.jobs import Job
+from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
 
 
 class Served:

@@ -29,8 +29,8 @@ import httpx
 import trio
 from models.tiny_gguf import expected_continuation
 
-from config import Settings, decode_settings
-from pool.server import serve
+from llm_pool.config import Settings, decode_settings
+from llm_pool.pool.server import serve
 
 #: Statuses a load test may see from a healthy, loaded model: served, or told to come back.
 LOAD_OK = {200, 429}

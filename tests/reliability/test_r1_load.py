@@ -43,9 +43,9 @@ from reliability_kit import (
     wait_threads_back,
 )
 
-from backends import BackendContext
-from backends.gguf import GGUFBackend
-from pool.jobs import GenerationRequest, GenerationStats, Job, Message
+from llm_pool.backends import BackendContext
+from llm_pool.backends.gguf import GGUFBackend
+from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, Message
 
 pytestmark = pytest.mark.reliability
 

@@ -33,9 +33,9 @@ from reliability_kit import (
     wait_threads_back,
 )
 
-from backends import BackendContext, create_backend
-from pool.jobs import GenerationStats, Job
-from pool.scheduler import ModelRuntime
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.pool.jobs import GenerationStats, Job
+from llm_pool.pool.scheduler import ModelRuntime
 
 pytestmark = pytest.mark.reliability
 

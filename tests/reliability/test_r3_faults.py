@@ -52,8 +52,8 @@ from reliability_kit import (
     wait_threads_back,
 )
 
-from backends import BackendContext, create_backend
-from pool.jobs import GenerationStats, Job
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.pool.jobs import GenerationStats, Job
 
 pytestmark = pytest.mark.reliability
 
@@ -304,7 +304,7 @@ async def test_r3_sigterm_during_load_drains_and_exits_0(tiny_gguf: Path, tmp_pa
     log: list[dict[str, Any]] = []
     with trio.fail_after(LIMIT_S):
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "pool.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

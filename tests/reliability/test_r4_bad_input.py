@@ -45,9 +45,9 @@ from fakes.backend import FakeBackendFactory, expected_text
 from hypothesis import HealthCheck, given, settings
 from reliability_kit import parse_chat_stream, parse_responses_stream
 
-from config import load_settings
-from pool.http import create_app
-from pool.manager import PoolManager
+from llm_pool.config import load_settings
+from llm_pool.pool.http import create_app
+from llm_pool.pool.manager import PoolManager
 
 pytestmark = pytest.mark.reliability
 
@@ -362,7 +362,7 @@ def broken_inference(draw: st.DrawFn) -> Case:
 
 @functools.cache
 def _chat_fields() -> frozenset[str]:
-    from pool.api import ChatCompletionRequest
+    from llm_pool.pool.api import ChatCompletionRequest
 
     return frozenset(ChatCompletionRequest.__struct_fields__)
 

@@ -73,9 +73,9 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, Phase, given, settings
 
-import pool.http
-from config import load_settings
-from pool.server import serve
+import llm_pool.pool.http
+from llm_pool.config import load_settings
+from llm_pool.pool.server import serve
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e '.[test]')")
 
@@ -463,7 +463,7 @@ async def test_r4_a_body_that_is_not_read_closes_the_connection_and_says_so(
 ) -> None:
     """A body the server will not wait for (over ``max_body_bytes``, or not sent within
     ``BODY_DRAIN_S``): the answer says ``Connection: close``, and the connection is closed."""
-    monkeypatch.setattr(pool.http, "BODY_DRAIN_S", 0.05)
+    monkeypatch.setattr(llm_pool.pool.http, "BODY_DRAIN_S", 0.05)
     async with running(r4_config) as base:
         host, port = base.removeprefix("http://").split(":")
         for path, length, status in [

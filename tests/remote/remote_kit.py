@@ -20,9 +20,9 @@ import httpx
 import trio
 from upstream import FakeUpstream, serve_upstream
 
-from config import DEFAULT_SYSTEM_PROMPT, decode_settings
-from pool.logs import JsonFormatter
-from pool.server import serve
+from llm_pool.config import DEFAULT_SYSTEM_PROMPT, decode_settings
+from llm_pool.pool.logs import JsonFormatter
+from llm_pool.pool.server import serve
 
 KEY = "sk-test-SECRET-7f3a9c1e5b2d4f60"
 KEY_ENV = "LLM_POOL_TEST_REMOTE_KEY"

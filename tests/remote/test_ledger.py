@@ -15,8 +15,8 @@ import trio
 from remote_kit import BOUND, StartPool, sse
 from upstream import FakeUpstream
 
-from backends.ledger import estimate_prompt_tokens, money
-from pool.jobs import Message
+from llm_pool.backends.ledger import estimate_prompt_tokens, money
+from llm_pool.pool.jobs import Message
 
 PRICED: dict[str, Any] = {
     "remote_price_input_per_1m": 1000.0,  # 0.001 per prompt token

@@ -11,8 +11,8 @@ import trio
 from remote_kit import BOUND, StartPool
 from upstream import FakeUpstream
 
-from backends.ledger import CostLedger
-from pool.errors import PoolError
+from llm_pool.backends.ledger import CostLedger
+from llm_pool.pool.errors import PoolError
 
 BUDGET = 0.1
 SETTINGS: dict[str, Any] = {

@@ -14,11 +14,11 @@ import pytest
 import trio
 from remote_kit import KEY, KEY_ENV
 
-from backends import BackendContext
-from backends.openai_compatible import RemoteBackend, retry_after_s, upstream_message
-from config import ModelSettings, Settings
-from pool.errors import PoolError
-from pool.jobs import Done, GenerationRequest, Job, Message
+from llm_pool.backends import BackendContext
+from llm_pool.backends.openai_compatible import RemoteBackend, retry_after_s, upstream_message
+from llm_pool.config import ModelSettings, Settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Done, GenerationRequest, Job, Message
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
