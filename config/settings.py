@@ -3,7 +3,8 @@
 ``pool.toml`` (shipped) is merged with ``pool.local.toml`` (machine-local, git-ignored) key by
 key, tables deeply, local winning.  ``LLM_POOL_SETTINGS_PATH`` and
 ``LLM_POOL_LOCAL_SETTINGS_PATH`` override the two paths.  Every error is fatal at startup and
-names the file(s) and the key path (msgspec's ``$.engine.models.m.replicas`` form).
+names the file(s) and the key path (``$.engine.models.m.replicas``), in our words
+(:mod:`llm_pool.config.validation`).
 
 A model path that does not exist is *not* a settings error: that model fails at load with a clear
 message and the rest of the pool serves.
@@ -20,6 +21,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import tomli
+
+from llm_pool.config.validation import describe, read_validation_error
 
 BACKENDS = ("ct2", "exllamav3", "gguf", "openai_compatible")
 Backend = Literal["ct2", "exllamav3", "gguf", "openai_compatible"]
@@ -191,37 +194,31 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") -> Settings:
-    """Validate a merged settings mapping; ``source`` names the file(s) in error messages."""
+    """Validate a merged settings mapping; ``source`` names the file(s) in error messages, and
+    every message names the key path (``$.engine.models.m.replicas``)."""
     if "base_dir" in raw:
-        raise SettingsError(f"{source}: Object contains unknown field `base_dir` - at `$`")
+        raise SettingsError(f"{source}: $.base_dir: unknown field")
     try:
         settings = msgspec.convert({**raw, "base_dir": base_dir}, Settings)
     except msgspec.ValidationError as e:
-        raise SettingsError(f"{source}: {_name_the_model(raw, e)}") from None
+        raise SettingsError(f"{source}: {_describe_settings_error(raw, e)}") from None
     for name, model in settings.engine.models.items():
-        where = f"{source}: model {name!r}"
         at = _model_key_path(name)
         if model.replicas > model.replica_max:
             raise SettingsError(
-                f"{where} has replicas={model.replicas} greater than "
-                f"replica_max={model.replica_max} - at `{at}.replicas`"
+                f"{source}: {at}.replicas: model {name!r} has replicas={model.replicas} greater than "
+                f"replica_max={model.replica_max}"
             )
         backend = settings.backend_of(model)
         if backend == "openai_compatible":
             for key in ("remote_base_url", "remote_model"):
                 if not getattr(model, key):
-                    raise SettingsError(
-                        f"{where} needs {key} for backend openai_compatible"
-                        f" - at `{at}.{key}`"
-                    )
+                    raise SettingsError(f"{source}: {at}.{key}: model {name!r} needs {key} for backend openai_compatible")
         elif not model.model_path:
-            raise SettingsError(
-                f"{where} needs model_path for backend {backend}"
-                f" - at `{at}.model_path`"
-            )
+            raise SettingsError(f"{source}: {at}.model_path: model {name!r} needs model_path for backend {backend}")
         if (model.exllama_cache_k_bits is None) != (model.exllama_cache_v_bits is None):
             raise SettingsError(
-                f"{where}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
+                f"{source}: {at}: model {name!r}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
             )
     return settings
 
@@ -232,21 +229,22 @@ def _model_key_path(name: str) -> str:
     return f"$.engine.models.{name}" if bare else f"$.engine.models.{msgspec.json.encode(name).decode()}"
 
 
-def _name_the_model(raw: dict[str, Any], error: msgspec.ValidationError) -> str:
-    """msgspec writes a dict key as ``[...]`` (``$.engine.models[...].replicas``); find which
-    model is wrong and name it, so the message gives the whole key path."""
-    text = str(error)
-    if "$.engine.models[...]" not in text:
-        return text
+_MODELS = "$.engine.models[...]"
+
+
+def _describe_settings_error(raw: dict[str, Any], error: msgspec.ValidationError) -> str:
+    """The error in our words, with its whole key path: msgspec writes a model's key as
+    ``[...]``, so the wrong model is found by converting each alone and named."""
+    invalid = read_validation_error(error)
+    if not invalid.path.startswith(_MODELS):
+        return describe(invalid, Settings)
     models = raw.get("engine", {}).get("models", {})
     for name, model in models.items() if isinstance(models, dict) else ():
         try:
             msgspec.convert(model, ModelSettings)
         except msgspec.ValidationError as e:
-            sub = str(e)
-            head, sep, path = sub.rpartition(" - at `$")
-            return f"{head} - at `{_model_key_path(name)}{path}" if sep else f"{sub} - at `{_model_key_path(name)}`"
-    return text
+            return _model_key_path(name) + describe(read_validation_error(e), ModelSettings)[1:]
+    return describe(invalid, Settings)
 
 
 def load_settings(config: str | os.PathLike[str] | None = None) -> Settings:

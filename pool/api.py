@@ -1,18 +1,19 @@
 """Wire shapes of the inference API (msgspec Structs) and their translation to engine requests.
 
 Decoding is strict: unknown fields are rejected with their path, every constraint is a msgspec
-``Meta`` so the 400 message is msgspec's own (``Expected `int` >= 1 - at `$.decoding.max_tokens```),
-and the same Structs generate the OpenAPI schema.  Nothing here does I/O.
+``Meta``, and the 400 says what was expected in our words, derived from that same ``Meta``
+(``$.decoding.max_tokens: expected an integer >= 1``); the same Structs generate the OpenAPI
+schema.  Nothing here does I/O.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from llm_pool.config import Settings
+from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.errors import PoolError, invalid_request
 from llm_pool.pool.jobs import Decoding, GenerationRequest, Message
 
@@ -302,39 +303,31 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
 def decode_body(body: bytes, kind: type[Any], *, code: str = "invalid_request") -> Any:
-    """Decode a JSON body into ``kind`` or raise 400 ``code`` naming the problem and its path."""
+    """Decode a JSON body into ``kind`` or raise 400 ``code`` naming the problem, in our words
+    (:mod:`llm_pool.config.validation`), and its JSON path as ``param``."""
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
-
-    def bad(message: str, param: str | None = None) -> PoolError:
-        return PoolError(400, code, message, param=param)
-
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise bad(f"invalid request body: {e}", error_path(e)) from None
-    except msgspec.DecodeError as e:
-        raise bad(f"invalid JSON body: {e}") from None
-    except UnicodeDecodeError as e:  # msgspec checks UTF-8 late, with Python's own error
-        raise bad(f"invalid JSON body: not valid UTF-8 ({e.reason})") from None
+        invalid = read_validation_error(e)
+        raise PoolError(400, code, f"invalid request body: {describe(invalid, kind)}", param=invalid.path) from None
+    except msgspec.DecodeError:
+        raise PoolError(400, code, f"invalid JSON body: {_why_not_json(body)}") from None
     except RecursionError:  # deep nesting inside a field typed Any
-        raise bad("invalid JSON body: nested too deeply") from None
+        raise PoolError(400, code, "invalid JSON body: nested too deeply") from None
 
 
-_FIELD_IN_MESSAGE = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
-
-
-def error_path(error: msgspec.ValidationError) -> str:
-    """The JSON path a validation error is about, as msgspec spells it (``$.decoding.top_k``).
-
-    msgspec leaves the path out for the root object and names unknown/missing fields only in
-    the text; both are completed here so the 400's ``param`` always names the field.
-    """
-    text = str(error)
-    path = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
-    field = _FIELD_IN_MESSAGE.match(text)
-    return f"{path}.{field.group(1)}" if field else path
+def _why_not_json(body: bytes) -> str:
+    """Why ``body`` is not a JSON document, in our words (msgspec's own text is not a contract)."""
+    if not body.strip():
+        return "the body is empty"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    return "not valid JSON"
 
 
 def _check_text(value: str | None, param: str) -> None:

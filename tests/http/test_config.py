@@ -33,39 +33,39 @@ def error_of(path: Path | None = None) -> str:
 # ------------------------------------------------------------------ strict schema
 def test_unknown_model_key_names_file_and_key_path(tmp_path: Path) -> None:
     main = write(tmp_path / "pool.toml", BASE + "replicaz = 2\n")
-    assert error_of(main) == f"{main}: Object contains unknown field `replicaz` - at `$.engine.models.m`"
+    assert error_of(main) == f"{main}: $.engine.models.m.replicaz: unknown field"
 
 
 def test_unknown_key_in_a_quoted_model_name(tmp_path: Path) -> None:
     main = write(tmp_path / "pool.toml", '[engine.models."qwen3.5-9b"]\nmodel_path = "q.gguf"\ngguf_n_ctxx = 4\n')
     assert error_of(main) == (
-        f'{main}: Object contains unknown field `gguf_n_ctxx` - at `$.engine.models."qwen3.5-9b"`'
+        f'{main}: $.engine.models."qwen3.5-9b".gguf_n_ctxx: unknown field'
     )
 
 
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ("[service]\nprot = 8000\n", "Object contains unknown field `prot` - at `$.service`"),
-        ("[engine]\nbakend = 'gguf'\n", "Object contains unknown field `bakend` - at `$.engine`"),
-        ("[engine.decoding]\ntopk = 3\n", "Object contains unknown field `topk` - at `$.engine.decoding`"),
-        ("[servce]\nport = 1\n", "Object contains unknown field `servce`"),
-        ("base_dir = '/'\n", "Object contains unknown field `base_dir` - at `$`"),
+        ("[service]\nprot = 8000\n", "$.service.prot: unknown field"),
+        ("[engine]\nbakend = 'gguf'\n", "$.engine.bakend: unknown field"),
+        ("[engine.decoding]\ntopk = 3\n", "$.engine.decoding.topk: unknown field"),
+        ("[servce]\nport = 1\n", "$.servce: unknown field"),
+        ("base_dir = '/'\n", "$.base_dir: unknown field"),
     ],
 )
 def test_unknown_keys_anywhere(tmp_path: Path, toml: str, message: str) -> None:
     main = write(tmp_path / "pool.toml", toml + BASE)
-    assert error_of(main).startswith(f"{main}: {message}")
+    assert error_of(main) == f"{main}: {message}"
 
 
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ("[service]\nport = '80'\n", "Expected `int`, got `str` - at `$.service.port`"),
-        ("[service]\nport = 70000\n", "Expected `int` <= 65535 - at `$.service.port`"),
-        ("[engine.decoding]\ntop_k = 0\n", "Expected `int` >= 1 - at `$.engine.decoding.top_k`"),
-        ("[engine.decoding]\nstop = 'x'\n", "Expected `array`, got `str` - at `$.engine.decoding.stop`"),
-        ("[engine]\nbackend = 'vllm'\n", "Invalid enum value 'vllm' - at `$.engine.backend`"),
+        ("[service]\nport = '80'\n", "$.service.port: expected an integer from 0 to 65535"),
+        ("[service]\nport = 70000\n", "$.service.port: expected an integer from 0 to 65535"),
+        ("[engine.decoding]\ntop_k = 0\n", "$.engine.decoding.top_k: expected an integer from 1 to 200"),
+        ("[engine.decoding]\nstop = 'x'\n", "$.engine.decoding.stop: expected a list"),
+        ("[engine]\nbackend = 'vllm'\n", "$.engine.backend: expected one of \"ct2\", \"exllamav3\", \"gguf\", \"openai_compatible\""),
     ],
 )
 def test_wrong_types_and_values(tmp_path: Path, toml: str, message: str) -> None:
@@ -76,11 +76,11 @@ def test_wrong_types_and_values(tmp_path: Path, toml: str, message: str) -> None
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("replicas = '2'", "Expected `int`, got `str` - at `$.engine.models.m.replicas`"),
-        ("enabled = 'yes'", "Expected `bool`, got `str` - at `$.engine.models.m.enabled`"),
-        ("gguf_flash_attn = 'maybe'", "Invalid enum value 'maybe' - at `$.engine.models.m.gguf_flash_attn`"),
-        ("exllama_cache_size = 300", "Expected `int` that's a multiple of 256 - at `$.engine.models.m.exllama_cache_size`"),
-        ("replicas = 0", "Expected `int` >= 1 - at `$.engine.models.m.replicas`"),
+        ("replicas = '2'", "$.engine.models.m.replicas: expected an integer >= 1"),
+        ("enabled = 'yes'", "$.engine.models.m.enabled: expected true or false"),
+        ("gguf_flash_attn = 'maybe'", "$.engine.models.m.gguf_flash_attn: expected one of \"auto\", \"off\", \"on\""),
+        ("exllama_cache_size = 300", "$.engine.models.m.exllama_cache_size: expected an integer >= 256 (a multiple of 256)"),
+        ("replicas = 0", "$.engine.models.m.replicas: expected an integer >= 1"),
     ],
 )
 def test_wrong_model_values_name_the_model(tmp_path: Path, line: str, message: str) -> None:
@@ -91,7 +91,7 @@ def test_wrong_model_values_name_the_model(tmp_path: Path, line: str, message: s
 def test_replicas_above_replica_max(tmp_path: Path) -> None:
     main = write(tmp_path / "pool.toml", BASE + "replicas = 3\nreplica_max = 2\n")
     assert error_of(main) == (
-        f"{main}: model 'm' has replicas=3 greater than replica_max=2 - at `$.engine.models.m.replicas`"
+        f"{main}: $.engine.models.m.replicas: model 'm' has replicas=3 greater than replica_max=2"
     )
 
 
@@ -99,7 +99,7 @@ def test_replicas_above_replica_max(tmp_path: Path) -> None:
 def test_local_model_needs_model_path(tmp_path: Path, backend: str) -> None:
     main = write(tmp_path / "pool.toml", f"[engine.models.m]\nbackend = '{backend}'\n")
     assert error_of(main) == (
-        f"{main}: model 'm' needs model_path for backend {backend} - at `$.engine.models.m.model_path`"
+        f"{main}: $.engine.models.m.model_path: model 'm' needs model_path for backend {backend}"
     )
 
 
@@ -116,7 +116,7 @@ def test_remote_model_needs_no_model_path_but_its_url_and_model(tmp_path: Path) 
     assert load_settings(ok).engine.models["r"].model_path is None
     bad = write(tmp_path / "bad.toml", "[engine.models.r]\nbackend = 'openai_compatible'\nremote_model = 'x'\n")
     assert error_of(bad) == (
-        f"{bad}: model 'r' needs remote_base_url for backend openai_compatible - at `$.engine.models.r.remote_base_url`"
+        f"{bad}: $.engine.models.r.remote_base_url: model 'r' needs remote_base_url for backend openai_compatible"
     )
 
 
@@ -178,8 +178,7 @@ def test_errors_in_the_merge_name_both_files(tmp_path: Path) -> None:
     main = write(tmp_path / "pool.toml", MAIN)
     local = write(tmp_path / "pool.local.toml", "[engine.models.m]\nreplicas = 3\n")
     assert error_of(main) == (
-        f"{main} (merged with {local}): model 'm' has replicas=3 greater than replica_max=2"
-        " - at `$.engine.models.m.replicas`"
+        f"{main} (merged with {local}): $.engine.models.m.replicas: model 'm' has replicas=3 greater than replica_max=2"
     )
 
 

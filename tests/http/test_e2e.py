@@ -97,7 +97,7 @@ async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
             assert r.json()["error"] == {
                 "type": "invalid_request_error",
                 "code": "invalid_request",
-                "message": "invalid request body: Expected `int` >= 1 - at `$.decoding.top_k`",
+                "message": "invalid request body: $.decoding.top_k: expected an integer from 1 to 200",
                 "param": "$.decoding.top_k",
             }
             r = await client.post("/v1/responses", content=b'{"model": "m", "input": "caf\xe9"}')
