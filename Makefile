@@ -54,7 +54,7 @@ test: install
 
 # The suites that need no real model (HTTP contract, scheduler, manager, config, remote).
 test-fast: install
-	$(BIN)/python -m pytest tests/http tests/pool tests/remote tests/openai tests/ops tests/test_upstream_fake.py
+	$(BIN)/python -m pytest tests/config tests/http tests/pool tests/remote tests/openai tests/ops tests/test_upstream_fake.py
 
 lint: install
 	$(BIN)/ruff check llm_pool pool backends admin config tests bench
