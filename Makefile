@@ -56,8 +56,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest tests/config tests/http tests/pool tests/remote tests/openai tests/ops tests/test_upstream_fake.py
 
+# lint-imports walks the package's folders, so it reads an installed copy (the wheel's layout:
+# llm_pool/ with its subpackages), not the editable mapping.
+LINT_SITE := $(VENV)/lint-site
 lint: install
 	$(BIN)/ruff check llm_pool pool backends admin config tests bench
+	rm -rf $(LINT_SITE) && $(BIN)/python -m pip install -q --no-deps --no-build-isolation --target $(LINT_SITE) .
+	cd $(LINT_SITE) && PYTHONPATH=. ../bin/lint-imports $(CURDIR)/pyproject.toml
 
 bench: install
 	$(BIN)/python -m bench

@@ -21,6 +21,7 @@ from llm_pool.config import ModelSettings, SettingsError, load_settings, resolve
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
+from llm_pool.pool.web_io import json_response
 
 log = logging.getLogger("llm_pool.admin")
 
@@ -272,14 +273,10 @@ def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, ove
 
 def register_admin(app: Any, manager: PoolManager) -> None:
     def row_response(entry: ModelEntry) -> Response:
-        from llm_pool.pool.http import json_response
-
         return json_response(model_row(manager, entry))
 
     @app.get("/v1/admin/models")
     async def admin_models() -> Response:
-        from llm_pool.pool.http import json_response
-
         return json_response({"models": [model_row(manager, e) for e in manager.entries.values()]})
 
     @app.get("/v1/admin/models/<path:name>")
@@ -327,8 +324,6 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.post("/v1/admin/settings/reload")
     async def admin_reload() -> Response:
-        from llm_pool.pool.http import json_response
-
         try:
             settings = await trio.to_thread.run_sync(load_settings, manager.config_path)
         except SettingsError as e:
@@ -339,8 +334,6 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.get("/v1/admin/gpu-memory")
     async def admin_gpu_memory() -> Response:
-        from llm_pool.pool.http import json_response
-
         gpus, error = await trio.to_thread.run_sync(gpu.read_gpus)
         models = []
         for entry in manager.entries.values():

@@ -503,7 +503,7 @@ async def _memory_inprocess(n: int) -> list[tuple[str, str]]:
     from fakes.backend import FakeBackendFactory, make_settings
 
     from llm_pool.pool.api import DecodingIn, ResponsesRequest, to_generation_request
-    from llm_pool.pool.http import run_job
+    from llm_pool.pool.serving import run_job
     from llm_pool.pool.jobs import Job
     from llm_pool.pool.manager import PoolManager
 

@@ -1,5 +1,9 @@
 """The quart-trio app: a thin layer that decodes, calls the pool manager, and encodes.
 
+This module holds the app, its auth and error handlers, and the ``/v1/responses`` route; it
+registers the other route modules (:mod:`llm_pool.admin.routes`, :mod:`llm_pool.pool.openai_compat`,
+:mod:`llm_pool.pool.ops`, :mod:`llm_pool.pool.openapi`), which import only the layers below
+(:mod:`llm_pool.pool.serving`, :mod:`llm_pool.pool.web_io`), never this module.
 Routes here own no scheduling logic.  Every failure reaches the client as JSON in both OpenAI's
 and llm-pool's shape (see :mod:`pool.errors`); an unexpected exception becomes a logged 500
 ``internal_error``, which is always a bug.
@@ -12,216 +16,42 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from llm_pool.admin.routes import register_admin
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
-    Metrics,
     ModelCard,
     ModelsList,
     OutputMessage,
     OutputText,
     ResponsesRequest,
-    build_metrics,
-    decode_body,
     message_id,
     response_body,
     to_generation_request,
 )
-from llm_pool.pool.errors import PoolError, queue_timeout
-from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Delta, Done, Job
 from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.openai_compat import register_openai
+from llm_pool.pool.openapi import register_openapi
+from llm_pool.pool.ops import register_ops
+from llm_pool.pool.serving import abandon, finished_metrics, job_result, log_inference, run_job, sse_frame, unix_time_of
+from llm_pool.pool.web_io import error_response, json_response, read_json, sse_response, wants_openai_items
 
 log = logging.getLogger("llm_pool.http")
-inference_log = logging.getLogger("llm_pool.inference")
 
-_encoder = msgspec.json.Encoder()
-JSON = "application/json"
-SSE = "text/event-stream; charset=utf-8"
 #: How long an answer waits for the rest of a request body that its route did not read (see
 #: ``finish_request_body`` in :func:`create_app`); past it the answer closes the connection.
 BODY_DRAIN_S = 2.0
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encoder.encode(payload), status=status, content_type=JSON, headers=headers)
-
-
-def error_response(error: PoolError) -> Response:
-    return json_response(error.body(), error.status, error.headers)
-
-
-def _ms_since(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000.0, 3)
-
-
-async def read_json(kind: type[Any]) -> Any:
-    """The request body decoded into ``kind`` (400/413 as :class:`PoolError`)."""
-    body = await request.get_data(cache=False)
-    assert isinstance(body, bytes)
-    return decode_body(body, kind)
-
-
-async def wait_for_dispatch(job: Job, timeout_s: float | None) -> None:
-    """Wait until ``job`` leaves its queue (dispatched, or ended there); after ``timeout_s``
-    cancel it with 503 ``queue_timeout``."""
-    with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
-        await job.started.wait()
-    if job.state == "queued":
-        assert timeout_s is not None
-        job.cancel(queue_timeout(job.request.model, timeout_s))
-
-
-async def run_job(
-    manager: PoolManager, gen: GenerationRequest, *, allow_remote: bool, request_id: str | None = None
-) -> Job:
-    """Admit ``gen`` and wait until it leaves its model's queue; every inference route starts here.
-
-    Runs the model's admission checks, submits the job (404 unknown model, 403 without
-    ``allow_remote`` for a remote model, 409/429 from admission; each refusal writes its inference
-    log line) and waits at most the model's ``queue_timeout_s``
-    (503 ``queue_timeout``).  Returns a job that runs on a replica (or already ended there);
-    a job that ended in its queue raises its error here, so a stream never starts for it.
-
-    Cancellation: if the caller is cancelled (client gone) or anything raises, the job is
-    cancelled: a queued job never runs, a running one stops at its next token.
-    """
-    job = Job(gen, request_id=request_id)
-    job.stream_deltas = gen.stream
-    try:
-        entry = manager.entry(gen.model)
-        check = _request_check(manager, entry)
-        if check is not None:
-            check(gen)
-        manager.submit(job, allow_remote=allow_remote)
-    except PoolError as e:  # refused at admission: logged like every other outcome
-        log_inference(job, stream=gen.stream, status=e.status, error=e.code)
-        raise
-    try:
-        await wait_for_dispatch(job, entry.settings.queue_timeout_s)
-        if job.t_dispatched is None:  # ended in the queue: a status, not a stream
-            await job.result()
-    except PoolError as e:
-        log_inference(job, stream=gen.stream, status=e.status, error=e.code)
-        job.cancel()
-        raise
-    except BaseException:
-        abandon(job, stream=gen.stream)
-        raise
-    return job
-
-
-async def job_result(job: Job, t0: float) -> tuple[Done, Metrics]:
-    """Wait for a non-streamed job's whole result; log it; return it with its metrics
-    (``t0``: when the handler started).  Raises the job's :class:`PoolError`.
-
-    Cancellation: cancels the job."""
-    try:
-        done = await job.result()
-    except PoolError as e:
-        log_inference(job, stream=False, status=e.status, error=e.code)
-        job.cancel()
-        raise
-    except BaseException:
-        abandon(job, stream=False, t0=t0)
-        raise
-    return done, finished_metrics(job, t0, stream=False)
-
-
-#: The status an inference log line gives a request whose client went away before its answer
-#: ended (nginx's "client closed request"; no client ever receives it).
-CLIENT_CLOSED = 499
-
-
-def abandon(job: Job, *, stream: bool, t0: float | None = None) -> None:
-    """The handler of ``job`` ends without having delivered the job's end (its client went away,
-    or a bug): cancel the job, and once it has ended (a running job stops at its next token) write
-    its inference line, status 499 ``client_closed_request``, with the metrics of what it did.
-    Does nothing more for a job whose line was written (``t0``: when the handler started)."""
-    job.cancel()
-    if job.reported:
-        return
-    start = job.t_submitted if t0 is None else t0
-
-    def report(job: Job, error: PoolError | None = None) -> None:
-        if not job.reported:
-            metrics = build_metrics(job, _ms_since(start))
-            log_inference(job, stream=stream, status=CLIENT_CLOSED, metrics=metrics, error="client_closed_request")
-
-    if job.state == "done":
-        report(job)
-    else:
-        job.on_end.append(report)
-
-
-def finished_metrics(job: Job, t0: float, *, stream: bool) -> Metrics:
-    """A finished job's metrics (``pool_total_wall_ms`` measured from ``t0``), logged as its
-    inference line."""
-    metrics = build_metrics(job, _ms_since(t0))
-    log_inference(job, stream=stream, status=200, metrics=metrics)
-    return metrics
-
-
-def sse_response(frames: AsyncIterator[bytes]) -> Response:
-    return Response(
-        frames,
-        status=200,
-        content_type=SSE,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-def unix_time_of(t: float) -> int:
-    """The Unix time (seconds) of ``time.perf_counter()`` timestamp ``t``."""
-    return int(time.time() - (time.perf_counter() - t))
-
-
-def sse_frame(event: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
-
-
-def log_inference(job: Job, *, stream: bool, status: int, metrics: Any = None, error: str | None = None) -> None:
-    job.reported = True
-    inference_log.info(
-        "inference",
-        extra={
-            "fields": {
-                "request_id": job.id,
-                "model": job.request.model,
-                "replica": job.replica,
-                "stream": stream,
-                "status": status,
-                "finish_reason": job.stats.finish_reason if job.stats else None,
-                "error": error,
-                "metrics": msgspec.to_builtins(metrics) if metrics is not None else None,
-            }
-        },
-    )
-
-
-def wants_openai_items() -> bool:
-    """Whether a non-streamed ``/v1/responses`` body carries OpenAI's message items in ``output``.
-
-    llm-pool's contract is ``"output": [{"type": "output_text", "text": ...}]``; the openai SDKs
-    read text only from ``{"type": "message", "content": [...]}`` items.  Both cannot live in one
-    item, so the OpenAI shape goes to OpenAI's SDKs (they all send ``X-Stainless-Lang``) and to
-    any client sending ``X-LLM-Pool-Output: openai``; ``X-LLM-Pool-Output: llm-pool`` forces the
-    llm-pool shape.  Every other key is the same in both.
-    """
-    choice = request.headers.get("X-LLM-Pool-Output", "").lower()
-    if choice in ("openai", "llm-pool"):
-        return choice == "openai"
-    return "X-Stainless-Lang" in request.headers
 
 
 def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
@@ -375,24 +205,11 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
         finally:
             abandon(job, stream=True, t0=t0)
 
-    from llm_pool.admin.routes import register_admin
-    from llm_pool.pool.openai_compat import register_openai
-    from llm_pool.pool.ops import register_ops
-
     register_admin(app, manager)
     register_openai(app, manager)
     register_ops(app, manager)
+    register_openapi(app)
     return app
-
-
-def _request_check(manager: PoolManager, entry: Any) -> Any:
-    """Model-specific admission checks that need no runtime (e.g. translategemma codes)."""
-    from llm_pool.backends.prompts import check_request
-
-    if manager.backend_of(entry) == "openai_compatible":
-        return None
-    fmt = entry.settings.prompt_format
-    return lambda gen: check_request(fmt, gen)
 
 
 def _token_from_env(env: str | None) -> str | None:

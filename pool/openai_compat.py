@@ -2,7 +2,7 @@
 
 Verified with the official ``openai`` Python SDK (``tests/openai``).  The route is a thin layer
 like ``/v1/responses``: it decodes, translates to a :class:`~pool.jobs.GenerationRequest`, and
-runs the job through :func:`pool.http.run_job`, so admission, ``allow_remote``, ``queue_timeout``,
+runs the job through :func:`llm_pool.pool.serving.run_job`, so admission, ``allow_remote``, ``queue_timeout``,
 disconnect cancellation, logs and metrics behave exactly as they do there.  Nothing here
 schedules.
 
@@ -66,19 +66,10 @@ from llm_pool.pool.api import (
     token_counts,
 )
 from llm_pool.pool.errors import invalid_request
-from llm_pool.pool.http import (
-    abandon,
-    finished_metrics,
-    job_result,
-    json_response,
-    log_inference,
-    read_json,
-    run_job,
-    sse_response,
-    unix_time_of,
-)
 from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
 from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.serving import abandon, finished_metrics, job_result, log_inference, run_job, unix_time_of
+from llm_pool.pool.web_io import json_response, read_json, sse_response
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
 #: hints that change nothing about the generated text.  (``seed``: llm-pool's samplers take no

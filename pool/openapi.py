@@ -10,8 +10,8 @@ The admin routes build their rows as dicts (``admin.routes.model_row``); the Str
 (``AdminModel`` and friends) describe them, with ``forbid_unknown_fields`` so a test that decodes
 real responses with them fails when a row gains a key this document does not know.
 
-This module does no I/O; importing it imports no quart (the route Structs are imported when the
-document is built).
+This module sits at the top of the web layer (it documents every route module); it does no I/O
+but serve the document, built once on the first ``GET /openapi.json``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,20 @@ from importlib import metadata
 from typing import Any, Literal
 
 import msgspec
+from quart import Response
 
+from llm_pool.admin.routes import LoadRequest, ResizeRequest, UnloadRequest
 from llm_pool.config import ModelSettings
+from llm_pool.pool.api import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorBody,
+    ModelsList,
+    ResponseBody,
+    ResponsesRequest,
+)
+from llm_pool.pool.ops import Live, ModelReadiness, Readiness
 
 #: Werkzeug rules of the app that are deliberately not documented, by endpoint, with why.
 UNDOCUMENTED_ENDPOINTS = {
@@ -213,8 +225,6 @@ def sse_event_schema(description: str, event: dict[str, Any] | None = None, *, j
 
 
 def _errors(*statuses: int) -> dict[int, Body]:
-    from llm_pool.pool.api import ErrorBody
-
     why = {
         400: "Invalid request (the message names the field; `param` is its JSON path).",
         401: "Missing or wrong bearer token.",
@@ -233,17 +243,6 @@ def _errors(*statuses: int) -> dict[int, Body]:
 
 def operations() -> list[Operation]:
     """Every documented route, in the document's order."""
-    from llm_pool.admin.routes import LoadRequest, ResizeRequest, UnloadRequest
-    from llm_pool.pool.api import (
-        ChatCompletion,
-        ChatCompletionChunk,
-        ChatCompletionRequest,
-        ModelsList,
-        ResponseBody,
-        ResponsesRequest,
-    )
-    from llm_pool.pool.ops import Live, ModelReadiness, Readiness
-
     inference_errors = _errors(400, 401, 403, 404, 409, 413, 429, 502, 503, 504)
     admin_row = {200: Body("The model's row after the call.", {JSON: AdminModel})}
     return [
@@ -468,3 +467,14 @@ def build_openapi() -> dict[str, Any]:
 def _operation_id(op: Operation) -> str:
     words = re.sub(r"[{}]", "", op.path).strip("/").replace(".", "_").replace("-", "_").split("/")
     return op.method + "_" + ("_".join(w for w in words if w) or "root")
+
+
+def register_openapi(app: Any) -> None:
+    """Serve :func:`build_openapi` at ``GET /openapi.json`` (built once, on the first call)."""
+    cache: list[bytes] = []
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        if not cache:
+            cache.append(msgspec.json.encode(build_openapi()))
+        return Response(cache[0], status=200, content_type="application/json")

@@ -1,4 +1,5 @@
-"""Operator routes: Prometheus metrics, health probes, the OpenAPI document and the status page.
+"""Operator routes: Prometheus metrics, health probes and the status page (the OpenAPI
+document is :mod:`llm_pool.pool.openapi`'s own route).
 
 =============================  ============================================================
 ``GET /metrics``               Prometheus text (OpenMetrics when the scraper asks for it);
@@ -8,7 +9,6 @@
                                while draining for shutdown; the body lists what is not ready
 ``GET /health/ready/{model}``  200 when that model is loaded (and the server not draining),
                                else 503; 404 ``unknown_model``
-``GET /openapi.json``          the OpenAPI 3.1 document of every route (:mod:`pool.openapi`)
 ``GET /`` and ``GET /admin``   the status page (``admin/static/index.html``)
 =============================  ============================================================
 
@@ -33,6 +33,7 @@ from quart import Response, request
 from llm_pool.admin import gpu
 from llm_pool.pool.manager import ModelEntry, PoolManager, State
 from llm_pool.pool.observability import PoolMetrics
+from llm_pool.pool.web_io import json_response
 
 HTML = "text/html; charset=utf-8"
 #: Probes and scrapes must never be answered from a cache.
@@ -99,12 +100,9 @@ def status_page_html() -> bytes:
 def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
     """Add the routes of the module docstring to ``app`` (once, from ``create_app``); returns
     the app's metrics (also ``app.extensions["llm_pool_metrics"]``)."""
-    from llm_pool.pool.http import json_response
-
     metrics = PoolMetrics(manager)
     app.extensions["llm_pool_metrics"] = metrics
     page = status_page_html()
-    openapi_cache: list[bytes] = []
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -125,14 +123,6 @@ def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
     async def health_ready_model(model: str) -> Response:
         body = model_readiness(manager, manager.entry(model))
         return json_response(body, 200 if body.ready else 503, headers=NO_STORE)
-
-    @app.get("/openapi.json")
-    async def openapi_document() -> Response:
-        if not openapi_cache:
-            from llm_pool.pool.openapi import build_openapi
-
-            openapi_cache.append(msgspec.json.encode(build_openapi()))
-        return Response(openapi_cache[0], status=200, content_type="application/json")
 
     @app.get("/")
     @app.get("/admin")
