@@ -503,9 +503,9 @@ async def _memory_inprocess(n: int) -> list[tuple[str, str]]:
     from fakes.backend import FakeBackendFactory, make_settings
 
     from llm_pool.pool.api import DecodingIn, ResponsesRequest, to_generation_request
-    from llm_pool.pool.serving import run_job
     from llm_pool.pool.jobs import Job
     from llm_pool.pool.manager import PoolManager
+    from llm_pool.pool.serving import run_job
 
     settings = make_settings({"fake": {"max_queue": 2 * n + 10}})
     manager = PoolManager(settings, backend_factory=FakeBackendFactory(token_delay=3600.0))

@@ -13,10 +13,10 @@ from fakes.backend import FakeBackendFactory, expected_text
 
 from llm_pool.config import Settings
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.serving import wait_for_dispatch
 from llm_pool.pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.scheduler import ModelRuntime
+from llm_pool.pool.serving import wait_for_dispatch
 
 
 def make_job(model: str, text: str, max_tokens: int = 5) -> Job:

@@ -14,9 +14,9 @@ from pool_harness import Clients, check_ok, collect, make_job, runtime_tasks
 from trio.testing import wait_all_tasks_blocked
 
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.serving import wait_for_dispatch
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
+from llm_pool.pool.serving import wait_for_dispatch
 
 
 class Served:
