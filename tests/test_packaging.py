@@ -1,0 +1,86 @@
+"""One import name: the wheel holds ``llm_pool/`` alone, and nothing generic can shadow it.
+
+Before, the distribution installed four generic top-level packages (``pool``, ``backends``,
+``admin``, ``config``): a user's own ``config.py`` in the working directory shadowed ours.  These
+tests build the real wheel and run the real console script from a folder full of such names.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 60
+
+
+def test_the_wheel_holds_llm_pool_alone(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("llm_pool-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tops = {name.split("/", 1)[0] for name in names}
+    assert tops == {"llm_pool", "llm_pool-0.1.0.dist-info"}
+    for module in ("llm_pool/pool/server.py", "llm_pool/config/settings.py", "llm_pool/admin/static/index.html"):
+        assert module in names
+
+
+def shadowing_folder(folder: Path) -> None:
+    """Generic names that explode when imported, as a user's project might hold them."""
+    boom = "raise SystemExit('a generic module shadowed llm-pool')\n"
+    (folder / "config.py").write_text(boom)
+    for package in ("pool", "admin", "backends"):
+        (folder / package).mkdir()
+        (folder / package / "__init__.py").write_text(boom)
+    (folder / "pool.toml").write_text('[service]\nhost = "127.0.0.1"\nport = 0\n')
+
+
+async def test_serve_from_a_folder_with_its_own_config_pool_and_admin(tmp_path: Path) -> None:
+    shadowing_folder(tmp_path)
+    script = Path(sys.executable).with_name("llm-pool")
+    with trio.fail_after(LIMIT_S):
+        proc = await trio.lowlevel.open_process(
+            [str(script), "serve", "--config", "pool.toml"],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            urls = await serving_urls(proc)
+            async with httpx.AsyncClient(base_url=urls[0]) as client:
+                assert (await client.get("/health/live")).json() == {"status": "live"}
+                assert (await client.get("/v1/models")).json()["models"] == []
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def serving_urls(proc: trio.Process) -> list[str]:
+    """Read the server's JSON log lines until it says where it serves."""
+    assert proc.stderr is not None
+    buffer = b""
+    async for chunk in proc.stderr:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "serving":
+                return list(record["urls"])
+    raise AssertionError(f"the server exited before serving (rc {await proc.wait()}); last output {buffer!r}")
