@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import StreamTimer
-from llm_pool.backends.prompts import NATIVE_STOPS, StopMatcher, check_prompt_length, render_prompt
+from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep, SpecialToken, StopMatcher, Vocab, check_prompt_length
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -136,6 +136,57 @@ def _token_text(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else ""
+
+
+def _metaspace_never(node: Any) -> bool:
+    """Turn every Metaspace ``prepend_scheme: "first"`` in a pre-tokenizer JSON into ``"never"``;
+    whether there was one."""
+    if isinstance(node, list):
+        return any([_metaspace_never(n) for n in node])
+    if not isinstance(node, dict):
+        return False
+    found = node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first"
+    if found:
+        node["prepend_scheme"] = "never"
+    return any([found, *(_metaspace_never(v) for v in node.values())])
+
+
+def plain_tokenizer(tokenizer: Any, *, metaspace_never: bool = False) -> Any:
+    """A copy of a Hugging Face ``tokenizers.Tokenizer`` that reads special tokens in its input
+    as ordinary text (``encode_special_tokens = True``, as ``split_special_tokens=True`` in
+    transformers; added tokens not marked special still match, as they would in any text).
+    With ``metaspace_never``, a Metaspace ``prepend_scheme: "first"`` becomes ``"never"``."""
+    import tokenizers
+
+    data = json.loads(tokenizer.to_str())
+    if metaspace_never:
+        _metaspace_never(data.get("pre_tokenizer"))
+    plain = tokenizers.Tokenizer.from_str(json.dumps(data))
+    plain.encode_special_tokens = True
+    return plain
+
+
+def plain_text_vocab(tokenizer: Any) -> Vocab[str]:
+    """The :class:`~backends.prompts.Vocab` of a Hugging Face tokenizer, in token strings (what
+    CTranslate2 takes).  A whole-prompt encode gives a Metaspace ``prepend_scheme: "first"``
+    prefix only to the prompt's first piece of text, so runs after a special token are encoded
+    without it."""
+    plain = plain_tokenizer(tokenizer)
+    later = plain
+    if _metaspace_never(json.loads(tokenizer.to_str()).get("pre_tokenizer")):
+        later = plain_tokenizer(tokenizer, metaspace_never=True)
+    specials = [
+        SpecialToken(t.content, t.content, t.lstrip, t.rstrip)
+        for t in tokenizer.get_added_tokens_decoder().values()
+        if t.special
+    ]
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+    return Vocab(
+        lambda text: list(plain.encode(text, add_special_tokens=False).tokens),
+        specials,
+        longest,
+        encode_after_special=lambda text: list(later.encode(text, add_special_tokens=False).tokens),
+    )
 
 
 def _chat_template(path: Path, tok_config: dict[str, Any]) -> str | None:
@@ -236,12 +287,11 @@ class CT2Backend:
         self.tokenizer: Any = None
         self.kind = ""
         self.n_ctx: int | None = None
-        self._chat_template: str | None = None
-        self._bos = ""
-        self._eos = ""
+        self.prompts: PromptPrep[str] = PromptPrep(ctx.model, backend="ct2")
+        #: The translator's source encoder: caller text, special tokens read as plain text.
+        self._source_tokenizer: Any = None
         self._end_tokens: list[str] = []
         self._end_set: frozenset[str] = frozenset()
-        self._beam_warned = False
         # batching state: only the worker thread touches it, or CT2's callback thread while the
         # worker thread is blocked in that very call
         self._inbox: Inbox | None = None
@@ -305,9 +355,13 @@ class CT2Backend:
         ct2_config = _read_json(path / "config.json")
         limit = tok_config.get("model_max_length")
         self.n_ctx = int(limit) if isinstance(limit, (int, float)) and 0 < limit < NO_CONTEXT_LIMIT else None
-        self._chat_template = _chat_template(path, tok_config)
-        self._bos = _token_text(tok_config.get("bos_token")) or ct2_config.get("bos_token", "")
-        self._eos = _token_text(tok_config.get("eos_token")) or ct2_config.get("eos_token", "")
+        self.prompts.set_model(
+            _chat_template(path, tok_config),
+            _token_text(tok_config.get("bos_token")) or ct2_config.get("bos_token", ""),
+            _token_text(tok_config.get("eos_token")) or ct2_config.get("eos_token", ""),
+            plain_text_vocab(self.tokenizer),
+        )
+        self._source_tokenizer = plain_tokenizer(self.tokenizer)
         self._end_tokens = self._find_end_tokens(path, ct2_config)
         self._end_set = frozenset(self._end_tokens)
 
@@ -330,7 +384,7 @@ class CT2Backend:
         ends = []
         if self.kind == "generator":
             ends += [s for s in NATIVE_STOPS[self.ctx.model.prompt_format] if self.tokenizer.token_to_id(s) is not None]
-        ends.append(ct2_config.get("eos_token") or self._eos)
+        ends.append(ct2_config.get("eos_token") or self.prompts.eos)
         eos_ids = _read_json(path / "generation_config.json").get("eos_token_id")
         for i in eos_ids if isinstance(eos_ids, list) else [eos_ids]:
             if isinstance(i, int) and (token := self.tokenizer.id_to_token(i)) is not None:
@@ -410,31 +464,23 @@ class CT2Backend:
         req = job.request
         d = req.decoding
         if self.kind == "generator":
-            prompt = render_prompt(
-                self.ctx.model.prompt_format,
-                req,
-                chat_template=self._chat_template,
-                bos_token=self._bos,
-                eos_token=self._eos,
-                enable_thinking=self.ctx.model.enable_thinking,
-            )
-            tokens = self.tokenizer.encode(prompt.text, add_special_tokens=False).tokens
+            prompt, tokens, stops = self.prompts.prepare(job, self.n_ctx)
             prefix: list[str] = []
-            stops = [*prompt.stop, *d.stop]
             suppress = tuple(prompt.suppress)
         else:
-            tokens = self.tokenizer.encode(req.input).tokens
+            # the source text is the caller's: plain text, with the tokenizer's own post-processing
+            # (an end token, language tokens) but no special token parsed out of it
+            self.prompts.check_size(req, self.n_ctx)
+            self.prompts.note_beam(req)
+            tokens = self._source_tokenizer.encode(req.input).tokens
             source_lang = self._lang_token(req.source_lang_code)
             if source_lang and tokens and tokens[0] != source_lang:
                 tokens = [source_lang, *tokens]
             target_lang = self._lang_token(req.target_lang_code)
             prefix = [target_lang] if target_lang else []
-            stops = list(d.stop)
+            stops = StopMatcher(d.stop)
             suppress = ()
-        check_prompt_length(req.model, len(tokens), self.n_ctx)
-        if d.beam_size > 1 and not self._beam_warned:
-            log.info("beam_size is not supported with streaming CT2 batches; decoding without beams")
-            self._beam_warned = True
+            check_prompt_length(req.model, len(tokens), self.n_ctx)
         budget = d.max_tokens
         if self.n_ctx is not None:
             budget = min(budget, self.n_ctx - (len(tokens) if self.kind == "generator" else len(prefix)))
@@ -458,7 +504,7 @@ class CT2Backend:
             base=len(tokens) if self.kind == "generator" else len(prefix),
             budget=budget,
             prompt_tokens=len(tokens),
-            stops=StopMatcher(stops),
+            stops=stops,
             detok=_Detokenizer(self.tokenizer),
             timer=timer,
         )

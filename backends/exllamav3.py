@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
-from llm_pool.backends.prompts import PromptPrep, check_prompt_length
+from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
 from llm_pool.pool.errors import backend_error
 from llm_pool.pool.jobs import GenerationStats, Job
 
@@ -102,6 +102,19 @@ def read_chat_template(folder: Path) -> str | None:
     return None
 
 
+def exllama_vocab(tokenizer: Any) -> Vocab[int]:
+    """The :class:`~backends.prompts.Vocab` of an exllamav3 tokenizer: ``encode`` with
+    ``encode_special_tokens=False`` tokenizes plain text; its special tokens are the
+    ``extended_piece_to_id`` ones (the added tokens that ``encode_special_tokens=True`` parses)."""
+
+    def encode(text: str) -> list[int]:
+        return [int(t) for t in tokenizer.encode(text, encode_special_tokens=False)[0].tolist()]
+
+    specials = [SpecialToken(text, int(token)) for text, token in tokenizer.extended_piece_to_id.items()]
+    longest = max((len(p) for p in tokenizer.get_id_to_piece_list(True)), default=1)
+    return Vocab(encode, specials, longest)
+
+
 @dataclass(eq=False)
 class _Running:
     """A pool job inside the generator."""
@@ -133,7 +146,7 @@ class ExLlamaV3Backend:
         self._bits: tuple[int, int] | None = None
         self._context = m.exllama_cache_size
         self._eos_ids: list[int] = []
-        self.prompts = PromptPrep(m, backend="exllamav3")
+        self.prompts: PromptPrep[int] = PromptPrep(m, backend="exllamav3")
 
     def describe(self) -> dict[str, object]:
         m = self.ctx.model
@@ -204,6 +217,7 @@ class ExLlamaV3Backend:
             read_chat_template(path),
             getattr(self.tokenizer, "bos_token", None) or "",
             getattr(self.tokenizer, "eos_token", None) or "",
+            exllama_vocab(self.tokenizer),
         )
 
     def close(self) -> None:
@@ -254,18 +268,18 @@ class ExLlamaV3Backend:
         ex, m = self.ex, self.ctx.model
         req = job.request
         d = req.decoding
-        prompt = self.prompts.render(req)
-        ids = self.tokenizer.encode(prompt.text, encode_special_tokens=True)
-        n = ids.shape[-1]
         # exllamav3 needs room for the prompt, one new token, and one more position.
-        check_prompt_length(req.model, n, self._context, reserve=1)
+        prompt, tokens, _ = self.prompts.prepare(job, self._context, reserve=1)
+        # a (1, n) LongTensor without importing torch here: a tensor the tokenizer made, new_tensor
+        ids = self.tokenizer.single_token(tokens[0]).new_tensor([tokens])
+        n = len(tokens)
         stops: list[int | str] = list(self._eos_ids)
         for s in prompt.stop:
             token = self.tokenizer.single_id(s)
             if token is not None:  # a special token decodes to "" and would never match as text
                 stops.append(int(token))
             stops.append(s)
-        stops += [s for s in d.stop if s]
+        stops += [s for s in d.stop if s]  # the caller's: matched as text, never as token ids
         greedy = d.temperature == 0 or d.top_k == 1
         if greedy:
             sampler = ex.ComboSampler(rep_p=d.repetition_penalty, temperature=0.0, top_k=1)

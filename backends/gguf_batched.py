@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
-from llm_pool.backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type
+from llm_pool.backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type, llama_vocab
 from llm_pool.backends.prompts import PromptPrep, StopMatcher
 from llm_pool.pool.jobs import GenerationStats, Job
 
@@ -116,7 +116,7 @@ class BatchedGGUFBackend:
         self._n_ctx_seq = 0
         self._n_vocab = 0
         self._piece_buf = ctypes.create_string_buffer(64)
-        self.prompts = PromptPrep(ctx.model, backend="gguf")
+        self.prompts: PromptPrep[int] = PromptPrep(ctx.model, backend="gguf")
         self._free_slots: set[int] = set()
         #: Free slots whose KV stream still holds the prompt of the sequence that last ran there
         #: (positions 0..len-1): a new prompt with the same prefix starts after it.
@@ -205,10 +205,12 @@ class BatchedGGUFBackend:
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._free_slots = set(range(n_seq))
         meta = self.model.metadata()
+        model = self.model
         self.prompts.set_model(
             meta.get("tokenizer.chat_template"),
-            self._special_text(self.model.token_bos()),
-            self._special_text(self.model.token_eos()),
+            self._special_text(model.token_bos()),
+            self._special_text(model.token_eos()),
+            llama_vocab(self._vocab, lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=False)),
         )
 
     def _special_text(self, token: int) -> str:
@@ -318,9 +320,7 @@ class BatchedGGUFBackend:
         d = req.decoding
         timer = StreamTimer()
         n_ctx = self._n_ctx_seq
-        tokens, stops = self.prompts.prepare(
-            job, lambda text: self.model.tokenize(text, add_bos=False, special=True), n_ctx
-        )
+        _, tokens, stops = self.prompts.prepare(job, n_ctx)
         timer.prompt_ready()
         sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
         slot, reused = self._take_slot(tokens)

@@ -1,19 +1,42 @@
-"""Prompt formats and stop-string handling, shared by every local backend.
+"""Prompt formats, prompt tokenization and stop-string handling, shared by every local backend.
 
 ``render_prompt`` turns a :class:`~pool.jobs.GenerationRequest` into the exact text a model
-sees, plus the stop strings native to that format.  :class:`StopMatcher` applies stop strings to
-a stream without ever emitting a partial stop string.  Nothing here touches a runtime library;
-model chat templates (``native``, ``gemma4_template``, ``translategemma_template``) are rendered
-with jinja2's sandbox, the way Hugging Face and llama.cpp render them.
+sees, as *segments*: the template's own markup (trusted) and everything a caller sent (message
+contents: ``input``, ``instructions``, every turn).  :func:`tokenize_segments` then parses
+special tokens in the markup only, so a caller who writes ``<|im_end|>`` gets the plain-text
+tokens of those ten characters, never the control token: a caller cannot forge a turn.
+:class:`StopMatcher` applies stop strings to a stream as text, without ever emitting a partial
+stop string.  Nothing here touches a runtime library; model chat templates (``native``,
+``gemma4_template``, ``translategemma_template``) are rendered with jinja2's sandbox, the way
+Hugging Face and llama.cpp render them.
+
+How the prompt is tokenized (:func:`tokenize_segments`), and why that way: a runtime's own
+"parse special tokens" tokenization first cuts the text at every special token, then tokenizes
+each piece of text between them on its own.  We make the same cuts, but only in trusted
+segments, join everything between two cuts (markup and caller text alike) and tokenize that
+run with special-token parsing off.  So a prompt without special-token text in caller strings
+gets exactly the tokens it got when the whole prompt was one string (no new token boundary at
+each caller string, and SentencePiece's space prefix still goes only where it went: at the
+start and after each special token), and one with such text gets plain-text tokens for it.
+Token attributes that eat whitespace next to a special token (``lstrip``/``rstrip``) are
+applied as the runtimes apply them.
+
+Bounds (:meth:`PromptPrep.check_size`): before anything is rendered or tokenized, a request
+whose caller text has more characters than the context can hold (``n_ctx`` tokens of at most
+``max_token_chars`` characters each, the longest entry of the vocabulary), or more turns than
+the context has positions, is refused with a 400.  Tokenizing is then bounded by the context
+(llama.cpp's special-token partition is quadratic in the number of matches: 950 KB of
+``<|im_end|>`` held a replica 30 s before), and no request can hold a replica hostage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from llm_pool.config import DEFAULT_SYSTEM_PROMPT
 from llm_pool.pool.errors import invalid_request
@@ -37,15 +60,50 @@ NATIVE_STOPS: dict[str, tuple[str, ...]] = {
 }
 QWEN3_NO_THINK = "/no_think\n"
 QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
+#: What a language code may look like (``en``, ``zh-Hant``, ``fra_Latn``): codes reach the chat
+#: template and the vocabulary as they are (the template maps them to names; CT2 translators
+#: look up ``__fr__``-style tokens), so a code must never be able to spell markup.
+LANG_CODE = re.compile(r"[A-Za-z0-9_-]+")
+
+#: One piece of a rendered prompt: its text, and whether it is the template's own markup
+#: (special tokens in it are parsed) rather than text a caller sent (always plain text).
+Segment = tuple[str, bool]
+T = TypeVar("T")
 
 
 @dataclass
 class Prompt:
-    text: str
+    segments: list[Segment]
     #: Stop strings native to the format (the request's own are added by the backend).
     stop: tuple[str, ...] = ()
     #: Sequences a runtime should never generate (CT2's ``suppress_sequences``).
     suppress: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The whole prompt as one string (what the model sees, special tokens spelled out)."""
+        return "".join(text for text, _ in self.segments)
+
+
+class _Segments:
+    """Builds a segment list, merging neighbours of the same kind and dropping empty text."""
+
+    def __init__(self) -> None:
+        self.out: list[Segment] = []
+
+    def add(self, text: str, trusted: bool) -> _Segments:
+        if text:
+            if self.out and self.out[-1][1] == trusted:
+                self.out[-1] = (self.out[-1][0] + text, trusted)
+            else:
+                self.out.append((text, trusted))
+        return self
+
+    def markup(self, text: str) -> _Segments:
+        return self.add(text, True)
+
+    def caller(self, text: str) -> _Segments:
+        return self.add(text, False)
 
 
 def _with_system(request: GenerationRequest) -> list[Message]:
@@ -54,26 +112,30 @@ def _with_system(request: GenerationRequest) -> list[Message]:
     return [Message(role="system", content=DEFAULT_SYSTEM_PROMPT), *request.messages]
 
 
-def _chatml(messages: list[Message], *, prefix_user: str = "", open_answer: str = "") -> str:
-    parts = []
+def _chatml(messages: list[Message], *, prefix_user: str = "", open_answer: str = "") -> list[Segment]:
+    out = _Segments()
     for m in messages:
-        content = prefix_user + m.content if m.role == "user" and prefix_user else m.content
-        parts.append(f"<|im_start|>{m.role}\n{content}<|im_end|>\n")
-    return "".join(parts) + "<|im_start|>assistant\n" + open_answer
+        out.markup(f"<|im_start|>{m.role}\n")
+        if m.role == "user":
+            out.markup(prefix_user)
+        out.caller(m.content).markup("<|im_end|>\n")
+    return out.markup("<|im_start|>assistant\n" + open_answer).out
 
 
-def _mistral(messages: list[Message]) -> str:
+def _mistral(messages: list[Message]) -> list[Segment]:
     system = next((m.content for m in messages if m.role == "system"), "")
     turns = [m for m in messages if m.role != "system"]
-    out, first = "<s>", True
+    out, first = _Segments().markup("<s>"), True
     for m in turns:
         if m.role == "user":
-            text = f"{system}\n\n{m.content}" if first and system else m.content
-            out += f"[INST] {text} [/INST]"
+            out.markup("[INST] ")
+            if first and system:
+                out.caller(system).markup("\n\n")
+            out.caller(m.content).markup(" [/INST]")
             first = False
         else:
-            out += f" {m.content}</s>"
-    return out
+            out.markup(" ").caller(m.content).markup("</s>")
+    return out.out
 
 
 @lru_cache(maxsize=32)
@@ -114,6 +176,62 @@ def render_chat_template(
         raise invalid_request(f"the model's chat template rejected the conversation: {e}") from None
 
 
+#: A caller string's stand-in while a chat template renders: NUL is refused in every caller
+#: string at the HTTP edge (400), so no caller can write one, and templates pass it through.
+#: Open and close differ, so pieces of two cut placeholders never make a whole one.
+_PLACEHOLDER = re.compile("\x00([0-9]+)\x01")
+
+
+class _StandIns:
+    """Caller strings swapped for unforgeable placeholders before a template renders, and put
+    back (as caller segments) in what it rendered.
+
+    A placeholder keeps the string's leading and trailing whitespace around it, so templates
+    that ``trim`` a message still do; a template that rewrites caller text in other ways (slices
+    it, or splits off a ``<think>`` block) sees the placeholder instead and the caller's text is
+    used as sent."""
+
+    def __init__(self) -> None:
+        self.strings: list[tuple[str, str, str]] = []  # (leading space, core, trailing space)
+
+    def __call__(self, text: str) -> str:
+        core = text.strip()
+        if not core:
+            return text  # whitespace only: nothing a tokenizer could read as markup
+        lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
+        self.strings.append((lead, core, trail))
+        return f"{lead}\x00{len(self.strings) - 1}\x01{trail}"
+
+    def segments(self, rendered: str) -> list[Segment]:
+        out = _Segments()
+        parts = _PLACEHOLDER.split(rendered)
+        for i, part in enumerate(parts):
+            if i % 2:
+                out.caller(self.strings[int(part)][1])
+            elif "\x00" in part:
+                raise ValueError("the model's chat template cut a message apart; llm-pool cannot tell its markup")
+            else:
+                out.markup(part)
+        return _whitespace_to_caller(out.out)
+
+
+def _whitespace_to_caller(segments: list[Segment]) -> list[Segment]:
+    """Whitespace right next to a caller string is given to it: a template's markup must not
+    end or start with space the caller may have written (a special token could span it)."""
+    out = _Segments()
+    for i, (text, trusted) in enumerate(segments):
+        if not trusted:
+            out.caller(text)
+            continue
+        head = len(text) - len(text.lstrip()) if i > 0 else 0
+        tail = len(text) - len(text.rstrip()) if i + 1 < len(segments) else 0
+        if head + tail >= len(text):  # only whitespace between two caller strings
+            out.caller(text)
+            continue
+        out.caller(text[:head]).markup(text[head : len(text) - tail]).caller(text[len(text) - tail :])
+    return out.out
+
+
 def render_prompt(
     fmt: str,
     request: GenerationRequest,
@@ -123,15 +241,15 @@ def render_prompt(
     eos_token: str = "",
     enable_thinking: bool = False,
 ) -> Prompt:
-    """The prompt text for ``request`` in format ``fmt``, with the format's stop strings."""
+    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings."""
     stops = NATIVE_STOPS[fmt]
     if fmt == "generic":
         return Prompt(_chatml(_with_system(request)), stops)
     if fmt == "qwen3_template":
         if enable_thinking:
             return Prompt(_chatml(_with_system(request)), stops)
-        text = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK)
-        return Prompt(text, stops, suppress=["<think>", "</think>"])
+        segments = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK)
+        return Prompt(segments, stops, suppress=["<think>", "</think>"])
     if fmt == "mistral_template":
         return Prompt(_mistral(_with_system(request)), stops)
     if not chat_template:
@@ -139,6 +257,7 @@ def render_prompt(
             f"prompt_format {fmt!r} needs the model's chat template, and this model has none",
             model=request.model,
         )
+    stand_in = _StandIns()
     if fmt == "translategemma_template":
         src, tgt = request.source_lang_code, request.target_lang_code
         if not src or not tgt:
@@ -147,18 +266,26 @@ def render_prompt(
                 param="source_lang_code" if not src else "target_lang_code",
                 model=request.model,
             )
-        content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": request.input}]
+        # the codes go in as they are (the template maps them to language names); check_request
+        # let through only codes of letters, digits, "-" and "_"
+        content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": stand_in(request.input)}]
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     else:
-        messages = [{"role": m.role, "content": m.content} for m in _with_system(request)]
+        messages = [{"role": m.role, "content": stand_in(m.content)} for m in _with_system(request)]
     text = render_chat_template(
         chat_template, messages, bos_token=bos_token, eos_token=eos_token, enable_thinking=enable_thinking
     )
-    return Prompt(text, stops)
+    return Prompt(stand_in.segments(text), stops)
 
 
 def check_request(fmt: str, request: GenerationRequest) -> None:
     """Admission-time checks that need no model (raise 400 before the queue)."""
+    for key in ("source_lang_code", "target_lang_code"):
+        code = getattr(request, key)
+        if code and not LANG_CODE.fullmatch(code):
+            raise invalid_request(
+                f"{key} may contain only letters, digits, '-' and '_'", param=key, model=request.model
+            )
     if fmt == "translategemma_template":
         for key in ("source_lang_code", "target_lang_code"):
             if not getattr(request, key):
@@ -189,11 +316,127 @@ def check_prompt_length(model: str, n_tokens: int, n_ctx: int | None, *, reserve
         )
 
 
+def check_input_size(request: GenerationRequest, n_ctx: int | None, max_token_chars: int) -> None:
+    """Refuse (400), before anything is rendered or tokenized, a request that cannot fit the
+    context whatever its tokens: more turns than the context has positions (in the formats
+    llm-pool renders and in chat templates, a user or assistant turn comes with markup of its
+    own, so it costs at least one token), or more caller characters than ``n_ctx`` tokens of
+    the vocabulary's longest entry can hold (a token never stands for more characters than its
+    vocabulary entry has, as long as the tokenizer does not merge characters in normalizing).
+
+    Why before tokenizing: tokenizing runs on the replica's thread, and what it costs grows with
+    the input (quadratically for llama.cpp's special-token partition), while every other job on
+    that replica waits.  These bounds make it a function of the context size instead."""
+    if n_ctx is None:
+        return
+    turns = len(request.messages)
+    if turns > n_ctx:
+        raise invalid_request(
+            f"the conversation has {turns} turns; model {request.model!r} has a context of {n_ctx} tokens,"
+            " and every turn takes at least one",
+            param="messages",
+            model=request.model,
+        )
+    chars = sum(len(m.content) for m in request.messages)
+    limit = n_ctx * max(1, max_token_chars)
+    if chars > limit:
+        raise invalid_request(
+            f"the input has {chars} characters; model {request.model!r} has a context of {n_ctx} tokens,"
+            f" which hold at most {limit}",
+            param="input",
+            model=request.model,
+        )
+
+
+@dataclass(frozen=True)
+class SpecialToken(Generic[T]):
+    """A special (control) token: what it is called in the vocabulary, and whether it eats the
+    whitespace on its left (``lstrip``) or right (``rstrip``), as llama.cpp and Hugging Face do."""
+
+    text: str
+    token: T
+    lstrip: bool = False
+    rstrip: bool = False
+
+
+class Vocab(Generic[T]):
+    """What prompt tokenization needs of a model's tokenizer.
+
+    ``encode`` tokenizes plain text (special-token parsing *off*; no BOS/EOS added).
+    ``specials`` are the tokens that special-token parsing would find (llama.cpp: control and
+    unknown tokens; Hugging Face: added tokens marked special).  ``max_token_chars`` is the
+    length of the longest vocabulary entry, in characters (an upper bound on the caller
+    characters one token can consume: byte-level entries have one character per byte,
+    SentencePiece entries one per character).  Tokens are ids (llama.cpp, exllamav3) or token
+    strings (CTranslate2).  ``encode_after_special`` (default: ``encode``) tokenizes a run that
+    does not start the prompt, for tokenizers that prefix only the prompt's first piece of text
+    (Hugging Face's Metaspace ``prepend_scheme: "first"``)."""
+
+    def __init__(
+        self,
+        encode: Callable[[str], list[T]],
+        specials: Iterable[SpecialToken[T]],
+        max_token_chars: int,
+        *,
+        encode_after_special: Callable[[str], list[T]] | None = None,
+    ) -> None:
+        self.encode = encode
+        self.encode_after_special = encode_after_special or encode
+        self.max_token_chars = max_token_chars
+        self.specials: Mapping[str, SpecialToken[T]] = {s.text: s for s in specials if s.text}
+        # longest first: at one position the longest special token wins, as in the runtimes
+        names = sorted(self.specials, key=len, reverse=True)
+        self.pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+
+def tokenize_segments(segments: list[Segment], vocab: Vocab[T], *, trust_caller: bool = False) -> list[T]:
+    """The tokens of a rendered prompt: special tokens parsed in markup only (in caller text too
+    with ``trust_caller``), everything between two special tokens tokenized as one run of plain
+    text.  See the module docstring for why runs, not segments."""
+    out: list[T] = []
+    run: list[str] = []
+    eat_space = False  # the last special token eats the whitespace that follows it
+
+    def flush() -> None:
+        text = "".join(run)
+        run.clear()
+        if text:
+            out.extend((vocab.encode_after_special if out else vocab.encode)(text))
+
+    def add(text: str) -> None:
+        nonlocal eat_space
+        if eat_space:
+            text = text.lstrip()
+            eat_space = not text
+        if text:
+            run.append(text)
+
+    for text, trusted in segments:
+        if vocab.pattern is None or not (trusted or trust_caller):
+            add(text)
+            continue
+        for i, part in enumerate(vocab.pattern.split(text)):
+            if not i % 2:
+                add(part)
+                continue
+            special = vocab.specials[part]
+            if special.lstrip:
+                left = "".join(run).rstrip()
+                run[:] = [left] if left else []
+            flush()
+            out.append(special.token)
+            eat_space = special.rstrip
+    flush()
+    return out
+
+
 class StopMatcher:
     """Cuts a text stream at the first stop string, never emitting part of one.
 
     ``push`` returns the text that is safe to emit now and whether a stop string was hit; text
     that could still become a stop string is held back until it can't (or ``flush`` at the end).
+    Stop strings are only ever compared with generated *text*: a caller's stop string never
+    becomes a token id.
     """
 
     def __init__(self, stops: list[str] | tuple[str, ...]) -> None:
@@ -223,10 +466,13 @@ class StopMatcher:
         return out
 
 
-class PromptPrep:
+class PromptPrep(Generic[T]):
     """A local backend's prompt step: render a job's prompt for the model's prompt format (with
-    the model's chat template and special tokens, once :meth:`set_model` read them), note an
-    ignored ``beam_size`` once, and (:meth:`prepare`) tokenize and length-check it."""
+    the model's chat template, special tokens and vocabulary, once :meth:`set_model` read them),
+    note an ignored ``beam_size`` once, and (:meth:`prepare`) bound, tokenize and length-check it.
+
+    ``allow_special_tokens_in_input`` (a model setting, for trusted callers only) parses special
+    tokens in caller text too."""
 
     def __init__(self, model: ModelSettings, *, backend: str) -> None:
         self.model = model
@@ -234,15 +480,20 @@ class PromptPrep:
         self.chat_template: str | None = None
         self.bos = ""
         self.eos = ""
+        self.vocab: Vocab[T] | None = None
         self._beam_warned = False
 
-    def set_model(self, chat_template: str | None, bos: str, eos: str) -> None:
-        self.chat_template, self.bos, self.eos = chat_template, bos, eos
+    def set_model(self, chat_template: str | None, bos: str, eos: str, vocab: Vocab[T]) -> None:
+        self.chat_template, self.bos, self.eos, self.vocab = chat_template, bos, eos, vocab
 
-    def render(self, request: GenerationRequest) -> Prompt:
+    def note_beam(self, request: GenerationRequest) -> None:
+        """Log once that ``beam_size`` is ignored (no local backend decodes with beams)."""
         if request.decoding.beam_size > 1 and not self._beam_warned:
             log.info("beam_size is not supported by the %s backend; decoding without beams", self.backend)
             self._beam_warned = True
+
+    def render(self, request: GenerationRequest) -> Prompt:
+        self.note_beam(request)
         return render_prompt(
             self.model.prompt_format,
             request,
@@ -252,11 +503,22 @@ class PromptPrep:
             enable_thinking=self.model.enable_thinking,
         )
 
-    def prepare(self, job: Job, tokenize: Callable[[bytes], list[int]], n_ctx: int) -> tuple[list[int], StopMatcher]:
-        """The job's prompt tokens and its stop matcher (the format's stops and the request's);
-        raises the 400 of :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
+    def check_size(self, request: GenerationRequest, n_ctx: int | None) -> None:
+        """:func:`check_input_size` with this model's vocabulary."""
+        assert self.vocab is not None, "set_model() first"
+        check_input_size(request, n_ctx, self.vocab.max_token_chars)
+
+    def tokenize(self, prompt: Prompt) -> list[T]:
+        assert self.vocab is not None, "set_model() first"
+        return tokenize_segments(prompt.segments, self.vocab, trust_caller=self.model.allow_special_tokens_in_input)
+
+    def prepare(self, job: Job, n_ctx: int | None, *, reserve: int = 0) -> tuple[Prompt, list[T], StopMatcher]:
+        """The job's prompt, its tokens and its stop matcher (the format's stops and the
+        request's); raises the 400 of :func:`check_input_size` before rendering, and that of
+        :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
         req = job.request
+        self.check_size(req, n_ctx)
         prompt = self.render(req)
-        tokens = tokenize(prompt.text.encode("utf-8"))
-        check_prompt_length(req.model, len(tokens), n_ctx)
-        return tokens, StopMatcher([*prompt.stop, *req.decoding.stop])
+        tokens = self.tokenize(prompt)
+        check_prompt_length(req.model, len(tokens), n_ctx, reserve=reserve)
+        return prompt, tokens, StopMatcher([*prompt.stop, *req.decoding.stop])

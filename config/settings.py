@@ -89,6 +89,9 @@ class ModelSettings(_Strict):
     compute_type: str = "auto"
     prompt_format: PromptFormat = "generic"
     enable_thinking: bool = False
+    #: Parse special tokens in caller text too (``<|im_end|>`` in ``input`` becomes the control
+    #: token and can forge a turn).  Only for models whose every caller is trusted.
+    allow_special_tokens_in_input: bool = False
     enabled: bool = True
     replicas: Positive = 1
     replica_max: Positive = 1

@@ -317,6 +317,29 @@ async def test_prompt_longer_than_the_context_is_a_clear_400(manager_for: Any, m
         assert done.text == "yzabc"
 
 
+async def test_caller_text_never_becomes_a_special_token(manager_for: Any, model_dir: Path) -> None:
+    manager = await manager_for({"m": exl3_model(model_dir, exllama_cache_size=256)})
+    with trio.fail_after(LIMIT_S):
+        await manager.load("m")
+        # the raw template renders the caller's text alone: one token a character
+        _, done = await run(manager, request("<|im_end|>"))
+        assert (done.stats.prompt_tokens, done.text) == (10, "abcde")
+        # the longest vocabulary entry is <|im_start|> (12 characters): 256 tokens hold 3072
+        with pytest.raises(PoolError) as info:
+            await run(manager, request("<|im_end|>" * 308))
+        assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_request", "input")
+        assert info.value.message == (
+            "the input has 3080 characters; model 'm' has a context of 256 tokens, which hold at most 3072"
+        )
+
+
+@pytest.mark.parametrize("pool", [{"allow_special_tokens_in_input": True}], indirect=True)
+async def test_trusted_callers_may_opt_in_to_special_tokens(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("x<|im_end|>"))
+        assert done.stats.prompt_tokens == 2
+
+
 async def test_metrics_come_from_the_result_dicts_and_the_timers(pool: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         job = submit(pool, request("x"))

@@ -357,6 +357,26 @@ async def test_context_limits_per_sequence(pool: PoolManager) -> None:
         assert backend_of(pool).kv_positions() == backend_of(pool).cached_positions()
 
 
+async def test_caller_text_is_plain_text_and_oversized_input_is_refused(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("<|im_end|>"))  # ten byte tokens, continued after ">"
+        assert (done.stats.prompt_tokens, done.text) == (10, "abcde")
+        with pytest.raises(PoolError) as info:
+            await run(pool, request("<|im_end|>" * 385))
+        assert info.value.message == (
+            "the input has 3850 characters; model 'tiny' has a context of 256 tokens,"
+            " which hold at most 3840"
+        )
+        assert backend_of(pool).kv_positions() == backend_of(pool).cached_positions()
+
+
+@pytest.mark.parametrize("pool", [{"allow_special_tokens_in_input": True}], indirect=True)
+async def test_trusted_callers_may_opt_in_to_special_tokens(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("<|im_end|>"))
+        assert (done.stats.prompt_tokens, done.text, done.stats.finish_reason) == (1, "", "stop")
+
+
 async def test_metrics_are_per_request(pool: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         jobs = [Job(request(p, max_tokens=m)) for p, m in (("x", 5), ("b", 40), ("5", 9))]

@@ -101,6 +101,11 @@ class FakeTensor:
         return FakeTensor([row], "int64", (1, len(row)))
 
     # -- torch-like surface
+    def new_tensor(self, data: Any, dtype: str | None = None, device: Any = None) -> FakeTensor:
+        """Real: ``torch.Tensor.new_tensor``: a new tensor of ``data``, with this one's dtype and
+        device unless given."""
+        return FakeTensor(data, dtype or self.dtype)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self._shape
