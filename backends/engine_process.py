@@ -257,11 +257,6 @@ class EngineProcess:
                         )
                         self.signal_group(signal.SIGKILL)
                         await self.exited.wait()
-                # the group may still hold a grandchild; nothing may outlive the stop
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
                 with trio.move_on_after(DRAIN_AFTER_EXIT_S):
                     await self.output_closed.wait()
                 io_scope.cancel()

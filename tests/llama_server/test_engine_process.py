@@ -42,7 +42,8 @@ async def test_output_lines_reach_our_logs_tagged_and_the_tail_names_a_death(cap
     assert {k: records["plain line"].fields[k] for k in ("model", "replica", "pid")} == {  # type: ignore[attr-defined]
         "model": "m", "replica": "m#1", "pid": e.pid}
     assert records["engine process died"].levelno == logging.ERROR
-    assert e.tail() == "plain line | bad thing | to stderr"
+    # two pipes: their lines interleave in any order
+    assert sorted(e.tail().split(" | ")) == ["bad thing", "plain line", "to stderr"]
 
 
 async def test_a_signal_death_is_named() -> None:
@@ -68,7 +69,8 @@ async def test_stop_terminates_the_group_and_reaps_it() -> None:
         engine_pid = e.engine_pid
         assert engine_pid is not None
         await e.stop()
-        assert e.exited.is_set() and describe_exit(e.returncode) == "killed by SIGTERM"
+        # SIGTERM sufficed (sh may die of it, or exit once its waited-for child did)
+        assert e.exited.is_set() and describe_exit(e.returncode) != "killed by SIGKILL"
         await wait_gone(grandchild)
         assert gone(engine_pid) and gone(e.pid)  # type: ignore[arg-type]
 
@@ -88,7 +90,7 @@ async def test_an_engine_that_ignores_sigterm_is_killed_after_stop_timeout() -> 
             nursery.cancel_scope.cancel()
         t0 = trio.current_time()
         await e.stop()
-        assert 0.5 <= trio.current_time() - t0 < 5
+        assert 0.5 <= trio.current_time() - t0 < 5, (e.returncode, e.tail(8))
         assert describe_exit(e.returncode) == "killed by SIGKILL"
 
 
