@@ -21,8 +21,31 @@ WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERS
 LOCK := requirements/pool.txt requirements/llama.txt requirements/model.txt
 UV   := $(PYTHON) -m uv
 
-.PHONY: install serve test test-fast lint lock bench bench-deps clean
-install: $(VENV)/.installed
+.PHONY: install serve test test-fast lint lock bench bench-deps clean llama-server
+install: $(VENV)/.installed $(BIN)/llama-server
+
+# llama-server, the engine of the `llama_server` backend: built from the very llama.cpp that the
+# pinned llama-cpp-python sdist vendors (vendor/llama.cpp/tools/server), with the same safe CPU
+# flags (LLAMA_CMAKE_ARGS; pass a CUDA set for a GPU build), statically linked, and cached beside
+# the wheel, so one llama.cpp version serves both GGUF backends.  ~7 min on 2 cores, once per
+# version + flags; reinstalls only copy it into the venv.
+LLAMA_SERVER_DIR ?= $(HOME)/.cache/llm-pool/llama-server-$(LLAMA_VERSION)-$(LLAMA_KEY)
+llama-server: $(BIN)/llama-server
+$(BIN)/llama-server: Makefile requirements/llama.txt
+	test -x $(LLAMA_SERVER_DIR)/llama-server || { \
+	  set -e; src=$$(mktemp -d); \
+	  $(PYTHON) -m pip download -q --no-deps --no-binary :all: --require-hashes -d $$src -r requirements/llama.txt; \
+	  tar -xzf $$src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$src; \
+	  cmake -S $$src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $$src/build -G Ninja \
+	    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON $(LLAMA_CMAKE_ARGS); \
+	  cmake --build $$src/build --target llama-server -j $$(nproc); \
+	  mkdir -p $(LLAMA_SERVER_DIR); \
+	  cp $$src/build/bin/llama-server $(LLAMA_SERVER_DIR)/llama-server.tmp; \
+	  mv $(LLAMA_SERVER_DIR)/llama-server.tmp $(LLAMA_SERVER_DIR)/llama-server; \
+	  rm -rf $$src; }
+	mkdir -p $(BIN)
+	cp $(LLAMA_SERVER_DIR)/llama-server $@
 
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

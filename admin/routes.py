@@ -37,6 +37,7 @@ OVERRIDES_BY_BACKEND: dict[str, tuple[str, ...]] = {
         "exllama_max_rq_tokens",
     ),
     "ct2": (),
+    "llama_server": (),
     "openai_compatible": (),
 }
 
@@ -254,6 +255,7 @@ def _query_float(name: str) -> float | None:
 def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, override: dict[str, Any], replicas: int, gpus: list[gpu.GpuInfo]) -> None:
     model = msgspec.structs.replace(entry.settings, **override)
     on_gpu = backend == "exllamav3" or model.device == "cuda" or (backend == "gguf" and model.gguf_n_gpu_layers != 0)
+    on_gpu = on_gpu or (backend == "llama_server" and model.llama_server_n_gpu_layers != 0)
     if not on_gpu or not gpus:
         return
     per_replica, counted, _ = vram_estimate(manager, entry)

@@ -56,6 +56,10 @@ def create_backend(ctx: BackendContext) -> Backend:
         from llm_pool.backends.exllamav3 import ExLlamaV3Backend
 
         return ExLlamaV3Backend(ctx)
+    if ctx.kind == "llama_server":
+        from llm_pool.backends.llama_server import LlamaServerBackend
+
+        return LlamaServerBackend(ctx)
     if ctx.kind == "openai_compatible":
         from llm_pool.backends.openai_compatible import RemoteBackend
 

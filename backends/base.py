@@ -13,6 +13,11 @@ A backend instance belongs to exactly one replica.  Two kinds exist:
 ``capability`` is how many jobs one replica can honestly run at once; the pool uses
 ``min(target_inflight, capability)``.
 
+An async backend whose engine can die on its own (a supervised child process) raises
+:class:`EngineCrashed` from ``serve`` after ending the jobs it ran; the scheduler then closes it
+and calls ``load`` again, with backoff, up to ``restart_max_attempts`` times in a row (backend
+attributes; a backend without them is never restarted).
+
 Every job taken from the inbox must end with ``job.finish`` or ``job.fail`` (``run_job`` does
 that for one-at-a-time backends).  Backend libraries are imported lazily inside the adapter's
 ``load``, so a machine without them still serves the other models.
@@ -31,6 +36,17 @@ if TYPE_CHECKING:
 
 #: The thread-side inbox of a threaded backend; ``None`` asks ``serve`` to return.
 Inbox = queue.SimpleQueue["Job | None"]
+
+
+class EngineCrashed(Exception):
+    """``serve`` ended because the engine died; the message says how (and its last words).
+
+    ``uptime_s`` is how long the engine had served: a long-lived engine starts a new count of
+    restart attempts."""
+
+    def __init__(self, message: str, *, uptime_s: float) -> None:
+        super().__init__(message)
+        self.uptime_s = uptime_s
 
 
 class Backend(Protocol):

@@ -24,8 +24,8 @@ import tomli
 
 from llm_pool.config.validation import describe, read_validation_error
 
-BACKENDS = ("ct2", "exllamav3", "gguf", "openai_compatible")
-Backend = Literal["ct2", "exllamav3", "gguf", "openai_compatible"]
+BACKENDS = ("ct2", "exllamav3", "gguf", "llama_server", "openai_compatible")
+Backend = Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible"]
 PromptFormat = Literal[
     "generic",
     "qwen3_template",
@@ -35,6 +35,20 @@ PromptFormat = Literal[
     "native",
 ]
 FlashAttn = Literal["on", "off", "auto"]
+#: llama-server's ``--spec-type`` values (llama.cpp common/speculative.cpp, as pinned).
+SpecType = Literal[
+    "none",
+    "draft-simple",
+    "draft-eagle3",
+    "draft-mtp",
+    "draft-dflash",
+    "draft-dspark",
+    "ngram-simple",
+    "ngram-map-k",
+    "ngram-map-k4v",
+    "ngram-mod",
+    "ngram-cache",
+]
 
 #: Used when a request gives no ``instructions`` (llm-pool's wording, kept for compatibility).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Return only the response."
@@ -112,6 +126,41 @@ class ModelSettings(_Strict):
     gguf_type_k: str | None = None
     gguf_type_v: str | None = None
     gguf_batching: bool = False
+    # Supervised engine processes (llama_server): start, stop and restart of each replica's child
+    #: The child must answer its health check within this long, or the load fails.
+    start_timeout_s: PositiveFloat = 120.0
+    #: After SIGTERM, the child's group gets this long to exit before SIGKILL.
+    stop_timeout_s: PositiveFloat = 10.0
+    #: A replica whose child died is restarted this many times in a row (then it is dead, and
+    #: the model ``failed`` if it was the last); an engine that ran 60 s starts a new count.
+    restart_max_attempts: NonNegative = 3
+    #: Wait before the first restart; doubles per consecutive attempt.
+    restart_backoff_s: NonNegativeFloat = 1.0
+    # llama.cpp's llama-server, one child process per replica (paths: config only)
+    #: Default: the llama-server that ``make install`` builds into the venv's bin/.
+    llama_server_binary: str | None = None
+    #: Loopback by default; a port only with ``replica_max = 1`` (default: a free port).
+    llama_server_host: str = "127.0.0.1"
+    llama_server_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    #: Prepended to the child's ``LD_LIBRARY_PATH`` (e.g. a CUDA runtime's lib/).
+    llama_server_library_path: str | None = None
+    #: Extra environment variables for the child.
+    llama_server_env: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Context per sequence: the engine gets ``n_ctx * target_inflight`` for its slots.
+    llama_server_n_ctx: Positive = 2048
+    #: ``-1`` offloads every layer.
+    llama_server_n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    llama_server_flash_attn: FlashAttn = "auto"
+    llama_server_mmproj_path: str | None = None
+    llama_server_image_max_tokens: Positive | None = None
+    llama_server_draft_model_path: str | None = None
+    llama_server_spec_type: SpecType | None = None
+    llama_server_spec_draft_n_max: Annotated[int, msgspec.Meta(ge=1, le=6)] | None = None
+    llama_server_spec_draft_p_min: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    llama_server_spec_draft_ngl: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    llama_server_reasoning: Literal["on", "off", "auto"] | None = None
+    #: Passed to llama-server last, as given (flags this backend sets itself are refused).
+    llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
     # ExLlamaV3
     exllama_cache_size: Annotated[int, msgspec.Meta(ge=256, multiple_of=256)] = 8192
     exllama_cache_quant: str | None = None
@@ -219,11 +268,40 @@ def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") ->
                     raise SettingsError(f"{source}: {at}.{key}: model {name!r} needs {key} for backend openai_compatible")
         elif not model.model_path:
             raise SettingsError(f"{source}: {at}.model_path: model {name!r} needs model_path for backend {backend}")
+        if backend == "llama_server":
+            _check_llama_server(model, f"{source}: {at}", name)
         if (model.exllama_cache_k_bits is None) != (model.exllama_cache_v_bits is None):
             raise SettingsError(
                 f"{source}: {at}: model {name!r}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
             )
     return settings
+
+
+#: llama-server flags the backend sets itself: ``llama_server_extra_args`` may not repeat them
+#: (a second value would silently win, or break the pool's hold on the child).
+LLAMA_SERVER_OWN_FLAGS = frozenset(
+    {
+        "-m", "--model", "--host", "--port", "--api-key", "--api-key-file", "-np", "--parallel",
+        "-c", "--ctx-size", "--log-jsonl", "--log-file", "--log-disable", "-t", "--threads",
+        "-tb", "--threads-batch", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
+    }
+)  # fmt: skip
+
+
+def _check_llama_server(model: ModelSettings, at: str, name: str) -> None:
+    """``at``: the file(s) and the model's key path, as every settings error starts."""
+    if model.llama_server_port is not None and model.replica_max > 1:
+        raise SettingsError(
+            f"{at}.llama_server_port: model {name!r} sets llama_server_port with replica_max={model.replica_max};"
+            " each replica needs its own port: leave llama_server_port unset (a free port per replica)"
+        )
+    for arg in model.llama_server_extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in LLAMA_SERVER_OWN_FLAGS:
+            raise SettingsError(
+                f"{at}.llama_server_extra_args: model {name!r}: llama_server_extra_args may not contain {flag}:"
+                " the llama_server backend sets it"
+            )
 
 
 def _model_key_path(name: str) -> str:

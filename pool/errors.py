@@ -17,6 +17,7 @@ PoolError                                   body: {"error": {type, code, message
 ├── 500 model_load_failed        the runtime refused to load (admin load only)
 ├── 502 backend_error / upstream_* (authentication_failure, invalid_request,
 │       server_error, connection_error, response_parse_failure)
+│       engine_crashed           the replica's engine process died mid-request
 ├── 503 queue_timeout / request_cancelled / shutting_down
 └── 504 upstream_timeout
 
@@ -117,6 +118,11 @@ def request_cancelled(model: str, why: str) -> PoolError:
 
 def backend_error(model: str, message: str) -> PoolError:
     return PoolError(502, "backend_error", f"model {model!r} failed: {message}", model=model)
+
+
+def engine_crashed(model: str, message: str) -> PoolError:
+    """A supervised engine process died while it ran the request (the replica restarts)."""
+    return PoolError(502, "engine_crashed", f"model {model!r}: {message}", model=model)
 
 
 def shutting_down() -> PoolError:

@@ -16,6 +16,12 @@ loads every replica (all or nothing) and serves until its cancel scope is cancel
 Each threaded replica makes a single ``trio.to_thread.run_sync`` call that lasts its whole life, so
 the runtime library always sees the same OS thread.
 
+Restarts: an async backend whose engine died raises :class:`~backends.base.EngineCrashed` from
+``serve`` (its running jobs already ended with 502 ``engine_crashed``).  The replica goes
+``restarting`` (no free slot, so queued jobs go to the other replicas), is closed, waits
+``restart_backoff_s`` (doubling per attempt) and loads again; ``restart_max_attempts`` failed
+attempts in a row make it ``dead`` (the model ``failed`` if it was the last).
+
 Cancellation: cancelling the model's scope (``stop``, after the drain) sets the stop flag of every
 running job with a ``request_cancelled`` error and asks each backend to return; backends stop at
 their next token.  A replica's slot is released when its job ends, whatever happened, and a replica
@@ -37,13 +43,24 @@ from typing import Any, Literal
 
 import trio
 
-from llm_pool.backends.base import Backend
-from llm_pool.pool.errors import PoolError, backend_error, model_unloading, queue_full, request_cancelled
+from llm_pool.backends.base import Backend, EngineCrashed
+from llm_pool.pool.errors import (
+    PoolError,
+    backend_error,
+    engine_crashed,
+    model_unloading,
+    queue_full,
+    request_cancelled,
+)
 from llm_pool.pool.jobs import Job
 
 log = logging.getLogger("llm_pool.scheduler")
 
-ReplicaState = Literal["loading", "serving", "retiring", "stopped", "dead"]
+ReplicaState = Literal["loading", "serving", "restarting", "retiring", "stopped", "dead"]
+
+#: An engine that served at least this long before it crashed starts a new count of restart
+#: attempts: ``restart_max_attempts`` bounds a crash loop, not a replica's whole life.
+RESTART_RESET_AFTER_S = 60.0
 
 
 class LoadFailed(Exception):
@@ -72,7 +89,10 @@ class Replica:
 
     @property
     def free(self) -> int:
-        return self.capacity - self.active if self.state == "serving" else 0
+        # ``crashed``: an engine process that died takes no job even before serve() returned
+        if self.state != "serving" or getattr(self.backend, "crashed", False):
+            return 0
+        return self.capacity - self.active
 
     def put(self, job: Job | None) -> None:
         if self.backend.threaded:
@@ -141,7 +161,7 @@ class ModelRuntime:
 
     @property
     def alive(self) -> bool:
-        return any(r.state in ("loading", "serving", "retiring") for r in self.replicas)
+        return any(r.state in ("loading", "serving", "restarting", "retiring") for r in self.replicas)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -295,15 +315,84 @@ class ModelRuntime:
             loaded(e)
             return
         loaded(None)
-        try:
-            await backend.serve(replica._inbox_recv)
-        except Exception as e:
-            replica.state = "dead"  # no more jobs while it closes
-            replica.error = f"runtime died: {type(e).__name__}: {e}"
-            log.error("replica %s died", replica.name, exc_info=e)
-        finally:
-            with trio.CancelScope(shield=True):
-                await backend.close()
+        attempts = 0
+        while True:
+            crash: EngineCrashed | None = None
+            try:
+                await backend.serve(replica._inbox_recv)
+            except EngineCrashed as e:
+                crash = e
+            except Exception as e:
+                replica.state = "dead"  # no more jobs while it closes
+                replica.error = f"runtime died: {type(e).__name__}: {e}"
+                log.error("replica %s died", replica.name, exc_info=e)
+            finally:
+                if crash is not None and replica.state == "serving":
+                    replica.state = "restarting"  # no free slot: queued jobs go elsewhere
+                with trio.CancelScope(shield=True):
+                    await backend.close()
+            if crash is None:
+                return
+            attempts = 1 if crash.uptime_s >= RESTART_RESET_AFTER_S else attempts + 1
+            if not await self._restart(replica, crash, attempts):
+                return
+
+    async def _restart(self, replica: Replica, crash: EngineCrashed, attempts: int) -> bool:
+        """Load a crashed replica's backend again after its backoff; False when it must end
+        (attempts spent, retiring, or the model stopping).  Each failed load is an attempt."""
+        backend: Any = replica.backend
+        max_attempts = getattr(backend, "restart_max_attempts", 0)
+        backoff = getattr(backend, "restart_backoff_s", 0.0)
+        error = str(crash)
+        self._fail_undelivered(replica, engine_crashed(self.name, f"replica {replica.name} restarting: {error}"))
+        while True:
+            if replica.state != "restarting" or not self.admitting:  # retiring, or the model stops
+                replica.state = "dead" if replica.state == "restarting" else replica.state
+                replica.error = replica.error or error
+                return False
+            if attempts > max_attempts:
+                replica.state = "dead"
+                replica.error = (
+                    f"engine crashed and {max_attempts} restart attempt(s) failed; last: {error}"
+                    if max_attempts
+                    else f"engine crashed: {error}"
+                )
+                log.error("replica %s gave up restarting: %s", replica.name, replica.error)
+                return False
+            delay = backoff * 2 ** (attempts - 1)
+            log.warning(
+                "replica restarting",
+                extra={"fields": {"model": self.name, "replica": replica.name, "attempt": attempts,
+                                  "max_attempts": max_attempts, "backoff_s": delay, "error": error}},
+            )
+            await trio.sleep(delay)
+            try:
+                await backend.load()
+            except Exception as e:
+                error = f"restart failed: {e}"
+                with trio.CancelScope(shield=True):
+                    await backend.close()
+                attempts += 1
+                continue
+            if replica.state != "restarting":  # retired meanwhile: serve() returns at once
+                return True
+            replica.state = "serving"
+            log.info("replica restarted", extra={"fields": {"model": self.name, "replica": replica.name,
+                                                            "attempt": attempts}})
+            self._notify()
+            self._pump()
+            return True
+
+    def _fail_undelivered(self, replica: Replica, error: PoolError) -> None:
+        """Jobs dispatched to ``replica`` that its backend never took: they end now (a restart
+        may take long; a job is never dispatched twice)."""
+        while True:
+            try:
+                job = replica._inbox_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if job is not None:
+                job.fail_nowait(job.cancel_error or error)
 
     # ------------------------------------------------------------------ admission and dispatch
     def submit_nowait(self, job: Job) -> None:
@@ -426,7 +515,7 @@ class ModelRuntime:
         manager serializes them); 409 ``model_unloading`` once :meth:`stop` began."""
         if not self.admitting:
             raise model_unloading(self.name)
-        current = [r for r in self.replicas if r.state in ("serving", "loading")]
+        current = [r for r in self.replicas if r.state in ("serving", "loading", "restarting")]
         if replicas > len(current):
             error = await self._add_replicas(replicas - len(current))
             if error is not None:

@@ -107,7 +107,8 @@ async def serve(
     if backend_factory is not None:
         kwargs["backend_factory"] = backend_factory
     manager = PoolManager(settings, **kwargs)
-    if any(m.device == "cuda" or m.backend == "exllamav3" or m.gguf_n_gpu_layers for m in settings.engine.models.values()):
+    if any(m.device == "cuda" or m.backend == "exllamav3" or m.gguf_n_gpu_layers or m.llama_server_n_gpu_layers
+           for m in settings.engine.models.values()):
         from llm_pool.admin.gpu import used_mib
 
         manager.gpu_used_mib = used_mib

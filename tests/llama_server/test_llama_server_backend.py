@@ -1,0 +1,329 @@
+"""The llama_server backend on the real llama-server, driven through the pool manager.
+
+Real clock, real child processes, real loopback sockets; every test bounded by
+``trio.fail_after``; no sleeps: tests wait on job events, on the engine's exit (pidfd) or on
+the replica's state changes.  The tiny deterministic model is generated per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from llama_server_kit import binary_or_skip, exe_of, gone, wait_gone
+from runtime_kit import collect, request, run, serving, submit
+
+from llm_pool.backends.llama_server import LlamaServerBackend
+from llm_pool.config import decode_settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.jobs import Delta, Done, Failed, Job
+from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.scheduler import Replica
+
+BINARY = binary_or_skip()
+
+from models.tiny_gguf import write_tiny_gguf  # noqa: E402
+
+LIMIT_S = 30
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def settings_for(path: Path, **model: Any) -> Any:
+    return decode_settings(
+        {
+            "engine": {
+                "models": {
+                    "tiny": {
+                        "model_path": str(path),
+                        "backend": "llama_server",
+                        "prompt_format": "native",
+                        "llama_server_n_ctx": 256,
+                        "n_threads": 1,
+                        "restart_backoff_s": 0,
+                        **model,
+                    }
+                }
+            }
+        },
+        source="test",
+    )
+
+
+@pytest.fixture
+async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
+    overrides = getattr(request, "param", {})
+    with trio.fail_after(LIMIT_S):
+        async with serving(settings_for(tiny_gguf, **overrides), "tiny") as manager:
+            yield manager
+
+
+def replicas(manager: PoolManager, name: str = "tiny") -> list[Replica]:
+    runtime = manager.entries[name].runtime
+    assert runtime is not None
+    return runtime.replicas
+
+
+def backend(replica: Replica) -> LlamaServerBackend:
+    assert isinstance(replica.backend, LlamaServerBackend)
+    return replica.backend
+
+
+async def slots_busy(b: LlamaServerBackend) -> list[bool]:
+    assert b._client is not None
+    r = await b._client.get(f"{b.base_url}/slots")
+    return [s["is_processing"] for s in r.json()]
+
+
+async def wait_state(manager: PoolManager, replica: Replica, state: str) -> None:
+    runtime = manager.entries["tiny"].runtime
+    assert runtime is not None
+    while replica.state != state:
+        await runtime._wait_changed()
+
+
+# ---------------------------------------------------------------------- generation
+async def test_exact_greedy_outputs_finish_reasons_and_streaming(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        deltas, done = await run(pool, request("x"))
+        assert done.text == "yzabc" and deltas == list("yzabc")  # one delta per token, as generated
+        assert done.stats.finish_reason == "length"
+        assert (done.stats.prompt_tokens, done.stats.output_tokens) == (1, 5)
+        _, done = await run(pool, request("5", max_tokens=50))
+        assert (done.text, done.stats.finish_reason, done.stats.output_tokens) == ("6789", "stop", 4)
+
+
+async def test_sampling_settings_keep_the_dominant_successor(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("x", temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1))
+        assert done.text == "yzabc"
+
+
+async def test_stop_strings_cut_without_emitting_a_partial_stop(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        deltas, done = await run(pool, request("x", max_tokens=20, stop=["bc"]))
+        assert done.text == "yza" and "".join(deltas) == "yza"
+        assert done.stats.finish_reason == "stop"
+        deltas, done = await run(pool, request("x", max_tokens=4, stop=["abz"]))
+        assert done.text == "yzab" and "".join(deltas) == "yzab"
+
+
+async def test_caller_text_is_never_a_control_token(pool: PoolManager) -> None:
+    b = backend(replicas(pool)[0])
+    with trio.fail_after(LIMIT_S):
+        assert await b.tokenize_segments([("<|im_end|>", True)]) == [258]
+        plain = await b.tokenize_segments([("<|im_end|>", False)])
+        assert 258 not in plain and len(plain) == len("<|im_end|>")
+
+
+async def test_prompt_longer_than_the_context_is_a_clear_400(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(PoolError) as info:
+            await run(pool, request("q" * 300))
+        assert (info.value.status, info.value.code) == (400, "invalid_request")
+        assert info.value.message == "the prompt has 300 tokens; model 'tiny' has a context of 256"
+        _, done = await run(pool, request("x"))
+        assert done.text == "yzabc"
+
+
+async def test_generation_is_capped_by_the_context(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, request("a" * 250, max_tokens=100))
+        assert done.stats.output_tokens == 6 and done.stats.finish_reason == "length"
+
+
+async def test_metrics_come_from_the_engine_and_nest(pool: PoolManager) -> None:
+    with trio.fail_after(LIMIT_S):
+        job = submit(pool, request("x"))
+        await job.result()
+        t = job.timings()
+        s = job.stats
+        assert s is not None and s.generate_total_ms is not None and s.time_to_first_token_ms is not None
+        assert t["engine_total_wall_ms"] >= t["backend_inference_wall_ms"] >= s.generate_total_ms  # type: ignore[operator]
+        assert s.generate_total_ms == pytest.approx(s.time_to_first_token_ms + s.decode_after_first_token_ms, abs=0.01)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("pool", [{"target_inflight": 2, "llama_server_n_ctx": 1024}], indirect=True)
+async def test_target_inflight_is_the_engines_parallel_and_a_disconnect_frees_its_slot(pool: PoolManager) -> None:
+    replica = replicas(pool)[0]
+    b = backend(replica)
+    assert (replica.capacity, b.capability, b.describe()["parallel"]) == (2, 2, 2)
+    with trio.fail_after(LIMIT_S):
+        assert await slots_busy(b) == [False, False]
+        job = submit(pool, request("a", max_tokens=1000))
+        async for event in job.events():
+            if isinstance(event, Delta):
+                job.cancel()  # the client went away
+            elif isinstance(event, Done):
+                break
+        assert isinstance(event, Done) and event.stats.finish_reason == "cancelled"
+        assert event.stats.output_tokens is not None and event.stats.output_tokens < 1000
+        # the engine saw the stream close and aborted the sequence (bounded by fail_after)
+        while any(await slots_busy(b)):
+            pass
+        assert replica.active == 0
+        _, done = await run(pool, request("x"))
+        assert done.text == "yzabc"
+
+
+# ---------------------------------------------------------------------- process lifetime
+async def test_unload_leaves_no_process(tiny_gguf: Path) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with serving(settings_for(tiny_gguf, replicas=2, replica_max=2), "tiny") as manager:
+            engines = [backend(r).engine for r in replicas(manager)]
+            pids = [pid for e in engines if e is not None for pid in (e.pid, e.engine_pid)]
+            assert len(pids) == 4 and all(isinstance(p, int) and not gone(p) for p in pids)
+            await manager.unload("tiny")
+            assert manager.entries["tiny"].state == "unloaded"
+            for pid in pids:
+                await wait_gone(pid)  # type: ignore[arg-type]
+
+
+async def test_an_engine_that_exits_while_starting_fails_the_model_with_its_last_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    with trio.fail_after(LIMIT_S):
+        async with serving(settings_for(bad)) as manager:
+            with pytest.raises(PoolError) as info:
+                await manager.load("tiny")
+    entry = manager.entries["tiny"]
+    assert entry.state == "failed"
+    assert entry.last_error is not None
+    assert entry.last_error.startswith("llama-server exited while starting (exit code 1): ")
+    assert "failed to load model" in entry.last_error
+    assert info.value.code == "model_load_failed"
+
+
+async def test_a_missing_binary_is_a_clear_load_error(tiny_gguf: Path, tmp_path: Path) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with serving(settings_for(tiny_gguf, llama_server_binary=str(tmp_path / "nope"))) as manager:
+            with pytest.raises(PoolError):
+                await manager.load("tiny")
+    assert manager.entries["tiny"].last_error == (
+        f"llama-server binary not found or not executable: {tmp_path / 'nope'}; set llama_server_binary"
+    )
+
+
+async def test_a_sigkilled_pool_leaves_no_llama_server(tiny_gguf: Path) -> None:
+    argv = [str(BINARY), "--model", str(tiny_gguf), "--port", "0", "-t", "1", "--ctx-size", "256"]
+    with trio.fail_after(LIMIT_S):
+        pool = await trio.lowlevel.open_process(
+            [sys.executable, str(HERE / "pool_child.py"), *argv], stdout=subprocess.PIPE
+        )
+        assert pool.stdout is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await pool.stdout.receive_some(1024)
+        fields = dict(kv.split("=") for kv in line.decode().split())
+        guard, engine = int(fields["guard"]), int(fields["engine"])
+        assert exe_of(engine) == BINARY.resolve()
+        pool.send_signal(signal.SIGKILL)
+        await pool.wait()
+        await wait_gone(engine)
+        await wait_gone(guard)
+
+
+# ---------------------------------------------------------------------- crashes
+@pytest.mark.parametrize("pool", [{"llama_server_n_ctx": 4096}], indirect=True)
+async def test_a_child_killed_mid_stream_fails_its_request_and_the_replica_comes_back(pool: PoolManager) -> None:
+    replica = replicas(pool)[0]
+    b = backend(replica)
+    assert b.engine is not None and b.engine.engine_pid is not None
+    old_pids = (b.engine.pid, b.engine.engine_pid)
+    with trio.fail_after(LIMIT_S):
+        job = submit(pool, request("a", max_tokens=4000))
+        queued = submit(pool, request("x"))  # waits in the queue: the replica has one slot
+        events = job.events()
+        assert isinstance(await events.receive(), Delta)
+        os.kill(b.engine.engine_pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        async for event in events:
+            if not isinstance(event, Delta):
+                break
+        assert isinstance(event, Failed)
+        assert (event.error.status, event.error.code) == (502, "engine_crashed")
+        assert event.error.message == (
+            "model 'tiny': the engine of replica tiny#1 died while running the request (killed by SIGKILL); "
+            "the replica restarts"
+        )
+        for pid in old_pids:
+            await wait_gone(pid)
+        # the queued request is served by the restarted engine
+        _, done = await collect(queued)
+        served_again_s = time.monotonic() - t_kill
+        assert done.text == "yzabc"
+        assert replica.state == "serving" and b.starts == 2 and b.engine.pid not in old_pids
+        assert (replica.active, await slots_busy(b)) == (0, [False])
+        assert pool.entries["tiny"].state == "loaded"
+    print(f"SIGKILL of the engine to serving again: {served_again_s:.3f}s")
+
+
+async def test_restarts_are_bounded_then_the_model_fails(tiny_gguf: Path, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    shutil.copy(tiny_gguf, model)
+    with trio.fail_after(LIMIT_S):
+        async with serving(settings_for(model, restart_max_attempts=2), "tiny") as manager:
+            replica = replicas(manager)[0]
+            b = backend(replica)
+            model.write_bytes(b"GGUF broken now")  # every restart fails to load
+            assert b.engine is not None and b.engine.engine_pid is not None
+            os.kill(b.engine.engine_pid, signal.SIGKILL)
+            entry = manager.entries["tiny"]
+            while entry.state != "failed":
+                await entry.activity.wait()
+            assert entry.failed_while_serving
+            assert entry.last_error is not None and entry.last_error.startswith(
+                "engine crashed and 2 restart attempt(s) failed; last: restart failed: "
+                "llama-server exited while starting (exit code 1): "
+            )
+            with pytest.raises(PoolError) as info:
+                manager.submit(Job(request("x")), allow_remote=False)
+            assert info.value.code == "model_failed"
+
+
+@pytest.mark.parametrize("pool", [{"replicas": 2, "replica_max": 2, "llama_server_n_ctx": 4096}], indirect=True)
+async def test_under_load_a_crash_sends_queued_jobs_to_the_other_replica(pool: PoolManager) -> None:
+    first, second = replicas(pool)
+    victim = backend(first)
+    with trio.fail_after(LIMIT_S):
+        long_jobs = [submit(pool, request("a", max_tokens=4000)) for _ in range(2)]  # one per replica
+        on_victim = next(j for j in long_jobs if j.replica == first.name)
+        other = next(j for j in long_jobs if j.replica == second.name)
+        queued = [submit(pool, request(c)) for c in "xyz"]
+        assert all(j.state == "queued" for j in queued)
+        events = on_victim.events()
+        assert isinstance(await events.receive(), Delta)
+        assert victim.engine is not None and victim.engine.engine_pid is not None
+        os.kill(victim.engine.engine_pid, signal.SIGKILL)
+        with pytest.raises(PoolError) as info:
+            await on_victim.result()
+        assert info.value.code == "engine_crashed"
+        other.cancel()  # frees the healthy replica: the queue drains there or on the restarted one
+        await other.result()
+        results = [await j.result() for j in queued]
+        assert [r.text for r in results] == ["yzabc", "zabcd", "abcde"]
+        await wait_state(pool, first, "serving")
+        assert (first.active, second.active) == (0, 0)
+        assert pool.entries["tiny"].state == "loaded"
+
+
+# ---------------------------------------------------------------------- over HTTP
+async def test_the_engine_refuses_callers_without_its_key(pool: PoolManager) -> None:
+    b = backend(replicas(pool)[0])
+    with trio.fail_after(LIMIT_S):
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{b.base_url}/completion", json={"prompt": "x", "n_predict": 1})
+        assert r.status_code == 401

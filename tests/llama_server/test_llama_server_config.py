@@ -1,0 +1,79 @@
+"""The llama_server settings and the engine's command line (no llama-server needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_pool.backends import BackendContext, create_backend
+from llm_pool.backends.llama_server import LlamaServerBackend, default_binary
+from llm_pool.config import SettingsError, decode_settings
+
+
+def settings(**model: Any) -> Any:
+    return decode_settings(
+        {"engine": {"models": {"m": {"model_path": "m.gguf", "backend": "llama_server", **model}}}},
+        source="pool.toml",
+        base_dir="/srv/pool",
+    )
+
+
+def backend(**model: Any) -> LlamaServerBackend:
+    s = settings(**model)
+    ctx = BackendContext(name="m", replica_index=1, replicas=1, model=s.engine.models["m"], settings=s, kind="llama_server")
+    b = create_backend(ctx)
+    assert isinstance(b, LlamaServerBackend)
+    return b
+
+
+def test_the_command_line_carries_the_settings_and_no_secret() -> None:
+    b = backend(target_inflight=3, llama_server_n_ctx=1024, n_threads=2, llama_server_n_gpu_layers=-1,
+                llama_server_flash_attn="on", llama_server_spec_type="ngram-simple", llama_server_spec_draft_n_max=4,
+                llama_server_spec_draft_p_min=0.5, llama_server_reasoning="off",
+                llama_server_extra_args=["--cache-ram", "0"])
+    assert b.capability == 3
+    assert b.argv(Path("/models/m.gguf")) == [
+        str(default_binary()),
+        "--model", "/models/m.gguf", "--host", "127.0.0.1", "--port", "0", "--parallel", "3",
+        "--ctx-size", "3072", "--threads", "2", "--threads-batch", "2", "--n-gpu-layers", "-1",
+        "--flash-attn", "on", "--log-jsonl", "--no-webui", "--spec-type", "ngram-simple",
+        "--spec-draft-n-max", "4", "--spec-draft-p-min", "0.5", "--reasoning", "off", "--cache-ram", "0",
+    ]  # fmt: skip
+
+
+def test_a_configured_binary_is_resolved_against_the_settings_folder() -> None:
+    assert backend(llama_server_binary="bin/llama-server").describe()["binary"] == "/srv/pool/bin/llama-server"
+
+
+def test_a_missing_draft_model_is_named() -> None:
+    with pytest.raises(FileNotFoundError, match=r"^llama_server_draft_model_path 'draft.gguf': no such file or directory: /srv/pool/draft.gguf$"):
+        backend(llama_server_draft_model_path="draft.gguf").argv(Path("/m.gguf"))
+
+
+def test_a_fixed_port_needs_a_single_replica() -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(llama_server_port=8081, replica_max=2)
+    assert str(info.value) == (
+        "pool.toml: $.engine.models.m.llama_server_port: model 'm' sets llama_server_port with replica_max=2;"
+        " each replica needs its own port: leave llama_server_port unset (a free port per replica)"
+    )
+    assert settings(llama_server_port=8081).engine.models["m"].llama_server_port == 8081
+
+
+@pytest.mark.parametrize("flag", ["--port", "--api-key=x", "-np"])
+def test_extra_args_may_not_take_over_what_the_backend_sets(flag: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(llama_server_extra_args=[flag, "1"])
+    assert str(info.value) == (
+        f"pool.toml: $.engine.models.m.llama_server_extra_args: model 'm': llama_server_extra_args may not contain"
+        f" {flag.split('=')[0]}: the llama_server backend sets it"
+    )
+
+
+@pytest.mark.parametrize(("key", "value"), [("llama_server_spec_draft_n_max", 7), ("llama_server_spec_draft_p_min", 1.5),
+                                            ("llama_server_spec_type", "magic"), ("llama_server_n_gpu_layers", -2)])
+def test_out_of_range_values_are_refused_with_their_key_path(key: str, value: Any) -> None:
+    with pytest.raises(SettingsError, match=rf"^pool\.toml: \$\.engine\.models\.m\.{key}: expected "):
+        settings(**{key: value})
