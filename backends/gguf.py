@@ -23,6 +23,8 @@ from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from llm_pool.backends import BackendContext
 
 log = logging.getLogger("llm_pool.gguf")
@@ -68,6 +70,40 @@ def llama_vocab(vocab: Any, encode: Callable[[str], list[int]]) -> Vocab[int]:
     return Vocab(encode, specials, longest)
 
 
+def set_prompt_model(prompts: PromptPrep[int], model: Any) -> None:
+    """Hand ``prompts`` what a llama.cpp model (``llama_cpp._internals.LlamaModel``) knows of
+    prompts: its chat template, BOS/EOS text and vocabulary.  One place for every GGUF-family
+    backend (in-process, batched, and ``llama_server``, which tokenizes here and sends ids)."""
+
+    def special_text(token: int) -> str:
+        return "" if token < 0 else str(model.token_get_text(token))
+
+    prompts.set_model(
+        model.metadata().get("tokenizer.chat_template"),
+        special_text(model.token_bos()),
+        special_text(model.token_eos()),
+        llama_vocab(model.vocab, lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=False)),
+    )
+
+
+def open_vocab(path: Path) -> Any:
+    """A GGUF file's tokenizer and metadata alone (llama.cpp ``vocab_only``: no weights, no
+    context; SmolLM2: ~0.1 s), for a backend whose weights live in another process."""
+    import llama_cpp
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        with LLAMA_QUIET_LOAD_LOCK:
+            return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    except ValueError as e:  # "Failed to load model from file"
+        raise RuntimeError(f"llama.cpp could not read the vocabulary of {path.name}: {e}") from None
+
+
 class GGUFBackend(SequentialBackend):
     """One llama.cpp context; see the module docstring."""
 
@@ -106,19 +142,7 @@ class GGUFBackend(SequentialBackend):
                 )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise RuntimeError(f"llama.cpp could not load {path.name}: {e}") from None
-        model = self.llm._model
-        llm = self.llm
-        self.prompts.set_model(
-            llm.metadata.get("tokenizer.chat_template"),
-            self._piece(model.token_bos()),
-            self._piece(model.token_eos()),
-            llama_vocab(model.vocab, lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)),
-        )
-
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm._model.token_get_text(token)
+        set_prompt_model(self.prompts, self.llm._model)
 
     def close(self) -> None:
         if self.llm is not None:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
-from llm_pool.backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type, llama_vocab
+from llm_pool.backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep, StopMatcher
 from llm_pool.pool.jobs import GenerationStats, Job
 
@@ -204,17 +204,7 @@ class BatchedGGUFBackend:
         self._n_ctx_seq = min(llama_cpp.llama_n_ctx_seq(self._lctx), m.gguf_n_ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._free_slots = set(range(n_seq))
-        meta = self.model.metadata()
-        model = self.model
-        self.prompts.set_model(
-            meta.get("tokenizer.chat_template"),
-            self._special_text(model.token_bos()),
-            self._special_text(model.token_eos()),
-            llama_vocab(self._vocab, lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=False)),
-        )
-
-    def _special_text(self, token: int) -> str:
-        return "" if token < 0 else str(self.model.token_get_text(token))
+        set_prompt_model(self.prompts, self.model)
 
     def close(self) -> None:
         import llama_cpp

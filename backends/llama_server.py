@@ -23,10 +23,12 @@ The child::
 
 One job (same rules as the in-process GGUF backend):
 
-* The prompt is rendered by :mod:`backends.prompts` and tokenized by the engine
-  (:meth:`LlamaServerBackend.tokenize_segments`: ``POST /tokenize`` with ``parse_special`` only
-  for trusted markup), then sent as token ids to ``POST /completion`` (``stream: true``), so the
-  engine never parses caller text for control tokens.
+* The prompt is rendered and tokenized here exactly as the in-process GGUF backend does it
+  (:mod:`backends.prompts`: special tokens parsed in the template's markup only, the size
+  bounds first), with the GGUF file's own vocabulary opened ``vocab_only`` in this process
+  (:func:`~backends.gguf.open_vocab`), then sent as token ids to ``POST /completion``
+  (``stream: true``): the engine never parses caller text for control tokens, and a prompt has
+  the same tokens in both backends.
 * Stop strings are applied here (:class:`~backends.prompts.StopMatcher`), never emitting part of
   one; a hit closes the stream.  Greedy when ``temperature == 0`` or ``top_k == 1``.
 * Metrics: wall-clock timers as every backend, replaced by the engine's own ``timings``
@@ -58,7 +60,6 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,8 @@ import trio
 
 from llm_pool.backends.base import EngineCrashed, StreamTimer
 from llm_pool.backends.engine_process import EngineProcess, describe_exit, engine_env
-from llm_pool.backends.prompts import PromptPrep, StopMatcher, check_prompt_length
+from llm_pool.backends.gguf import open_vocab, set_prompt_model
+from llm_pool.backends.prompts import PromptPrep
 from llm_pool.pool.errors import PoolError, backend_error, engine_crashed, request_cancelled
 from llm_pool.pool.jobs import GenerationStats, Job
 
@@ -107,7 +109,10 @@ class LlamaServerBackend:
         self.capability = ctx.model.target_inflight
         self.restart_max_attempts = ctx.model.restart_max_attempts
         self.restart_backoff_s = ctx.model.restart_backoff_s
-        self.prompts = PromptPrep(ctx.model, backend="llama_server")
+        self.prompts: PromptPrep[int] = PromptPrep(ctx.model, backend="llama_server")
+        #: The GGUF file's tokenizer (``llama_cpp._internals.LlamaModel``, vocab only), kept
+        #: across engine restarts.
+        self._vocab: Any = None
         #: Context per slot, as the engine reports it once started.
         self.n_ctx = ctx.model.llama_server_n_ctx
         self.engine: EngineProcess | None = None
@@ -198,6 +203,9 @@ class LlamaServerBackend:
         if not os.access(binary, os.X_OK):
             hint = "set llama_server_binary" if m.llama_server_binary else "run `make install` (it builds llama-server)"
             raise RuntimeError(f"llama-server binary not found or not executable: {binary}; {hint}")
+        if self._vocab is None:
+            self._vocab = await trio.to_thread.run_sync(open_vocab, model_path)
+            set_prompt_model(self.prompts, self._vocab)
         argv = self.argv(model_path)
         key = secrets.token_urlsafe(32)
         env = engine_env(os.environ, library_path=m.llama_server_library_path, extra=m.llama_server_env)
@@ -289,10 +297,6 @@ class LlamaServerBackend:
         n_ctx = props.get("default_generation_settings", {}).get("n_ctx")
         if isinstance(n_ctx, int) and n_ctx > 0:
             self.n_ctx = n_ctx
-        # the engine answers its built-in ChatML default when the model has no template; the
-        # formats that need the model's own ("native", ...) are checked against that as is
-        self.prompts.set_model(props.get("chat_template") or None, props.get("bos_token") or "",
-                               props.get("eos_token") or "")
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -302,6 +306,9 @@ class LlamaServerBackend:
                 await client.aclose()
             if engine is not None:
                 await engine.stop()
+        vocab, self._vocab = self._vocab, None
+        if vocab is not None:
+            vocab.close()
 
     # ------------------------------------------------------------------ serving
     async def serve(self, inbox: trio.MemoryReceiveChannel[Job | None]) -> None:
@@ -380,36 +387,11 @@ class LlamaServerBackend:
                 job.fail(self._crash_error() if self.crashed else request_cancelled(self.name, f"replica {self.replica} stopped"))
 
     # ------------------------------------------------------------------ one job
-    async def tokenize_segments(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
-        """Token ids of ``segments`` in order, each ``(text, trusted)``: trusted text (a
-        template's own markup) may contain special tokens, caller text is always plain text
-        (``parse_special: false``).  No BOS is added: templates write their own."""
-        tokens: list[int] = []
-        for text, trusted in segments:
-            if text:
-                data = await self._post_json("/tokenize", {"content": text, "add_special": False,
-                                                           "parse_special": trusted})
-                tokens.extend(data["tokens"])
-        return tokens
-
-    async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
-        assert self._client is not None, "not loaded"
-        try:
-            r = await self._client.post(f"{self.base_url}{path}", json=body)
-        except httpx.TransportError as e:
-            raise await self._lost(e) from None
-        if r.status_code != 200:
-            raise self._status_error(r.status_code, r.content)
-        return r.json()
-
     async def _generate(self, job: Job, timer: StreamTimer) -> GenerationStats:
         req = job.request
         d = req.decoding
-        prompt = self.prompts.render(req)
-        # one trusted segment until backends.prompts renders markup and caller text apart
-        tokens = await self.tokenize_segments([(prompt.text, True)])
-        check_prompt_length(req.model, len(tokens), self.n_ctx)
-        stops = StopMatcher([*prompt.stop, *d.stop])
+        # tokenizing is bounded by the size checks, but can take ~0.2 s: off the event loop
+        _, tokens, stops = await trio.to_thread.run_sync(self.prompts.prepare, job, self.n_ctx)
         timer.prompt_ready()
         greedy = d.temperature == 0 or d.top_k == 1
         body = {

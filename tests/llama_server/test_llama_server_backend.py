@@ -122,11 +122,11 @@ async def test_stop_strings_cut_without_emitting_a_partial_stop(pool: PoolManage
 
 
 async def test_caller_text_is_never_a_control_token(pool: PoolManager) -> None:
-    b = backend(replicas(pool)[0])
+    """As in-process GGUF: the engine is sent the ids of ten plain bytes, and continues after
+    ">" instead of stopping at a forged <|im_end|> (the engine counts the same prompt tokens)."""
     with trio.fail_after(LIMIT_S):
-        assert await b.tokenize_segments([("<|im_end|>", True)]) == [258]
-        plain = await b.tokenize_segments([("<|im_end|>", False)])
-        assert 258 not in plain and len(plain) == len("<|im_end|>")
+        _, done = await run(pool, request("<|im_end|>"))
+        assert (done.stats.prompt_tokens, done.text, done.stats.finish_reason) == (10, "abcde", "length")
 
 
 async def test_prompt_longer_than_the_context_is_a_clear_400(pool: PoolManager) -> None:
@@ -192,7 +192,22 @@ async def test_unload_leaves_no_process(tiny_gguf: Path) -> None:
                 await wait_gone(pid)  # type: ignore[arg-type]
 
 
-async def test_an_engine_that_exits_while_starting_fails_the_model_with_its_last_lines(tmp_path: Path) -> None:
+async def test_an_engine_that_exits_while_starting_fails_the_model_with_its_last_lines(tiny_gguf: Path) -> None:
+    with trio.fail_after(LIMIT_S):
+        async with serving(settings_for(tiny_gguf, llama_server_extra_args=["--no-such-flag"])) as manager:
+            with pytest.raises(PoolError) as info:
+                await manager.load("tiny")
+    entry = manager.entries["tiny"]
+    assert entry.state == "failed"
+    assert entry.last_error is not None
+    assert entry.last_error.startswith("llama-server exited while starting (exit code 1): ")
+    assert "invalid argument: --no-such-flag" in entry.last_error
+    assert info.value.code == "model_load_failed"
+
+
+async def test_a_broken_model_file_fails_before_any_engine_starts(tmp_path: Path) -> None:
+    """The pool reads the file's vocabulary itself (it tokenizes), so a file llama.cpp cannot
+    read fails the load at once, with no child process started."""
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF not really")
     with trio.fail_after(LIMIT_S):
@@ -200,11 +215,9 @@ async def test_an_engine_that_exits_while_starting_fails_the_model_with_its_last
             with pytest.raises(PoolError) as info:
                 await manager.load("tiny")
     entry = manager.entries["tiny"]
-    assert entry.state == "failed"
+    assert entry.state == "failed" and info.value.code == "model_load_failed"
     assert entry.last_error is not None
-    assert entry.last_error.startswith("llama-server exited while starting (exit code 1): ")
-    assert "failed to load model" in entry.last_error
-    assert info.value.code == "model_load_failed"
+    assert entry.last_error.startswith("llama.cpp could not read the vocabulary of bad.gguf: ")
 
 
 async def test_a_missing_binary_is_a_clear_load_error(tiny_gguf: Path, tmp_path: Path) -> None:
@@ -272,13 +285,17 @@ async def test_a_child_killed_mid_stream_fails_its_request_and_the_replica_comes
 
 
 async def test_restarts_are_bounded_then_the_model_fails(tiny_gguf: Path, tmp_path: Path) -> None:
-    model = tmp_path / "tiny.gguf"
-    shutil.copy(tiny_gguf, model)
+    binary = tmp_path / "llama-server"
+    shutil.copy(binary_or_skip(), binary)
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(model, restart_max_attempts=2), "tiny") as manager:
+        async with serving(settings_for(tiny_gguf, restart_max_attempts=2, llama_server_binary=str(binary)), "tiny") as manager:
             replica = replicas(manager)[0]
             b = backend(replica)
-            model.write_bytes(b"GGUF broken now")  # every restart fails to load
+            # every restart's engine exits at once (a new file: the running one keeps its own)
+            broken = tmp_path / "broken"
+            broken.write_text("#!/bin/sh\necho 'error: this engine is broken now' >&2\nexit 1\n")
+            broken.chmod(0o755)
+            os.replace(broken, binary)
             assert b.engine is not None and b.engine.engine_pid is not None
             os.kill(b.engine.engine_pid, signal.SIGKILL)
             entry = manager.entries["tiny"]
