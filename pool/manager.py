@@ -32,7 +32,15 @@ import trio
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.base import Backend
 from llm_pool.config import ModelSettings, Settings
-from llm_pool.pool.errors import PoolError, model_unloading, request_cancelled, shutting_down, unknown_model
+from llm_pool.pool.errors import (
+    PoolError,
+    model_unloading,
+    printable,
+    request_cancelled,
+    shutting_down,
+    unknown_model,
+    without_paths,
+)
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
 
@@ -50,7 +58,7 @@ class ModelEntry:
         self.settings = settings
         self.state: State = "unloaded"
         self.runtime: ModelRuntime | None = None
-        self.last_error: str | None = None
+        self._last_error: str | None = None
         #: Runtime-only overrides of the current load (never written to the config files).
         self.override: dict[str, Any] | None = None
         self.loaded_settings: ModelSettings | None = None
@@ -68,6 +76,16 @@ class ModelEntry:
         self.pending_jobs = 0
         #: Set (and replaced) whenever ``pending_jobs``, the state or a resize changes.
         self.activity = trio.Event()
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last load failed or the model died; one printable line (see
+        :func:`pool.errors.printable`), whole for the admin API, shown elsewhere without paths."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str | None) -> None:
+        self._last_error = None if text is None else printable(text)
 
     def touch(self) -> None:
         """Wake whoever waits on :attr:`activity` (the idle-unload timer)."""
@@ -173,7 +191,7 @@ class PoolManager:
                 409,
                 "model_failed",
                 f"model {name!r} failed {'while serving' if entry.failed_while_serving else 'to load'}: "
-                f"{entry.last_error}",
+                f"{without_paths(entry.last_error or '')}",
                 model=name,
             )
         raise PoolError(409, "model_not_loaded", f"model {name!r} is not loaded", model=name)

@@ -31,6 +31,7 @@ import trio
 from quart import Response, request
 
 from llm_pool.admin import gpu
+from llm_pool.pool.errors import without_paths
 from llm_pool.pool.manager import ModelEntry, PoolManager, State
 from llm_pool.pool.observability import PoolMetrics
 
@@ -55,6 +56,8 @@ class ModelReadiness(msgspec.Struct, kw_only=True):
     state: State
     #: ``enabled`` in the settings: whether ``/health/ready`` waits for it.
     enabled: bool
+    #: The model's ``last_error`` without filesystem paths (probes carry no token; the admin
+    #: API has the whole text).
     last_error: str | None
 
 
@@ -74,7 +77,7 @@ def model_readiness(manager: PoolManager, entry: ModelEntry) -> ModelReadiness:
         ready=entry.state == "loaded" and not manager.shutting_down,
         state=entry.state,
         enabled=entry.settings.enabled,
-        last_error=entry.last_error,
+        last_error=without_paths(entry.last_error) if entry.last_error is not None else None,
     )
 
 

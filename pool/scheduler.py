@@ -38,7 +38,7 @@ from typing import Any, Literal
 import trio
 
 from llm_pool.backends.base import Backend
-from llm_pool.pool.errors import PoolError, backend_error, model_unloading, queue_full, request_cancelled
+from llm_pool.pool.errors import PoolError, backend_error, model_unloading, printable, queue_full, request_cancelled
 from llm_pool.pool.jobs import Job
 
 log = logging.getLogger("llm_pool.scheduler")
@@ -60,7 +60,7 @@ class Replica:
         self.state: ReplicaState = "loading"
         self.active = 0
         self.jobs: set[Job] = set()
-        self.error: str | None = None
+        self._error: str | None = None
         self.ready = trio.Event()
         self.done = trio.Event()
         self.inbox: Any = None  # queue.SimpleQueue for threaded backends, trio channel otherwise
@@ -69,6 +69,15 @@ class Replica:
             self.inbox = queue.SimpleQueue()
         else:
             self.inbox, self._inbox_recv = trio.open_memory_channel[Job | None](math.inf)
+
+    @property
+    def error(self) -> str | None:
+        """Why this replica failed to load or died: one printable line (:func:`pool.errors.printable`)."""
+        return self._error
+
+    @error.setter
+    def error(self, text: str | None) -> None:
+        self._error = None if text is None else printable(text)
 
     @property
     def free(self) -> int:

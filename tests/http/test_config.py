@@ -277,7 +277,8 @@ async def test_missing_model_file_fails_only_that_model(nursery: trio.Nursery, t
             await pool.respond({"model": "missing", "input": "x"}),
             409,
             "model_failed",
-            f"model 'missing' failed to load: {expected}",
+            # an inference caller is told no path (issue 13 §4); the admin row below has them
+            "model 'missing' failed to load: model_path '[path]': no such file or directory: [path]",
             model="missing",
         )
         assert (await pool.get("/v1/models")).json["models"] == ["good"]
