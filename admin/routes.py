@@ -201,7 +201,8 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
         "vram_estimate_source": vram_src,
         "load_constraints": load_constraints(backend, m),
         "load_recommendations": load_recommendations(backend),
-        "load_override": entry.override,
+        # the override active now: {} when none is (unloaded, failed, or loaded as configured)
+        "load_override": dict(entry.override or {}),
         "replica_details": [
             {"name": r.name, "state": r.state, "active": r.active, "capacity": r.capacity, "error": r.error}
             for r in (rt.replicas if rt else [])

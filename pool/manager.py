@@ -59,7 +59,8 @@ class ModelEntry:
         self.state: State = "unloaded"
         self.runtime: ModelRuntime | None = None
         self._last_error: str | None = None
-        #: Runtime-only overrides of the current load (never written to the config files).
+        #: Runtime-only overrides of the current load (never written to the config files); None
+        #: once that load ended (unloaded or failed): no override is active then.
         self.override: dict[str, Any] | None = None
         self.loaded_settings: ModelSettings | None = None
         self.load_done = trio.Event()
@@ -285,6 +286,7 @@ class PoolManager:
             log.exception("model %s crashed", entry.name)
         finally:
             entry.runtime = None
+            entry.override = None  # this load's override ends with it
             if entry.last_error is None and runtime.last_error is not None:
                 entry.last_error = runtime.last_error
             if entry.state == "unloading" or (entry.state == "loaded" and entry.last_error is None):
