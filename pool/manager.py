@@ -77,6 +77,9 @@ class ModelEntry:
         self.pending_jobs = 0
         #: Set (and replaced) whenever ``pending_jobs``, the state or a resize changes.
         self.activity = trio.Event()
+        #: Whether the model is meant to be serving now, what readiness counts: enabled models
+        #: from the start; an admin load sets it, an admin or idle unload clears it.
+        self.wanted = settings.enabled
 
     @property
     def last_error(self) -> str | None:
@@ -163,9 +166,9 @@ class PoolManager:
         return sorted(name for name, e in self.entries.items() if e.state == "loaded")
 
     def ready(self) -> bool:
-        return not self.shutting_down and all(
-            e.state == "loaded" for e in self.entries.values() if e.settings.enabled
-        )
+        """Not shutting down, and every model meant to be serving now is loaded (see
+        :attr:`ModelEntry.wanted`: a model unloaded on purpose is no readiness failure)."""
+        return not self.shutting_down and all(e.state == "loaded" for e in self.entries.values() if e.wanted)
 
     # ------------------------------------------------------------------ admission
     def check_admission(self, name: str, *, allow_remote: bool) -> ModelEntry:
@@ -317,6 +320,7 @@ class PoolManager:
                 f"model {name!r} is {entry.state}; overrides and replicas need the model unloaded first",
                 model=name,
             )
+        entry.wanted = True
         if entry.state in ("unloaded", "failed"):
             self._start_load(entry, override, replicas or entry.settings.replicas)
         await entry.load_done.wait()
@@ -336,6 +340,7 @@ class PoolManager:
             with trio.CancelScope(shield=True):
                 await entry.unload_done.wait()
             return entry
+        entry.wanted = False  # asked for by an admin or the idle timer: readiness stops waiting for it
         if entry.state != "loaded" or entry.runtime is None:
             return entry
         runtime = entry.runtime
