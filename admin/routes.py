@@ -17,7 +17,7 @@ from quart import Response, request
 
 from llm_pool.admin import gpu
 from llm_pool.backends.gguf import KV_CACHE_TYPES
-from llm_pool.config import ModelSettings, SettingsError, load_settings, resolve_model_path
+from llm_pool.config import ModelSettings, resolve_model_path
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
@@ -330,11 +330,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
     async def admin_reload() -> Response:
         from llm_pool.pool.http import json_response
 
-        try:
-            settings = await trio.to_thread.run_sync(load_settings, manager.config_path)
-        except SettingsError as e:
-            raise PoolError(400, "invalid_settings", f"settings not reloaded: {e}") from None
-        result = manager.reload(settings)
+        result = await manager.reload_from_files()
         log.info("admin reload", extra={"fields": {"action": "reload", **result}})
         return json_response(result)
 

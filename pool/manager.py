@@ -31,7 +31,7 @@ import trio
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.base import Backend
-from llm_pool.config import ModelSettings, Settings
+from llm_pool.config import ModelSettings, Settings, SettingsError, load_settings
 from llm_pool.pool.errors import (
     PoolError,
     model_unloading,
@@ -417,6 +417,19 @@ class PoolManager:
                 )
                 await self.unload(entry.name)
                 return
+
+    async def reload_from_files(self) -> dict[str, Any]:
+        """Re-read the settings files (``config_path``, else the default lookup) and adopt them
+        (:meth:`reload`); what both ``POST /v1/admin/settings/reload`` and SIGHUP do.
+
+        Raises 400 ``invalid_settings`` (naming the file and key) when they do not decode, and
+        :meth:`reload`'s 409; nothing changes then.  The files are read on a worker thread.
+        """
+        try:
+            settings = await trio.to_thread.run_sync(load_settings, self.config_path)
+        except SettingsError as e:
+            raise PoolError(400, "invalid_settings", f"settings not reloaded: {e}") from None
+        return self.reload(settings)
 
     def reload(self, settings: Settings) -> dict[str, Any]:
         """Adopt a newly read catalog; never loads or unloads anything.
