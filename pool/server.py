@@ -24,6 +24,7 @@ import logging
 import signal
 from typing import Any
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -98,6 +99,50 @@ def keep_alive_safe(app: Any) -> Any:
     return asgi
 
 
+def ambiguous_framing() -> PoolError:
+    return PoolError(
+        400,
+        "invalid_request",
+        "the request carries both Content-Length and Transfer-Encoding; send one of them (RFC 9112 §6.1)",
+        param="Transfer-Encoding",
+    )
+
+
+def reject_ambiguous_framing(app: Any) -> Any:
+    """``app`` as an ASGI callable that answers a request carrying both ``Content-Length`` and
+    ``Transfer-Encoding`` with 400 ``invalid_request`` and ``Connection: close``, unread.
+
+    h11 frames such a body by ``Transfer-Encoding`` alone and lets the request through, while a
+    proxy in front may have framed it by ``Content-Length``: the two then disagree about where
+    the next request starts (request smuggling), and a client that sent it waited > 15 s for an
+    answer.  RFC 9112 §6.1 lets a server reject it and says it must close the connection
+    afterwards; the route never sees it.
+    """
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                error = ambiguous_framing()
+                body = msgspec.json.encode(error.body())
+                log.warning(
+                    "request refused: Content-Length with Transfer-Encoding",
+                    extra={"fields": {"method": scope["method"], "path": scope["path"], "status": 400}},
+                )
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ]
+                await send({"type": "http.response.start", "status": 400, "headers": headers})
+                with trio.CancelScope(shield=True):  # see keep_alive_safe
+                    await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return asgi
+
+
 async def serve(
     settings: Settings,
     *,
@@ -149,7 +194,10 @@ async def serve(
 
     async def run_http(nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await hypercorn_serve(
-            keep_alive_safe(app), hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status
+            reject_ambiguous_framing(keep_alive_safe(app)),
+            hypercorn_config(settings),
+            shutdown_trigger=stop.wait,
+            task_status=task_status,
         )
         nursery.cancel_scope.cancel()  # hypercorn finished its graceful shutdown
 
