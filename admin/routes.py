@@ -64,6 +64,10 @@ class ResizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)]
 
 
+#: llama.cpp takes n_ctx as a uint32: anything larger wraps around (4294967296 loaded as 0).
+N_CTX_MAX = 2**32 - 1
+
+
 def _bad_load(message: str, model: str, param: str | None = None) -> PoolError:
     return PoolError(400, "invalid_load_request", message, model=model, param=param)
 
@@ -83,6 +87,8 @@ def validate_overrides(entry: ModelEntry, backend: str, body: LoadRequest) -> tu
             name,
             "replicas",
         )
+    if given.get("gguf_n_ctx", 0) > N_CTX_MAX:
+        raise _bad_load(f"gguf_n_ctx must be at most {N_CTX_MAX} (llama.cpp's limit)", name, "gguf_n_ctx")
     if "gguf_flash_attn" in given:
         value = str(given["gguf_flash_attn"]).lower()
         if value not in ("on", "off", "auto"):
@@ -251,6 +257,30 @@ def _query_float(name: str) -> float | None:
     return number
 
 
+async def check_trained_context(manager: PoolManager, entry: ModelEntry, override: dict[str, Any]) -> None:
+    """400 when a ``gguf_n_ctx`` override exceeds the context the model was trained for
+    (``n_ctx_train``, read from the GGUF header on a worker thread): llama.cpp would load it with
+    another context, or spend tens of seconds failing.  A file that cannot be read is left to
+    the load to report."""
+    n_ctx = override.get("gguf_n_ctx")
+    if n_ctx is None or not entry.settings.model_path:
+        return
+    from llm_pool.backends.gguf_header import trained_context
+
+    try:
+        path = resolve_model_path(manager.settings, entry.settings)
+    except FileNotFoundError:
+        return
+    trained = await trio.to_thread.run_sync(trained_context, path)
+    if trained is not None and n_ctx > trained:
+        raise _bad_load(
+            f"gguf_n_ctx {n_ctx} exceeds the context model {entry.name!r} was trained for ({trained}, "
+            "n_ctx_train in its GGUF header)",
+            entry.name,
+            "gguf_n_ctx",
+        )
+
+
 def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, override: dict[str, Any], replicas: int, gpus: list[gpu.GpuInfo]) -> None:
     model = msgspec.structs.replace(entry.settings, **override)
     on_gpu = backend == "exllamav3" or model.device == "cuda" or (backend == "gguf" and model.gguf_n_gpu_layers != 0)
@@ -298,6 +328,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
                 f"model {name!r} is {entry.state}; overrides and replicas apply to a new load only: unload first",
                 name,
             )
+        await check_trained_context(manager, entry, override)
         if entry.state in ("unloaded", "failed") and not body.force:
             gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
             _check_gpu_memory(manager, entry, backend, override, replicas or entry.settings.replicas, gpus)
