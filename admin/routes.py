@@ -17,7 +17,7 @@ from quart import Response, request
 
 from llm_pool.admin import gpu
 from llm_pool.backends.gguf import KV_CACHE_TYPES
-from llm_pool.config import ModelSettings, SettingsError, load_settings, resolve_model_path
+from llm_pool.config import ModelSettings, resolve_model_path
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
@@ -66,6 +66,10 @@ class ResizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)]
 
 
+#: llama.cpp takes n_ctx as a uint32: anything larger wraps around (4294967296 loaded as 0).
+N_CTX_MAX = 2**32 - 1
+
+
 def _bad_load(message: str, model: str, param: str | None = None) -> PoolError:
     return PoolError(400, "invalid_load_request", message, model=model, param=param)
 
@@ -85,6 +89,8 @@ def validate_overrides(entry: ModelEntry, backend: str, body: LoadRequest) -> tu
             name,
             "replicas",
         )
+    if given.get("gguf_n_ctx", 0) > N_CTX_MAX:
+        raise _bad_load(f"gguf_n_ctx must be at most {N_CTX_MAX} (llama.cpp's limit)", name, "gguf_n_ctx")
     if "gguf_flash_attn" in given:
         value = str(given["gguf_flash_attn"]).lower()
         if value not in ("on", "off", "auto"):
@@ -203,7 +209,8 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
         "vram_estimate_source": vram_src,
         "load_constraints": load_constraints(backend, m),
         "load_recommendations": load_recommendations(backend),
-        "load_override": entry.override,
+        # the override active now: {} when none is (unloaded, failed, or loaded as configured)
+        "load_override": dict(entry.override or {}),
         "replica_details": [
             {"name": r.name, "state": r.state, "active": r.active, "capacity": r.capacity, "error": r.error}
             for r in (rt.replicas if rt else [])
@@ -252,6 +259,30 @@ def _query_float(name: str) -> float | None:
     return number
 
 
+async def check_trained_context(manager: PoolManager, entry: ModelEntry, override: dict[str, Any]) -> None:
+    """400 when a ``gguf_n_ctx`` override exceeds the context the model was trained for
+    (``n_ctx_train``, read from the GGUF header on a worker thread): llama.cpp would load it with
+    another context, or spend tens of seconds failing.  A file that cannot be read is left to
+    the load to report."""
+    n_ctx = override.get("gguf_n_ctx")
+    if n_ctx is None or not entry.settings.model_path:
+        return
+    from llm_pool.backends.gguf_header import trained_context
+
+    try:
+        path = resolve_model_path(manager.settings, entry.settings)
+    except FileNotFoundError:
+        return
+    trained = await trio.to_thread.run_sync(trained_context, path)
+    if trained is not None and n_ctx > trained:
+        raise _bad_load(
+            f"gguf_n_ctx {n_ctx} exceeds the context model {entry.name!r} was trained for ({trained}, "
+            "n_ctx_train in its GGUF header)",
+            entry.name,
+            "gguf_n_ctx",
+        )
+
+
 def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, override: dict[str, Any], replicas: int, gpus: list[gpu.GpuInfo]) -> None:
     model = msgspec.structs.replace(entry.settings, **override)
     on_gpu = backend == "exllamav3" or model.device == "cuda" or (backend == "gguf" and model.gguf_n_gpu_layers != 0)
@@ -296,6 +327,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
                 f"model {name!r} is {entry.state}; overrides and replicas apply to a new load only: unload first",
                 name,
             )
+        await check_trained_context(manager, entry, override)
         if entry.state in ("unloaded", "failed") and not body.force:
             gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
             _check_gpu_memory(manager, entry, backend, override, replicas or entry.settings.replicas, gpus)
@@ -326,11 +358,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.post("/v1/admin/settings/reload")
     async def admin_reload() -> Response:
-        try:
-            settings = await trio.to_thread.run_sync(load_settings, manager.config_path)
-        except SettingsError as e:
-            raise PoolError(400, "invalid_settings", f"settings not reloaded: {e}") from None
-        result = manager.reload(settings)
+        result = await manager.reload_from_files()
         log.info("admin reload", extra={"fields": {"action": "reload", **result}})
         return json_response(result)
 

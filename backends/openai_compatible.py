@@ -30,7 +30,9 @@ Upstream failures (:class:`pool.errors.PoolError`, ``model`` set)::
     not JSON, no choices, non-text → 502 upstream_response_parse_failure
 
 The API key never appears in a message or a log line: it is only put in the ``Authorization``
-header, and any upstream text quoted in an error has it replaced by ``[redacted]``.
+header, and any upstream text quoted in an error has it replaced by ``[redacted]`` before the
+text is cut to ``QUOTE_MAX`` characters (and a start of the key left at the text's end, where the
+upstream cut its own echo, is replaced too).
 
 Retries (``remote_max_retries``): only for connect failures (the request never left), 429 and
 5xx (the upstream refused it), only while nothing was emitted, with exponential backoff and
@@ -136,18 +138,47 @@ def parse_usage(obj: Any) -> Usage | None:
     return None
 
 
+#: The shortest start of the key that a quoted text's end is checked for ("sk-" alone is every
+#: key's prefix, not a secret).
+PARTIAL_KEY_MIN = 4
+#: What may follow a partial key the upstream cut off itself ("sk-abc…", "sk-abc...").
+_ELLIPSIS = ".…"
+
+
 def redact(text: str, key: str) -> str:
-    return text.replace(key, REDACTED) if key else text
+    """``text`` with every occurrence of ``key`` replaced by ``[redacted]``, and a start of the key
+    (``PARTIAL_KEY_MIN`` characters or more) left at the text's end (an upstream that cut its own
+    echo) replaced too."""
+    if not key:
+        return text
+    text = text.replace(key, REDACTED)
+    body = text.rstrip(_ELLIPSIS)
+    for n in range(min(len(key) - 1, len(body)), PARTIAL_KEY_MIN - 1, -1):
+        if body.endswith(key[:n]):
+            return body[:-n] + REDACTED + text[len(body) :]
+    return text
 
 
-def _quote(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= QUOTE_MAX else text[: QUOTE_MAX - 1] + "…"
+def quote(text: str, key: str) -> str:
+    """Upstream ``text`` as an error message may quote it: whitespace collapsed, the key redacted
+    (see :func:`redact`), then cut to ``QUOTE_MAX`` characters.
+
+    Redaction comes first: cut first, a key across the cut loses its end and no longer matches
+    (the first 13 characters of the key leaked that way).  The cut never splits ``[redacted]``.
+    """
+    text = redact(" ".join(text.split()), key)
+    if len(text) <= QUOTE_MAX:
+        return text
+    cut = QUOTE_MAX - 1
+    marker = text.rfind(REDACTED, 0, cut + len(REDACTED))
+    if marker != -1 and marker < cut < marker + len(REDACTED):
+        cut = marker
+    return text[:cut] + "…"
 
 
 def upstream_message(body: bytes, key: str) -> str:
     """The upstream's own error message (OpenAI's ``{"error": {"message"}}`` and kin), else the
-    body's start; the key redacted."""
+    body's start; quoted by :func:`quote` (the key redacted, then cut)."""
     text: Any = None
     try:
         data = json.loads(body)
@@ -163,7 +194,7 @@ def upstream_message(body: bytes, key: str) -> str:
             text = data.get("message") if isinstance(data.get("message"), str) else None
     if not isinstance(text, str):
         text = body.decode("utf-8", "replace")
-    return redact(_quote(text), key) or "(no message)"
+    return quote(text, key) or "(no message)"
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -229,7 +260,7 @@ def parse_completion(raw: bytes, *, model: str, key: str) -> tuple[str, str | No
     try:
         data = json.loads(raw)
     except ValueError:
-        excerpt = redact(_quote(raw.decode("utf-8", "replace")), key)
+        excerpt = quote(raw.decode("utf-8", "replace"), key)
         raise UpstreamFailure(
             parse_failure(model, f"the upstream's answer is not JSON: {excerpt!r}"), submitted=True
         ) from None
@@ -788,7 +819,7 @@ class RemoteBackend:
         try:
             obj = json.loads(data)
         except ValueError:
-            excerpt = redact(_quote(data), self._key)
+            excerpt = quote(data, self._key)
             raise UpstreamFailure(
                 parse_failure(self.name, f"the upstream sent a stream event that is not JSON: {excerpt!r}"),
                 submitted=True,

@@ -23,10 +23,15 @@ PoolError                                   body: {"error": {type, code, message
 
 A generic 500 ``internal_error`` exists only as the last-resort handler: it means a bug.
 This module imports nothing from quart.
+
+Whose words reach whom: a runtime's error text (a model's ``last_error``) is made one printable
+line by :func:`printable` when it is stored; the admin API shows it whole, and every answer
+outside it (inference errors, health probes) shows it through :func:`without_paths`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 _TYPES = {
@@ -117,7 +122,9 @@ def request_cancelled(model: str, why: str) -> PoolError:
 
 
 def backend_error(model: str, message: str) -> PoolError:
-    return PoolError(502, "backend_error", f"model {model!r} failed: {message}", model=model)
+    """A job failed in its runtime; the runtime's text is shown without paths (see
+    :func:`without_paths`): the caller may not be an admin."""
+    return PoolError(502, "backend_error", f"model {model!r} failed: {without_paths(message)}", model=model)
 
 
 def engine_crashed(model: str, message: str) -> PoolError:
@@ -127,3 +134,59 @@ def engine_crashed(model: str, message: str) -> PoolError:
 
 def shutting_down() -> PoolError:
     return PoolError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"})
+
+
+#: Longest runtime error text kept (``last_error``): one line of ``llm-pool status``, not a dump.
+ERROR_TEXT_MAX = 400
+#: What a filesystem path becomes in an answer outside the admin API.
+PATH = "[path]"
+_PATH_CHARS = r"""[^\s'"`()\[\]{}<>,;]"""
+#: An absolute (``/…``), home (``~/…``) or dot-relative path, or a relative one with a letter in
+#: its first part (``models/g.gguf``, never ``3/4``); never inside a URL (``http://h:1/v1``).
+_PATH_RE = re.compile(
+    rf"(?<![\w:/~.\-])(?:(?:~|\.{{1,2}})?/{_PATH_CHARS}*|[\w.\-]*[A-Za-z_][\w.\-]*/{_PATH_CHARS}*)"
+)
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every filesystem path replaced by ``[path]`` (a ``.`` or ``:`` ending it is
+    kept): what an error text may say to a caller without the admin token, who has no business
+    learning where the server keeps its files."""
+
+    def replace(m: re.Match[str]) -> str:
+        found = m.group()
+        tail = len(found) - len(found.rstrip(".:"))
+        return PATH + found[len(found) - tail :] if tail and tail < len(found) else PATH
+
+    return _PATH_RE.sub(replace, text)
+
+
+def _shown(c: str) -> bool:
+    return c == " " or (c.isprintable() and c != "\ufffd")
+
+
+def printable(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """``text`` as one printable line of at most ``limit`` characters.
+
+    A run of whitespace becomes one space; any other run of characters that are not printable
+    (controls, lone surrogates, U+FFFD from undecodable bytes) becomes ``[N unprintable
+    characters]``: a runtime that quotes a random file's bytes in its exception must not garble
+    a terminal (``llm-pool status``) or a log line.  Longer text is cut, ending in ``…``.
+    """
+    out: list[str] = []
+    run: list[str] = []
+
+    def close_run() -> None:
+        if run:
+            out.append(" " if all(c.isspace() for c in run) else f"[{len(run)} unprintable characters]")
+            run.clear()
+
+    for c in text:
+        if _shown(c):
+            close_run()
+            out.append(c)
+        else:
+            run.append(c)
+    close_run()
+    line = re.sub(" {2,}", " ", "".join(out)).strip()
+    return line if len(line) <= limit else line[: limit - 1] + "…"

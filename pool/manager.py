@@ -31,8 +31,16 @@ import trio
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.base import Backend
-from llm_pool.config import ModelSettings, Settings
-from llm_pool.pool.errors import PoolError, model_unloading, request_cancelled, shutting_down, unknown_model
+from llm_pool.config import ModelSettings, Settings, SettingsError, load_settings
+from llm_pool.pool.errors import (
+    PoolError,
+    model_unloading,
+    printable,
+    request_cancelled,
+    shutting_down,
+    unknown_model,
+    without_paths,
+)
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
 
@@ -50,8 +58,9 @@ class ModelEntry:
         self.settings = settings
         self.state: State = "unloaded"
         self.runtime: ModelRuntime | None = None
-        self.last_error: str | None = None
-        #: Runtime-only overrides of the current load (never written to the config files).
+        self._last_error: str | None = None
+        #: Runtime-only overrides of the current load (never written to the config files); None
+        #: once that load ended (unloaded or failed): no override is active then.
         self.override: dict[str, Any] | None = None
         self.loaded_settings: ModelSettings | None = None
         self.load_done = trio.Event()
@@ -68,6 +77,19 @@ class ModelEntry:
         self.pending_jobs = 0
         #: Set (and replaced) whenever ``pending_jobs``, the state or a resize changes.
         self.activity = trio.Event()
+        #: Whether the model is meant to be serving now, what readiness counts: enabled models
+        #: from the start; an admin load sets it, an admin or idle unload clears it.
+        self.wanted = settings.enabled
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last load failed or the model died; one printable line (see
+        :func:`pool.errors.printable`), whole for the admin API, shown elsewhere without paths."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str | None) -> None:
+        self._last_error = None if text is None else printable(text)
 
     def touch(self) -> None:
         """Wake whoever waits on :attr:`activity` (the idle-unload timer)."""
@@ -144,9 +166,9 @@ class PoolManager:
         return sorted(name for name, e in self.entries.items() if e.state == "loaded")
 
     def ready(self) -> bool:
-        return not self.shutting_down and all(
-            e.state == "loaded" for e in self.entries.values() if e.settings.enabled
-        )
+        """Not shutting down, and every model meant to be serving now is loaded (see
+        :attr:`ModelEntry.wanted`: a model unloaded on purpose is no readiness failure)."""
+        return not self.shutting_down and all(e.state == "loaded" for e in self.entries.values() if e.wanted)
 
     # ------------------------------------------------------------------ admission
     def check_admission(self, name: str, *, allow_remote: bool) -> ModelEntry:
@@ -173,7 +195,7 @@ class PoolManager:
                 409,
                 "model_failed",
                 f"model {name!r} failed {'while serving' if entry.failed_while_serving else 'to load'}: "
-                f"{entry.last_error}",
+                f"{without_paths(entry.last_error or '')}",
                 model=name,
             )
         raise PoolError(409, "model_not_loaded", f"model {name!r} is not loaded", model=name)
@@ -267,6 +289,7 @@ class PoolManager:
             log.exception("model %s crashed", entry.name)
         finally:
             entry.runtime = None
+            entry.override = None  # this load's override ends with it
             if entry.last_error is None and runtime.last_error is not None:
                 entry.last_error = runtime.last_error
             if entry.state == "unloading" or (entry.state == "loaded" and entry.last_error is None):
@@ -297,6 +320,7 @@ class PoolManager:
                 f"model {name!r} is {entry.state}; overrides and replicas need the model unloaded first",
                 model=name,
             )
+        entry.wanted = True
         if entry.state in ("unloaded", "failed"):
             self._start_load(entry, override, replicas or entry.settings.replicas)
         await entry.load_done.wait()
@@ -316,6 +340,7 @@ class PoolManager:
             with trio.CancelScope(shield=True):
                 await entry.unload_done.wait()
             return entry
+        entry.wanted = False  # asked for by an admin or the idle timer: readiness stops waiting for it
         if entry.state != "loaded" or entry.runtime is None:
             return entry
         runtime = entry.runtime
@@ -392,6 +417,19 @@ class PoolManager:
                 )
                 await self.unload(entry.name)
                 return
+
+    async def reload_from_files(self) -> dict[str, Any]:
+        """Re-read the settings files (``config_path``, else the default lookup) and adopt them
+        (:meth:`reload`); what both ``POST /v1/admin/settings/reload`` and SIGHUP do.
+
+        Raises 400 ``invalid_settings`` (naming the file and key) when they do not decode, and
+        :meth:`reload`'s 409; nothing changes then.  The files are read on a worker thread.
+        """
+        try:
+            settings = await trio.to_thread.run_sync(load_settings, self.config_path)
+        except SettingsError as e:
+            raise PoolError(400, "invalid_settings", f"settings not reloaded: {e}") from None
+        return self.reload(settings)
 
     def reload(self, settings: Settings) -> dict[str, Any]:
         """Adopt a newly read catalog; never loads or unloads anything.

@@ -130,7 +130,7 @@ def register_openai(app: Any, manager: PoolManager) -> None:
         t0 = time.perf_counter()
         body: ChatCompletionRequest = await read_json(ChatCompletionRequest)
         gen = to_chat_request(manager.settings, body)
-        job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id())
+        job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id(), decoding_at="$")
         created = unix_time_of(job.t_submitted)
         if not gen.stream:
             done, metrics = await job_result(job, t0)

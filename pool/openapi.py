@@ -100,7 +100,8 @@ class AdminModel(_Doc):
     vram_estimate_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
     load_constraints: dict[str, LoadConstraint]
     load_recommendations: dict[str, Any]
-    load_override: dict[str, Any] | None
+    #: The runtime-only override active on the loaded model; ``{}`` when none is.
+    load_override: dict[str, Any]
     replica_details: list[ReplicaDetail]
     #: The model's settings as configured (never a secret: keys are named by variable).
     definition: ModelSettings

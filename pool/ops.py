@@ -5,8 +5,10 @@ document is :mod:`llm_pool.pool.openapi`'s own route).
 ``GET /metrics``               Prometheus text (OpenMetrics when the scraper asks for it);
                                see :mod:`pool.observability` for the series
 ``GET /health/live``           200 ``{"status": "live"}`` while the process serves HTTP
-``GET /health/ready``          200 once every enabled model is loaded; 503 before that and
-                               while draining for shutdown; the body lists what is not ready
+``GET /health/ready``          200 once every model meant to be serving is loaded (enabled, or
+                               loaded by an admin, and not unloaded since by an admin or its
+                               idle timer); 503 before that and while draining for shutdown;
+                               the body lists what is not ready
 ``GET /health/ready/{model}``  200 when that model is loaded (and the server not draining),
                                else 503; 404 ``unknown_model``
 ``GET /`` and ``GET /admin``   the status page (``admin/static/index.html``)
@@ -31,6 +33,7 @@ import trio
 from quart import Response, request
 
 from llm_pool.admin import gpu
+from llm_pool.pool.errors import without_paths
 from llm_pool.pool.manager import ModelEntry, PoolManager, State
 from llm_pool.pool.observability import PoolMetrics
 from llm_pool.pool.web_io import json_response
@@ -54,8 +57,13 @@ class ModelReadiness(msgspec.Struct, kw_only=True):
     #: True when the model is loaded and the server is not draining for shutdown.
     ready: bool
     state: State
-    #: ``enabled`` in the settings: whether ``/health/ready`` waits for it.
+    #: ``enabled`` in the settings: whether it is loaded at start.
     enabled: bool
+    #: Whether it is meant to be serving now, so ``/health/ready`` waits for it: enabled, or
+    #: loaded by an admin, and not unloaded since by an admin or its idle timer.
+    wanted: bool
+    #: The model's ``last_error`` without filesystem paths (probes carry no token; the admin
+    #: API has the whole text).
     last_error: str | None
 
 
@@ -65,7 +73,7 @@ class Readiness(msgspec.Struct, kw_only=True):
     status: Literal["ready", "not_ready"]
     #: True from SIGINT/SIGTERM on: requests are draining, new ones get 503.
     shutting_down: bool
-    #: Enabled models that are not loaded, in name order.
+    #: Models meant to be serving now (``wanted``) that are not loaded, in name order.
     not_ready: list[ModelReadiness]
 
 
@@ -75,7 +83,8 @@ def model_readiness(manager: PoolManager, entry: ModelEntry) -> ModelReadiness:
         ready=entry.state == "loaded" and not manager.shutting_down,
         state=entry.state,
         enabled=entry.settings.enabled,
-        last_error=entry.last_error,
+        wanted=entry.wanted,
+        last_error=without_paths(entry.last_error) if entry.last_error is not None else None,
     )
 
 
@@ -83,7 +92,7 @@ def readiness(manager: PoolManager) -> Readiness:
     waiting = [
         model_readiness(manager, e)
         for _, e in sorted(manager.entries.items())
-        if e.settings.enabled and e.state != "loaded"
+        if e.wanted and e.state != "loaded"
     ]
     return Readiness(
         status="ready" if manager.ready() else "not_ready",

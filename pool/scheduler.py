@@ -49,6 +49,7 @@ from llm_pool.pool.errors import (
     backend_error,
     engine_crashed,
     model_unloading,
+    printable,
     queue_full,
     request_cancelled,
 )
@@ -77,7 +78,7 @@ class Replica:
         self.state: ReplicaState = "loading"
         self.active = 0
         self.jobs: set[Job] = set()
-        self.error: str | None = None
+        self._error: str | None = None
         self.ready = trio.Event()
         self.done = trio.Event()
         self.inbox: Any = None  # queue.SimpleQueue for threaded backends, trio channel otherwise
@@ -86,6 +87,15 @@ class Replica:
             self.inbox = queue.SimpleQueue()
         else:
             self.inbox, self._inbox_recv = trio.open_memory_channel[Job | None](math.inf)
+
+    @property
+    def error(self) -> str | None:
+        """Why this replica failed to load or died: one printable line (:func:`pool.errors.printable`)."""
+        return self._error
+
+    @error.setter
+    def error(self, text: str | None) -> None:
+        self._error = None if text is None else printable(text)
 
     @property
     def free(self) -> int:

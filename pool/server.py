@@ -4,13 +4,17 @@
 
     main nursery
     ├── pool manager            (models' nurseries under it)
-    ├── signal watcher          SIGINT/SIGTERM → graceful stop
+    ├── signal watcher          SIGINT/SIGTERM → graceful stop; SIGHUP → reload the settings
     └── hypercorn.trio.serve    shutdown_trigger = our stop event
 
 Graceful stop: readiness goes false and new requests get 503 ``shutting_down``; running requests
 get ``service.shutdown_drain_s`` to finish (their streams keep flowing); then hypercorn stops and
 the nursery is cancelled.  Models load in the background after the server is up, never in
 ``before_serving``.
+
+SIGHUP re-reads the settings files exactly as ``POST /v1/admin/settings/reload`` does (never
+loading or unloading anything) and logs the outcome; without a handler its default action would
+kill the server at once (exit 129, streams cut).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import logging
 import signal
 from typing import Any
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from llm_pool.config import Settings
+from llm_pool.pool.errors import PoolError
 from llm_pool.pool.http import create_app
 from llm_pool.pool.manager import BackendFactory, PoolManager
 
@@ -93,6 +99,50 @@ def keep_alive_safe(app: Any) -> Any:
     return asgi
 
 
+def ambiguous_framing() -> PoolError:
+    return PoolError(
+        400,
+        "invalid_request",
+        "the request carries both Content-Length and Transfer-Encoding; send one of them (RFC 9112 §6.1)",
+        param="Transfer-Encoding",
+    )
+
+
+def reject_ambiguous_framing(app: Any) -> Any:
+    """``app`` as an ASGI callable that answers a request carrying both ``Content-Length`` and
+    ``Transfer-Encoding`` with 400 ``invalid_request`` and ``Connection: close``, unread.
+
+    h11 frames such a body by ``Transfer-Encoding`` alone and lets the request through, while a
+    proxy in front may have framed it by ``Content-Length``: the two then disagree about where
+    the next request starts (request smuggling), and a client that sent it waited > 15 s for an
+    answer.  RFC 9112 §6.1 lets a server reject it and says it must close the connection
+    afterwards; the route never sees it.
+    """
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                error = ambiguous_framing()
+                body = msgspec.json.encode(error.body())
+                log.warning(
+                    "request refused: Content-Length with Transfer-Encoding",
+                    extra={"fields": {"method": scope["method"], "path": scope["path"], "status": 400}},
+                )
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ]
+                await send({"type": "http.response.start", "status": 400, "headers": headers})
+                with trio.CancelScope(shield=True):  # see keep_alive_safe
+                    await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return asgi
+
+
 async def serve(
     settings: Settings,
     *,
@@ -101,7 +151,8 @@ async def serve(
     handle_signals: bool = True,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation); ``task_status.started(base_url)``."""
+    """Serve until SIGINT/SIGTERM (or cancellation), reloading the settings on SIGHUP;
+    ``task_status.started(base_url)``."""
     check_security(settings)
     kwargs: dict[str, Any] = {"config_path": config_path}
     if backend_factory is not None:
@@ -121,18 +172,33 @@ async def serve(
         await manager.shutdown(settings.service.shutdown_drain_s)
         stop.set()
 
+    async def reload_settings() -> None:
+        try:
+            result = await manager.reload_from_files()
+        except PoolError as e:  # the files do not decode, or a loaded model would change
+            log.error("SIGHUP: settings not reloaded", extra={"fields": {"action": "reload", "code": e.code, "message": e.message}})
+            return
+        log.info("SIGHUP: settings reloaded", extra={"fields": {"action": "reload", **result}})
+
     async def watch_signals(nursery: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                nursery.start_soon(graceful_stop)
-                break
-            async for _ in signals:  # a second signal: stop now
-                stop.set()
-                nursery.cancel_scope.cancel()
+        stopping = False
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:  # reload, as POST /v1/admin/settings/reload does
+                    nursery.start_soon(reload_settings)
+                elif not stopping:
+                    stopping = True
+                    nursery.start_soon(graceful_stop)
+                else:  # a second SIGINT/SIGTERM: stop now
+                    stop.set()
+                    nursery.cancel_scope.cancel()
 
     async def run_http(nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await hypercorn_serve(
-            keep_alive_safe(app), hypercorn_config(settings), shutdown_trigger=stop.wait, task_status=task_status
+            reject_ambiguous_framing(keep_alive_safe(app)),
+            hypercorn_config(settings),
+            shutdown_trigger=stop.wait,
+            task_status=task_status,
         )
         nursery.cancel_scope.cancel()  # hypercorn finished its graceful shutdown
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import trio
 
+from llm_pool.backends.decoding import check_decoding
 from llm_pool.backends.prompts import check_request
 from llm_pool.pool.api import Metrics, build_metrics
 from llm_pool.pool.errors import PoolError, queue_timeout
@@ -43,11 +45,17 @@ async def wait_for_dispatch(job: Job, timeout_s: float | None) -> None:
 
 
 async def run_job(
-    manager: PoolManager, gen: GenerationRequest, *, allow_remote: bool, request_id: str | None = None
+    manager: PoolManager,
+    gen: GenerationRequest,
+    *,
+    allow_remote: bool,
+    request_id: str | None = None,
+    decoding_at: str = "$.decoding",
 ) -> Job:
     """Admit ``gen`` and wait until it leaves its model's queue; every inference route starts here.
 
-    Runs the model's admission checks, submits the job (404 unknown model, 403 without
+    Runs the model's admission checks (a decoding value its runtime refuses is a 400 whose
+    ``param`` is under ``decoding_at``, where the route's body keeps those fields), submits the job (404 unknown model, 403 without
     ``allow_remote`` for a remote model, 409/429 from admission; each refusal writes its inference
     log line) and waits at most the model's ``queue_timeout_s``
     (503 ``queue_timeout``).  Returns a job that runs on a replica (or already ended there);
@@ -60,9 +68,7 @@ async def run_job(
     job.stream_deltas = gen.stream
     try:
         entry = manager.entry(gen.model)
-        check = request_check(manager, entry)
-        if check is not None:
-            check(gen)
+        request_check(manager, entry, decoding_at)(gen)
         manager.submit(job, allow_remote=allow_remote)
     except PoolError as e:  # refused at admission: logged like every other outcome
         log_inference(job, stream=gen.stream, status=e.status, error=e.code)
@@ -160,9 +166,16 @@ def log_inference(job: Job, *, stream: bool, status: int, metrics: Any = None, e
     )
 
 
-def request_check(manager: PoolManager, entry: Any) -> Any:
-    """Model-specific admission checks that need no runtime (e.g. translategemma codes)."""
-    if manager.backend_of(entry) == "openai_compatible":
-        return None
+def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callable[[GenerationRequest], None]:
+    """Model-specific admission checks that need no runtime: the decoding values the model's
+    runtime accepts (:mod:`llm_pool.backends.decoding`), and the prompt format's needs (e.g.
+    translategemma codes)."""
+    backend = manager.backend_of(entry)
     fmt = entry.settings.prompt_format
-    return lambda gen: check_request(fmt, gen)
+
+    def check(gen: GenerationRequest) -> None:
+        check_decoding(backend, gen.model, gen.decoding, at=decoding_at)
+        if backend != "openai_compatible":
+            check_request(fmt, gen)
+
+    return check

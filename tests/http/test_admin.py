@@ -124,7 +124,7 @@ async def test_rows_in_config_order_with_every_key(cat: Pool) -> None:
         "vram_estimate_mib": None,
         "vram_estimate_replica_count": None,
         "vram_estimate_source": "unavailable",
-        "load_override": None,
+        "load_override": {},
     }
     assert g["definition"]["model_path"] == "g.gguf" and g["definition"]["target_inflight"] == 4
     assert g["definition"] == msgspec.to_builtins(cat.settings.engine.models["g"])
@@ -278,14 +278,12 @@ async def test_load_with_overrides_is_runtime_only(nursery: trio.Nursery, contro
         "exllama_cache_quant": None,
     }
     r = await pool.post("/v1/admin/models/c/load", {})
-    assert r.status == 200 and r.json["load_override"] is None
+    assert r.status == 200 and r.json["load_override"] == {}
 
-    # unload + plain load: back to the configuration
-    assert (await pool.post("/v1/admin/models/g/unload")).json["load_override"] == {
-        "gguf_n_ctx": 4096, "gguf_flash_attn": "on", "gguf_type_k": "q8_0", "gguf_type_v": None,
-    }
+    # unload + plain load: back to the configuration (no override is active once unloaded)
+    assert (await pool.post("/v1/admin/models/g/unload")).json["load_override"] == {}
     r = await pool.post("/v1/admin/models/g/load")
-    assert (r.json["load_override"], r.json["replicas"]) == (None, 2)
+    assert (r.json["load_override"], r.json["replicas"]) == ({}, 2)
 
 
 async def test_exllama_quant_string_clears_the_bits(nursery: trio.Nursery, control: FakeControl) -> None:

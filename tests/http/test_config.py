@@ -65,7 +65,7 @@ def test_unknown_keys_anywhere(tmp_path: Path, toml: str, message: str) -> None:
         ("[service]\nport = 70000\n", "$.service.port: expected an integer from 0 to 65535"),
         ("[engine.decoding]\ntop_k = 0\n", "$.engine.decoding.top_k: expected an integer from 1 to 200"),
         ("[engine.decoding]\nstop = 'x'\n", "$.engine.decoding.stop: expected a list"),
-        ("[engine]\nbackend = 'vllm'\n", "$.engine.backend: expected one of \"ct2\", \"exllamav3\", \"gguf\", \"openai_compatible\""),
+        ("[engine]\nbackend = 'vllm'\n", "$.engine.backend: expected one of \"ct2\", \"exllamav3\", \"gguf\", \"llama_server\", \"openai_compatible\""),
     ],
 )
 def test_wrong_types_and_values(tmp_path: Path, toml: str, message: str) -> None:
@@ -276,7 +276,8 @@ async def test_missing_model_file_fails_only_that_model(nursery: trio.Nursery, t
             await pool.respond({"model": "missing", "input": "x"}),
             409,
             "model_failed",
-            f"model 'missing' failed to load: {expected}",
+            # an inference caller is told no path (issue 13 §4); the admin row below has them
+            "model 'missing' failed to load: model_path '[path]': no such file or directory: [path]",
             model="missing",
         )
         assert (await pool.get("/v1/models")).json["models"] == ["good"]

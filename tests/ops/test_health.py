@@ -45,7 +45,9 @@ async def test_readiness_flips_as_models_load(autojump_clock: MockClock, watchdo
     assert reply.status == 503 and not_ready(reply.json) == [("b", "loading")]
     a = await ops.get("/health/ready/a")
     assert a.status == 200
-    assert a.json == {"model": "a", "ready": True, "state": "loaded", "enabled": True, "last_error": None}
+    assert a.json == {
+        "model": "a", "ready": True, "state": "loaded", "enabled": True, "wanted": True, "last_error": None,
+    }
     assert (await ops.get("/health/ready/b")).status == 503
 
     await trio.sleep_until(t0 + 11)
@@ -55,12 +57,15 @@ async def test_readiness_flips_as_models_load(autojump_clock: MockClock, watchdo
 
     spare = await ops.get("/health/ready/spare")  # not loaded: not ready, but /health/ready ignores it
     assert spare.status == 503
-    assert spare.json == {"model": "spare", "ready": False, "state": "unloaded", "enabled": False, "last_error": None}
+    assert spare.json == {
+        "model": "spare", "ready": False, "state": "unloaded", "enabled": False, "wanted": False, "last_error": None,
+    }
 
-    # an admin unload of an enabled model makes the pool not ready again
+    # an admin unload of an enabled model: nobody wants it loaded now, the pool stays ready
     assert (await ops.post("/v1/admin/models/a/unload")).status == 200
     reply = await ops.get("/health/ready")
-    assert reply.status == 503 and not_ready(reply.json) == [("a", "unloaded")]
+    assert reply.status == 200 and not_ready(reply.json) == []
+    assert (await ops.get("/health/ready/a")).status == 503
 
 
 async def test_a_failed_model_keeps_the_pool_not_ready(
