@@ -8,7 +8,10 @@ not in the settings.
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
+import typing
 from typing import Annotated, Any
 
 import msgspec
@@ -16,8 +19,9 @@ import trio
 from quart import Response, request
 
 from llm_pool.admin import gpu
-from llm_pool.backends.gguf import KV_CACHE_TYPES
+from llm_pool.backends import OverrideError, kind_of
 from llm_pool.config import ModelSettings, resolve_model_path
+from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
@@ -25,34 +29,12 @@ from llm_pool.pool.web_io import json_response
 
 log = logging.getLogger("llm_pool.admin")
 
-EXLLAMA_CACHE_QUANTS = ("8", "8,4")
-#: Override fields each backend accepts (``replicas`` is accepted by all).
-OVERRIDES_BY_BACKEND: dict[str, tuple[str, ...]] = {
-    "gguf": ("gguf_n_ctx", "gguf_flash_attn", "gguf_type_k", "gguf_type_v"),
-    "exllamav3": (
-        "exllama_cache_size",
-        "exllama_cache_k_bits",
-        "exllama_cache_v_bits",
-        "exllama_cache_quant",
-        "exllama_max_rq_tokens",
-    ),
-    "ct2": (),
-    "llama_server": (),
-    "openai_compatible": (),
-}
+class LoadRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/admin/models/{name}/load``: ``replicas``, ``force``, and the model's own load
+    overrides (the fields its backend kind lists, as ``load_constraints`` shows them; never a
+    path), validated by converting the model's settings with them applied."""
 
-
-class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    gguf_n_ctx: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    gguf_flash_attn: str | msgspec.UnsetType = msgspec.UNSET
-    gguf_type_k: str | None | msgspec.UnsetType = msgspec.UNSET
-    gguf_type_v: str | None | msgspec.UnsetType = msgspec.UNSET
-    exllama_cache_size: int | msgspec.UnsetType = msgspec.UNSET
-    exllama_cache_k_bits: int | None | msgspec.UnsetType = msgspec.UNSET
-    exllama_cache_v_bits: int | None | msgspec.UnsetType = msgspec.UNSET
-    exllama_cache_quant: str | msgspec.UnsetType = msgspec.UNSET
-    exllama_max_rq_tokens: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
     #: Load even if the VRAM estimate exceeds the free GPU memory.
     force: bool = False
 
@@ -66,111 +48,86 @@ class ResizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)]
 
 
-#: llama.cpp takes n_ctx as a uint32: anything larger wraps around (4294967296 loaded as 0).
-N_CTX_MAX = 2**32 - 1
-
-
 def _bad_load(message: str, model: str, param: str | None = None) -> PoolError:
     return PoolError(400, "invalid_load_request", message, model=model, param=param)
 
 
-def validate_overrides(entry: ModelEntry, backend: str, body: LoadRequest) -> tuple[dict[str, Any], int | None]:
-    """The ModelSettings overrides a load request asks for, and its replica count."""
-    name = entry.name
-    given = {f: v for f in body.__struct_fields__ if f != "force" and (v := getattr(body, f)) is not msgspec.UNSET}
-    replicas = given.pop("replicas", None)
-    accepted = OVERRIDES_BY_BACKEND.get(backend, ())
+def validate_overrides(entry: ModelEntry, raw: dict[str, Any]) -> tuple[dict[str, Any], LoadRequest]:
+    """A load body's overrides, checked against the model's backend kind (which fields, which
+    rules between them) and its settings Struct (each field's type and bounds), and the body's
+    ``replicas``/``force``."""
+    name, model = entry.name, entry.settings
+    kind = kind_of(model)
+    body: LoadRequest = _convert({k: raw[k] for k in ("replicas", "force") if k in raw}, LoadRequest, name)
+    given = {k: v for k, v in raw.items() if k not in ("replicas", "force")}
     for key in given:
-        if key not in accepted:
-            raise _bad_load(f"unsupported load override for {backend} backend: {key}", name, key)
-    if replicas is not None and replicas > entry.settings.replica_max:
+        if key not in kind.overrides:
+            raise _bad_load(f"unsupported load override for {kind.name} backend: {key}", name, f"$.{key}")
+    if body.replicas is not msgspec.UNSET and body.replicas > model.replica_max:
         raise _bad_load(
-            f"replica count {replicas} exceeds replica_max {entry.settings.replica_max} for model {name!r}",
-            name,
-            "replicas",
+            f"replica count {body.replicas} exceeds replica_max {model.replica_max} for model {name!r}", name, "$.replicas"
         )
-    if given.get("gguf_n_ctx", 0) > N_CTX_MAX:
-        raise _bad_load(f"gguf_n_ctx must be at most {N_CTX_MAX} (llama.cpp's limit)", name, "gguf_n_ctx")
-    if "gguf_flash_attn" in given:
-        value = str(given["gguf_flash_attn"]).lower()
-        if value not in ("on", "off", "auto"):
-            raise _bad_load("gguf_flash_attn must be one of: on, off, auto", name, "gguf_flash_attn")
-        given["gguf_flash_attn"] = value
-    for key in ("gguf_type_k", "gguf_type_v"):
-        if given.get(key) is not None:
-            value = str(given[key]).lower()
-            if value not in KV_CACHE_TYPES:
-                raise _bad_load(f"{key} must be one of: {', '.join(KV_CACHE_TYPES)} (or null)", name, key)
-            given[key] = value
-    if "exllama_cache_size" in given:
-        size = given["exllama_cache_size"]
-        if size < 256 or size % 256:
-            raise _bad_load("exllama_cache_size must be a multiple of 256 and at least 256", name, "exllama_cache_size")
-    has_k, has_v = "exllama_cache_k_bits" in given, "exllama_cache_v_bits" in given
-    if has_k != has_v:
-        raise _bad_load("exllama_cache_k_bits and exllama_cache_v_bits must be provided together", name)
-    if has_k:
-        k, v = given["exllama_cache_k_bits"], given["exllama_cache_v_bits"]
-        if (k is None) != (v is None):
-            raise _bad_load("exllama_cache_k_bits and exllama_cache_v_bits must both be null (fp16) or both set", name)
-        for key, bits in (("exllama_cache_k_bits", k), ("exllama_cache_v_bits", v)):
-            if bits is not None and not 2 <= bits <= 8:
-                raise _bad_load(f"{key} must be between 2 and 8", name, key)
-        if "exllama_cache_quant" in given:
-            raise _bad_load("exllama_cache_quant cannot be combined with exllama_cache_k_bits/exllama_cache_v_bits", name)
-        given["exllama_cache_quant"] = None
-    if "exllama_cache_quant" in given and given["exllama_cache_quant"] is not None:
-        if given["exllama_cache_quant"] not in EXLLAMA_CACHE_QUANTS:
-            raise _bad_load('exllama_cache_quant must be "8" or "8,4"', name, "exllama_cache_quant")
-        given["exllama_cache_k_bits"] = given["exllama_cache_v_bits"] = None
-    return given, replicas
+    try:
+        given = kind.check_overrides(given)
+    except OverrideError as e:
+        raise _bad_load(str(e), name, f"$.{e.field}") from None
+    _convert({**msgspec.to_builtins(model), **given}, type(model), name)
+    return given, body
+
+
+def _convert(value: dict[str, Any], kind: type[Any], name: str) -> Any:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as e:
+        invalid = read_validation_error(e)
+        raise _bad_load(f"invalid load override: {describe(invalid, kind)}", name, invalid.path) from None
 
 
 # ---------------------------------------------------------------------- rows
-def load_constraints(backend: str, m: ModelSettings) -> dict[str, Any]:
+def load_constraints(model: ModelSettings) -> dict[str, Any]:
+    """What the admin's load form may set, read from the model's settings Struct (the same
+    annotations that validate the override): ``replicas`` up to ``replica_max``, then each
+    override field of its backend kind."""
     out: dict[str, Any] = {
-        "replicas": {"kind": "int", "minimum": 1, "maximum": m.replica_max, "step": 1, "default": m.replicas}
+        "replicas": {"kind": "int", "minimum": 1, "maximum": model.replica_max, "step": 1, "default": model.replicas}
     }
-    if backend == "gguf":
-        out |= {
-            "gguf_n_ctx": {"kind": "int", "minimum": 1, "step": 1, "default": m.gguf_n_ctx},
-            "gguf_flash_attn": {"kind": "enum", "allowed_values": ["on", "off", "auto"], "default": m.gguf_flash_attn},
-            "gguf_type_k": {"kind": "enum", "allowed_values": [*KV_CACHE_TYPES, None], "default": m.gguf_type_k},
-            "gguf_type_v": {"kind": "enum", "allowed_values": [*KV_CACHE_TYPES, None], "default": m.gguf_type_v},
-        }
-    elif backend == "exllamav3":
-        out |= {
-            "exllama_cache_size": {"kind": "int", "minimum": 256, "step": 256, "default": m.exllama_cache_size},
-            "exllama_cache_k_bits": {"kind": "int", "minimum": 2, "maximum": 8, "step": 1, "default": m.exllama_cache_k_bits},
-            "exllama_cache_v_bits": {"kind": "int", "minimum": 2, "maximum": 8, "step": 1, "default": m.exllama_cache_v_bits},
-            "exllama_cache_quant": {"kind": "enum", "allowed_values": list(EXLLAMA_CACHE_QUANTS), "default": m.exllama_cache_quant},
-            "exllama_max_rq_tokens": {"kind": "int", "minimum": 1, "step": 1, "default": m.exllama_max_rq_tokens},
-        }
+    hints = _hints(type(model))
+    for key in kind_of(model).overrides:
+        out[key] = _constraint(hints[key], getattr(model, key))
     return out
 
 
-def load_recommendations(backend: str) -> dict[str, Any]:
-    if backend == "gguf":
-        return {
-            "kv_cache_presets": [
-                {"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")
-            ]
-        }
-    if backend == "exllamav3":
-        return {
-            "kv_cache_presets": [
-                {"label": "fp16", "exllama_cache_k_bits": None, "exllama_cache_v_bits": None},
-                {"label": "8/8", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 8},
-                {"label": "8/4", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 4},
-            ]
-        }
-    return {}
+@functools.cache
+def _hints(struct: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(struct, include_extras=True)
+
+
+def _constraint(hint: Any, default: Any) -> dict[str, Any]:
+    """``{"kind": "int", "minimum", "maximum", "step", "default"}`` or ``{"kind": "enum",
+    "allowed_values", "default"}`` for one annotated settings field (None allowed where the
+    field is optional)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    optional = type(None) in options
+    (core,) = (o for o in options if o is not type(None))
+    if typing.get_origin(core) is typing.Literal:
+        return {"kind": "enum", "allowed_values": [*typing.get_args(core), *([None] if optional else [])], "default": default}
+    annotated = typing.get_origin(core) is typing.Annotated
+    base = typing.get_args(core)[0] if annotated else core
+    meta = next((m for m in typing.get_args(core)[1:] if isinstance(m, msgspec.Meta)), msgspec.Meta()) if annotated else msgspec.Meta()
+    if base is str:
+        return {"kind": "string_or_null" if optional else "string", "pattern": meta.pattern, "default": default}
+    out: dict[str, Any] = {"kind": "int"}
+    if meta.ge is not None or meta.gt is not None:
+        out["minimum"] = meta.ge if meta.ge is not None else meta.gt + 1
+    if meta.le is not None or meta.lt is not None:
+        out["maximum"] = meta.le if meta.le is not None else meta.lt - 1
+    return {**out, "step": meta.multiple_of or 1, "default": default}
 
 
 def vram_estimate(manager: PoolManager, entry: ModelEntry) -> tuple[float | None, int | None, str]:
     if entry.observed_vram_mib is not None:
         return round(entry.observed_vram_mib, 1), entry.observed_vram_replicas, "observed_load_delta"
-    if entry.settings.model_path and manager.backend_of(entry) != "openai_compatible":
+    if entry.settings.model_path and not kind_of(entry.settings).remote:
         try:
             path = resolve_model_path(manager.settings, entry.settings)
             size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -181,7 +138,7 @@ def vram_estimate(manager: PoolManager, entry: ModelEntry) -> tuple[float | None
 
 
 def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
-    backend = manager.backend_of(entry)
+    kind = kind_of(entry.settings)
     rt = entry.runtime
     m = entry.settings
     loaded = entry.state == "loaded" and rt is not None
@@ -191,7 +148,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
     waiting = rt.waiting if rt else 0
     return {
         "name": entry.name,
-        "resolved_backend": backend,
+        "resolved_backend": kind.name,
         "configured_enabled": m.enabled,
         "runtime_state": entry.state,
         "is_loaded": loaded,
@@ -207,8 +164,8 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
         "vram_estimate_mib": vram,
         "vram_estimate_replica_count": vram_n,
         "vram_estimate_source": vram_src,
-        "load_constraints": load_constraints(backend, m),
-        "load_recommendations": load_recommendations(backend),
+        "load_constraints": load_constraints(m),
+        "load_recommendations": kind.load_recommendations,
         # the override active now: {} when none is (unloaded, failed, or loaded as configured)
         "load_override": dict(entry.override or {}),
         "replica_details": [
@@ -217,14 +174,15 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
         ],
         "definition": msgspec.to_builtins(m),
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
-        "remote_cost": _remote_cost(manager, entry) if backend == "openai_compatible" else None,
+        "remote_cost": _cost(manager, entry),
     }
 
 
-def _remote_cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:
-    from llm_pool.backends.openai_compatible import cost_summary
-
-    return cost_summary(manager.settings, (entry.loaded_settings if entry.runtime else None) or entry.settings, entry.name)
+def _cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:
+    summary = kind_of(entry.settings).cost_summary
+    if summary is None:
+        return None
+    return summary(manager.settings, (entry.loaded_settings if entry.runtime else None) or entry.settings, entry.name)
 
 
 async def _body(kind: type[Any], *, code: str = "invalid_request") -> Any:
@@ -259,35 +217,28 @@ def _query_float(name: str) -> float | None:
     return number
 
 
-async def check_trained_context(manager: PoolManager, entry: ModelEntry, override: dict[str, Any]) -> None:
-    """400 when a ``gguf_n_ctx`` override exceeds the context the model was trained for
-    (``n_ctx_train``, read from the GGUF header on a worker thread): llama.cpp would load it with
-    another context, or spend tens of seconds failing.  A file that cannot be read is left to
-    the load to report."""
-    n_ctx = override.get("gguf_n_ctx")
-    if n_ctx is None or not entry.settings.model_path:
+async def check_file_bounds(manager: PoolManager, entry: ModelEntry, override: dict[str, Any]) -> None:
+    """400 when an override exceeds what the model file allows (``gguf_n_ctx`` above the
+    context the model was trained for), read on a worker thread by its backend kind.  A file
+    that cannot be read is left to the load to report."""
+    bounds_of = kind_of(entry.settings).file_bounds
+    if bounds_of is None or not override or not entry.settings.model_path:
         return
-    from llm_pool.backends.gguf_header import trained_context
-
     try:
         path = resolve_model_path(manager.settings, entry.settings)
     except FileNotFoundError:
         return
-    trained = await trio.to_thread.run_sync(trained_context, path)
-    if trained is not None and n_ctx > trained:
-        raise _bad_load(
-            f"gguf_n_ctx {n_ctx} exceeds the context model {entry.name!r} was trained for ({trained}, "
-            "n_ctx_train in its GGUF header)",
-            entry.name,
-            "gguf_n_ctx",
-        )
+    bounds = await trio.to_thread.run_sync(bounds_of, path)
+    for key, (bound, what) in bounds.items():
+        if key in override and override[key] > bound:
+            raise _bad_load(
+                f"{key} {override[key]} exceeds {what.format(model=entry.name, bound=bound)}", entry.name, f"$.{key}"
+            )
 
 
-def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, override: dict[str, Any], replicas: int, gpus: list[gpu.GpuInfo]) -> None:
+def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, override: dict[str, Any], replicas: int, gpus: list[gpu.GpuInfo]) -> None:
     model = msgspec.structs.replace(entry.settings, **override)
-    on_gpu = backend == "exllamav3" or model.device == "cuda" or (backend == "gguf" and model.gguf_n_gpu_layers != 0)
-    on_gpu = on_gpu or (backend == "llama_server" and model.llama_server_n_gpu_layers != 0)
-    if not on_gpu or not gpus:
+    if not kind_of(model).uses_gpu(model) or not gpus:
         return
     per_replica, counted, _ = vram_estimate(manager, entry)
     if per_replica is None:
@@ -319,18 +270,17 @@ def register_admin(app: Any, manager: PoolManager) -> None:
     @app.post("/v1/admin/models/<path:name>/load")
     async def admin_load(name: str) -> Response:
         entry = manager.entry(name)
-        body: LoadRequest = await _body(LoadRequest, code="invalid_load_request")
-        backend = manager.backend_of(entry)
-        override, replicas = validate_overrides(entry, backend, body)
+        override, body = validate_overrides(entry, await _body(dict[str, Any], code="invalid_load_request"))
+        replicas = None if body.replicas is msgspec.UNSET else body.replicas
         if entry.state in ("loaded", "loading") and (override or replicas is not None):
             raise _bad_load(
                 f"model {name!r} is {entry.state}; overrides and replicas apply to a new load only: unload first",
                 name,
             )
-        await check_trained_context(manager, entry, override)
+        await check_file_bounds(manager, entry, override)
         if entry.state in ("unloaded", "failed") and not body.force:
             gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
-            _check_gpu_memory(manager, entry, backend, override, replicas or entry.settings.replicas, gpus)
+            _check_gpu_memory(manager, entry, override, replicas or entry.settings.replicas, gpus)
         log.info("admin load", extra={"fields": {"action": "load", "model": name, "override": override, "replicas": replicas}})
         entry = await manager.load(name, override=override or None, replicas=replicas)
         return row_response(entry)

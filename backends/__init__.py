@@ -1,67 +1,35 @@
-"""Runtime adapters, one module per runtime, behind the protocol in :mod:`backends.base`.
+"""Runtime adapters, one module per runtime, behind the protocol in :mod:`llm_pool.backends.base`.
 
-:func:`create_backend` is the one factory the pool uses.  Each adapter module imports its runtime
-library lazily (inside ``load``), so importing this package never needs llama-cpp-python,
-ctranslate2, exllamav3 or a GPU.
+:data:`KINDS` is the registry: one :class:`~llm_pool.backends.base.BackendKind` per backend
+module, the only place the pool learns what a backend needs (GPU? remote?), which load
+overrides it takes, which decoding values it refuses, what it costs.  :func:`create_backend` is
+the one factory the pool uses.  Each adapter module imports its runtime library lazily (inside
+``load``), so importing this package never needs llama-cpp-python, ctranslate2, exllamav3 or a
+GPU.  Adding a backend: its module (with a ``KIND``), its settings Struct in
+:mod:`llm_pool.config.settings`, and one line below.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from llm_pool.backends import ct2, exllamav3, gguf, llama_server, openai_compatible
+from llm_pool.backends.base import Backend, BackendContext, BackendKind, OverrideError
+from llm_pool.config import MODEL_KINDS, ModelSettings
 
-from llm_pool.backends.base import Backend
-from llm_pool.config import ModelSettings, Settings, resolve_model_path
+#: Every backend kind, by the ``backend`` name its settings Struct is tagged with.
+KINDS: dict[str, BackendKind] = {
+    k.name: k for k in (gguf.KIND, ct2.KIND, exllamav3.KIND, llama_server.KIND, openai_compatible.KIND)
+}
+assert set(KINDS) == set(MODEL_KINDS), "every settings Struct needs its backend kind, and back"
 
 
-@dataclass(frozen=True, kw_only=True)
-class BackendContext:
-    """Everything an adapter may know about the model it serves."""
-
-    name: str
-    replica_index: int
-    replicas: int
-    model: ModelSettings
-    settings: Settings
-    kind: str
-
-    def model_path(self) -> Path:
-        """The resolved model file/folder; ``FileNotFoundError`` with a clear message if absent."""
-        return resolve_model_path(self.settings, self.model)
-
-    @property
-    def n_threads(self) -> int:
-        """Compute threads for this replica: configured, else cores / replicas (at least 1)."""
-        if self.model.n_threads:
-            return self.model.n_threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.replicas))
+def kind_of(model: ModelSettings) -> BackendKind:
+    """The backend kind that serves ``model``."""
+    return KINDS[model.backend]
 
 
 def create_backend(ctx: BackendContext) -> Backend:
     """A new, not yet loaded backend for one replica of ``ctx.name``."""
-    if ctx.kind == "gguf":
-        if ctx.model.gguf_batching:
-            from llm_pool.backends.gguf_batched import BatchedGGUFBackend
+    return kind_of(ctx.model).create(ctx)
 
-            return BatchedGGUFBackend(ctx)
-        from llm_pool.backends.gguf import GGUFBackend
 
-        return GGUFBackend(ctx)
-    if ctx.kind == "ct2":
-        from llm_pool.backends.ct2 import CT2Backend
-
-        return CT2Backend(ctx)
-    if ctx.kind == "exllamav3":
-        from llm_pool.backends.exllamav3 import ExLlamaV3Backend
-
-        return ExLlamaV3Backend(ctx)
-    if ctx.kind == "llama_server":
-        from llm_pool.backends.llama_server import LlamaServerBackend
-
-        return LlamaServerBackend(ctx)
-    if ctx.kind == "openai_compatible":
-        from llm_pool.backends.openai_compatible import RemoteBackend
-
-        return RemoteBackend(ctx)
-    raise ValueError(f"unknown backend {ctx.kind!r}")
+__all__ = ["KINDS", "BackendContext", "BackendKind", "OverrideError", "create_backend", "kind_of"]

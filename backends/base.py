@@ -25,17 +25,97 @@ that for one-at-a-time backends).  Backend libraries are imported lazily inside 
 
 from __future__ import annotations
 
+import os
 import queue
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from llm_pool.config import ModelSettings, Settings, resolve_model_path
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from llm_pool.backends.decoding import Rule
 
 #: The thread-side inbox of a threaded backend; ``None`` asks ``serve`` to return.
 Inbox = queue.SimpleQueue["Job | None"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendContext:
+    """Everything an adapter may know about the model it serves."""
+
+    name: str
+    replica_index: int
+    replicas: int
+    model: ModelSettings
+    settings: Settings
+    kind: str
+
+    def model_path(self) -> Path:
+        """The resolved model file/folder; ``FileNotFoundError`` with a clear message if absent."""
+        return resolve_model_path(self.settings, self.model)
+
+    @property
+    def n_threads(self) -> int:
+        """Compute threads for this replica: configured, else cores / replicas (at least 1)."""
+        if self.model.n_threads:
+            return self.model.n_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.replicas))
+
+
+class OverrideError(ValueError):
+    """A load override a backend kind refuses: ``field`` and our message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _never(model: Any) -> bool:
+    return False
+
+
+def _as_given(overrides: dict[str, Any]) -> dict[str, Any]:
+    return overrides
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendKind:
+    """Everything the pool knows about one backend kind, in one place.
+
+    Each backend module defines its ``KIND``; :data:`llm_pool.backends.KINDS` registers them.
+    The runtime, the serving and the web layers ask a model's kind
+    (:func:`llm_pool.backends.kind_of`) instead of comparing backend names: adding a backend is
+    one module (with its settings Struct in :mod:`llm_pool.config.settings`) and one registry
+    line.  Field types and bounds live in that Struct's ``Meta`` alone: load overrides are
+    validated by converting into it, and the admin API's ``load_constraints`` are read from it.
+    """
+
+    name: str
+    create: Callable[[BackendContext], Backend]
+    #: Runs on someone else's machine: a request needs ``allow_remote``, and there is no local
+    #: model file (no size estimate, no prompt rendering here).
+    remote: bool = False
+    #: Whether a model of this kind takes GPU memory (the admin load's free-memory check).
+    uses_gpu: Callable[[Any], bool] = _never
+    #: Fields an admin load may override (``replicas`` always may); never a path.
+    overrides: tuple[str, ...] = ()
+    #: Rules between a load's override fields beyond each field's own type: returns the
+    #: overrides to apply (normalised, implied fields set) or raises :class:`OverrideError`.
+    check_overrides: Callable[[dict[str, Any]], dict[str, Any]] = _as_given
+    #: Upper bounds read from the model file, for overrides that the file limits:
+    #: ``{field: (bound, what it is)}``, ``what`` formatted with ``model`` and ``bound``; run on a
+    #: worker thread.
+    file_bounds: Callable[[Path], dict[str, tuple[int, str]]] | None = None
+    #: Decoding values this runtime refuses beyond the API's own ranges (admission 400s).
+    decoding_rules: tuple[Rule, ...] = ()
+    #: Presets the admin's load form offers (``load_recommendations``).
+    load_recommendations: dict[str, Any] = field(default_factory=dict)
+    #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).
+    cost_summary: Callable[[Settings, Any, str], dict[str, Any] | None] | None = None
 
 
 class EngineCrashed(Exception):
@@ -50,12 +130,36 @@ class EngineCrashed(Exception):
 
 
 class Backend(Protocol):
+    """What the runtime calls on a backend (see the module docstring for the two kinds):
+    threaded backends' ``load``/``serve``/``close`` are plain methods run on the replica's
+    worker thread; async backends' are coroutines run in the replica's trio task."""
+
     threaded: bool
     capability: int
 
     def describe(self) -> dict[str, object]:
         """Facts worth showing an admin (threads, context size, device...)."""
         ...
+
+    def load(self) -> Any:
+        """Load the model (threaded: blocking; async: awaitable); raise with the reason."""
+        ...
+
+    def serve(self, inbox: Any) -> Any:
+        """Run jobs from ``inbox`` until it yields ``None`` (threaded) or closes (async)."""
+        ...
+
+    def close(self) -> Any:
+        """Release what ``load`` took; called once, also after a failed load."""
+        ...
+
+
+@runtime_checkable
+class Admits(Protocol):
+    """A backend with its own admission step before the queue (the remote backend reserves a
+    request's cost there): ``admit(job, submit)`` calls ``submit(job)`` or raises the refusal."""
+
+    def admit(self, job: Job, submit: Callable[[Job], None]) -> None: ...
 
 
 def run_job(generate: Callable[[Job], GenerationStats], job: Job) -> None:
@@ -121,3 +225,10 @@ class StreamTimer:
             generate_total_ms=ms(end - start),
             decode_after_first_token_ms=ms(end - self.t_first) if self.t_first else None,
         )
+
+
+async def cancel_when_stopped(job: Job, scope: Any) -> None:
+    """Cancel ``scope`` (a ``trio.CancelScope`` around one job's work in an async backend) as
+    soon as the job is cancelled: its client left, or the model is unloading."""
+    await job.wait_stopped()
+    scope.cancel()

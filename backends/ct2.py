@@ -58,13 +58,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_pool.backends.base import StreamTimer
+from llm_pool.backends.base import BackendKind, StreamTimer
+from llm_pool.backends.decoding import POSITIVE_PENALTY
 from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep, SpecialToken, StopMatcher, Vocab, check_prompt_length
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from llm_pool.backends import BackendContext
-    from llm_pool.backends.base import Inbox
+    from llm_pool.backends.base import BackendContext, Inbox
 
 log = logging.getLogger("llm_pool.ct2")
 
@@ -735,3 +735,11 @@ class CT2Backend:
     def _fail(self, seq: _Seq, error: BaseException) -> None:
         seq.finish = "failed"
         seq.job.fail(error)
+
+
+KIND = BackendKind(
+    name="ct2",
+    create=CT2Backend,
+    uses_gpu=lambda m: m.device == "cuda",
+    decoding_rules=(POSITIVE_PENALTY,),
+)

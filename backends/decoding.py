@@ -6,7 +6,8 @@ The API (``pool/api.py``) bounds every field for every model: ``beam_size`` 1-16
 those ranges that a runtime still refuses must be refused here, at admission, as a 400 naming
 the field, never reach the runtime and come back as a 502 with a traceback in the log.
 
-One entry per backend, found by running each runtime at every edge of every field
+Each backend kind carries its rules (``BackendKind.decoding_rules``, from the constants here),
+found by running each runtime at every edge of every field
 (``tests/http/test_decoding_edges.py`` sweeps them all):
 
 * ``gguf`` (llama.cpp, sequential and batched): accepts every value in the API's ranges
@@ -41,22 +42,19 @@ class Rule:
     must: str
 
 
-_POSITIVE_PENALTY = Rule("repetition_penalty", lambda v: v > 0, "greater than 0")
-
-#: The rules per backend kind (``settings.backend_of``); a kind not listed has none.
-RULES: dict[str, tuple[Rule, ...]] = {
-    "gguf": (),
-    "ct2": (_POSITIVE_PENALTY,),
-    "exllamav3": (_POSITIVE_PENALTY,),
-    "openai_compatible": (Rule("stop", lambda v: len(v) <= 4, "at most 4 strings"),),
-}
+#: CTranslate2 and ExLlamaV3 divide by the repetition penalty.
+POSITIVE_PENALTY = Rule("repetition_penalty", lambda v: v > 0, "greater than 0")
+#: The Chat Completions API takes at most 4 stop sequences.
+AT_MOST_4_STOPS = Rule("stop", lambda v: len(v) <= 4, "at most 4 strings")
 
 
-def check_decoding(backend: str, model: str, decoding: Decoding, *, at: str = "$.decoding") -> None:
-    """Raise 400 ``invalid_request`` for the first field ``backend``'s runtime would refuse;
-    ``param`` is the field's path in the caller's body (``at``: where the decoding fields sit,
-    ``$.decoding`` in ``/v1/responses``, ``$`` in ``/v1/chat/completions``)."""
-    for rule in RULES.get(backend, ()):
+def check_decoding(
+    backend: str, rules: tuple[Rule, ...], model: str, decoding: Decoding, *, at: str = "$.decoding"
+) -> None:
+    """Raise 400 ``invalid_request`` for the first field the ``backend`` kind's runtime would
+    refuse (its ``rules``); ``param`` is the field's path in the caller's body (``at``: where the
+    decoding fields sit, ``$.decoding`` in ``/v1/responses``, ``$`` in ``/v1/chat/completions``)."""
+    for rule in rules:
         value = getattr(decoding, rule.field)
         if not rule.ok(value):
             what = f"{len(value)} {rule.field} strings" if isinstance(value, list) else f"{rule.field}={value!r}"

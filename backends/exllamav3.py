@@ -43,14 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm_pool.backends.base import Inbox, StreamTimer
+from llm_pool.backends.base import BackendKind, Inbox, OverrideError, StreamTimer
+from llm_pool.backends.decoding import POSITIVE_PENALTY
 from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
 from llm_pool.pool.errors import backend_error
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from llm_pool.backends import BackendContext
-    from llm_pool.config import ModelSettings
+    from llm_pool.backends.base import BackendContext
+    from llm_pool.config import ExLlamaV3Model
 
 log = logging.getLogger("llm_pool.exllamav3")
 
@@ -60,27 +61,19 @@ PAGE_SIZE = 256
 FINISH_REASONS = {"max_new_tokens": "length"}
 
 
-def cache_bits(model: ModelSettings) -> tuple[int, int] | None:
+def cache_bits(model: ExLlamaV3Model) -> tuple[int, int] | None:
     """The K/V cache bits to quantize to, or None for an fp16 cache.
 
     ``exllama_cache_quant`` is ``"K"`` (both) or ``"K,V"``, e.g. ``"8"`` or ``"8,4"``;
-    ``exllama_cache_k_bits``/``exllama_cache_v_bits`` say the same thing in two keys.  Setting
-    both forms is an error rather than a silent precedence.
-    """
+    ``exllama_cache_k_bits``/``exllama_cache_v_bits`` say the same thing in two keys.  The
+    settings Struct already refused a malformed value, one key of a pair, and both forms at once
+    (:meth:`ExLlamaV3Model.problems`)."""
     quant, k, v = model.exllama_cache_quant, model.exllama_cache_k_bits, model.exllama_cache_v_bits
-    if quant is not None and (k is not None or v is not None):
-        raise ValueError("set either exllama_cache_quant or exllama_cache_k_bits/exllama_cache_v_bits, not both")
     if quant is not None:
-        parts = [p.strip() for p in quant.split(",")]
-        if len(parts) not in (1, 2) or not all(p.isdigit() and 2 <= int(p) <= 8 for p in parts):
-            raise ValueError(
-                f'exllama_cache_quant must be "K" or "K,V" with 2 to 8 bits each (e.g. "8,4"), not {quant!r}'
-            )
+        parts = quant.split(",")
         return int(parts[0]), int(parts[-1])
     if k is not None and v is not None:
         return k, v
-    if k is not None or v is not None:
-        raise ValueError("exllama_cache_k_bits and exllama_cache_v_bits must be provided together")
     return None
 
 
@@ -172,8 +165,6 @@ class ExLlamaV3Backend:
         m = self.ctx.model
         path = self.ctx.model_path()
         self._bits = cache_bits(m)
-        if m.exllama_max_chunk_size < PAGE_SIZE:
-            raise ValueError(f"exllama_max_chunk_size must be at least {PAGE_SIZE} (one cache page)")
         self.ex = exllamav3
         try:
             self._load(path)
@@ -348,3 +339,49 @@ class ExLlamaV3Backend:
         if r.get("time_generate") is not None:
             stats.decode_after_first_token_ms = round(r["time_generate"] * 1000.0, 3)
         run.job.finish(stats)
+
+
+def _cache_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """The K/V cache is set one way at a time: ``exllama_cache_k_bits`` with
+    ``exllama_cache_v_bits`` (both set, or both null for fp16), or ``exllama_cache_quant``; the
+    one given clears the other."""
+    out = dict(given)
+    has_k, has_v = "exllama_cache_k_bits" in out, "exllama_cache_v_bits" in out
+    if has_k != has_v:
+        raise OverrideError("exllama_cache_k_bits", "exllama_cache_k_bits and exllama_cache_v_bits must be provided together")
+    if has_k:
+        if (out["exllama_cache_k_bits"] is None) != (out["exllama_cache_v_bits"] is None):
+            raise OverrideError(
+                "exllama_cache_k_bits", "exllama_cache_k_bits and exllama_cache_v_bits must both be null (fp16) or both set"
+            )
+        if "exllama_cache_quant" in out:
+            raise OverrideError(
+                "exllama_cache_quant", "exllama_cache_quant cannot be combined with exllama_cache_k_bits/exllama_cache_v_bits"
+            )
+        out["exllama_cache_quant"] = None
+    elif out.get("exllama_cache_quant") is not None:
+        out["exllama_cache_k_bits"] = out["exllama_cache_v_bits"] = None
+    return out
+
+
+KIND = BackendKind(
+    name="exllamav3",
+    create=ExLlamaV3Backend,
+    uses_gpu=lambda m: True,
+    overrides=(
+        "exllama_cache_size",
+        "exllama_cache_k_bits",
+        "exllama_cache_v_bits",
+        "exllama_cache_quant",
+        "exllama_max_rq_tokens",
+    ),
+    check_overrides=_cache_overrides,
+    decoding_rules=(POSITIVE_PENALTY,),
+    load_recommendations={
+        "kv_cache_presets": [
+            {"label": "fp16", "exllama_cache_k_bits": None, "exllama_cache_v_bits": None},
+            {"label": "8/8", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 8},
+            {"label": "8/4", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 4},
+        ]
+    },
+)

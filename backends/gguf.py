@@ -16,16 +16,17 @@ import codecs
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from llm_pool.backends.base import SequentialBackend, StreamTimer
+from llm_pool.backends.base import BackendKind, SequentialBackend, StreamTimer
 from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
+from llm_pool.config.settings import KvCacheType
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from llm_pool.backends import BackendContext
+    from llm_pool.backends.base import BackendContext
 
 log = logging.getLogger("llm_pool.gguf")
 
@@ -38,7 +39,7 @@ log = logging.getLogger("llm_pool.gguf")
 LLAMA_QUIET_LOAD_LOCK = threading.Lock()
 
 #: K/V cache types an admin may ask for, by GGML name (lower case).
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+KV_CACHE_TYPES: tuple[str, ...] = get_args(KvCacheType)
 
 
 def ggml_type(name: str) -> int:
@@ -197,3 +198,42 @@ class GGUFBackend(SequentialBackend):
         if finish != "stop":
             job.emit(stops.push(utf8.decode(b"", final=True))[0] + stops.flush())
         return timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
+
+
+def _create(ctx: BackendContext) -> Any:
+    if ctx.model.gguf_batching:
+        from llm_pool.backends.gguf_batched import BatchedGGUFBackend
+
+        return BatchedGGUFBackend(ctx)
+    return GGUFBackend(ctx)
+
+
+#: Override values llama.cpp reads case-insensitively; we keep them lower case.
+_LOWER_CASE = ("gguf_flash_attn", "gguf_type_k", "gguf_type_v")
+
+
+def _normalise(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.lower() if k in _LOWER_CASE and isinstance(v, str) else v for k, v in overrides.items()}
+
+
+def _file_bounds(path: Path) -> dict[str, tuple[int, str]]:
+    """``gguf_n_ctx`` is bounded by the context the model was trained for (the GGUF header's
+    ``n_ctx_train``): above it llama.cpp loads another context or spends tens of seconds failing."""
+    from llm_pool.backends.gguf_header import trained_context
+
+    trained = trained_context(path)
+    why = "the context model {model!r} was trained for ({bound}, n_ctx_train in its GGUF header)"
+    return {"gguf_n_ctx": (trained, why)} if trained is not None else {}
+
+
+KIND = BackendKind(
+    name="gguf",
+    create=_create,
+    uses_gpu=lambda m: m.gguf_n_gpu_layers != 0,
+    overrides=("gguf_n_ctx", "gguf_flash_attn", "gguf_type_k", "gguf_type_v"),
+    check_overrides=_normalise,
+    file_bounds=_file_bounds,
+    load_recommendations={
+        "kv_cache_presets": [{"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")]
+    },
+)

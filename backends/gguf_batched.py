@@ -58,7 +58,7 @@ from llm_pool.backends.prompts import PromptPrep, StopMatcher
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from llm_pool.backends import BackendContext
+    from llm_pool.backends.base import BackendContext
 
 log = logging.getLogger("llm_pool.gguf_batched")
 

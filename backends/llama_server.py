@@ -46,9 +46,9 @@ Crash: when the child exits on its own, every job it ran ends with ``engine_cras
 backoff (``restart_max_attempts``, ``restart_backoff_s``) while queued jobs go to the model's
 other replicas.
 
-Cancellation: a job whose stop flag is set (client gone, unload) has its scope cancelled within
-``STOP_POLL_S``: the stream to the engine is closed, and llama-server aborts that sequence and
-frees its slot.  ``close`` always stops the child (SIGTERM, SIGKILL after ``stop_timeout_s``).
+Cancellation: a cancelled job (client gone, unload) has its scope cancelled at once
+(:func:`~backends.base.cancel_when_stopped`): the stream to the engine is closed, and
+llama-server aborts that sequence and frees its slot.  ``close`` always stops the child (SIGTERM, SIGKILL after ``stop_timeout_s``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from llm_pool.backends.base import EngineCrashed, StreamTimer
+from llm_pool.backends.base import BackendKind, EngineCrashed, StreamTimer, cancel_when_stopped
 from llm_pool.backends.engine_process import EngineProcess, describe_exit, engine_env
 from llm_pool.backends.gguf import open_vocab, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep
@@ -74,12 +74,10 @@ from llm_pool.pool.errors import PoolError, backend_error, engine_crashed, reque
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from llm_pool.backends import BackendContext
+    from llm_pool.backends.base import BackendContext
 
 log = logging.getLogger("llm_pool.llama_server")
 
-#: How often a running job looks at its stop flag (a plain attribute that cannot wake trio).
-STOP_POLL_S = 0.02
 #: After a lost connection, how long to wait for the child's exit before calling it a crash.
 CRASH_CONFIRM_S = 1.0
 #: How long a crash report waits for the child's last output lines.
@@ -367,7 +365,7 @@ class LlamaServerBackend:
             job.begin()
             with scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_when_stopped, job, scope)
+                    nursery.start_soon(cancel_when_stopped, job, scope)
                     try:
                         stats = await self._generate(job, timer)
                     except Exception as e:  # caught here, not wrapped in the nursery's group
@@ -507,8 +505,8 @@ async def _close(response: httpx.Response) -> None:
         await response.aclose()
 
 
-async def _cancel_when_stopped(job: Job, scope: trio.CancelScope) -> None:
-    # Polling on purpose: the stop flag is a plain attribute set by code that has no trio event.
-    while not job.should_stop():  # noqa: ASYNC110
-        await trio.sleep(STOP_POLL_S)
-    scope.cancel()
+KIND = BackendKind(
+    name="llama_server",
+    create=LlamaServerBackend,
+    uses_gpu=lambda m: m.llama_server_n_gpu_layers != 0,
+)

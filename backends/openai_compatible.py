@@ -47,9 +47,8 @@ Costs: see :mod:`backends.ledger`.  :meth:`RemoteBackend.admit` reserves the req
 cost before it is queued (the manager calls it); the job's end writes the closing event and
 puts the cost in ``GenerationStats.cost`` (the response's ``request_cost``).
 
-Cancellation: the job's stop flag is a ``threading.Event`` with no trio wake-up, so a small task
-polls it every ``STOP_POLL_S`` and cancels the job's scope: the upstream stream is closed at once
-and the job finishes ``cancelled`` (or fails with its cancel error).  When the replica's scope is
+Cancellation: a small task waits for the job to be cancelled (:func:`~backends.base.cancel_when_stopped`,
+no polling) and cancels the job's scope: the upstream stream is closed at once and the job finishes ``cancelled`` (or fails with its cancel error).  When the replica's scope is
 cancelled (unload), every job still running or still in the inbox is ended the same way.  Every
 job this backend receives ends with ``finish`` or ``fail``, and every reservation with a closing
 event, whatever happened.
@@ -73,21 +72,21 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from llm_pool.backends.base import BackendKind, cancel_when_stopped
+from llm_pool.backends.decoding import AT_MOST_4_STOPS
 from llm_pool.backends.ledger import Account, Prices, check_ledger_path, ledger_for, summarize
 from llm_pool.config import DEFAULT_SYSTEM_PROMPT, ModelSettings, Settings
 from llm_pool.pool.errors import PoolError, request_cancelled
 from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, Message
 
 if TYPE_CHECKING:
-    from llm_pool.backends import BackendContext
+    from llm_pool.backends.base import BackendContext
 
 log = logging.getLogger("llm_pool.remote")
 
 #: First retry backoff; doubles per retry (then jittered to 50-100 %), capped at RETRY_MAX_S.
 RETRY_BASE_S = 0.2
 RETRY_MAX_S = 8.0
-#: How often a running job looks at its stop flag (a threading.Event cannot wake trio).
-STOP_POLL_S = 0.02
 #: Upstream text quoted in an error message is cut to this many characters.
 QUOTE_MAX = 300
 REDACTED = "[redacted]"
@@ -493,16 +492,12 @@ class RemoteBackend:
             reason = f"refused at admission: {e.code}" if isinstance(e, PoolError) else "refused at admission"
             account.close("released", job.id, cost=0.0, reason=reason)
             raise
-        # Job offers no public end hook; its queued-cancel hook is the one path by which a job
-        # ends without reaching a backend (every queued ending goes through Job.cancel).
-        queued_hook = job._on_cancel_queued
 
-        def on_cancel_queued(j: Job) -> None:
-            account.close("released", j.id, cost=0.0, reason="ended before it left the queue")
-            if queued_hook is not None:
-                queued_hook(j)
+        def release_if_never_sent(j: Job, error: PoolError | None) -> None:
+            if j.t_dispatched is None:  # ended in its queue: it never reached this backend
+                account.close("released", j.id, cost=0.0, reason="ended before it left the queue")
 
-        job._on_cancel_queued = on_cancel_queued
+        job.on_end.append(release_if_never_sent)
 
     def _reserve(self, job: Job) -> None:
         assert self.account is not None
@@ -548,7 +543,7 @@ class RemoteBackend:
             job.begin()
             with call.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_when_stopped, job, call.scope)
+                    nursery.start_soon(cancel_when_stopped, job, call.scope)
                     try:
                         stats = await self._generate(job, call)
                     except Exception as e:  # caught here, not wrapped in the nursery's group
@@ -887,8 +882,10 @@ async def _close(response: httpx.Response) -> None:
         await response.aclose()
 
 
-async def _cancel_when_stopped(job: Job, scope: trio.CancelScope) -> None:
-    # Polling on purpose: the stop flag is a threading.Event set by code that has no trio event.
-    while not job.should_stop():  # noqa: ASYNC110
-        await trio.sleep(STOP_POLL_S)
-    scope.cancel()
+KIND = BackendKind(
+    name="openai_compatible",
+    create=RemoteBackend,
+    remote=True,
+    decoding_rules=(AT_MOST_4_STOPS,),
+    cost_summary=cost_summary,
+)

@@ -24,8 +24,6 @@ import tomli
 
 from llm_pool.config.validation import describe, read_validation_error
 
-BACKENDS = ("ct2", "exllamav3", "gguf", "llama_server", "openai_compatible")
-Backend = Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible"]
 PromptFormat = Literal[
     "generic",
     "qwen3_template",
@@ -35,6 +33,10 @@ PromptFormat = Literal[
     "native",
 ]
 FlashAttn = Literal["on", "off", "auto"]
+#: K/V cache types a GGUF model may use, by GGML name (lower case).
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+#: ExLlamaV3's K/V cache quantisation: bits for both, or ``K,V`` bits, 2 to 8 each (``"8,4"``).
+ExllamaCacheQuant = Annotated[str, msgspec.Meta(pattern=r"^[2-8](,[2-8])?$")]
 #: llama-server's ``--spec-type`` values (llama.cpp common/speculative.cpp, as pinned).
 SpecType = Literal[
     "none",
@@ -96,11 +98,12 @@ class DecodingSettings(_Strict):
     stop: list[str] = msgspec.field(default_factory=list)
 
 
-class ModelSettings(_Strict):
+class _ModelBase(_Strict, tag_field="backend"):
+    """What every model has, whatever its backend.  ``pool.toml`` names the backend with
+    ``backend = "..."`` (default: ``engine.backend``); each backend's Struct below adds its own
+    fields, so a field of another backend is an unknown field, named with its key path."""
+
     model_path: str | None = None
-    backend: Backend | None = None
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    compute_type: str = "auto"
     prompt_format: PromptFormat = "generic"
     enable_thinking: bool = False
     #: Parse special tokens in caller text too (``<|im_end|>`` in ``input`` becomes the control
@@ -118,15 +121,70 @@ class ModelSettings(_Strict):
     #: Compute threads per replica; default: the machine's cores divided by ``replicas``.
     n_threads: Positive | None = None
     idle_unload_after_s: PositiveFloat | None = None
-    # GGUF (llama-cpp-python)
+
+    @property
+    def backend(self) -> str:
+        """This model's backend kind (the tag of its Struct)."""
+        return str(self.__struct_config__.tag)
+
+    def problems(self) -> tuple[str, str] | None:
+        """What is wrong with this model beyond single fields: ``(field, message)`` or None."""
+        if self.replicas > self.replica_max:
+            return "replicas", f"has replicas={self.replicas} greater than replica_max={self.replica_max}"
+        if not self.model_path:
+            return "model_path", f"needs model_path for backend {self.backend}"
+        return None
+
+
+class GGUFModel(_ModelBase, tag="gguf"):
+    """llama.cpp in-process (llama-cpp-python), one context per replica (or batched)."""
+
     gguf_n_gpu_layers: int = 0
-    gguf_n_ctx: Positive = 2048
+    #: llama.cpp takes n_ctx as a uint32 (4294967296 wrapped around to another context).
+    gguf_n_ctx: Annotated[int, msgspec.Meta(ge=1, le=2**32 - 1)] = 2048
     gguf_n_batch: Positive = 512
     gguf_flash_attn: FlashAttn = "auto"
-    gguf_type_k: str | None = None
-    gguf_type_v: str | None = None
+    gguf_type_k: KvCacheType | None = None
+    gguf_type_v: KvCacheType | None = None
     gguf_batching: bool = False
-    # Supervised engine processes (llama_server): start, stop and restart of each replica's child
+
+
+class CT2Model(_ModelBase, tag="ct2"):
+    """CTranslate2, in-process."""
+
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "auto"
+
+
+class ExLlamaV3Model(_ModelBase, tag="exllamav3"):
+    """ExLlamaV3 on a CUDA GPU, in-process."""
+
+    exllama_cache_size: Annotated[int, msgspec.Meta(ge=256, multiple_of=256)] = 8192
+    exllama_cache_quant: ExllamaCacheQuant | None = None
+    exllama_cache_k_bits: Annotated[int, msgspec.Meta(ge=2, le=8)] | None = None
+    exllama_cache_v_bits: Annotated[int, msgspec.Meta(ge=2, le=8)] | None = None
+    exllama_gpu_split: list[Annotated[float, msgspec.Meta(gt=0)]] | None = None
+    exllama_tensor_parallel: bool = False
+    exllama_tp_backend: Literal["native", "nccl"] = "native"
+    exllama_max_batch_size: Positive | None = None
+    #: At least one cache page (256 tokens).
+    exllama_max_chunk_size: Annotated[int, msgspec.Meta(ge=256)] = 2048
+    exllama_max_q_size: Positive = 8
+    exllama_max_rq_tokens: Positive | None = None
+
+    def problems(self) -> tuple[str, str] | None:
+        if (self.exllama_cache_k_bits is None) != (self.exllama_cache_v_bits is None):
+            return "exllama_cache_k_bits", "must set exllama_cache_k_bits and exllama_cache_v_bits together"
+        if self.exllama_cache_quant is not None and self.exllama_cache_k_bits is not None:
+            return "exllama_cache_quant", (
+                "sets both exllama_cache_quant and exllama_cache_k_bits/exllama_cache_v_bits: set one of them"
+            )
+        return super().problems()
+
+
+class _EngineProcessModel(_ModelBase):
+    """A backend whose replicas are supervised child processes."""
+
     #: The child must answer its health check within this long, or the load fails.
     start_timeout_s: PositiveFloat = 120.0
     #: After SIGTERM, the child's group gets this long to exit before SIGKILL.
@@ -136,7 +194,22 @@ class ModelSettings(_Strict):
     restart_max_attempts: NonNegative = 3
     #: Wait before the first restart; doubles per consecutive attempt.
     restart_backoff_s: NonNegativeFloat = 1.0
-    # llama.cpp's llama-server, one child process per replica (paths: config only)
+
+
+#: llama-server flags the backend sets itself: ``llama_server_extra_args`` may not repeat them
+#: (a second value would silently win, or break the pool's hold on the child).
+LLAMA_SERVER_OWN_FLAGS = frozenset(
+    {
+        "-m", "--model", "--host", "--port", "--api-key", "--api-key-file", "-np", "--parallel",
+        "-c", "--ctx-size", "--log-jsonl", "--log-file", "--log-disable", "-t", "--threads",
+        "-tb", "--threads-batch", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
+    }
+)  # fmt: skip
+
+
+class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
+    """llama.cpp's ``llama-server``, one supervised child process per replica (paths: config only)."""
+
     #: Default: the llama-server that ``make install`` builds into the venv's bin/.
     llama_server_binary: str | None = None
     #: Loopback by default; a port only with ``replica_max = 1`` (default: a free port).
@@ -161,19 +234,25 @@ class ModelSettings(_Strict):
     llama_server_reasoning: Literal["on", "off", "auto"] | None = None
     #: Passed to llama-server last, as given (flags this backend sets itself are refused).
     llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
-    # ExLlamaV3
-    exllama_cache_size: Annotated[int, msgspec.Meta(ge=256, multiple_of=256)] = 8192
-    exllama_cache_quant: str | None = None
-    exllama_cache_k_bits: Annotated[int, msgspec.Meta(ge=2, le=8)] | None = None
-    exllama_cache_v_bits: Annotated[int, msgspec.Meta(ge=2, le=8)] | None = None
-    exllama_gpu_split: list[Annotated[float, msgspec.Meta(gt=0)]] | None = None
-    exllama_tensor_parallel: bool = False
-    exllama_tp_backend: Literal["native", "nccl"] = "native"
-    exllama_max_batch_size: Positive | None = None
-    exllama_max_chunk_size: Positive = 2048
-    exllama_max_q_size: Positive = 8
-    exllama_max_rq_tokens: Positive | None = None
-    # OpenAI-compatible remote
+
+    def problems(self) -> tuple[str, str] | None:
+        if self.llama_server_port is not None and self.replica_max > 1:
+            return "llama_server_port", (
+                f"sets llama_server_port with replica_max={self.replica_max}; each replica needs its own port:"
+                " leave llama_server_port unset (a free port per replica)"
+            )
+        for arg in self.llama_server_extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in LLAMA_SERVER_OWN_FLAGS:
+                return "llama_server_extra_args", (
+                    f"may not pass {flag} in llama_server_extra_args: the llama_server backend sets it"
+                )
+        return super().problems()
+
+
+class RemoteModel(_ModelBase, tag="openai_compatible"):
+    """An OpenAI-compatible Chat Completions API elsewhere (no ``model_path``)."""
+
     remote_api_kind: Literal["chat_completions"] = "chat_completions"
     remote_base_url: str | None = None
     remote_api_key_env: str | None = None
@@ -190,9 +269,32 @@ class ModelSettings(_Strict):
     remote_cost_ledger_path: str | None = None
     remote_reservation_stale_after_s: PositiveFloat = 3600.0
 
+    def problems(self) -> tuple[str, str] | None:
+        if self.replicas > self.replica_max:
+            return super().problems()
+        for key in ("remote_base_url", "remote_model"):
+            if not getattr(self, key):
+                return key, f"needs {key} for backend openai_compatible"
+        return None
+
+
+#: One model's settings: a tagged union on ``backend``, one Struct per backend kind.
+ModelSettings = GGUFModel | CT2Model | ExLlamaV3Model | LlamaServerModel | RemoteModel
+#: Every backend kind, by its tag.
+MODEL_KINDS: dict[str, type[_ModelBase]] = {
+    str(k.__struct_config__.tag): k for k in (GGUFModel, CT2Model, ExLlamaV3Model, LlamaServerModel, RemoteModel)
+}
+BACKENDS = tuple(sorted(MODEL_KINDS))
+Backend = Literal[BACKENDS]  # type: ignore[valid-type]
+
+
+#: The backend of a model that names none, unless ``engine.backend`` says otherwise.
+DEFAULT_BACKEND = "gguf"
+
 
 class EngineSettings(_Strict):
-    backend: Backend = "gguf"
+    #: The backend of every model that names none.
+    backend: Backend = DEFAULT_BACKEND
     #: Upper bound a request's ``decoding.max_tokens`` may ask for.
     max_tokens_limit: Positive = 4096
     decoding: DecodingSettings = msgspec.field(default_factory=DecodingSettings)
@@ -204,9 +306,6 @@ class Settings(_Strict):
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     #: Directory that relative ``model_path`` values are resolved against (not a TOML key).
     base_dir: str = "."
-
-    def backend_of(self, model: ModelSettings) -> str:
-        return model.backend or self.engine.backend
 
 
 class SettingsPaths(msgspec.Struct, frozen=True):
@@ -247,61 +346,32 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") -> Settings:
     """Validate a merged settings mapping; ``source`` names the file(s) in error messages, and
-    every message names the key path (``$.engine.models.m.replicas``)."""
+    every message names the key path (``$.engine.models.m.replicas``).  A model without
+    ``backend`` takes ``engine.backend``'s."""
     if "base_dir" in raw:
         raise SettingsError(f"{source}: $.base_dir: unknown field")
+    raw = _with_model_backends(raw)
     try:
         settings = msgspec.convert({**raw, "base_dir": base_dir}, Settings)
     except msgspec.ValidationError as e:
         raise SettingsError(f"{source}: {_describe_settings_error(raw, e)}") from None
     for name, model in settings.engine.models.items():
-        at = _model_key_path(name)
-        if model.replicas > model.replica_max:
-            raise SettingsError(
-                f"{source}: {at}.replicas: model {name!r} has replicas={model.replicas} greater than "
-                f"replica_max={model.replica_max}"
-            )
-        backend = settings.backend_of(model)
-        if backend == "openai_compatible":
-            for key in ("remote_base_url", "remote_model"):
-                if not getattr(model, key):
-                    raise SettingsError(f"{source}: {at}.{key}: model {name!r} needs {key} for backend openai_compatible")
-        elif not model.model_path:
-            raise SettingsError(f"{source}: {at}.model_path: model {name!r} needs model_path for backend {backend}")
-        if backend == "llama_server":
-            _check_llama_server(model, f"{source}: {at}", name)
-        if (model.exllama_cache_k_bits is None) != (model.exllama_cache_v_bits is None):
-            raise SettingsError(
-                f"{source}: {at}: model {name!r}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
-            )
+        if (problem := model.problems()) is not None:
+            field, message = problem
+            raise SettingsError(f"{source}: {_model_key_path(name)}.{field}: model {name!r} {message}")
     return settings
 
 
-#: llama-server flags the backend sets itself: ``llama_server_extra_args`` may not repeat them
-#: (a second value would silently win, or break the pool's hold on the child).
-LLAMA_SERVER_OWN_FLAGS = frozenset(
-    {
-        "-m", "--model", "--host", "--port", "--api-key", "--api-key-file", "-np", "--parallel",
-        "-c", "--ctx-size", "--log-jsonl", "--log-file", "--log-disable", "-t", "--threads",
-        "-tb", "--threads-batch", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
-    }
-)  # fmt: skip
-
-
-def _check_llama_server(model: ModelSettings, at: str, name: str) -> None:
-    """``at``: the file(s) and the model's key path, as every settings error starts."""
-    if model.llama_server_port is not None and model.replica_max > 1:
-        raise SettingsError(
-            f"{at}.llama_server_port: model {name!r} sets llama_server_port with replica_max={model.replica_max};"
-            " each replica needs its own port: leave llama_server_port unset (a free port per replica)"
-        )
-    for arg in model.llama_server_extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in LLAMA_SERVER_OWN_FLAGS:
-            raise SettingsError(
-                f"{at}.llama_server_extra_args: model {name!r}: llama_server_extra_args may not contain {flag}:"
-                " the llama_server backend sets it"
-            )
+def _with_model_backends(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with each model's ``backend`` filled in from ``engine.backend`` where it has none
+    (the tag the union needs); anything malformed is left for msgspec to name."""
+    engine = raw.get("engine")
+    models = engine.get("models") if isinstance(engine, dict) else None
+    if not isinstance(models, dict):
+        return raw
+    default = engine.get("backend", DEFAULT_BACKEND)
+    filled = {n: {"backend": default, **m} if isinstance(m, dict) else m for n, m in models.items()}
+    return {**raw, "engine": {**engine, "models": filled}}
 
 
 def _model_key_path(name: str) -> str:
@@ -321,10 +391,12 @@ def _describe_settings_error(raw: dict[str, Any], error: msgspec.ValidationError
         return describe(invalid, Settings)
     models = raw.get("engine", {}).get("models", {})
     for name, model in models.items() if isinstance(models, dict) else ():
+        # the model's own Struct where its backend is known: its fields alone are described
+        struct: Any = MODEL_KINDS.get(model.get("backend")) if isinstance(model, dict) else None
         try:
-            msgspec.convert(model, ModelSettings)
+            msgspec.convert(model, struct or ModelSettings)
         except msgspec.ValidationError as e:
-            return _model_key_path(name) + describe(read_validation_error(e), ModelSettings)[1:]
+            return _model_key_path(name) + describe(read_validation_error(e), struct or ModelSettings)[1:]
     return describe(invalid, Settings)
 
 

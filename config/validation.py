@@ -95,7 +95,8 @@ def _expectation(t: mi.Type) -> str:
     if isinstance(t, mi.UnionType):
         literals = tuple(v for o in t.types if isinstance(o, mi.LiteralType) for v in o.values)
         others = [_expectation(o) for o in t.types if not isinstance(o, mi.LiteralType)]
-        return " or ".join([*([_expectation(mi.LiteralType(literals))] if literals else []), *others])
+        # dict.fromkeys: a field that several Structs of a union share is described once
+        return " or ".join(dict.fromkeys([*([_expectation(mi.LiteralType(literals))] if literals else []), *others]))
     if isinstance(t, mi.BoolType):
         return "true or false"
     if isinstance(t, mi.NoneType):
@@ -105,7 +106,8 @@ def _expectation(t: mi.Type) -> str:
     if isinstance(t, mi.FloatType):
         return "a number" + _bounds(t.ge, t.gt, t.le, t.lt)
     if isinstance(t, mi.StrType):
-        return "a string" + _length(t.min_length, t.max_length, "character")
+        pattern = f" matching {t.pattern}" if t.pattern is not None else ""
+        return "a string" + _length(t.min_length, t.max_length, "character") + pattern
     if isinstance(t, mi.LiteralType):
         values = [msgspec.json.encode(v).decode() for v in t.values]
         return values[0] if len(values) == 1 else "one of " + ", ".join(values)

@@ -16,7 +16,8 @@ job's :attr:`Job.on_end` callbacks run (metrics, idle tracking).
 Cancellation: :meth:`Job.cancel` sets the stop flag (a plain attribute: one atomic store that the
 backend thread reads once per token; a ``threading.Event`` would cost ~1 KB per queued job).  A queued job then
 never reaches a backend and ends at once (with the given error, else 503 ``request_cancelled``);
-a running one stops at its next token.  If ``cancel`` carries an error
+a running one stops at its next token (an async backend awaits :meth:`Job.wait_stopped`, which
+``cancel`` wakes on the trio thread: no polling).  If ``cancel`` carries an error
 (unload deadline), the caller receives that error instead of a result.
 
 This module imports no quart and no backend library.
@@ -154,8 +155,12 @@ class Job:
         self._trio_thread = threading.get_ident()
         self._end_lock = threading.Lock()
         self._ended = False
+        self._stopped: trio.Event | None = None
         self._on_release: Callable[[Job], None] | None = None
-        self._on_cancel_queued: Callable[[Job], None] | None = None
+        #: The queue holding this job: called once, on the trio thread, if the job is cancelled
+        #: while still queued (the queue's own bookkeeping); set by the queue when it takes the
+        #: job, cleared when the job leaves it.  Others watch :attr:`on_end` instead.
+        self.on_cancel_queued: Callable[[Job], None] | None = None
         #: Called as ``callback(job, error)`` once, on the trio thread, right after the job ended
         #: and released its replica slot, however it ended: ``error`` is the :class:`PoolError`
         #: its client receives, or None when it finished (``stats.finish_reason`` says how).
@@ -165,6 +170,15 @@ class Job:
     # ---------------------------------------------------------------- runtime side (any thread)
     def should_stop(self) -> bool:
         return self._stop
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`cancel` was called: an async backend's way to stop a running job
+        without polling its stop flag (a threaded backend reads :meth:`should_stop` per token)."""
+        if self._stop:
+            return
+        if self._stopped is None:  # made on first use: most jobs never need one
+            self._stopped = trio.Event()
+        await self._stopped.wait()
 
     def begin(self) -> None:
         """The backend starts working on this job (marks the inference timer's start)."""
@@ -288,14 +302,17 @@ class Job:
         """Stop this job: a queued one never runs; a running one stops at its next token.
 
         With ``error``, the caller gets that error instead of the (partial) result.
-        Idempotent; safe to call at any point, including after the job ended.
+        Idempotent; safe to call at any point, including after the job ended; on the trio thread
+        (every caller is: handlers, the queue, unload).
         """
         if error is not None and self.cancel_error is None and not self._ended:
             self.cancel_error = error
         self._stop = True
+        if self._stopped is not None:
+            self._stopped.set()
         if self.state == "queued":
             self.state = "cancelled"
-            hook, self._on_cancel_queued = self._on_cancel_queued, None
+            hook, self.on_cancel_queued = self.on_cancel_queued, None
             if hook is not None:
                 hook(self)
             # a queued job always ends here: nobody else would ever end it

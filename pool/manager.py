@@ -29,8 +29,8 @@ from typing import Any, Literal
 import msgspec
 import trio
 
-from llm_pool.backends import BackendContext, create_backend
-from llm_pool.backends.base import Backend
+from llm_pool.backends import BackendContext, create_backend, kind_of
+from llm_pool.backends.base import Admits, Backend
 from llm_pool.config import ModelSettings, Settings, SettingsError, load_settings
 from llm_pool.pool.errors import (
     PoolError,
@@ -159,9 +159,6 @@ class PoolManager:
         except KeyError:
             raise unknown_model(name) from None
 
-    def backend_of(self, entry: ModelEntry) -> str:
-        return self.settings.backend_of(entry.settings)
-
     def loaded_models(self) -> list[str]:
         return sorted(name for name, e in self.entries.items() if e.state == "loaded")
 
@@ -176,7 +173,7 @@ class PoolManager:
         entry = self.entry(name)
         if self.shutting_down:
             raise shutting_down()
-        if self.backend_of(entry) == "openai_compatible" and not allow_remote:
+        if kind_of(entry.settings).remote and not allow_remote:
             raise PoolError(
                 403,
                 "remote_execution_disallowed",
@@ -203,13 +200,13 @@ class PoolManager:
     def submit(self, job: Job, *, allow_remote: bool) -> ModelEntry:
         """Admit ``job`` to its model's queue, or raise the reason it can't be.
 
-        A backend may define ``admit(job, submit)`` to wrap the queueing in its own admission;
-        the remote backend reserves the request's cost there (400/429 before the queue).
+        A backend that :class:`~llm_pool.backends.base.Admits` wraps the queueing in its own
+        admission; the remote backend reserves the request's cost there (400/429 before the queue).
         """
         try:
             entry = self.check_admission(job.request.model, allow_remote=allow_remote)
             assert entry.runtime is not None
-            admit = next((getattr(r.backend, "admit", None) for r in entry.runtime.serving_replicas), None)
+            admit = next((r.backend.admit for r in entry.runtime.serving_replicas if isinstance(r.backend, Admits)), None)
             if admit is not None:
                 admit(job, entry.runtime.submit_nowait)
             else:
@@ -231,7 +228,7 @@ class PoolManager:
 
     # ------------------------------------------------------------------ load
     def _make_runtime(self, entry: ModelEntry, model: ModelSettings, replicas: int) -> ModelRuntime:
-        kind = self.backend_of(entry)
+        kind = model.backend
 
         def make_backend(index: int) -> Backend:
             ctx = BackendContext(
@@ -437,14 +434,10 @@ class PoolManager:
         Raises 409 ``settings_reload_conflict`` (catalog unchanged) when a model that is not
         unloaded/failed would be removed or would change its definition.
         """
-        def resolved(s: Settings, name: str) -> tuple[ModelSettings, str]:
-            m = s.engine.models[name]
-            return m, s.backend_of(m)
-
         old, new = self.settings.engine.models, settings.engine.models
         added = [n for n in new if n not in old]
         removed = [n for n in old if n not in new]
-        updated = [n for n in new if n in old and resolved(settings, n) != resolved(self.settings, n)]
+        updated = [n for n in new if n in old and new[n] != old[n]]  # a new backend is a new Struct
         unchanged = [n for n in new if n in old and n not in updated]
         busy = [n for n in removed + updated if self.entries[n].state in ("loaded", "loading", "unloading")]
         if busy:

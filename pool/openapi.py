@@ -26,6 +26,7 @@ from quart import Response
 
 from llm_pool.admin.routes import LoadRequest, ResizeRequest, UnloadRequest
 from llm_pool.config import ModelSettings
+from llm_pool.config.settings import Backend
 from llm_pool.pool.api import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -80,7 +81,7 @@ class AdminModel(_Doc):
     """One configured model as the admin API shows it (``admin.routes.model_row``)."""
 
     name: str
-    resolved_backend: Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible"]
+    resolved_backend: Backend
     configured_enabled: bool
     runtime_state: Literal["unloaded", "loading", "loaded", "unloading", "failed"]
     is_loaded: bool

@@ -415,7 +415,7 @@ class ModelRuntime:
             raise queue_full(self.name, self.max_queue)
         self.waiting += 1
         self.last_activity = time.monotonic()
-        job._on_cancel_queued = self._cancel_queued
+        job.on_cancel_queued = self._cancel_queued
         self._queue.append(job)
         self._pump()
 
@@ -451,7 +451,7 @@ class ModelRuntime:
                 return
             queue_.popleft()
             self.waiting -= 1
-            job._on_cancel_queued = None
+            job.on_cancel_queued = None
             replica.active += 1
             replica.jobs.add(job)
             job.mark_dispatched(replica.name, functools.partial(self._release, replica))
@@ -470,7 +470,7 @@ class ModelRuntime:
         self._cancelled_in_queue = 0
         for job in queued:
             if job.state == "queued":
-                job._on_cancel_queued = None
+                job.on_cancel_queued = None
                 self.waiting -= 1
                 job.cancel(error)
         self._notify()

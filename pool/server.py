@@ -29,6 +29,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from llm_pool.admin.gpu import used_mib
+from llm_pool.backends import kind_of
 from llm_pool.config import Settings
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.http import create_app
@@ -158,10 +160,7 @@ async def serve(
     if backend_factory is not None:
         kwargs["backend_factory"] = backend_factory
     manager = PoolManager(settings, **kwargs)
-    if any(m.device == "cuda" or m.backend == "exllamav3" or m.gguf_n_gpu_layers or m.llama_server_n_gpu_layers
-           for m in settings.engine.models.values()):
-        from llm_pool.admin.gpu import used_mib
-
+    if any(kind_of(m).uses_gpu(m) for m in settings.engine.models.values()):
         manager.gpu_used_mib = used_mib
     app = create_app(manager, settings)
     app.extensions["llm_pool_ready"] = manager.ready

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import trio
 
+from llm_pool.backends import kind_of
 from llm_pool.backends.decoding import check_decoding
 from llm_pool.backends.prompts import check_request
 from llm_pool.pool.api import Metrics, build_metrics
@@ -168,14 +169,14 @@ def log_inference(job: Job, *, stream: bool, status: int, metrics: Any = None, e
 
 def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callable[[GenerationRequest], None]:
     """Model-specific admission checks that need no runtime: the decoding values the model's
-    runtime accepts (:mod:`llm_pool.backends.decoding`), and the prompt format's needs (e.g.
-    translategemma codes)."""
-    backend = manager.backend_of(entry)
-    fmt = entry.settings.prompt_format
+    runtime accepts (its kind's ``decoding_rules``), and, where the pool renders the prompt, the
+    prompt format's needs (e.g. translategemma codes)."""
+    model = entry.settings
+    kind = kind_of(model)
 
     def check(gen: GenerationRequest) -> None:
-        check_decoding(backend, gen.model, gen.decoding, at=decoding_at)
-        if backend != "openai_compatible":
-            check_request(fmt, gen)
+        check_decoding(kind.name, kind.decoding_rules, gen.model, gen.decoding, at=decoding_at)
+        if not kind.remote:
+            check_request(model.prompt_format, gen)
 
     return check

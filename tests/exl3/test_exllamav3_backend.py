@@ -41,7 +41,7 @@ from runtime_kit import collect, run, submit
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.exllamav3 import ExLlamaV3Backend, read_chat_template
-from llm_pool.config import decode_settings
+from llm_pool.config import SettingsError, decode_settings
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.jobs import Delta, Failed, GenerationRequest, Job
 from llm_pool.pool.manager import PoolManager
@@ -531,24 +531,21 @@ async def test_cache_overrides_reach_the_cache(
     [
         (
             {"exllama_cache_quant": "8", "exllama_cache_k_bits": 4, "exllama_cache_v_bits": 4},
-            "set either exllama_cache_quant or exllama_cache_k_bits/exllama_cache_v_bits, not both",
+            "$.engine.models.m.exllama_cache_quant: model 'm' sets both exllama_cache_quant and"
+            " exllama_cache_k_bits/exllama_cache_v_bits: set one of them",
         ),
         (
             {"exllama_cache_quant": "8,9"},
-            'exllama_cache_quant must be "K" or "K,V" with 2 to 8 bits each (e.g. "8,4"), not \'8,9\'',
+            "$.engine.models.m.exllama_cache_quant: expected a string matching ^[2-8](,[2-8])?$ or null",
         ),
-        ({"exllama_max_chunk_size": 128}, "exllama_max_chunk_size must be at least 256 (one cache page)"),
+        ({"exllama_max_chunk_size": 128}, "$.engine.models.m.exllama_max_chunk_size: expected an integer >= 256"),
     ],
 )
-async def test_bad_exllama_settings_fail_the_load_clearly(
-    manager_for: Any, model_dir: Path, keys: dict[str, Any], error: str
-) -> None:
-    manager = await manager_for({"m": exl3_model(model_dir, **keys)})
-    with trio.fail_after(LIMIT_S):
-        with pytest.raises(PoolError) as info:
-            await manager.load("m")
-    assert info.value.message == f"model 'm' failed to load: {error}"
-    assert manager.entries["m"].state == "failed"
+def test_bad_exllama_settings_are_refused_with_the_settings(model_dir: Path, keys: dict[str, Any], error: str) -> None:
+    """Caught when the settings are read (startup, reload), not at the model's load."""
+    with pytest.raises(SettingsError) as info:
+        decode_settings({"engine": {"models": {"m": exl3_model(model_dir, **keys)}}}, source="pool.toml")
+    assert str(info.value) == f"pool.toml: {error}"
 
 
 async def test_a_library_error_at_load_names_the_model_folder(manager_for: Any, tmp_path: Path) -> None:

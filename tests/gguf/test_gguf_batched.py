@@ -19,7 +19,7 @@ from runtime_kit import request, run, serving, submit
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.gguf_batched import BatchedGGUFBackend
-from llm_pool.config import ModelSettings, decode_settings
+from llm_pool.config import GGUFModel, SettingsError, decode_settings
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
 from llm_pool.pool.manager import PoolManager
@@ -426,21 +426,17 @@ def test_batching_is_opt_in(tiny_gguf: Path) -> None:
     solo, batched = make("solo"), make("tiny")
     assert isinstance(solo, GGUFBackend) and solo.capability == 1
     assert isinstance(batched, BatchedGGUFBackend) and batched.capability == 8
-    assert ModelSettings().gguf_batching is False
+    assert GGUFModel().gguf_batching is False
 
 
-async def test_a_failed_load_says_why(tiny_gguf: Path) -> None:
-    manager = PoolManager(settings_for(tiny_gguf, gguf_type_k="q9_9"))
-    with trio.fail_after(LIMIT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.run)
-            with pytest.raises(PoolError) as info:
-                await manager.load("tiny")
-            assert info.value.code == "model_load_failed"
-            assert manager.entries["tiny"].last_error == (
-                "unknown GGML cache type 'q9_9'; one of: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"
-            )
-            nursery.cancel_scope.cancel()
+def test_an_unknown_cache_type_is_refused_with_the_settings(tiny_gguf: Path) -> None:
+    """A cache type llama.cpp lacks is named when the settings are read, not at load."""
+    with pytest.raises(SettingsError) as info:
+        settings_for(tiny_gguf, gguf_type_k="q9_9")
+    assert str(info.value).endswith(
+        '$.engine.models.tiny.gguf_type_k: expected one of "bf16", "f16", "f32", "iq4_nl", "q4_0", "q4_1",'
+        ' "q5_0", "q5_1", "q8_0" or null'
+    )
 
 
 async def test_prompts_are_prefilled_in_chunks_beside_running_streams(pool: PoolManager) -> None:

@@ -79,7 +79,8 @@ def test_wrong_types_and_values(tmp_path: Path, toml: str, message: str) -> None
         ("replicas = '2'", "$.engine.models.m.replicas: expected an integer >= 1"),
         ("enabled = 'yes'", "$.engine.models.m.enabled: expected true or false"),
         ("gguf_flash_attn = 'maybe'", "$.engine.models.m.gguf_flash_attn: expected one of \"auto\", \"off\", \"on\""),
-        ("exllama_cache_size = 300", "$.engine.models.m.exllama_cache_size: expected an integer >= 256 (a multiple of 256)"),
+        ("backend = 'exllamav3'\nexllama_cache_size = 300", "$.engine.models.m.exllama_cache_size: expected an integer >= 256 (a multiple of 256)"),
+        ("exllama_cache_size = 512", "$.engine.models.m.exllama_cache_size: unknown field"),  # not a gguf field
         ("replicas = 0", "$.engine.models.m.replicas: expected an integer >= 1"),
     ],
 )

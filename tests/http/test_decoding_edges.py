@@ -21,8 +21,7 @@ from models.tiny_gguf import write_tiny_gguf
 from pool_http_kit import FakeControl, Pool, assert_error, start_pool
 from upstream import FakeUpstream, serve_upstream
 
-from llm_pool.backends import create_backend
-from llm_pool.backends.decoding import RULES
+from llm_pool.backends import KINDS, create_backend
 
 LIMIT_S = 120
 KEY, KEY_ENV = "sk-edges-test", "LLM_POOL_TEST_EDGES_KEY"
@@ -137,4 +136,10 @@ async def test_a_refused_value_names_the_chat_field_too(
 
 
 def test_every_backend_kind_has_its_rules() -> None:
-    assert set(RULES) == {"gguf", "ct2", "exllamav3", "openai_compatible"}
+    assert {name: [r.field for r in kind.decoding_rules] for name, kind in KINDS.items()} == {
+        "gguf": [],
+        "ct2": ["repetition_penalty"],
+        "exllamav3": ["repetition_penalty"],
+        "llama_server": [],
+        "openai_compatible": ["stop"],
+    }

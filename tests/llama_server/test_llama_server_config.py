@@ -67,8 +67,8 @@ def test_extra_args_may_not_take_over_what_the_backend_sets(flag: str) -> None:
     with pytest.raises(SettingsError) as info:
         settings(llama_server_extra_args=[flag, "1"])
     assert str(info.value) == (
-        f"pool.toml: $.engine.models.m.llama_server_extra_args: model 'm': llama_server_extra_args may not contain"
-        f" {flag.split('=')[0]}: the llama_server backend sets it"
+        f"pool.toml: $.engine.models.m.llama_server_extra_args: model 'm' may not pass {flag.split('=')[0]}"
+        " in llama_server_extra_args: the llama_server backend sets it"
     )
 
 

@@ -77,8 +77,11 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     schemas = doc["components"]["schemas"]
     for name in ("ResponsesRequest", "ResponseBody", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk",
                  "ModelsList", "ErrorBody", "LoadRequest", "UnloadRequest", "ResizeRequest", "AdminModel",
-                 "Readiness", "ModelReadiness", "Live", "ModelSettings"):
+                 "Readiness", "ModelReadiness", "Live",
+                 # a model's definition: one schema per backend kind, told apart by "backend"
+                 "GGUFModel", "CT2Model", "ExLlamaV3Model", "LlamaServerModel", "RemoteModel"):
         assert name in schemas, name
+    assert schemas["AdminModel"]["properties"]["definition"]["discriminator"]["propertyName"] == "backend"
     assert schemas["ResponsesRequest"]["additionalProperties"] is False
     responses = doc["paths"]["/v1/responses"]["post"]
     assert responses["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ResponsesRequest"}

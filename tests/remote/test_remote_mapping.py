@@ -16,7 +16,7 @@ from remote_kit import KEY, KEY_ENV
 
 from llm_pool.backends import BackendContext
 from llm_pool.backends.openai_compatible import RemoteBackend, retry_after_s, upstream_message
-from llm_pool.config import ModelSettings, Settings
+from llm_pool.config import RemoteModel, Settings
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.jobs import Done, GenerationRequest, Job, Message
 
@@ -24,8 +24,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 async def run_job(handler: Handler, *, stream: bool = False, **model: Any) -> Done:
-    settings = ModelSettings(
-        backend="openai_compatible",
+    settings = RemoteModel(
         remote_base_url="http://upstream.test/v1",
         remote_api_key_env=KEY_ENV,
         remote_model="m",
