@@ -216,6 +216,9 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
             for r in (rt.replicas if rt else [])
         ],
         "definition": msgspec.to_builtins(m),
+        # fair sharing among fairness keys (pool.fairness): None while the model is not loaded
+        "fairness": rt.queue.row() if rt else None,
+        "replica_restarts": entry.replica_restarts,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         "remote_cost": _remote_cost(manager, entry) if backend == "openai_compatible" else None,
     }

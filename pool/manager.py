@@ -77,6 +77,8 @@ class ModelEntry:
         self.pending_jobs = 0
         #: Set (and replaced) whenever ``pending_jobs``, the state or a resize changes.
         self.activity = trio.Event()
+        #: Restart attempts of its replicas whose worker died, over every load (a counter).
+        self.replica_restarts = 0
         #: Whether the model is meant to be serving now, what readiness counts: enabled models
         #: from the start; an admin load sets it, an admin or idle unload clears it.
         self.wanted = settings.enabled
@@ -90,6 +92,10 @@ class ModelEntry:
     @last_error.setter
     def last_error(self, text: str | None) -> None:
         self._last_error = None if text is None else printable(text)
+
+    def count_restart(self) -> None:
+        """A replica of this model began a restart attempt (``llm_pool:replica_restarts_total``)."""
+        self.replica_restarts += 1
 
     def touch(self) -> None:
         """Wake whoever waits on :attr:`activity` (the idle-unload timer)."""
@@ -249,6 +255,10 @@ class PoolManager:
             make_backend=make_backend,
             target_inflight=model.target_inflight,
             max_queue=model.max_queue,
+            fairness=self.settings.engine.fairness,
+            restart_max_attempts=model.restart_max_attempts,
+            restart_backoff_s=model.restart_backoff_s,
+            on_restart=entry.count_restart,
         )
 
     def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
