@@ -125,16 +125,7 @@ def _constraint(hint: Any, default: Any) -> dict[str, Any]:
 
 
 def vram_estimate(manager: PoolManager, entry: ModelEntry) -> tuple[float | None, int | None, str]:
-    if entry.observed_vram_mib is not None:
-        return round(entry.observed_vram_mib, 1), entry.observed_vram_replicas, "observed_load_delta"
-    if entry.settings.model_path and not kind_of(entry.settings).remote:
-        try:
-            path = resolve_model_path(manager.settings, entry.settings)
-            size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            return round(size / 2**20, 1), 1, "model_artifact_size"
-        except OSError:
-            pass
-    return None, None, "unavailable"
+    return manager.memory_estimate(entry)  # one estimate for this row and the pool's budget
 
 
 def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
@@ -173,6 +164,12 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
             for r in (rt.replicas if rt else [])
         ],
         "definition": msgspec.to_builtins(m),
+        # fair sharing among fairness keys (pool.fairness): None while the model is not loaded
+        "fairness": rt.queue.row() if rt else None,
+        "replica_restarts": entry.replica_restarts,
+        # keep-alive: seconds until the idle timer unloads the model (None: not counting down)
+        "idle_unload_in_s": None if entry.idle_deadline is None else round(max(0.0, entry.idle_deadline - trio.current_time()), 1),
+        "load_on_demand": m.load_on_demand,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         "remote_cost": _cost(manager, entry),
     }

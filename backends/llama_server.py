@@ -105,8 +105,6 @@ class LlamaServerBackend:
         self.replica = f"{ctx.name}#{ctx.replica_index}"
         self.model = ctx.model
         self.capability = ctx.model.target_inflight
-        self.restart_max_attempts = ctx.model.restart_max_attempts
-        self.restart_backoff_s = ctx.model.restart_backoff_s
         self.prompts: PromptPrep[int] = PromptPrep(ctx.model, backend="llama_server")
         #: The GGUF file's tokenizer (``llama_cpp._internals.LlamaModel``, vocab only), kept
         #: across engine restarts.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-MODULES = ["bench.gguf_pool", "bench.gguf_batching", "bench.ct2_batching", "bench.vs_llama_server", "bench.p5_cancel_memory"]
+MODULES = ["bench.gguf_pool", "bench.gguf_batching", "bench.ct2_batching", "bench.vs_llama_server", "bench.p5_cancel_memory", "bench.fairness"]
 
 if __name__ == "__main__":
     for name in MODULES:

@@ -121,6 +121,15 @@ class _ModelBase(_Strict, tag_field="backend"):
     #: Compute threads per replica; default: the machine's cores divided by ``replicas``.
     n_threads: Positive | None = None
     idle_unload_after_s: PositiveFloat | None = None
+    #: A request for this model while it is unloaded starts a load and waits in the queue (its
+    #: ``max_queue`` and ``queue_timeout_s`` apply) instead of a 409 ``model_not_loaded``.
+    load_on_demand: bool = False
+    #: A replica whose worker died (a backend error escaping, a crashed engine process) is
+    #: restarted this many times in a row (then it is dead, and the model ``failed`` if it was
+    #: the last); one that then served 60 s starts a new count.
+    restart_max_attempts: NonNegative = 3
+    #: Wait before the first restart; doubles per consecutive attempt.
+    restart_backoff_s: NonNegativeFloat = 1.0
 
     @property
     def backend(self) -> str:
@@ -189,11 +198,6 @@ class _EngineProcessModel(_ModelBase):
     start_timeout_s: PositiveFloat = 120.0
     #: After SIGTERM, the child's group gets this long to exit before SIGKILL.
     stop_timeout_s: PositiveFloat = 10.0
-    #: A replica whose child died is restarted this many times in a row (then it is dead, and
-    #: the model ``failed`` if it was the last); an engine that ran 60 s starts a new count.
-    restart_max_attempts: NonNegative = 3
-    #: Wait before the first restart; doubles per consecutive attempt.
-    restart_backoff_s: NonNegativeFloat = 1.0
 
 
 #: llama-server flags the backend sets itself: ``llama_server_extra_args`` may not repeat them
@@ -292,9 +296,41 @@ Backend = Literal[BACKENDS]  # type: ignore[valid-type]
 DEFAULT_BACKEND = "gguf"
 
 
+class FairnessSettings(_Strict):
+    """``[engine.fairness]``: how each model shares its replicas' slots among clients
+    (``fairness_key``); see :mod:`llm_pool.pool.fairness`."""
+
+    #: Weight of a key not named in ``weights`` (and of requests without a key).
+    default_weight: PositiveFloat = 1.0
+    #: A key's share of slot time is proportional to its weight.
+    weights: dict[str, PositiveFloat] = msgspec.field(default_factory=dict)
+    #: Running requests per key per model beyond which the key's next job waits while another
+    #: key has work; exceeded when nobody else waits (None: no cap).
+    soft_max_inflight_per_key: Positive | None = None
+    #: Waiting requests per key per model beyond which the key gets 429 ``fairness_key_queue_full``.
+    max_pending_per_key: NonNegative | None = None
+    #: Waiting requests per model beyond which anyone gets 429 ``executor_queue_full`` (the lower
+    #: of this and the model's ``max_queue``; None: ``max_queue`` alone).
+    max_pending_per_executor: NonNegative | None = None
+    #: A key with nothing queued or running for this long is forgotten (its served time too).
+    idle_state_ttl_s: PositiveFloat = 600.0
+    #: The only keys whose requests may set a negative ``priority`` (others get 403).
+    negative_priority_keys: list[str] = msgspec.field(default_factory=list)
+
+
 class EngineSettings(_Strict):
     #: The backend of every model that names none.
     backend: Backend = DEFAULT_BACKEND
+    fairness: FairnessSettings = msgspec.field(default_factory=FairnessSettings)
+    #: Loaded models at most; a load on demand past it first unloads the least recently used
+    #: idle model (None: no bound).
+    max_loaded_models: Positive | None = None
+    #: Estimated memory (MiB, the admin API's ``vram_estimate_mib``) of the loaded models at
+    #: most; enforced like ``max_loaded_models`` (None: no bound).
+    max_loaded_memory_mib: PositiveFloat | None = None
+    #: llama-swap's groups: models that may stay loaded together.  Loading a model that is in a
+    #: group on demand unloads the idle loaded models that share no group with it.
+    groups: dict[str, list[str]] = msgspec.field(default_factory=dict)
     #: Upper bound a request's ``decoding.max_tokens`` may ask for.
     max_tokens_limit: Positive = 4096
     decoding: DecodingSettings = msgspec.field(default_factory=DecodingSettings)

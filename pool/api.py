@@ -31,6 +31,15 @@ StopString = Annotated[str, msgspec.Meta(min_length=1)]
 StopList = Annotated[list[StopString], msgspec.Meta(max_length=16)]
 
 
+#: A request's ``priority``: lower runs first within its model (vLLM's priority scheduling); below
+#: 0 only for the keys in ``engine.fairness.negative_priority_keys``.
+Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
+#: Longest ``fairness_key`` (after trimming): a key is a label in the admin API and in metrics.
+FAIRNESS_KEY_MAX = 128
+#: The header that names a request's fairness key when its body does not.
+FAIRNESS_KEY_HEADER = "X-Fairness-Key"
+
+
 class DecodingIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] | msgspec.UnsetType = msgspec.UNSET
     top_k: TopK | msgspec.UnsetType = msgspec.UNSET
@@ -52,6 +61,9 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     stream: bool = False
     allow_remote: bool = False
     decoding: DecodingIn | None = None
+    #: Whose request this is, for fair sharing of the model (1..128 characters after trimming).
+    fairness_key: str | None = None
+    priority: Priority = 0
 
 
 class Metrics(msgspec.Struct, kw_only=True):
@@ -198,8 +210,11 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     allow_remote: bool = False
     source_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     target_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
-    # OpenAI fields accepted and ignored, whatever their value
+    fairness_key: str | None = None
+    priority: Priority = 0
+    #: OpenAI's end-user id: the fairness key when neither ``fairness_key`` nor the header names one.
     user: str | None = None
+    # OpenAI fields accepted and ignored, whatever their value
     seed: int | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -352,7 +367,32 @@ def resolve_decoding(settings: Settings, given: DecodingIn | None) -> Decoding:
     return Decoding(**{**values, "stop": list(values["stop"])})
 
 
-def to_generation_request(settings: Settings, body: ResponsesRequest) -> GenerationRequest:
+def fairness_key(given: str | None, header: str | None = None, user: str | None = None) -> str | None:
+    """The request's fairness key: ``fairness_key`` from the body, else the
+    :data:`FAIRNESS_KEY_HEADER` header, else (OpenAI routes) a non-blank ``user``; None: the
+    anonymous bucket.  Trimmed; 400 when blank (but a blank ``user``, which OpenAI clients may
+    send, counts as none), longer than :data:`FAIRNESS_KEY_MAX` or not printable."""
+    for value, where, blank_ok in ((given, "$.fairness_key", False), (header, FAIRNESS_KEY_HEADER, False), (user, "$.user", True)):
+        if value is None:
+            continue
+        key = value.strip()
+        name = where[2:] if where.startswith("$.") else f"the {where} header"
+        param = where if where.startswith("$.") else None
+        if not key:
+            if blank_ok:
+                continue
+            raise invalid_request(f"{name} must not be blank", param=param)
+        if len(key) > FAIRNESS_KEY_MAX:
+            raise invalid_request(
+                f"{name} is {len(key)} characters long; a fairness key has at most {FAIRNESS_KEY_MAX}", param=param
+            )
+        if not key.isprintable():
+            raise invalid_request(f"{name} contains a character that is not printable", param=param)
+        return key
+    return None
+
+
+def to_generation_request(settings: Settings, body: ResponsesRequest, key_header: str | None = None) -> GenerationRequest:
     _check_text(body.input, "$.input")
     _check_text(body.instructions, "$.instructions")
     messages = []
@@ -366,6 +406,8 @@ def to_generation_request(settings: Settings, body: ResponsesRequest) -> Generat
         source_lang_code=body.source_lang_code,
         target_lang_code=body.target_lang_code,
         stream=body.stream,
+        fairness_key=fairness_key(body.fairness_key, key_header),
+        priority=body.priority,
     )
 
 

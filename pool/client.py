@@ -42,9 +42,9 @@ def _models(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     rows = _call(args, "GET", "/v1/admin/models")["models"]
-    cols = ("name", "resolved_backend", "runtime_state", "loaded_replicas", "replica_max", "runtime_inflight", "queue_depth", "vram_estimate_mib", "last_error")
-    heads = ("MODEL", "BACKEND", "STATE", "REPLICAS", "MAX", "RUNNING", "QUEUED", "VRAM_MIB", "LAST_ERROR")
-    table = [heads] + [tuple("" if r[c] is None else str(r[c]) for c in cols) for r in rows]
+    cols = ("name", "resolved_backend", "runtime_state", "loaded_replicas", "replica_max", "runtime_inflight", "queue_depth", "vram_estimate_mib", "idle_unload_in_s", "last_error")
+    heads = ("MODEL", "BACKEND", "STATE", "REPLICAS", "MAX", "RUNNING", "QUEUED", "VRAM_MIB", "IDLE_UNLOAD_IN_S", "LAST_ERROR")
+    table = [heads] + [tuple("" if r.get(c) is None else str(r[c]) for c in cols) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

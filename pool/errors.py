@@ -8,17 +8,20 @@ PoolError                                   body: {"error": {type, code, message
 │       request_cost_exceeds_max remote request over remote_budget_request_max
 ├── 401 unauthorized             missing/wrong bearer token
 ├── 403 remote_execution_disallowed
+│       priority_not_allowed     a negative priority from a key not allowed it
 ├── 404 unknown_model / not_found
 ├── 405 method_not_allowed
 ├── 409 model_not_loaded / model_loading / model_unloading / model_failed
 │       settings_reload_conflict / insufficient_gpu_memory
 ├── 413 payload_too_large
 ├── 429 executor_queue_full (Retry-After) / upstream_rate_limit / budget_exceeded
+│       fairness_key_queue_full  (Retry-After) one key's waiting requests at its bound
 ├── 500 model_load_failed        the runtime refused to load (admin load only)
 ├── 502 backend_error / upstream_* (authentication_failure, invalid_request,
 │       server_error, connection_error, response_parse_failure)
 │       engine_crashed           the replica's engine process died mid-request
 ├── 503 queue_timeout / request_cancelled / shutting_down
+│       pool_capacity_exhausted  (Retry-After) a load on demand found no idle model to evict
 └── 504 upstream_timeout
 
 A generic 500 ``internal_error`` exists only as the last-resort handler: it means a bug.
@@ -94,11 +97,34 @@ def unknown_model(model: str) -> PoolError:
     return PoolError(404, "unknown_model", f"unknown model {model!r}", model=model, param="model")
 
 
-def queue_full(model: str, max_queue: int, retry_after_s: int = 1) -> PoolError:
+def queue_full(model: str, max_queue: int, retry_after_s: int = 1, *, setting: str = "max_queue") -> PoolError:
     return PoolError(
         429,
         "executor_queue_full",
-        f"model {model!r} is busy: its queue is full (max_queue={max_queue}); retry later",
+        f"model {model!r} is busy: its queue is full ({setting}={max_queue}); retry later",
+        model=model,
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def fairness_key_queue_full(model: str, key: str | None, limit: int, retry_after_s: int = 1) -> PoolError:
+    who = "requests without a fairness_key" if key is None else f"fairness_key {key!r}"
+    return PoolError(
+        429,
+        "fairness_key_queue_full",
+        f"model {model!r}: {who} already have {limit} request(s) waiting "
+        f"(engine.fairness.max_pending_per_key={limit}); retry later",
+        model=model,
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def pool_capacity_exhausted(model: str, why: str, retry_after_s: int = 5) -> PoolError:
+    """A load on demand needs room that no idle model can give back now."""
+    return PoolError(
+        503,
+        "pool_capacity_exhausted",
+        f"model {model!r} cannot be loaded now: {why}; retry later",
         model=model,
         headers={"Retry-After": str(retry_after_s)},
     )

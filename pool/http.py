@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from llm_pool.admin.routes import register_admin
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
+    FAIRNESS_KEY_HEADER,
     ModelCard,
     ModelsList,
     OutputMessage,
@@ -146,7 +147,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
     async def responses() -> Response:
         t0 = time.perf_counter()
         body: ResponsesRequest = await read_json(ResponsesRequest)
-        gen = to_generation_request(manager.settings, body)
+        gen = to_generation_request(manager.settings, body, request.headers.get(FAIRNESS_KEY_HEADER))
         job = await run_job(manager, gen, allow_remote=body.allow_remote)
         created_at = unix_time_of(job.t_submitted)
         if not body.stream:

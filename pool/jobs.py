@@ -71,6 +71,11 @@ class GenerationRequest:
     source_lang_code: str | None = None
     target_lang_code: str | None = None
     stream: bool = False
+    #: Whose request this is, for fair sharing (:mod:`llm_pool.pool.fairness`); None: the
+    #: anonymous bucket.  Already trimmed and checked (1..128 characters).
+    fairness_key: str | None = None
+    #: Lower runs first within a model, before fairness (vLLM's priority scheduling).
+    priority: int = 0
 
     @property
     def system(self) -> str | None:
@@ -138,6 +143,10 @@ class Job:
         self.t_backend_begin: float | None = None
         self.t_backend_end: float | None = None
         self.t_done: float | None = None
+        #: trio-clock times the job took and released its replica slot (fair sharing's slot
+        #: time, :mod:`pool.fairness`); None until then.
+        self.slot_start: float | None = None
+        self.slot_end: float | None = None
         #: When the first chunk of output reached the trio side (time to first token).
         self.t_first_output: float | None = None
         self.output: list[str] = []

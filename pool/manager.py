@@ -15,6 +15,17 @@ had no queued or running request for that long.  The timer starts when the model
 request arriving, a resize in progress or any state change stops it.  It is one task per loaded
 model in the manager's nursery (:meth:`PoolManager._unload_when_idle`), gone with the load.
 
+Load on demand (``load_on_demand = true``): a request for the model while it is unloaded,
+failed or loading waits in the model's on-demand list (its ``max_queue`` and
+``queue_timeout_s`` apply) and starts the load if none runs; once loaded, the list goes into the
+model's queue in arrival order, and a failed load fails it (502).  Several requests make one
+load.  Before such a load, the pool's budget is made to fit (``engine.max_loaded_models``,
+``engine.max_loaded_memory_mib`` against :meth:`PoolManager.memory_estimate`, and
+``engine.groups``) by unloading the least recently used *idle* loaded models (nothing queued or
+running, no resize); when idle models cannot make room the request gets 503
+``pool_capacity_exhausted`` at once.  With ``idle_unload_after_s`` this is Ollama's keep-alive:
+the admin row's ``idle_unload_in_s`` is the countdown.
+
 This module must not import quart.
 """
 
@@ -31,11 +42,14 @@ import trio
 
 from llm_pool.backends import BackendContext, create_backend, kind_of
 from llm_pool.backends.base import Admits, Backend
-from llm_pool.config import ModelSettings, Settings, SettingsError, load_settings
+from llm_pool.config import ModelSettings, Settings, SettingsError, load_settings, resolve_model_path
 from llm_pool.pool.errors import (
     PoolError,
+    backend_error,
     model_unloading,
+    pool_capacity_exhausted,
     printable,
+    queue_full,
     request_cancelled,
     shutting_down,
     unknown_model,
@@ -47,6 +61,8 @@ from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
 log = logging.getLogger("llm_pool.manager")
 
 State = Literal["unloaded", "loading", "loaded", "unloading", "failed"]
+#: Admission errors that a model with ``load_on_demand`` answers by loading instead.
+_ON_DEMAND_CODES = frozenset({"model_not_loaded", "model_failed", "model_loading"})
 BackendFactory = Callable[[BackendContext], Backend]
 
 
@@ -77,6 +93,15 @@ class ModelEntry:
         self.pending_jobs = 0
         #: Set (and replaced) whenever ``pending_jobs``, the state or a resize changes.
         self.activity = trio.Event()
+        #: Requests waiting for a load on demand (module docstring), in arrival order.
+        self.on_demand: list[Job] = []
+        #: When a request last arrived or ended (monotonic): the least recently used idle model
+        #: is evicted first.
+        self.last_used = 0.0
+        #: trio time at which the idle timer unloads the model; None while it is not counting.
+        self.idle_deadline: float | None = None
+        #: Restart attempts of its replicas whose worker died, over every load (a counter).
+        self.replica_restarts = 0
         #: Whether the model is meant to be serving now, what readiness counts: enabled models
         #: from the start; an admin load sets it, an admin or idle unload clears it.
         self.wanted = settings.enabled
@@ -90,6 +115,10 @@ class ModelEntry:
     @last_error.setter
     def last_error(self, text: str | None) -> None:
         self._last_error = None if text is None else printable(text)
+
+    def count_restart(self) -> None:
+        """A replica of this model began a restart attempt (``llm_pool:replica_restarts_total``)."""
+        self.replica_restarts += 1
 
     def touch(self) -> None:
         """Wake whoever waits on :attr:`activity` (the idle-unload timer)."""
@@ -204,27 +233,139 @@ class PoolManager:
         admission; the remote backend reserves the request's cost there (400/429 before the queue).
         """
         try:
-            entry = self.check_admission(job.request.model, allow_remote=allow_remote)
-            assert entry.runtime is not None
-            admit = next((r.backend.admit for r in entry.runtime.serving_replicas if isinstance(r.backend, Admits)), None)
-            if admit is not None:
-                admit(job, entry.runtime.submit_nowait)
+            try:
+                entry = self.check_admission(job.request.model, allow_remote=allow_remote)
+            except PoolError as e:
+                entry = self.entries[job.request.model] if job.request.model in self.entries else None  # type: ignore[assignment]
+                if entry is None or not entry.settings.load_on_demand or e.code not in _ON_DEMAND_CODES:
+                    raise
+                self._wait_for_load(entry, job)
             else:
-                entry.runtime.submit_nowait(job)
+                self._enqueue(entry, job)
         except PoolError as e:
             if job.request.model in self.entries:  # never a label per unknown name
                 self._run_job_hooks(job, e)
             raise
         # queued: nothing can end it before this synchronous code returns
         entry.pending_jobs += 1
+        entry.last_used = time.monotonic()
         entry.touch()
         job.on_end.append(functools.partial(self._job_ended, entry))
         return entry
 
+    def _enqueue(self, entry: ModelEntry, job: Job) -> None:
+        assert entry.runtime is not None
+        admit = next((r.backend.admit for r in entry.runtime.serving_replicas if isinstance(r.backend, Admits)), None)
+        if admit is not None:
+            admit(job, entry.runtime.submit_nowait)
+        else:
+            entry.runtime.submit_nowait(job)
+
     def _job_ended(self, entry: ModelEntry, job: Job, error: PoolError | None) -> None:
         entry.pending_jobs -= 1
+        entry.last_used = time.monotonic()
         entry.touch()
         self._run_job_hooks(job, error)
+
+    # ------------------------------------------------------------------ load on demand
+    def _wait_for_load(self, entry: ModelEntry, job: Job) -> None:
+        """Put ``job`` in ``entry``'s on-demand list, starting the load (after evictions) unless
+        one runs; raises 429 (list full) or 503 ``pool_capacity_exhausted``."""
+        if len(entry.on_demand) >= entry.settings.max_queue:
+            raise queue_full(entry.name, entry.settings.max_queue)
+        if entry.state in ("unloaded", "failed"):
+            victims = self.evictions_for(entry)  # raises 503 when idle models cannot make room
+            entry.load_done = trio.Event()
+            entry.last_error = None
+            self._set_state(entry, "loading")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._load_on_demand, entry, victims, name=f"load on demand {entry.name}")
+
+        def cancelled(job: Job) -> None:
+            if job in entry.on_demand:
+                entry.on_demand.remove(job)
+
+        job.on_cancel_queued = cancelled
+        entry.on_demand.append(job)
+
+    async def _load_on_demand(self, entry: ModelEntry, victims: list[ModelEntry]) -> None:
+        """Unload ``victims`` (idle models), load ``entry``, then hand its waiting requests to
+        its queue (or fail them with the load's error)."""
+        try:
+            for victim in victims:
+                log.info("evict", extra={"fields": {"action": "evict", "model": victim.name, "for": entry.name}})
+                await self.unload(victim.name)
+            self._start_load(entry, None, entry.settings.replicas)
+        except BaseException:
+            self._set_state(entry, "failed")
+            entry.last_error = entry.last_error or "the load on demand did not start"
+            entry.load_done.set()
+            self._flush_on_demand(entry)
+            raise
+
+    def _flush_on_demand(self, entry: ModelEntry) -> None:
+        """The load ended: waiting requests go into the queue, in arrival order, or fail."""
+        waiting, entry.on_demand = entry.on_demand, []
+        for job in waiting:
+            job.on_cancel_queued = None
+            if job.state != "queued":
+                continue
+            try:
+                if entry.state != "loaded" or entry.runtime is None:
+                    raise backend_error(entry.name, f"load on demand failed: {entry.last_error}")
+                self._enqueue(entry, job)
+            except PoolError as e:
+                job.cancel(e)
+
+    def evictions_for(self, entry: ModelEntry) -> list[ModelEntry]:
+        """The idle loaded models to unload, least recently used first, so that loading
+        ``entry`` fits ``engine.max_loaded_models``, ``engine.max_loaded_memory_mib`` and
+        ``engine.groups``; 503 ``pool_capacity_exhausted`` when idle models are not enough."""
+        engine = self.settings.engine
+        others = [e for e in self.entries.values() if e is not entry and e.state in ("loaded", "loading", "unloading")]
+        idle = sorted(
+            (e for e in others if e.state == "loaded" and not e.pending_jobs and not e.resize_lock.locked() and not e.on_demand),
+            key=lambda e: e.last_used,
+        )
+        mine = {g for g, members in engine.groups.items() if entry.name in members}
+        victims: list[ModelEntry] = []
+        if mine:  # llama-swap's exclusive groups: only models sharing a group stay loaded
+            victims = [e for e in idle if not any(e.name in engine.groups[g] for g in mine)]
+        staying = [e for e in others if e not in victims]
+        spare = [e for e in idle if e not in victims]
+
+        def over() -> str | None:
+            if engine.max_loaded_models is not None and len(staying) + 1 > engine.max_loaded_models:
+                return f"engine.max_loaded_models={engine.max_loaded_models} models are loaded"
+            budget = engine.max_loaded_memory_mib
+            if budget is not None:
+                need = sum(self.memory_estimate(e)[0] or 0.0 for e in [*staying, entry])
+                if need > budget:
+                    return f"about {need:.0f} MiB would be loaded, over engine.max_loaded_memory_mib={budget:g}"
+            return None
+
+        while (why := over()) is not None:
+            if not spare:
+                raise pool_capacity_exhausted(entry.name, f"{why} and none of them is idle")
+            victim = spare.pop(0)
+            victims.append(victim)
+            staying.remove(victim)
+        return victims
+
+    def memory_estimate(self, entry: ModelEntry) -> tuple[float | None, int | None, str]:
+        """``(MiB, replicas counted, source)`` of a model's memory: the GPU memory its last load
+        took (``observed_load_delta``), else its model file(s) on disk (``model_artifact_size``),
+        else unknown (remote models; counted as 0 by the budget)."""
+        if entry.observed_vram_mib is not None:
+            return round(entry.observed_vram_mib, 1), entry.observed_vram_replicas, "observed_load_delta"
+        if entry.settings.model_path and not kind_of(entry.settings).remote:
+            try:
+                path = resolve_model_path(self.settings, entry.settings)
+                size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                return round(size / 2**20, 1), 1, "model_artifact_size"
+            except OSError:
+                pass
+        return None, None, "unavailable"
 
     # ------------------------------------------------------------------ load
     def _make_runtime(self, entry: ModelEntry, model: ModelSettings, replicas: int) -> ModelRuntime:
@@ -246,6 +387,10 @@ class PoolManager:
             make_backend=make_backend,
             target_inflight=model.target_inflight,
             max_queue=model.max_queue,
+            fairness=self.settings.engine.fairness,
+            restart_max_attempts=model.restart_max_attempts,
+            restart_backoff_s=model.restart_backoff_s,
+            on_restart=entry.count_restart,
         )
 
     def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
@@ -255,7 +400,8 @@ class PoolManager:
         entry.override = override
         entry.loaded_settings = model
         entry.last_error = None
-        entry.load_done = trio.Event()
+        if entry.load_done.is_set():  # a load on demand made its event already (callers may wait on it)
+            entry.load_done = trio.Event()
         self._set_state(entry, "loading")
         self._nursery.start_soon(self._model_lifetime, entry, runtime, replicas, name=f"model {entry.name}")
 
@@ -271,6 +417,7 @@ class PoolManager:
                 entry.observed_vram_replicas = replicas
             self._set_state(entry, "loaded")
             entry.load_done.set()
+            self._flush_on_demand(entry)
             log.info("model %s loaded with %d replica(s)", entry.name, replicas)
             idle_s = (entry.loaded_settings or entry.settings).idle_unload_after_s
             if idle_s is not None and self._nursery is not None:
@@ -298,6 +445,7 @@ class PoolManager:
                 self._set_state(entry, "failed")
             entry.load_done.set()
             entry.unload_done.set()
+            self._flush_on_demand(entry)  # a load that failed fails its waiting requests
 
     async def load(self, name: str, *, override: dict[str, Any] | None = None, replicas: int | None = None) -> ModelEntry:
         """Load ``name`` (idempotent when already loaded without changes) and wait for the end.
@@ -405,8 +553,12 @@ class PoolManager:
             if busy():
                 await changed.wait()
                 continue
-            with trio.move_on_after(after_s) as timer:
-                await changed.wait()
+            entry.idle_deadline = trio.current_time() + after_s
+            try:
+                with trio.move_on_after(after_s) as timer:
+                    await changed.wait()
+            finally:
+                entry.idle_deadline = None
             if timer.cancelled_caught and this_load() and not busy():
                 log.info(
                     "idle unload",

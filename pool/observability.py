@@ -14,6 +14,8 @@ Read from the manager at scrape time (a custom collector, so they are never stal
 ``llm_pool:loaded_replicas``               gauge  ``{model}`` replicas serving (or draining)
 ``llm_pool:gpu_memory_used_bytes``         gauge  ``{gpu,gpu_name}`` per device; absent without
 ``llm_pool:gpu_memory_total_bytes``        gauge  a visible NVIDIA GPU
+``llm_pool:replica_restarts_total``        count  ``{model}`` restart attempts of replicas whose
+                                                  worker died (every load together)
 =========================================  =====  =================================================
 
 Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hooks`):
@@ -26,7 +28,13 @@ Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hoo
 ``llm_pool:e2e_request_latency_seconds``        histogram  submitted → ended, every admitted request
 ``llm_pool:prompt_tokens_total``                counter    as the backend counted them
 ``llm_pool:generation_tokens_total``            counter    as the backend counted them
+``llm_pool:fairness_queue_time_seconds``        histogram  submitted → dispatched, ``{model,fairness_key}``
 ==============================================  =========  ============================================
+
+``fairness_key`` labels are bounded: a key named in ``[engine.fairness] weights`` is its own
+label, requests without a key are ``_anonymous``, and every other key is ``_other``.  Keys come
+from clients, so a label per key would let any client grow the scrape without bound; the
+configured keys are the ones an operator chose to watch (models × (configured keys + 2) series).
 
 A request is counted once it reaches admission for a *configured* model: refused there (queue
 full, model not loaded, ``allow_remote`` missing, budget) it gets an outcome and nothing else;
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -62,7 +70,7 @@ REASONS: dict[str, str] = {
     "ok": "finished: end of text, a stop string or max_tokens",
     "cancelled": "503 request_cancelled, or stopped early by its stop flag: the client went away, "
     "or an unload/resize/shutdown cancelled it past its drain",
-    "rejected_queue_full": "429 executor_queue_full at admission",
+    "rejected_queue_full": "429 executor_queue_full or fairness_key_queue_full at admission",
     "queue_timeout": "503 queue_timeout: waited longer than queue_timeout_s",
     "backend_error": "502 backend_error: the runtime failed or died",
     "upstream_error": "upstream_* (502/504/429): the remote API failed",
@@ -72,13 +80,16 @@ REASONS: dict[str, str] = {
     "rejected_remote_disallowed": "403 remote_execution_disallowed at admission",
     "rejected_budget": "request_cost_exceeds_max, budget_exceeded or cost_ledger_unavailable at "
     "admission (remote models with a budget)",
-    "invalid_request": "400 invalid_request from the backend (e.g. a prompt longer than the context)",
+    "invalid_request": "400 invalid_request from the backend (e.g. a prompt longer than the context), "
+    "or 403 priority_not_allowed at admission",
     "error": "any other error (a bug if it shows up)",
 }
 
 _REASON_OF_CODE = {
     "request_cancelled": "cancelled",
     "executor_queue_full": "rejected_queue_full",
+    "fairness_key_queue_full": "rejected_queue_full",
+    "priority_not_allowed": "invalid_request",
     "queue_timeout": "queue_timeout",
     "backend_error": "backend_error",
     "model_not_loaded": "model_unavailable",
@@ -139,6 +150,9 @@ class PoolStateCollector(Collector):
         replicas = GaugeMetricFamily(
             PREFIX + "loaded_replicas", "Replicas serving the model (draining ones included).", labels=["model"]
         )
+        restarts = CounterMetricFamily(
+            PREFIX + "replica_restarts", "Restart attempts of replicas whose worker died.", labels=["model"]
+        )
         for name, entry in sorted(self.manager.entries.items()):
             rt = entry.runtime
             running.add_metric([name], rt.running if rt else 0)
@@ -147,7 +161,8 @@ class PoolStateCollector(Collector):
                 state.add_metric([name, s], 1.0 if entry.state == s else 0.0)
             live = [r for r in rt.replicas if r.state in ("serving", "retiring")] if rt else []
             replicas.add_metric([name], len(live))
-        yield from (running, waiting, state, replicas)
+            restarts.add_metric([name], entry.replica_restarts)
+        yield from (running, waiting, state, replicas, restarts)
         if self.gpus:
             used = GaugeMetricFamily(PREFIX + "gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu", "gpu_name"])
             total = GaugeMetricFamily(PREFIX + "gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["gpu", "gpu_name"])
@@ -197,6 +212,10 @@ class PoolMetrics:
             PREFIX + "e2e_request_latency_seconds", "Submitted to ended, for every admitted request.", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.fair_queue_time = Histogram(
+            PREFIX + "fairness_queue_time_seconds", "Submitted to dispatched, per fairness key (bounded).",
+            ["model", "fairness_key"], buckets=QUEUE_BUCKETS, registry=r,
+        )
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.state = PoolStateCollector(manager)
@@ -232,6 +251,7 @@ class PoolMetrics:
         series.e2e.observe(job.t_done - start)
         if job.t_dispatched is not None:
             series.queue_time.observe(job.t_dispatched - start)
+            self.fair_queue_time.labels(model, self.key_label(job.request.fairness_key)).observe(job.t_dispatched - start)
         if job.t_first_output is not None:
             series.ttft.observe(job.t_first_output - start)
         if job.t_dispatched is not None and job.t_backend_begin is not None and job.t_backend_end is not None:
@@ -240,6 +260,12 @@ class PoolMetrics:
         if stats is not None:
             series.prompt_tokens.inc(stats.prompt_tokens or 0)
             series.generation_tokens.inc(stats.output_tokens or 0)
+
+    def key_label(self, key: str | None) -> str:
+        """The bounded ``fairness_key`` label (see the module docstring)."""
+        if key is None:
+            return "_anonymous"
+        return key if key in self.manager.settings.engine.fairness.weights else "_other"
 
     def _zero_series(self, models: Iterable[str]) -> None:
         """Every configured model gets every series (at 0), so ``rate()`` works from the start."""

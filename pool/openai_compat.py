@@ -12,7 +12,10 @@ Request fields (``pool.api.ChatCompletionRequest``):
   ``max_completion_tokens`` (either; both only if equal), ``stop`` (a string or a list),
   ``stream``, ``stream_options.include_usage``, ``n`` (1 only);
 * llm-pool extensions, sent with the SDK's ``extra_body``: ``top_k``, ``repetition_penalty``,
-  ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma);
+  ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma),
+  ``fairness_key`` and ``priority`` (see :mod:`pool.fairness`);
+* ``user``: the fairness key when neither ``fairness_key`` nor the ``X-Fairness-Key`` header
+  gives one (a blank ``user`` counts as none);
 * :data:`IGNORED_FIELDS`: accepted with any value and ignored (bookkeeping that changes nothing
   about the text generated);
 * :data:`NEUTRAL_FIELDS`: accepted only at the value that asks for nothing (null, or what
@@ -48,10 +51,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-from quart import Response
+from quart import Response, request
 
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
+    FAIRNESS_KEY_HEADER,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -62,6 +66,7 @@ from llm_pool.pool.api import (
     ChatMessageOut,
     ChatUsage,
     DecodingIn,
+    fairness_key,
     resolve_decoding,
     token_counts,
 )
@@ -75,7 +80,6 @@ from llm_pool.pool.web_io import json_response, read_json, sse_response
 #: hints that change nothing about the generated text.  (``seed``: llm-pool's samplers take no
 #: per-request seed, and clients send one by habit; refusing it would break them for nothing.)
 IGNORED_FIELDS = (
-    "user",
     "seed",
     "metadata",
     "store",
@@ -129,7 +133,7 @@ def register_openai(app: Any, manager: PoolManager) -> None:
     async def chat_completions() -> Response:
         t0 = time.perf_counter()
         body: ChatCompletionRequest = await read_json(ChatCompletionRequest)
-        gen = to_chat_request(manager.settings, body)
+        gen = to_chat_request(manager.settings, body, request.headers.get(FAIRNESS_KEY_HEADER))
         job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id(), decoding_at="$")
         created = unix_time_of(job.t_submitted)
         if not gen.stream:
@@ -205,7 +209,7 @@ def finish_reason(job: Job) -> Literal["stop", "length"]:
 
 
 # --------------------------------------------------------------------------- translation
-def to_chat_request(settings: Settings, body: ChatCompletionRequest) -> GenerationRequest:
+def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header: str | None = None) -> GenerationRequest:
     """``body`` as an engine request, or a 400 naming the field that can't be honoured."""
     _check_neutral(body, NEUTRAL_FIELDS, "$")
     if body.n is not None and body.n != 1:
@@ -219,6 +223,8 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest) -> Generati
         source_lang_code=body.source_lang_code,
         target_lang_code=body.target_lang_code,
         stream=bool(body.stream),
+        fairness_key=fairness_key(body.fairness_key, key_header, body.user),
+        priority=body.priority,
     )
 
 

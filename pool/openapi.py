@@ -59,19 +59,40 @@ class _Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LoadConstraint(_Doc):
-    """What a load override accepts (for a form): an int range or a set of values."""
+    """What a load override accepts (for a form): an int range, a set of values, or a string
+    matching a pattern; read from the settings Struct's annotations."""
 
-    kind: Literal["int", "enum"]
+    kind: Literal["int", "enum", "string", "string_or_null"]
     default: Any
     minimum: int | None = None
     maximum: int | None = None
     step: int | None = None
     allowed_values: list[Any] | None = None
+    pattern: str | None = None
+
+
+class FairnessKeyRow(_Doc):
+    """One ``fairness_key`` of a loaded model (:mod:`llm_pool.pool.fairness`)."""
+
+    fairness_key: str | None
+    pending: int
+    active: int
+    weight: float
+    #: Slot time served (seconds, running jobs' elapsed time included) divided by the weight.
+    score: float
+    rejected_per_key_limit: int
+    rejected_executor_limit: int
+
+
+class FairnessRow(_Doc):
+    rejected_per_key_limit: int
+    rejected_executor_limit: int
+    keys: list[FairnessKeyRow]
 
 
 class ReplicaDetail(_Doc):
     name: str
-    state: Literal["loading", "serving", "retiring", "stopped", "dead"]
+    state: Literal["loading", "serving", "restarting", "retiring", "stopped", "dead"]
     active: int
     capacity: int
     error: str | None
@@ -108,6 +129,13 @@ class AdminModel(_Doc):
     definition: ModelSettings
     #: Remote models: today's spend and remaining budget from the cost ledger.
     remote_cost: dict[str, Any] | None
+    #: Fair sharing among fairness keys; null while the model is not loaded.
+    fairness: FairnessRow | None
+    #: Restart attempts of this model's replicas since it was loaded.
+    replica_restarts: int
+    #: Seconds until the idle timer unloads the model (null: not counting down).
+    idle_unload_in_s: float | None
+    load_on_demand: bool
 
 
 class AdminModels(_Doc):

@@ -2,9 +2,10 @@
 
 ::
 
-    submit_nowait(job) ──▶ FIFO queue ──▶ _pump() ──▶ replica inbox ──▶ backend
-         │ 429 when max_queue jobs already wait   least-loaded replica with a free slot,
-         │ 409 while unloading                    ties round-robin
+    submit_nowait(job) ──▶ FairQueue ──▶ _pump() ──▶ replica inbox ──▶ backend
+         │ 429 executor_queue_full /      priority, then      least-loaded replica with a
+         │     fairness_key_queue_full    weighted slot time  free slot, ties round-robin
+         │ 409 while unloading            per fairness_key
 
 Dispatch is synchronous: ``_pump`` runs whenever a slot may have opened or a job arrived (submit,
 a job's release, replicas becoming ready) and places queued jobs at once, on the trio thread.  A
@@ -16,11 +17,19 @@ loads every replica (all or nothing) and serves until its cancel scope is cancel
 Each threaded replica makes a single ``trio.to_thread.run_sync`` call that lasts its whole life, so
 the runtime library always sees the same OS thread.
 
-Restarts: an async backend whose engine died raises :class:`~backends.base.EngineCrashed` from
-``serve`` (its running jobs already ended with 502 ``engine_crashed``).  The replica goes
-``restarting`` (no free slot, so queued jobs go to the other replicas), is closed, waits
-``restart_backoff_s`` (doubling per attempt) and loads again; ``restart_max_attempts`` failed
-attempts in a row make it ``dead`` (the model ``failed`` if it was the last).
+The queue is :class:`~pool.fairness.FairQueue`: which queued job runs next (priority, then the
+``fairness_key`` with the least slot time per weight); with one key and one priority it is FIFO.
+
+Restarts (healing): a replica whose worker died restarts.  That is an async backend whose engine
+died (it raises :class:`~backends.base.EngineCrashed` from ``serve``, its running jobs already
+ended with 502 ``engine_crashed``), or any backend from whose ``serve`` an exception escaped (a
+threaded worker's thread then ends; its jobs get 502 ``backend_error``).  The replica goes
+``restarting`` (no free slot, so queued jobs wait for the other replicas), is closed, waits
+``restart_backoff_s`` (doubling per attempt) and loads again: the same backend object for an
+engine process, a new one from ``make_backend`` (on a new worker thread) otherwise.
+``restart_max_attempts`` failed attempts in a row make it ``dead`` (the model ``failed`` if it
+was the last); a replica that served ``RESTART_RESET_AFTER_S`` starts a new count.  Each attempt
+calls ``on_restart`` (``llm_pool:replica_restarts_total``) and is logged.
 
 Cancellation: cancelling the model's scope (``stop``, after the drain) sets the stop flag of every
 running job with a ``request_cancelled`` error and asks each backend to return; backends stop at
@@ -32,7 +41,6 @@ This module must not import quart.
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import math
@@ -44,15 +52,16 @@ from typing import Any, Literal
 import trio
 
 from llm_pool.backends.base import Backend, EngineCrashed
+from llm_pool.config import FairnessSettings
 from llm_pool.pool.errors import (
     PoolError,
     backend_error,
     engine_crashed,
     model_unloading,
     printable,
-    queue_full,
     request_cancelled,
 )
+from llm_pool.pool.fairness import FairQueue
 from llm_pool.pool.jobs import Job
 
 log = logging.getLogger("llm_pool.scheduler")
@@ -64,6 +73,11 @@ ReplicaState = Literal["loading", "serving", "restarting", "retiring", "stopped"
 RESTART_RESET_AFTER_S = 60.0
 
 
+def _cancelled() -> bool:
+    """Whether the current task's scope is cancelled (an unload past its drain, a resize)."""
+    return trio.current_effective_deadline() == -math.inf
+
+
 class LoadFailed(Exception):
     """A model (or a replica being added) could not load; the message is the runtime's."""
 
@@ -71,19 +85,27 @@ class LoadFailed(Exception):
 class Replica:
     """One replica: a backend instance, its worker, and the jobs it holds."""
 
-    def __init__(self, name: str, backend: Backend, capacity: int) -> None:
+    def __init__(self, name: str, backend: Backend, capacity: int, index: int = 1) -> None:
         self.name = name
+        #: The number ``make_backend`` got for it (a restart makes its new backend with it).
+        self.index = index
         self.backend = backend
         self.capacity = capacity
         self.state: ReplicaState = "loading"
         self.active = 0
         self.jobs: set[Job] = set()
         self._error: str | None = None
+        self.stopping = False
         self.ready = trio.Event()
         self.done = trio.Event()
         self.inbox: Any = None  # queue.SimpleQueue for threaded backends, trio channel otherwise
         self._inbox_recv: Any = None
-        if backend.threaded:
+        self.new_inbox()
+
+    def new_inbox(self) -> None:
+        """A fresh inbox (at start, and for a restarted threaded worker: the dead one's inbox
+        may hold a stop request)."""
+        if self.backend.threaded:
             self.inbox = queue.SimpleQueue()
         else:
             self.inbox, self._inbox_recv = trio.open_memory_channel[Job | None](math.inf)
@@ -100,7 +122,7 @@ class Replica:
     @property
     def free(self) -> int:
         # ``crashed``: an engine process that died takes no job even before serve() returned
-        if self.state != "serving" or getattr(self.backend, "crashed", False):
+        if self.state != "serving" or self.stopping or getattr(self.backend, "crashed", False):
             return 0
         return self.capacity - self.active
 
@@ -113,6 +135,7 @@ class Replica:
             self.inbox.send_nowait(job)
 
     def stop_jobs(self, error: PoolError) -> None:
+        self.stopping = True  # its inbox is closing: no job may be placed on it any more
         for job in list(self.jobs):
             job.cancel(error)
         if self.state not in ("stopped", "dead"):
@@ -129,22 +152,28 @@ class ModelRuntime:
         make_backend: Callable[[int], Backend],
         target_inflight: int,
         max_queue: int,
+        fairness: FairnessSettings | None = None,
+        restart_max_attempts: int = 0,
+        restart_backoff_s: float = 1.0,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.make_backend = make_backend
         self.target_inflight = target_inflight
         self.max_queue = max_queue
+        #: For replicas whose worker died; an engine-process backend's own attributes win.
+        self.restart_max_attempts = restart_max_attempts
+        self.restart_backoff_s = restart_backoff_s
+        self.on_restart = on_restart
         self.replicas: list[Replica] = []
-        self.waiting = 0
         #: True from the end of a successful load until stop() or the last replica's death.
         self.admitting = False
         self.last_error: str | None = None
         self.last_activity = time.monotonic()
         self.finished = trio.Event()
-        #: Jobs in arrival order; cancelled ones are skipped when they reach the front (and
-        #: swept out once they are the majority), so cancelling is O(1).
-        self._queue: collections.deque[Job] = collections.deque()
-        self._cancelled_in_queue = 0
+        #: The queued jobs; cancelled ones are skipped when they reach the front, so
+        #: cancelling is O(1).
+        self.queue = FairQueue(fairness)
         self._changed = trio.Event()
         self._rr = 0
         #: Replica numbers are never reused, so a name always means one replica.
@@ -160,6 +189,11 @@ class ModelRuntime:
     def effective_target_inflight(self) -> int:
         caps = [r.capacity for r in self.replicas]
         return min(caps) if caps else self.target_inflight
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued (not cancelled), every key together."""
+        return self.queue.pending
 
     @property
     def running(self) -> int:
@@ -215,7 +249,7 @@ class ModelRuntime:
                 backend = self.make_backend(index)
             except Exception as e:  # a bad definition or a missing library
                 return f"{type(e).__name__}: {e}" if not isinstance(e, LoadFailed) else str(e)
-            replica = Replica(f"{self.name}#{index}", backend, min(self.target_inflight, backend.capability))
+            replica = Replica(f"{self.name}#{index}", backend, min(self.target_inflight, backend.capability), index)
             self.replicas.append(replica)
             new.append(replica)
             self._nursery.start_soon(self._run_replica, replica, name=replica.name)
@@ -239,37 +273,12 @@ class ModelRuntime:
         return None
 
     async def _run_replica(self, replica: Replica) -> None:
-        token = trio.lowlevel.current_trio_token()
-
         def loaded(error: BaseException | None) -> None:
             if error is not None:
                 replica.state = "dead"
                 replica.error = str(error) or type(error).__name__
                 log.warning("replica %s failed to load: %s", replica.name, replica.error)
             replica.ready.set()
-
-        def mark_dead() -> None:
-            replica.state = "dead"
-
-        def thread_main() -> None:
-            backend: Any = replica.backend
-            try:
-                backend.load()
-            except BaseException as e:
-                token.run_sync_soon(loaded, e)
-                return
-            token.run_sync_soon(loaded, None)
-            try:
-                backend.serve(replica.inbox)
-            except BaseException as e:
-                replica.error = f"runtime died: {type(e).__name__}: {e}"
-                log.error("replica %s died", replica.name, exc_info=e)
-                token.run_sync_soon(mark_dead)
-            finally:
-                try:
-                    backend.close()
-                except Exception:
-                    log.exception("replica %s: close failed", replica.name)
 
         ended_itself = False
 
@@ -285,13 +294,13 @@ class ModelRuntime:
                 nursery.start_soon(stop_on_cancel)
                 try:
                     if replica.backend.threaded:
-                        await trio.to_thread.run_sync(thread_main, limiter=trio.CapacityLimiter(1))
+                        await self._run_threaded_replica(replica, loaded)
                     else:
                         await self._run_async_replica(replica, loaded)
                 finally:
                     # ended by itself (returned, died, crashed) unless an outer scope cancelled it;
                     # its leftover jobs then get the replica's error below, not the stop error
-                    ended_itself = trio.current_effective_deadline() != -math.inf
+                    ended_itself = not _cancelled()
                 nursery.cancel_scope.cancel()
         except Exception as e:  # a bug in an adapter: the replica is dead, the pool goes on
             replica.error = replica.error or f"{type(e).__name__}: {e}"
@@ -317,6 +326,79 @@ class ModelRuntime:
                 if self._nursery is not None:  # the model ends; the manager marks it failed
                     self._nursery.cancel_scope.cancel()
 
+    # ------------------------------------------------------------------ threaded replicas
+    async def _run_threaded_replica(self, replica: Replica, loaded: Callable[[BaseException | None], None]) -> None:
+        """A threaded replica's life: one worker thread per backend (load, serve, close), and
+        a new backend on a new thread when the worker died (see the module docstring).
+
+        Cancellation: the worker thread is never abandoned; the stop request (``None`` in the
+        inbox, put by ``stop_jobs``) makes ``serve`` return, and this returns after it."""
+        token = trio.lowlevel.current_trio_token()
+        attempts = 0
+        first = True
+        while True:
+            serving_since: list[float] = []
+
+            def on_load(
+                error: BaseException | None, first: bool = first, since: list[float] = serving_since, attempt: int = attempts
+            ) -> None:  # trio thread
+                if error is None:
+                    since.append(trio.current_time())
+                if first:
+                    loaded(error)
+                elif error is None:
+                    self._restarted(replica, attempt)
+
+            died = await trio.to_thread.run_sync(
+                functools.partial(self._thread_main, replica, token, on_load), limiter=trio.CapacityLimiter(1)
+            )
+            if died is None or _cancelled():
+                return
+            phase, error = died
+            if first and phase == "load":
+                return  # loaded() reported it: the load fails
+            first = False
+            if phase == "serve":
+                self._worker_died(replica, error)
+                uptime = trio.current_time() - serving_since[0] if serving_since else 0.0
+                attempts = 1 if uptime >= RESTART_RESET_AFTER_S else attempts + 1
+            else:
+                error, attempts = f"restart failed: {error}", attempts + 1
+            while True:
+                if not await self._backoff(replica, error, attempts, what="runtime died"):
+                    return
+                try:
+                    replica.backend = self.make_backend(replica.index)
+                    break
+                except Exception as e:
+                    error, attempts = f"restart failed: {type(e).__name__}: {e}", attempts + 1
+
+    @staticmethod
+    def _thread_main(
+        replica: Replica, token: trio.lowlevel.TrioToken, on_load: Callable[[BaseException | None], None]
+    ) -> tuple[str, str] | None:
+        """The worker thread: load, serve until asked to stop, close.  Returns None when
+        ``serve`` returned, else ``(phase, error)`` with phase ``load`` or ``serve``."""
+        backend: Any = replica.backend
+        try:
+            backend.load()
+        except BaseException as e:
+            token.run_sync_soon(on_load, e)
+            return ("load", f"{type(e).__name__}: {e}")
+        token.run_sync_soon(on_load, None)
+        try:
+            backend.serve(replica.inbox)
+        except BaseException as e:  # an exception escaped: the worker died
+            log.error("replica %s died", replica.name, exc_info=e)
+            return ("serve", f"{type(e).__name__}: {e}")
+        finally:
+            try:
+                backend.close()
+            except Exception:
+                log.exception("replica %s: close failed", replica.name)
+        return None
+
+    # ------------------------------------------------------------------ async replicas
     async def _run_async_replica(self, replica: Replica, loaded: Callable[[BaseException | None], None]) -> None:
         backend: Any = replica.backend
         try:
@@ -326,56 +408,46 @@ class ModelRuntime:
             return
         loaded(None)
         attempts = 0
+        serving_since = trio.current_time()
         while True:
             crash: EngineCrashed | None = None
+            died: str | None = None
             try:
                 await backend.serve(replica._inbox_recv)
             except EngineCrashed as e:
                 crash = e
             except Exception as e:
-                replica.state = "dead"  # no more jobs while it closes
-                replica.error = f"runtime died: {type(e).__name__}: {e}"
+                died = f"{type(e).__name__}: {e}"
                 log.error("replica %s died", replica.name, exc_info=e)
             finally:
-                if crash is not None and replica.state == "serving":
+                if (crash is not None or died is not None) and replica.state == "serving":
                     replica.state = "restarting"  # no free slot: queued jobs go elsewhere
                 with trio.CancelScope(shield=True):
                     await backend.close()
-            if crash is None:
+            if crash is not None:
+                attempts = 1 if crash.uptime_s >= RESTART_RESET_AFTER_S else attempts + 1
+                restarted = await self._restart(replica, crash, attempts)
+            elif died is not None:
+                self._worker_died(replica, died)
+                uptime = trio.current_time() - serving_since
+                attempts = 1 if uptime >= RESTART_RESET_AFTER_S else attempts + 1
+                restarted = await self._restart_fresh(replica, died, attempts)
+            else:
                 return
-            attempts = 1 if crash.uptime_s >= RESTART_RESET_AFTER_S else attempts + 1
-            if not await self._restart(replica, crash, attempts):
+            if not restarted:
                 return
+            backend = replica.backend
+            serving_since = trio.current_time()
 
     async def _restart(self, replica: Replica, crash: EngineCrashed, attempts: int) -> bool:
-        """Load a crashed replica's backend again after its backoff; False when it must end
+        """Load a crashed engine's backend again after its backoff; False when it must end
         (attempts spent, retiring, or the model stopping).  Each failed load is an attempt."""
         backend: Any = replica.backend
-        max_attempts = getattr(backend, "restart_max_attempts", 0)
-        backoff = getattr(backend, "restart_backoff_s", 0.0)
         error = str(crash)
         self._fail_undelivered(replica, engine_crashed(self.name, f"replica {replica.name} restarting: {error}"))
         while True:
-            if replica.state != "restarting" or not self.admitting:  # retiring, or the model stops
-                replica.state = "dead" if replica.state == "restarting" else replica.state
-                replica.error = replica.error or error
+            if not await self._backoff(replica, error, attempts, what="engine crashed"):
                 return False
-            if attempts > max_attempts:
-                replica.state = "dead"
-                replica.error = (
-                    f"engine crashed and {max_attempts} restart attempt(s) failed; last: {error}"
-                    if max_attempts
-                    else f"engine crashed: {error}"
-                )
-                log.error("replica %s gave up restarting: %s", replica.name, replica.error)
-                return False
-            delay = backoff * 2 ** (attempts - 1)
-            log.warning(
-                "replica restarting",
-                extra={"fields": {"model": self.name, "replica": replica.name, "attempt": attempts,
-                                  "max_attempts": max_attempts, "backoff_s": delay, "error": error}},
-            )
-            await trio.sleep(delay)
             try:
                 await backend.load()
             except Exception as e:
@@ -384,14 +456,88 @@ class ModelRuntime:
                     await backend.close()
                 attempts += 1
                 continue
-            if replica.state != "restarting":  # retired meanwhile: serve() returns at once
-                return True
-            replica.state = "serving"
-            log.info("replica restarted", extra={"fields": {"model": self.name, "replica": replica.name,
-                                                            "attempt": attempts}})
-            self._notify()
-            self._pump()
+            self._restarted(replica, attempts)  # retired meanwhile: serve() returns at once
             return True
+
+    async def _restart_fresh(self, replica: Replica, error: str, attempts: int) -> bool:
+        """Replace an async replica whose ``serve`` raised with a new backend, after its
+        backoff; False when it must end."""
+        while True:
+            if not await self._backoff(replica, error, attempts, what="runtime died"):
+                return False
+            backend: Any = None
+            try:
+                backend = self.make_backend(replica.index)
+                await backend.load()
+            except Exception as e:
+                error = f"restart failed: {type(e).__name__}: {e}"
+                if backend is not None:
+                    with trio.CancelScope(shield=True):
+                        await backend.close()
+                attempts += 1
+                continue
+            replica.backend = backend
+            self._restarted(replica, attempts)
+            return True
+
+    # ------------------------------------------------------------------ restarts
+    def _worker_died(self, replica: Replica, error: str) -> None:
+        """An exception escaped ``serve``: the replica stops taking jobs, and every job it held
+        (running, or dispatched and never taken) ends with 502 ``backend_error`` (a job is never
+        dispatched twice).  A fresh inbox waits for the next worker."""
+        if replica.state == "serving":
+            replica.state = "restarting"
+        replica.error = f"runtime died: {error}"
+        died = backend_error(self.name, replica.error)
+        for job in list(replica.jobs):
+            job.fail_nowait(job.cancel_error or died)
+        replica.new_inbox()
+        self._notify()
+
+    async def _backoff(self, replica: Replica, error: str, attempts: int, *, what: str) -> bool:
+        """Wait before restart attempt ``attempts`` (``restart_backoff_s``, doubling per attempt);
+        False when the replica must end instead: attempts spent (it is ``dead`` with the last
+        error), retiring, or the model stopping."""
+        max_attempts, backoff = self.restart_max_attempts, self.restart_backoff_s
+
+        def must_end() -> bool:
+            if replica.state != "restarting" or not self.admitting:  # retiring, or the model stops
+                replica.state = "dead" if replica.state == "restarting" else replica.state
+                replica.error = replica.error or error
+                return True
+            return False
+
+        if must_end():
+            return False
+        if attempts > max_attempts:
+            replica.state = "dead"
+            replica.error = (
+                f"{what} and {max_attempts} restart attempt(s) failed; last: {error}"
+                if max_attempts
+                else f"{what}: {error}"
+            )
+            log.error("replica %s gave up restarting: %s", replica.name, replica.error)
+            return False
+        delay = backoff * 2 ** (attempts - 1)
+        log.warning(
+            "replica restarting",
+            extra={"fields": {"model": self.name, "replica": replica.name, "attempt": attempts,
+                              "max_attempts": max_attempts, "backoff_s": delay, "error": error}},
+        )
+        if self.on_restart is not None:
+            self.on_restart()
+        await trio.sleep(delay)
+        return not must_end()
+
+    def _restarted(self, replica: Replica, attempts: int) -> None:
+        if replica.state != "restarting":  # retired meanwhile: its serve returns at once
+            return
+        replica.state = "serving"
+        replica.error = None
+        log.info("replica restarted", extra={"fields": {"model": self.name, "replica": replica.name,
+                                                        "attempt": attempts}})
+        self._notify()
+        self._pump()
 
     def _fail_undelivered(self, replica: Replica, error: PoolError) -> None:
         """Jobs dispatched to ``replica`` that its backend never took: they end now (a restart
@@ -406,25 +552,20 @@ class ModelRuntime:
 
     # ------------------------------------------------------------------ admission and dispatch
     def submit_nowait(self, job: Job) -> None:
-        """Queue ``job`` (placing it on a replica at once if one has a free slot) or raise 409
-        (unloading) / 429 (queue full) at once."""
+        """Queue ``job`` (placing it on a replica at once if one has a free slot) or raise at
+        once: 409 (unloading), 403 ``priority_not_allowed``, 429 ``fairness_key_queue_full`` /
+        ``executor_queue_full`` (see :meth:`pool.fairness.FairQueue.admit`)."""
         if not self.admitting:
             raise model_unloading(self.name)
         free = sum(r.free for r in self.replicas)
-        if self.waiting >= self.max_queue + free:
-            raise queue_full(self.name, self.max_queue)
-        self.waiting += 1
+        self.queue.admit(job, free=free, max_queue=self.max_queue)
         self.last_activity = time.monotonic()
         job.on_cancel_queued = self._cancel_queued
-        self._queue.append(job)
+        self.queue.push(job)
         self._pump()
 
     def _cancel_queued(self, job: Job) -> None:
-        self.waiting -= 1
-        self._cancelled_in_queue += 1
-        if self._cancelled_in_queue > 64 and 2 * self._cancelled_in_queue > len(self._queue):
-            self._queue = collections.deque(j for j in self._queue if j.state == "queued")
-            self._cancelled_in_queue = 0
+        self.queue.cancel(job)
         self._notify()
 
     def _pick(self) -> Replica | None:
@@ -438,19 +579,14 @@ class ModelRuntime:
         return best
 
     def _pump(self) -> None:
-        """Place queued jobs, oldest first, while a replica has a free slot."""
-        queue_ = self._queue
-        while queue_ and self.admitting:
-            job = queue_[0]
-            if job.state != "queued":  # cancelled while queued
-                queue_.popleft()
-                self._cancelled_in_queue -= 1
-                continue
+        """Place queued jobs, in the queue's order, while a replica has a free slot."""
+        queue_ = self.queue
+        while queue_.pending and self.admitting:
             replica = self._pick()
             if replica is None:
                 return
-            queue_.popleft()
-            self.waiting -= 1
+            job = queue_.pop()
+            assert job is not None
             job.on_cancel_queued = None
             replica.active += 1
             replica.jobs.add(job)
@@ -461,18 +597,15 @@ class ModelRuntime:
         if job in replica.jobs:
             replica.jobs.discard(job)
             replica.active -= 1
+        self.queue.ended(job)
         self.last_activity = time.monotonic()
         self._notify()
         self._pump()
 
     def _fail_queued(self, error: PoolError) -> None:
-        queued, self._queue = self._queue, collections.deque()
-        self._cancelled_in_queue = 0
-        for job in queued:
-            if job.state == "queued":
-                job.on_cancel_queued = None
-                self.waiting -= 1
-                job.cancel(error)
+        for job in self.queue.drain():
+            job.on_cancel_queued = None
+            job.cancel(error)
         self._notify()
 
     # ------------------------------------------------------------------ unload and resize

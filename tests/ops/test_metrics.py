@@ -231,6 +231,8 @@ async def test_outcome_reasons_of_every_error_code(autojump_clock: MockClock) ->
     assert outcome_reason(job, None) == "cancelled"
     expected = {
         "executor_queue_full": "rejected_queue_full",
+        "fairness_key_queue_full": "rejected_queue_full",
+        "priority_not_allowed": "invalid_request",
         "queue_timeout": "queue_timeout",
         "request_cancelled": "cancelled",
         "backend_error": "backend_error",

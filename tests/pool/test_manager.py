@@ -287,7 +287,8 @@ async def test_resize_refusals(autojump_clock: Any, watchdog: None) -> None:
 # ---------------------------------------------------------------------------------------- failures
 async def test_a_dead_replica_leaves_the_model_serving(autojump_clock: Any, watchdog: None) -> None:
     factory = FakeBackendFactory(token_delay=1.0)
-    async with running_manager(make_settings({"m": {**M, "replicas": 2}}), factory) as (manager, nursery):
+    settings = make_settings({"m": {**M, "replicas": 2, "restart_max_attempts": 0}})
+    async with running_manager(settings, factory) as (manager, nursery):
         await manager.load("m")
         clients = Clients(nursery)
         doomed, fine = submit(manager, clients, "m", "a", 4), submit(manager, clients, "m", "b", 4)
@@ -311,7 +312,8 @@ async def test_a_dead_replica_leaves_the_model_serving(autojump_clock: Any, watc
 
 async def test_all_replicas_dead_fails_the_model_and_its_queue(autojump_clock: Any, watchdog: None) -> None:
     factory = FakeBackendFactory(token_delay=1.0)
-    async with running_manager(make_settings({"m": {**M, "replicas": 2}}), factory) as (manager, nursery):
+    settings = make_settings({"m": {**M, "replicas": 2, "restart_max_attempts": 0}})
+    async with running_manager(settings, factory) as (manager, nursery):
         states = record_states(manager)
         await manager.load("m")
         clients = Clients(nursery)

@@ -262,14 +262,14 @@ async def test_cancelled_queued_jobs_are_swept_and_fifo_holds(autojump_clock: An
             if job not in keep:
                 job.cancel()
         assert s.runtime.waiting == len(keep)
-        assert len(s.runtime._queue) <= 2 * len(keep) + 65
+        assert len(s.runtime.queue.keys[None].queues[0]) <= 2 * len(keep) + 65
         await trio.sleep(200)
         check_ok(s.outcome(busy), 3)
         for job in keep:
             check_ok(s.outcome(job), 1)
         assert sorted(keep, key=lambda j: j.t_dispatched or 0) == keep
         assert s.backends[0].received == [busy, *keep]
-        assert s.runtime.waiting == 0 and not s.runtime._queue
+        assert s.runtime.waiting == 0 and not s.runtime.queue.keys[None].queues
         s.clients.assert_all_ended_once()
 
 
