@@ -28,6 +28,20 @@ Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hoo
 ``llm_pool:generation_tokens_total``            counter    as the backend counted them
 ==============================================  =========  ============================================
 
+Counted when an error answer with a 4xx status leaves the web layer (:meth:`PoolMetrics.refused`):
+
+==============================================  =========  ============================================
+``llm_pool:http_refusals_total``                counter    ``{status,code}`` every refusal: 400
+                                                           validation, 401, 404 (no route, unknown
+                                                           model), 405, 409, 413, 429...; see
+                                                           :data:`REFUSALS` (there from the first
+                                                           scrape, at 0)
+==============================================  =========  ============================================
+
+Its labels are bounded without a ``model``: ``code`` is one of llm-pool's own error codes (a
+fixed set, see :mod:`pool.errors`), ``status`` its status; a request for an unknown model is
+counted here without naming it.
+
 A request is counted once it reaches admission for a *configured* model: refused there (queue
 full, model not loaded, ``allow_remote`` missing, budget) it gets an outcome and nothing else;
 admitted, it gets an outcome and an end-to-end latency when it ends, plus a queue time if it
@@ -74,6 +88,15 @@ REASONS: dict[str, str] = {
     "admission (remote models with a budget)",
     "invalid_request": "400 invalid_request from the backend (e.g. a prompt longer than the context)",
     "error": "any other error (a bug if it shows up)",
+}
+
+#: The refusals every scrape shows from the start (others appear when first seen): status → codes.
+REFUSALS: dict[int, tuple[str, ...]] = {
+    400: ("invalid_request",),
+    401: ("unauthorized",),
+    404: ("not_found", "unknown_model"),
+    413: ("payload_too_large",),
+    429: ("executor_queue_full",),
 }
 
 _REASON_OF_CODE = {
@@ -199,6 +222,12 @@ class PoolMetrics:
         )
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.refusals = Counter(
+            PREFIX + "http_refusals", "Error answers with a 4xx status, by status and code.", ["status", "code"], registry=r
+        )
+        for status, codes in REFUSALS.items():
+            for code in codes:
+                self.refusals.labels(str(status), code)
         self.state = PoolStateCollector(manager)
         r.register(self.state)
         #: Each model's label children, looked up once: ``labels()`` costs ~10 µs a call, on the
@@ -240,6 +269,10 @@ class PoolMetrics:
         if stats is not None:
             series.prompt_tokens.inc(stats.prompt_tokens or 0)
             series.generation_tokens.inc(stats.output_tokens or 0)
+
+    def refused(self, status: int, code: str) -> None:
+        """Count one refusal (an error answer with a 4xx status)."""
+        self.refusals.labels(str(status), code).inc()
 
     def _zero_series(self, models: Iterable[str]) -> None:
         """Every configured model gets every series (at 0), so ``rate()`` works from the start."""
