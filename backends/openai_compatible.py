@@ -4,7 +4,8 @@ An async backend (``threaded = False``): ``load``, ``serve`` and ``close`` run i
 trio task, each job in its own task; ``capability`` is the configured ``target_inflight`` (how
 many upstream calls one replica makes at once).  One ``httpx.AsyncClient`` per replica.
 
-Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorization: Bearer <key>``)::
+Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorization: Bearer <key>``,
+``X-Request-Id: <the pool request's id>`` so both sides' logs can be joined)::
 
     {"model": remote_model,
      "messages": [{"role": "system", "content": instructions or DEFAULT_SYSTEM_PROMPT},
@@ -78,6 +79,7 @@ from llm_pool.backends.ledger import Account, Prices, check_ledger_path, ledger_
 from llm_pool.config import DEFAULT_SYSTEM_PROMPT, ModelSettings, Settings
 from llm_pool.pool.errors import PoolError, request_cancelled
 from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, Message
+from llm_pool.pool.tracing import bind
 
 if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
@@ -380,6 +382,8 @@ class _Call:
     usage: Usage | None = None
     attempts: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: The pool request's ``X-Request-Id`` (``Job.trace_id``), forwarded upstream.
+    request_id: str = ""
 
 
 class RemoteBackend:
@@ -530,7 +534,8 @@ class RemoteBackend:
                 job.fail(job.cancel_error or request_cancelled(self.name, f"replica {self.replica} stopped"))
 
     async def _run_job(self, job: Job) -> None:
-        call = _Call()
+        bind(job.trace_id)  # this task's log lines carry the request's id
+        call = _Call(request_id=job.trace_id)
         stats: GenerationStats | None = None
         error: Exception | None = None
         try:
@@ -565,7 +570,7 @@ class RemoteBackend:
                 extra={
                     "fields": {
                         "model": self.name,
-                        "request_id": job.id,
+                        "request_id": job.trace_id,
                         "code": error.error.code,
                         "message": error.error.message,
                         "attempts": call.attempts,
@@ -626,7 +631,7 @@ class RemoteBackend:
             "decoding settings not sent upstream",
             extra={
                 "fields": {
-                    "request_id": job.id,
+                    "request_id": job.trace_id,
                     "beam_size": d.beam_size,
                     "top_k": d.top_k,
                     "repetition_penalty": d.repetition_penalty,
@@ -653,7 +658,7 @@ class RemoteBackend:
                     extra={
                         "fields": {
                             "model": self.name,
-                            "request_id": job.id,
+                            "request_id": job.trace_id,
                             "attempt": call.attempts,
                             "code": f.error.code,
                             "retry_in_s": round(delay, 3),
@@ -707,7 +712,8 @@ class RemoteBackend:
         status is read, closed and raised as :class:`UpstreamFailure`."""
         assert self._client is not None, "not loaded"
         client = self._client
-        request = client.build_request("POST", f"{self.base_url}/chat/completions", json=body, headers=self._headers())
+        headers = {**self._headers(), "X-Request-Id": call.request_id} if call.request_id else self._headers()
+        request = client.build_request("POST", f"{self.base_url}/chat/completions", json=body, headers=headers)
         call.in_flight = True
         response: httpx.Response | None = None
         with trio.move_on_at(deadline):

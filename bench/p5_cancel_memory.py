@@ -144,7 +144,7 @@ def scrape(client: httpx.Client) -> dict[str, float]:
 
 def series(model: str, name: str, **labels: str) -> str:
     extra = "".join(f',{k}="{v}"' for k, v in labels.items())
-    return f'llm_pool:{name}{{model="{model}"{extra}}}'
+    return f'llm_pool:{name}{{model="{model}",model_name="{model}"{extra}}}'
 
 
 def post_bytes(body: dict[str, Any]) -> bytes:

@@ -86,6 +86,9 @@ class ServiceSettings(_Strict):
     max_body_bytes: Positive = 1_048_576
     #: On SIGINT/SIGTERM, running requests get this long to finish before they are cancelled.
     shutdown_drain_s: NonNegativeFloat = 30.0
+    #: One ``llm_pool.access`` log line per HTTP request (method, path, status, bytes, duration,
+    #: client); off for a server whose access is logged by a proxy in front of it.
+    access_log: bool = True
 
 
 class DecodingSettings(_Strict):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from importlib import metadata
+from typing import TextIO
 
 import trio
 
@@ -38,19 +41,67 @@ def _serve(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    src, dst = Path(args.src), Path(args.dst)
+    # checked here, before the converter's imports (seconds): one line that says what is wrong
+    if not src.exists():
+        print(f"llm-pool: no such GGUF file: {src}", file=sys.stderr)
+        return 2
+    if not src.is_file():
+        print(f"llm-pool: not a GGUF file (a directory?): {src}", file=sys.stderr)
+        return 2
+    if dst.exists() and not args.force:
+        print(f"llm-pool: {dst} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+
     from llm_pool.backends.ct2_convert import GGUFConversionError, convert_gguf_to_ct2
 
+    t0 = time.perf_counter()
     try:
-        out = convert_gguf_to_ct2(Path(args.src), Path(args.dst), quantization=args.quantization)
-    except (GGUFConversionError, FileNotFoundError, FileExistsError) as e:
-        print(f"llm-pool: {e}", file=sys.stderr)
+        out = convert_gguf_to_ct2(src, dst, quantization=args.quantization, progress=ConvertProgress(sys.stderr, t0))
+    except GGUFConversionError as e:
+        print(f"\nllm-pool: cannot convert {src}: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}; serve it with backend = \"ct2\", model_path = \"{out}\"")
+    except OSError as e:  # unreadable source, unwritable destination, disk full
+        where = f": {e.filename}" if e.filename else ""
+        print(f"\nllm-pool: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s; serve it with backend = \"ct2\", model_path = \"{out}\"")
     return 0
+
+
+class ConvertProgress:
+    """``convert-gguf``'s progress on stderr: one line per stage; on a terminal the layer count
+    is redrawn in place (``\\r``), elsewhere (a log, CI) it is printed at every 25%."""
+
+    WORDS = {"read": "reading the GGUF file", "layers": "dequantizing layers", "write": "quantizing and writing"}
+
+    def __init__(self, stream: TextIO, t0: float) -> None:
+        self.stream = stream
+        self.t0 = t0
+        self.tty = stream.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        took = f"{time.perf_counter() - self.t0:.1f} s"
+        if stage == "layers":
+            if self.tty:
+                end = "\n" if done == total else ""
+                print(f"\r{self.WORDS[stage]} {done}/{total} ({took})", end=end, file=self.stream, flush=True)
+            elif done == total or done * 4 // total != (done - 1) * 4 // total:
+                print(f"{self.WORDS[stage]} {done}/{total} ({took})", file=self.stream, flush=True)
+        elif done == 0:
+            print(f"{self.WORDS[stage]}... ({took})", file=self.stream, flush=True)
+
+
+def version() -> str:
+    try:
+        return metadata.version("llm-pool")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-pool", description="Many language models behind one HTTP API.")
+    parser.add_argument("--version", action="version", version=f"llm-pool {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve the models in pool.toml")
     p.add_argument("--config", help="settings file (default: $LLM_POOL_SETTINGS_PATH or ./pool.toml)")
@@ -61,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="the .gguf file")
     p.add_argument("dst", help="the CTranslate2 folder to write")
     p.add_argument("--quantization", default="int8", help="CT2 weight type (default int8)")
+    p.add_argument("--force", action="store_true", help="replace the folder if it exists")
     p.set_defaults(func=_convert)
     from llm_pool.pool.client import add_client_commands
 

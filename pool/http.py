@@ -8,6 +8,12 @@ Routes here own no scheduling logic.  Every failure reaches the client as JSON i
 and llm-pool's shape (see :mod:`pool.errors`); an unexpected exception becomes a logged 500
 ``internal_error``, which is always a bug.
 
+Every request carries an id (``X-Request-Id``, see :mod:`pool.tracing`): :func:`trace_requests`
+opens it around the whole app, echoes it in the response header and writes the access line.
+Every refusal (an error answer with a 4xx status) is counted in ``/metrics`` by status and code
+and logged once: by its inference line when admission refused it, else by one ``request
+refused`` line here.
+
 Cancellation: when a client disconnects, quart-trio cancels the handler; the job is cancelled in a
 ``finally`` (a queued job never runs, a running one stops at its next token).
 """
@@ -42,13 +48,25 @@ from llm_pool.pool.api import (
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.jobs import Delta, Done, Job
 from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.observability import PoolMetrics
 from llm_pool.pool.openai_compat import register_openai
 from llm_pool.pool.openapi import register_openapi
 from llm_pool.pool.ops import register_ops
-from llm_pool.pool.serving import abandon, finished_metrics, job_result, log_inference, run_job, sse_frame, unix_time_of
+from llm_pool.pool.serving import (
+    CLIENT_CLOSED,
+    abandon,
+    finished_metrics,
+    job_result,
+    log_inference,
+    run_job,
+    sse_frame,
+    unix_time_of,
+)
+from llm_pool.pool.tracing import current_id, outcome_logged, request_trace, sanitise
 from llm_pool.pool.web_io import error_response, json_response, read_json, sse_response, wants_openai_items
 
 log = logging.getLogger("llm_pool.http")
+access_log = logging.getLogger("llm_pool.access")
 
 #: How long an answer waits for the rest of a request body that its route did not read (see
 #: ``finish_request_body`` in :func:`create_app`); past it the answer closes the connection.
@@ -67,6 +85,27 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
     api_token = _token_from_env(settings.service.api_token_env)
     admin_token = _token_from_env(settings.service.admin_token_env)
 
+    def refuse(error: PoolError) -> Response:
+        """The answer for ``error``; a 4xx one is a refusal: counted by status and code, and
+        logged unless the request's inference line already reports it."""
+        if 400 <= error.status < 500:
+            metrics: PoolMetrics = app.extensions["llm_pool_metrics"]  # register_ops' (below)
+            metrics.refused(error.status, error.code)
+            if not outcome_logged():
+                log.info(
+                    "request refused",
+                    extra={
+                        "fields": {
+                            "method": request.method,
+                            "path": request.path,
+                            "status": error.status,
+                            "code": error.code,
+                            "message": error.message,
+                        }
+                    },
+                )
+        return error_response(error)
+
     @app.before_request
     async def authenticate() -> Response | None:
         path = request.path
@@ -82,7 +121,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
         # the auth scheme is case-insensitive (RFC 9110 §11.1); the token is compared in constant time
         valid = hmac.compare_digest(given.strip().encode(), expected.encode())
         if scheme.lower() != "bearer" or not valid:
-            return error_response(
+            return refuse(
                 PoolError(
                     401,
                     "unauthorized",
@@ -117,7 +156,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
 
     @app.errorhandler(PoolError)
     async def on_pool_error(error: PoolError) -> Response:
-        return error_response(error)
+        return refuse(error)
 
     @app.errorhandler(HTTPException)
     async def on_http_error(error: HTTPException) -> Response:
@@ -130,7 +169,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
         }.get(status, error.description or error.name)
         valid = getattr(error, "valid_methods", None)  # 405 must say what is allowed (RFC 9110)
         headers = {"Allow": ", ".join(sorted(valid))} if status == 405 and valid else None
-        return error_response(PoolError(status, codes.get(status, "invalid_request"), message, headers=headers))
+        return refuse(PoolError(status, codes.get(status, "invalid_request"), message, headers=headers))
 
     @app.errorhandler(Exception)
     async def on_bug(error: Exception) -> Response:
@@ -210,7 +249,71 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
     register_openai(app, manager)
     register_ops(app, manager)
     register_openapi(app)
+    app.asgi_app = trace_requests(app.asgi_app, access=settings.service.access_log)  # type: ignore[method-assign]
     return app
+
+
+def trace_requests(asgi: Any, *, access: bool) -> Any:
+    """``asgi`` with each HTTP request traced: its ``X-Request-Id`` (the caller's, sanitised; else
+    the response's id, or a generated one; see :mod:`pool.tracing`) is current while it is served
+    and echoed in the response header, and with ``access`` one ``access`` line is written per
+    request: method, path, status (499 when no answer began: the client left first), body bytes,
+    duration from arrival to the last body chunk handed to the server, client address.
+
+    The line is written as the last chunk is handed over (so it exists by the time the client
+    has the whole answer), or, for a request cut short, in a ``finally`` with what was sent.
+    Wraps ``app.asgi_app``, so the test client sees it as hypercorn does."""
+
+    async def traced(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await asgi(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"x-request-id"), None)
+        t0 = time.perf_counter()
+        status: int | None = None
+        sent = 0
+        logged = False
+
+        def log_access() -> None:
+            nonlocal logged
+            logged = True
+            client = scope.get("client")
+            access_log.info(
+                "access",
+                extra={
+                    "fields": {
+                        "request_id": current_id(),
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status if status is not None else CLIENT_CLOSED,
+                        "bytes": sent,
+                        "duration_ms": round((time.perf_counter() - t0) * 1000.0, 3),
+                        "client": client[0] if client else None,
+                    }
+                },
+            )
+
+        async def send_traced(message: Any) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                rid = (current_id() or "").encode()
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid)]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                if access and not message.get("more_body", False) and not logged:
+                    log_access()
+            await send(message)
+
+        with request_trace(sanitise(given)):
+            try:
+                await asgi(scope, receive, send_traced)
+            finally:
+                if access and not logged:
+                    log_access()
+
+    return traced
 
 
 def _token_from_env(env: str | None) -> str | None:

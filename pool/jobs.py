@@ -130,6 +130,9 @@ class Job:
 
     def __init__(self, request: GenerationRequest, *, request_id: str | None = None) -> None:
         self.id = request_id or new_request_id()
+        #: The ``X-Request-Id`` of the HTTP request that made this job (see :mod:`pool.tracing`):
+        #: its log lines carry it and a remote upstream is sent it; the response id by default.
+        self.trace_id = self.id
         self.request = request
         self.state: JobState = "queued"
         self.replica: str | None = None

@@ -1,8 +1,14 @@
 """Prometheus metrics: what runs and waits, how each request ended, how long it took.
 
 Names follow vLLM's (``vllm:num_requests_running`` → ``llm_pool:num_requests_running``); every
-per-request series is labelled by ``model`` (never by replica), and every configured model has
-all of its series from the first scrape, at 0.
+per-model series is labelled by ``model`` and, with the same value, vLLM's ``model_name`` (so a
+vLLM dashboard works once its ``vllm:`` prefix reads ``llm_pool:``), never by replica, and every
+configured model has all of its series from the first scrape, at 0.
+
+Cardinality stays bounded: ``model``/``model_name`` take only configured model names (a request
+for an unknown model is never given a per-model series), one ``model_name`` per ``model``; the
+other labels (``reason``, ``state``, ``finished_reason``, ``status``/``code``) come from fixed sets
+of our own; nothing is labelled by replica, client, request or caller-chosen text.
 
 Read from the manager at scrape time (a custom collector, so they are never stale):
 
@@ -12,6 +18,9 @@ Read from the manager at scrape time (a custom collector, so they are never stal
 ``llm_pool:model_state``                   gauge  ``{model,state}`` 1 for the model's current state
                                                   (unloaded, loading, loaded, unloading, failed)
 ``llm_pool:loaded_replicas``               gauge  ``{model}`` replicas serving (or draining)
+``llm_pool:slot_usage_perc``               gauge  ``{model}`` busy / all slots of live replicas,
+                                                  0 to 1 (vLLM's KV-cache usage panel; no
+                                                  backend here reports its KV cache)
 ``llm_pool:gpu_memory_used_bytes``         gauge  ``{gpu,gpu_name}`` per device; absent without
 ``llm_pool:gpu_memory_total_bytes``        gauge  a visible NVIDIA GPU
 ``llm_pool:replica_restarts_total``        count  ``{model}`` restart attempts of replicas whose
@@ -26,6 +35,11 @@ Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hoo
 ``llm_pool:time_to_first_token_seconds``        histogram  submitted → first output chunk
 ``llm_pool:request_inference_time_seconds``     histogram  inside the backend (begin → end)
 ``llm_pool:e2e_request_latency_seconds``        histogram  submitted → ended, every admitted request
+``llm_pool:inter_token_latency_seconds``        histogram  mean gap between output tokens after the
+                                                           first, once per request (vLLM's
+                                                           request_time_per_output_token)
+``llm_pool:request_success_total``              counter    ``{finished_reason}`` stop, length,
+                                                           cancelled (vLLM's abort)
 ``llm_pool:prompt_tokens_total``                counter    as the backend counted them
 ``llm_pool:generation_tokens_total``            counter    as the backend counted them
 ``llm_pool:fairness_queue_time_seconds``        histogram  submitted → dispatched, ``{model,fairness_key}``
@@ -35,6 +49,20 @@ Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hoo
 label, requests without a key are ``_anonymous``, and every other key is ``_other``.  Keys come
 from clients, so a label per key would let any client grow the scrape without bound; the
 configured keys are the ones an operator chose to watch (models × (configured keys + 2) series).
+
+Counted when an error answer with a 4xx status leaves the web layer (:meth:`PoolMetrics.refused`):
+
+==============================================  =========  ============================================
+``llm_pool:http_refusals_total``                counter    ``{status,code}`` every refusal: 400
+                                                           validation, 401, 404 (no route, unknown
+                                                           model), 405, 409, 413, 429...; see
+                                                           :data:`REFUSALS` (there from the first
+                                                           scrape, at 0)
+==============================================  =========  ============================================
+
+Its labels are bounded without a ``model``: ``code`` is one of llm-pool's own error codes (a
+fixed set, see :mod:`pool.errors`), ``status`` its status; a request for an unknown model is
+counted here without naming it.
 
 A request is counted once it reaches admission for a *configured* model: refused there (queue
 full, model not loaded, ``allow_remote`` missing, budget) it gets an outcome and nothing else;
@@ -64,6 +92,10 @@ from llm_pool.pool.jobs import Job
 from llm_pool.pool.manager import PoolManager
 
 PREFIX = "llm_pool:"
+#: Every per-model series carries the model twice: ``model`` (ours) and ``model_name`` (vLLM's
+#: label, so a vLLM dashboard's ``{model_name="..."}`` selectors work once its ``vllm:`` prefix
+#: reads ``llm_pool:``).  Same value, so no extra series: cardinality stays one per model.
+M = ["model", "model_name"]
 
 #: Every ``reason`` label of ``llm_pool:request_outcomes_total``, and what it means.
 REASONS: dict[str, str] = {
@@ -83,6 +115,15 @@ REASONS: dict[str, str] = {
     "invalid_request": "400 invalid_request from the backend (e.g. a prompt longer than the context), "
     "or 403 priority_not_allowed at admission",
     "error": "any other error (a bug if it shows up)",
+}
+
+#: The refusals every scrape shows from the start (others appear when first seen): status → codes.
+REFUSALS: dict[int, tuple[str, ...]] = {
+    400: ("invalid_request",),
+    401: ("unauthorized",),
+    404: ("not_found", "unknown_model"),
+    413: ("payload_too_large",),
+    429: ("executor_queue_full",),
 }
 
 _REASON_OF_CODE = {
@@ -109,6 +150,9 @@ STATES = ("unloaded", "loading", "loaded", "unloading", "failed")
 # Buckets in seconds: local CPU models answer in tens of ms to minutes; queues can be long.
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+#: ``finished_reason`` of ``llm_pool:request_success_total`` (vLLM's label; ``cancelled`` is its ``abort``).
+FINISH_REASONS = ("stop", "length", "cancelled")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 
 MIB = 2**20
@@ -142,27 +186,32 @@ class PoolStateCollector(Collector):
         self.gpus: Sequence[GpuMemory] = ()
 
     def collect(self) -> Iterator[Metric]:
-        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests running on a replica.", labels=["model"])
-        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting in the model's queue.", labels=["model"])
+        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests running on a replica.", labels=M)
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting in the model's queue.", labels=M)
         state = GaugeMetricFamily(
-            PREFIX + "model_state", "1 for the model's current state, 0 for the others.", labels=["model", "state"]
+            PREFIX + "model_state", "1 for the model's current state, 0 for the others.", labels=[*M, "state"]
         )
         replicas = GaugeMetricFamily(
-            PREFIX + "loaded_replicas", "Replicas serving the model (draining ones included).", labels=["model"]
+            PREFIX + "loaded_replicas", "Replicas serving the model (draining ones included).", labels=M
+        )
+        slots = GaugeMetricFamily(
+            PREFIX + "slot_usage_perc", "Busy slots over all slots of the live replicas (0 to 1).", labels=M
         )
         restarts = CounterMetricFamily(
-            PREFIX + "replica_restarts", "Restart attempts of replicas whose worker died.", labels=["model"]
+            PREFIX + "replica_restarts", "Restart attempts of replicas whose worker died.", labels=M
         )
         for name, entry in sorted(self.manager.entries.items()):
             rt = entry.runtime
-            running.add_metric([name], rt.running if rt else 0)
-            waiting.add_metric([name], rt.waiting if rt else 0)
+            running.add_metric([name, name], rt.running if rt else 0)
+            waiting.add_metric([name, name], rt.waiting if rt else 0)
             for s in STATES:
-                state.add_metric([name, s], 1.0 if entry.state == s else 0.0)
+                state.add_metric([name, name, s], 1.0 if entry.state == s else 0.0)
             live = [r for r in rt.replicas if r.state in ("serving", "retiring")] if rt else []
-            replicas.add_metric([name], len(live))
-            restarts.add_metric([name], entry.replica_restarts)
-        yield from (running, waiting, state, replicas, restarts)
+            replicas.add_metric([name, name], len(live))
+            capacity = sum(r.capacity for r in live)
+            slots.add_metric([name, name], sum(r.active for r in live) / capacity if capacity else 0.0)
+            restarts.add_metric([name, name], entry.replica_restarts)
+        yield from (running, waiting, state, replicas, slots, restarts)
         if self.gpus:
             used = GaugeMetricFamily(PREFIX + "gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu", "gpu_name"])
             total = GaugeMetricFamily(PREFIX + "gpu_memory_total_bytes", "GPU memory in all (NVML).", labels=["gpu", "gpu_name"])
@@ -181,6 +230,7 @@ class _ModelSeries:
     inference: Any
     prompt_tokens: Any
     generation_tokens: Any
+    itl: Any
 
 
 class PoolMetrics:
@@ -194,30 +244,44 @@ class PoolMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.outcomes = Counter(
-            PREFIX + "request_outcomes", "Requests by how they ended (see REASONS).", ["model", "reason"], registry=r
+            PREFIX + "request_outcomes", "Requests by how they ended (see REASONS).", [*M, "reason"], registry=r
         )
         self.queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds", "Submitted to dispatched to a replica.", ["model"],
+            PREFIX + "request_queue_time_seconds", "Submitted to dispatched to a replica.", M,
             buckets=QUEUE_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Submitted to the first output chunk.", ["model"],
+            PREFIX + "time_to_first_token_seconds", "Submitted to the first output chunk.", M,
             buckets=TTFT_BUCKETS, registry=r,
         )
         self.inference = Histogram(
-            PREFIX + "request_inference_time_seconds", "Time inside the backend.", ["model"],
+            PREFIX + "request_inference_time_seconds", "Time inside the backend.", M,
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Submitted to ended, for every admitted request.", ["model"],
+            PREFIX + "e2e_request_latency_seconds", "Submitted to ended, for every admitted request.", M,
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.fair_queue_time = Histogram(
             PREFIX + "fairness_queue_time_seconds", "Submitted to dispatched, per fairness key (bounded).",
-            ["model", "fairness_key"], buckets=QUEUE_BUCKETS, registry=r,
+            [*M, "fairness_key"], buckets=QUEUE_BUCKETS, registry=r,
         )
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Mean time between output tokens after the first, one observation per request.", M,
+            buckets=ITL_BUCKETS, registry=r,
+        )
+        self.finished = Counter(
+            PREFIX + "request_success", "Requests that finished, by finish reason.", [*M, "finished_reason"], registry=r
+        )
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", M, registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", M, registry=r)
+        self.refusals = Counter(
+            PREFIX + "http_refusals", "Error answers with a 4xx status, by status and code.", ["status", "code"], registry=r
+        )
+        for status, codes in REFUSALS.items():
+            for code in codes:
+                self.refusals.labels(str(status), code)
         self.state = PoolStateCollector(manager)
         r.register(self.state)
         #: Each model's label children, looked up once: ``labels()`` costs ~10 µs a call, on the
@@ -229,13 +293,14 @@ class PoolMetrics:
         series = self._series.get(model)
         if series is None:
             series = self._series[model] = _ModelSeries(
-                outcomes={reason: self.outcomes.labels(model, reason) for reason in REASONS},
-                e2e=self.e2e.labels(model),
-                queue_time=self.queue_time.labels(model),
-                ttft=self.ttft.labels(model),
-                inference=self.inference.labels(model),
-                prompt_tokens=self.prompt_tokens.labels(model),
-                generation_tokens=self.generation_tokens.labels(model),
+                outcomes={reason: self.outcomes.labels(model, model, reason) for reason in REASONS},
+                e2e=self.e2e.labels(model, model),
+                queue_time=self.queue_time.labels(model, model),
+                ttft=self.ttft.labels(model, model),
+                inference=self.inference.labels(model, model),
+                prompt_tokens=self.prompt_tokens.labels(model, model),
+                generation_tokens=self.generation_tokens.labels(model, model),
+                itl=self.itl.labels(model, model),
             )
         return series
 
@@ -244,14 +309,14 @@ class PoolMetrics:
         model = job.request.model
         series = self._of(model)
         reason = outcome_reason(job, error)
-        (series.outcomes.get(reason) or self.outcomes.labels(model, reason)).inc()
+        (series.outcomes.get(reason) or self.outcomes.labels(model, model, reason)).inc()
         if not job.ended or job.t_done is None:  # refused at admission: never queued
             return
         start = job.t_submitted
         series.e2e.observe(job.t_done - start)
         if job.t_dispatched is not None:
             series.queue_time.observe(job.t_dispatched - start)
-            self.fair_queue_time.labels(model, self.key_label(job.request.fairness_key)).observe(job.t_dispatched - start)
+            self.fair_queue_time.labels(model, model, self.key_label(job.request.fairness_key)).observe(job.t_dispatched - start)
         if job.t_first_output is not None:
             series.ttft.observe(job.t_first_output - start)
         if job.t_dispatched is not None and job.t_backend_begin is not None and job.t_backend_end is not None:
@@ -260,6 +325,15 @@ class PoolMetrics:
         if stats is not None:
             series.prompt_tokens.inc(stats.prompt_tokens or 0)
             series.generation_tokens.inc(stats.output_tokens or 0)
+            if error is None:
+                self.finished.labels(model, model, stats.finish_reason).inc()
+            n, decode_ms = stats.output_tokens, stats.decode_after_first_token_ms
+            if n is not None and n > 1 and decode_ms is not None:
+                series.itl.observe(decode_ms / 1000.0 / (n - 1))
+
+    def refused(self, status: int, code: str) -> None:
+        """Count one refusal (an error answer with a 4xx status)."""
+        self.refusals.labels(str(status), code).inc()
 
     def key_label(self, key: str | None) -> str:
         """The bounded ``fairness_key`` label (see the module docstring)."""
@@ -271,9 +345,11 @@ class PoolMetrics:
         """Every configured model gets every series (at 0), so ``rate()`` works from the start."""
         for model in models:
             for reason in REASONS:
-                self.outcomes.labels(model, reason)
-            for metric in (self.queue_time, self.ttft, self.inference, self.e2e, self.prompt_tokens, self.generation_tokens):
-                metric.labels(model)
+                self.outcomes.labels(model, model, reason)
+            for metric in (self.queue_time, self.ttft, self.inference, self.e2e, self.prompt_tokens, self.generation_tokens, self.itl):
+                metric.labels(model, model)
+            for reason in FINISH_REASONS:
+                self.finished.labels(model, model, reason)
 
     def render(self, accept: str | None = None, gpus: Sequence[GpuMemory] = ()) -> tuple[bytes, str]:
         """The exposition for an ``Accept`` header (Prometheus text, or OpenMetrics when asked

@@ -11,11 +11,14 @@ The admin routes build their rows as dicts (``admin.routes.model_row``); the Str
 real responses with them fails when a row gains a key this document does not know.
 
 This module sits at the top of the web layer (it documents every route module); it does no I/O
-but serve the document, built once on the first ``GET /openapi.json``.
+but serve the document, built once on the first ``GET /openapi.json``, and its interactive
+reference at ``GET /docs``: Swagger UI, vendored (``admin/static/vendor/swagger-ui``: a pinned
+release with its licence, committed; no CDN, nothing built at install).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -406,6 +409,18 @@ def operations() -> list[Operation]:
             responses={200: Body("OpenAPI 3.1.", {JSON: {"type": "object"}})},
         ),
         Operation(
+            "get", "/docs", "This document as an interactive reference (Swagger UI)", "operations",
+            responses={200: Body("HTML; loads the two files below and /openapi.json, nothing from elsewhere.",
+                                 {"text/html": {"type": "string"}})},
+        ),
+        *(
+            Operation(
+                "get", f"/docs/{name}", f"Swagger UI's {name} (vendored, see admin/static/vendor/swagger-ui)", "operations",
+                responses={200: Body("The vendored file, unchanged.", {ctype: {"type": "string"}})},
+            )
+            for name, ctype in DOCS_ASSETS.items()
+        ),
+        Operation(
             "get", "/", "The status page", "operations",
             responses={200: Body("HTML: models, states, queues, load/unload/resize buttons.", {"text/html": {"type": "string"}})},
         ),
@@ -499,9 +514,36 @@ def _operation_id(op: Operation) -> str:
     return op.method + "_" + ("_".join(w for w in words if w) or "root")
 
 
+#: Swagger UI's files that ``/docs`` loads, served from ``/docs/<name>``, and their types.
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
+#: The vendored files change only with a release of llm-pool; an hour of caching spares a
+#: reload of /docs 1.9 MB, and an upgrade is seen within the hour.
+DOCS_CACHE = {"Cache-Control": "public, max-age=3600"}
+
+
+def _static(name: str) -> bytes:
+    return importlib.resources.files("llm_pool.admin").joinpath("static", name).read_bytes()
+
+
 def register_openapi(app: Any) -> None:
-    """Serve :func:`build_openapi` at ``GET /openapi.json`` (built once, on the first call)."""
+    """Serve :func:`build_openapi` at ``GET /openapi.json`` (built once, on the first call), and
+    ``GET /docs`` with its assets (read once, here)."""
     cache: list[bytes] = []
+    page = _static("docs.html")
+    assets = {name: _static(f"vendor/swagger-ui/{name}") for name in DOCS_ASSETS}
+
+    @app.get("/docs")
+    async def api_reference() -> Response:
+        return Response(page, status=200, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    def asset_route(name: str) -> None:
+        async def asset() -> Response:
+            return Response(assets[name], status=200, content_type=DOCS_ASSETS[name], headers=DOCS_CACHE)
+
+        app.add_url_rule(f"/docs/{name}", f"docs_{name}", asset, methods=["GET"])
+
+    for name in DOCS_ASSETS:
+        asset_route(name)
 
     @app.get("/openapi.json")
     async def openapi_document() -> Response:

@@ -26,6 +26,7 @@ from llm_pool.pool.api import Metrics, build_metrics
 from llm_pool.pool.errors import PoolError, queue_timeout
 from llm_pool.pool.jobs import Done, GenerationRequest, Job
 from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.tracing import adopt, mark_outcome_logged
 
 inference_log = logging.getLogger("llm_pool.inference")
 _encoder = msgspec.json.Encoder()
@@ -66,6 +67,7 @@ async def run_job(
     cancelled: a queued job never runs, a running one stops at its next token.
     """
     job = Job(gen, request_id=request_id)
+    job.trace_id = adopt(job.id)  # the caller's X-Request-Id, else this response's id
     job.stream_deltas = gen.stream
     try:
         entry = manager.entry(gen.model)
@@ -150,11 +152,13 @@ def sse_frame(event: str, data: dict[str, Any]) -> bytes:
 
 def log_inference(job: Job, *, stream: bool, status: int, metrics: Any = None, error: str | None = None) -> None:
     job.reported = True
+    mark_outcome_logged()
     inference_log.info(
         "inference",
         extra={
             "fields": {
-                "request_id": job.id,
+                "request_id": job.trace_id,
+                "response_id": job.id,
                 "model": job.request.model,
                 "replica": job.replica,
                 "stream": stream,

@@ -170,8 +170,11 @@ def _reference_logits(ws: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
 def test_tiny_llama_gguf_matches_numpy_reference(tmp_path):
     gguf_path = tmp_path / "tiny.gguf"
     weights = _write_tiny_gguf(gguf_path)
-    out = convert_gguf_to_ct2(gguf_path, tmp_path / "ct2", quantization="float32")
+    stages: list[tuple[str, int, int]] = []
+    out = convert_gguf_to_ct2(gguf_path, tmp_path / "ct2", quantization="float32", progress=lambda *s: stages.append(s))
     assert out == tmp_path / "ct2"
+    layers = [("layers", i, _NL) for i in range(_NL + 1)]
+    assert stages == [("read", 0, 1), ("read", 1, 1), *layers, ("write", 0, 1), ("write", 1, 1)]
     for name in ("model.bin", "config.json", "vocabulary.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "vocabulary.json").read_text()) == _TOKENS

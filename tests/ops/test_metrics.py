@@ -34,19 +34,24 @@ async def test_every_series_exists_at_zero_before_any_request(autojump_clock: Mo
     assert reply.headers["Content-Type"].startswith("text/plain")
     s = Samples.parse(reply.text)
     for model, state in (("m", "loaded"), ("off", "unloaded")):
-        assert s("llm_pool:num_requests_running", model=model) == 0
-        assert s("llm_pool:num_requests_waiting", model=model) == 0
+        assert s("llm_pool:num_requests_running", model=model, model_name=model) == 0
+        assert s("llm_pool:num_requests_waiting", model=model, model_name=model) == 0
         for st in ("unloaded", "loading", "loaded", "unloading", "failed"):
-            assert s("llm_pool:model_state", model=model, state=st) == (1 if st == state else 0)
+            assert s("llm_pool:model_state", model=model, model_name=model, state=st) == (1 if st == state else 0)
         for reason in REASONS:
-            assert s("llm_pool:request_outcomes_total", model=model, reason=reason) == 0
+            assert s("llm_pool:request_outcomes_total", model=model, model_name=model, reason=reason) == 0
         for hist in ("request_queue_time_seconds", "time_to_first_token_seconds", "e2e_request_latency_seconds",
                      "request_inference_time_seconds"):
-            assert s(f"llm_pool:{hist}_count", model=model) == 0
-        assert s("llm_pool:prompt_tokens_total", model=model) == 0
-        assert s("llm_pool:generation_tokens_total", model=model) == 0
-    assert s("llm_pool:loaded_replicas", model="m") == 1
-    assert s("llm_pool:loaded_replicas", model="off") == 0
+            assert s(f"llm_pool:{hist}_count", model=model, model_name=model) == 0
+        assert s("llm_pool:prompt_tokens_total", model=model, model_name=model) == 0
+        assert s("llm_pool:generation_tokens_total", model=model, model_name=model) == 0
+        # what vLLM's dashboards read, under our prefix and with its model_name label
+        assert s("llm_pool:inter_token_latency_seconds_count", model=model, model_name=model) == 0
+        for reason in ("stop", "length", "cancelled"):
+            assert s("llm_pool:request_success_total", model=model, model_name=model, finished_reason=reason) == 0
+        assert s("llm_pool:slot_usage_perc", model=model, model_name=model) == 0
+    assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 1
+    assert s("llm_pool:loaded_replicas", model="off", model_name="off") == 0
     # labelled by model only, never by replica
     assert all("replica" not in dict(labels) for _, labels in s.values)
 
@@ -63,37 +68,37 @@ async def test_running_waiting_and_outcomes_follow_requests(autojump_clock: Mock
     nursery.start_soon(send, "a")
     await ops.wait_until(lambda: control.held == 1)
     s = await ops.scrape()
-    assert s("llm_pool:num_requests_running", model="m") == 1
-    assert s("llm_pool:num_requests_waiting", model="m") == 0
+    assert s("llm_pool:num_requests_running", model="m", model_name="m") == 1
+    assert s("llm_pool:num_requests_waiting", model="m", model_name="m") == 0
 
     nursery.start_soon(send, "b")
     await ops.wait_until(lambda: runtime.waiting == 1)
     s = await ops.scrape()
-    assert s("llm_pool:num_requests_running", model="m") == 1
-    assert s("llm_pool:num_requests_waiting", model="m") == 1
+    assert s("llm_pool:num_requests_running", model="m", model_name="m") == 1
+    assert s("llm_pool:num_requests_waiting", model="m", model_name="m") == 1
 
     full = await ops.respond("hold")  # one running, one waiting, max_queue 1: refused
     assert full.status == 429, full.raw
     s = await ops.scrape()
-    assert s("llm_pool:request_outcomes_total", model="m", reason="rejected_queue_full") == 1
-    assert s("llm_pool:request_outcomes_total", model="m", reason="ok") == 0
-    assert s("llm_pool:e2e_request_latency_seconds_count", model="m") == 0
+    assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="rejected_queue_full") == 1
+    assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 0
+    assert s("llm_pool:e2e_request_latency_seconds_count", model="m", model_name="m") == 0
 
     control.release()
     await ops.wait_until(lambda: len(replies) == 2)
     assert [r.status for r in replies.values()] == [200, 200]
     s = await ops.scrape()
-    assert s("llm_pool:num_requests_running", model="m") == 0
-    assert s("llm_pool:num_requests_waiting", model="m") == 0
-    assert s("llm_pool:request_outcomes_total", model="m", reason="ok") == 2
-    assert s("llm_pool:request_outcomes_total", model="m", reason="rejected_queue_full") == 1
+    assert s("llm_pool:num_requests_running", model="m", model_name="m") == 0
+    assert s("llm_pool:num_requests_waiting", model="m", model_name="m") == 0
+    assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 2
+    assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="rejected_queue_full") == 1
     # refused requests are outcomes only: the histograms count the two that ran
     for hist in ("request_queue_time_seconds", "time_to_first_token_seconds", "e2e_request_latency_seconds",
                  "request_inference_time_seconds"):
-        assert s(f"llm_pool:{hist}_count", model="m") == 2, hist
-        assert s(f"llm_pool:{hist}_bucket", model="m", le="+Inf") == 2, hist
-    assert s("llm_pool:prompt_tokens_total", model="m") == 2  # one word each
-    assert s("llm_pool:generation_tokens_total", model="m") == 2  # "held" each
+        assert s(f"llm_pool:{hist}_count", model="m", model_name="m") == 2, hist
+        assert s(f"llm_pool:{hist}_bucket", model="m", model_name="m", le="+Inf") == 2, hist
+    assert s("llm_pool:prompt_tokens_total", model="m", model_name="m") == 2  # one word each
+    assert s("llm_pool:generation_tokens_total", model="m", model_name="m") == 2  # "held" each
 
 
 async def test_failures_timeouts_and_cancellations_are_counted_by_reason(
@@ -131,7 +136,7 @@ async def test_failures_timeouts_and_cancellations_are_counted_by_reason(
     s = await ops.scrape()
 
     def outcome(reason: str) -> float:
-        return s("llm_pool:request_outcomes_total", model="m", reason=reason)
+        return s("llm_pool:request_outcomes_total", model="m", model_name="m", reason=reason)
 
     assert outcome("backend_error") == 1
     assert outcome("queue_timeout") == 1
@@ -140,9 +145,9 @@ async def test_failures_timeouts_and_cancellations_are_counted_by_reason(
     assert outcome("ok") == 1  # the blocker, released during the drain
     assert sum(outcome(r) for r in REASONS) == 7
     # every admitted request has an end-to-end latency; only dispatched ones a queue time
-    assert s("llm_pool:e2e_request_latency_seconds_count", model="m") == 6
-    assert s("llm_pool:request_queue_time_seconds_count", model="m") == 3
-    assert s("llm_pool:time_to_first_token_seconds_count", model="m") == 3  # "partial", "held", "held"
+    assert s("llm_pool:e2e_request_latency_seconds_count", model="m", model_name="m") == 6
+    assert s("llm_pool:request_queue_time_seconds_count", model="m", model_name="m") == 3
+    assert s("llm_pool:time_to_first_token_seconds_count", model="m", model_name="m") == 3  # "partial", "held", "held"
     assert not any(dict(labels).get("model") == "nope" for _, labels in s.values)  # unknown names: no series
 
 
@@ -152,28 +157,28 @@ async def test_remote_model_without_allow_remote_is_counted(autojump_clock: Mock
     reply = await ops.respond("hi", model="r")
     assert reply.status == 403
     s = await ops.scrape()
-    assert s("llm_pool:request_outcomes_total", model="r", reason="rejected_remote_disallowed") == 1
+    assert s("llm_pool:request_outcomes_total", model="r", model_name="r", reason="rejected_remote_disallowed") == 1
 
 
 async def test_state_and_replica_gauges_follow_admin_calls(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
     control.load_gates["m"] = trio.Event()
     ops = await start_ops(nursery, {"m": {"replica_max": 3}}, control=control, wait=False)
     s = await ops.scrape()
-    assert s("llm_pool:model_state", model="m", state="loading") == 1
-    assert s("llm_pool:loaded_replicas", model="m") == 0
+    assert s("llm_pool:model_state", model="m", model_name="m", state="loading") == 1
+    assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 0
     control.load_gates["m"].set()
     await ops.manager.entries["m"].load_done.wait()
 
     assert (await ops.post("/v1/admin/models/m/replicas", {"replicas": 3})).status == 200
     s = await ops.scrape()
-    assert s("llm_pool:model_state", model="m", state="loaded") == 1
-    assert s("llm_pool:loaded_replicas", model="m") == 3
+    assert s("llm_pool:model_state", model="m", model_name="m", state="loaded") == 1
+    assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 3
 
     assert (await ops.post("/v1/admin/models/m/unload")).status == 200
     s = await ops.scrape()
-    assert s("llm_pool:model_state", model="m", state="unloaded") == 1
-    assert s("llm_pool:model_state", model="m", state="loaded") == 0
-    assert s("llm_pool:loaded_replicas", model="m") == 0
+    assert s("llm_pool:model_state", model="m", model_name="m", state="unloaded") == 1
+    assert s("llm_pool:model_state", model="m", model_name="m", state="loaded") == 0
+    assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 0
 
 
 async def test_no_gpu_series_without_gpus(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
@@ -202,8 +207,8 @@ async def test_each_app_has_its_own_registry(autojump_clock: MockClock, nursery:
     first = await start_ops(nursery, control=GateControl())
     second = await start_ops(nursery, control=GateControl())
     assert (await first.respond("a b c")).status == 200
-    assert (await first.scrape())("llm_pool:request_outcomes_total", model="m", reason="ok") == 1
-    assert (await second.scrape())("llm_pool:request_outcomes_total", model="m", reason="ok") == 0
+    assert (await first.scrape())("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 1
+    assert (await second.scrape())("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 0
     global_names = {m.name for m in prometheus_client.REGISTRY.collect()}
     assert not [n for n in global_names if n.startswith("llm_pool")]
 
