@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
-from llm_pool.backends.gguf import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
+from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep, StopMatcher
 from llm_pool.pool.jobs import GenerationStats, Job
 

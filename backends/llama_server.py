@@ -68,7 +68,7 @@ import trio
 
 from llm_pool.backends.base import BackendKind, EngineCrashed, StreamTimer, cancel_when_stopped
 from llm_pool.backends.engine_process import EngineProcess, describe_exit, engine_env
-from llm_pool.backends.gguf import open_vocab, set_prompt_model
+from llm_pool.backends.llama_common import open_vocab, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep
 from llm_pool.pool.errors import PoolError, backend_error, engine_crashed, request_cancelled
 from llm_pool.pool.jobs import GenerationStats, Job

@@ -35,6 +35,57 @@ def test_the_wheel_holds_llm_pool_alone(tmp_path: Path) -> None:
         assert module in names
 
 
+def test_the_installed_package_has_no_import_cycle(tmp_path: Path) -> None:
+    """import-linter's layers contract (make lint) forbids imports upward between layers; this
+    checks what it cannot: no cycle at all, inside a layer's package too (grimp's graph of the
+    installed copy; function-level imports count)."""
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    script = (
+        "import grimp, json, sys\n"
+        "g = grimp.build_graph('llm_pool')\n"
+        "seen = {m: g.find_modules_directly_imported_by(m) for m in g.modules}\n"
+        "print(json.dumps({m: sorted(d) for m, d in seen.items()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=site, env={"PYTHONPATH": str(site)}, check=True,
+                         capture_output=True, text=True).stdout
+    graph: dict[str, list[str]] = json.loads(out)
+    assert len(graph) > 30  # the real package, not an empty namespace
+    assert cycles_in(graph) == []
+
+
+def cycles_in(graph: dict[str, list[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def shadowing_folder(folder: Path) -> None:
     """Generic names that explode when imported, as a user's project might hold them."""
     boom = "raise SystemExit('a generic module shadowed llm-pool')\n"

@@ -168,7 +168,7 @@ def test_r1_parallel_replica_loads_keep_stdout_and_stderr(tiny_gguf: Path) -> No
     by dup2-ing /dev/null over the process's fds 1 and 2 and restoring saved copies; replicas
     loading at once on their threads interleaved that, leaving both fds on /dev/null for good,
     so every later log line of the server was lost.  Loads now hold
-    ``backends.gguf.LLAMA_QUIET_LOAD_LOCK``.  Here four GGUF replicas load at the same moment
+    ``backends.llama_common.LLAMA_QUIET_LOAD_LOCK``.  Here four GGUF replicas load at the same moment
     (a barrier), eight times over
     (without the lock this failed 2 runs in 3 with three rounds)."""
 

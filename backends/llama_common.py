@@ -1,0 +1,91 @@
+"""What every llama.cpp-based backend shares (in-process, batched, and ``llama_server``, which
+tokenizes here and sends the engine token ids): the quiet-load lock, the K/V cache types, and
+a GGUF's vocabulary and prompt model.  ``llama_cpp`` is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, get_args
+
+from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
+from llm_pool.config.settings import KvCacheType
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+#: Held while llama-cpp-python builds a model or context with ``verbose=False``: it then silences
+#: llama.cpp by ``dup2``-ing /dev/null over the *process's* fds 1 and 2 and restoring the copies
+#: it saved.  Two replicas loading at once interleave that save/restore, and fds 1 and 2 stay on
+#: /dev/null for good (every later log line of the server lost; found by tests/reliability).
+#: Every construction of a ``Llama`` or ``_internals.LlamaModel``/``LlamaContext`` with
+#: ``verbose=False`` must hold it (every backend of this family).
+LLAMA_QUIET_LOAD_LOCK = threading.Lock()
+
+#: K/V cache types an admin may ask for, by GGML name (lower case).
+KV_CACHE_TYPES: tuple[str, ...] = get_args(KvCacheType)
+
+
+def ggml_type(name: str) -> int:
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if name.lower() not in KV_CACHE_TYPES or value is None:
+        raise ValueError(f"unknown GGML cache type {name!r}; one of: {', '.join(KV_CACHE_TYPES)}")
+    return int(value)
+
+
+def llama_vocab(vocab: Any, encode: Callable[[str], list[int]]) -> Vocab[int]:
+    """The :class:`~backends.prompts.Vocab` of a llama.cpp vocabulary: ``encode`` tokenizes plain
+    text (``special=False``); the special tokens are those llama.cpp parses only with
+    ``special=True`` (control and unknown tokens), with their whitespace-eating attributes.
+    One pass over the vocabulary (SmolLM2, 49k entries: ~50 ms)."""
+    import llama_cpp
+
+    hidden = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    specials: list[SpecialToken[int]] = []
+    longest = 1
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+        longest = max(longest, len(text))
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & hidden:
+            lstrip = bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP)
+            specials.append(SpecialToken(text, token, lstrip, bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)))
+    return Vocab(encode, specials, longest)
+
+
+def set_prompt_model(prompts: PromptPrep[int], model: Any) -> None:
+    """Hand ``prompts`` what a llama.cpp model (``llama_cpp._internals.LlamaModel``) knows of
+    prompts: its chat template, BOS/EOS text and vocabulary.  One place for every GGUF-family
+    backend (in-process, batched, and ``llama_server``, which tokenizes here and sends ids)."""
+
+    def special_text(token: int) -> str:
+        return "" if token < 0 else str(model.token_get_text(token))
+
+    prompts.set_model(
+        model.metadata().get("tokenizer.chat_template"),
+        special_text(model.token_bos()),
+        special_text(model.token_eos()),
+        llama_vocab(model.vocab, lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=False)),
+    )
+
+
+def open_vocab(path: Path) -> Any:
+    """A GGUF file's tokenizer and metadata alone (llama.cpp ``vocab_only``: no weights, no
+    context; SmolLM2: ~0.1 s), for a backend whose weights live in another process."""
+    import llama_cpp
+    from llama_cpp import _internals
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        with LLAMA_QUIET_LOAD_LOCK:
+            return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    except ValueError as e:  # "Failed to load model from file"
+        raise RuntimeError(f"llama.cpp could not read the vocabulary of {path.name}: {e}") from None
