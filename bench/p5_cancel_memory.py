@@ -73,7 +73,7 @@ import trio.testing
 
 from bench.gguf_pool import ROOT, Server, free_port, smollm2_path
 
-# bench.gguf_pool put tests/ on sys.path (models.tiny_gguf, fakes.backend)
+# bench.gguf_pool put tests/ on sys.path (models.tiny_gguf, support.fake_backend)
 
 #: A prompt SmolLM2 greedily continues for thousands of tokens without EOS (checked: 3000 tokens),
 #: with this system prompt; with the default one it stops after 121 tokens.
@@ -500,7 +500,8 @@ def p5_memory_http(n: int) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------- 3. memory in-process
 async def _memory_inprocess(n: int) -> list[tuple[str, str]]:
-    from fakes.backend import FakeBackendFactory, make_settings
+    from support.fake_backend import FakeBackendFactory
+    from support.settings import make_settings
 
     from llm_pool.pool.api import DecodingIn, ResponsesRequest, to_generation_request
     from llm_pool.pool.jobs import Job

@@ -18,8 +18,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "ops")]
 
-from browser_kit import chromium_page, server_in_thread  # noqa: E402
-from fakes.backend import FakeBackendFactory, make_settings  # noqa: E402
+from browser_kit import chromium_page  # noqa: E402
+from support.fake_backend import FakeBackendFactory  # noqa: E402
+from support.server import server_in_thread  # noqa: E402
+from support.settings import make_settings  # noqa: E402
 
 OUT = ROOT / "docs" / "status-page.png"
 

@@ -1,4 +1,4 @@
-"""Tests for the fake OpenAI-compatible upstream in tests/upstream.py (real clock)."""
+"""Tests for the fake OpenAI-compatible upstream in tests/support/upstream.py (real clock)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
-
-try:  # tests/ is on sys.path (pytest "prepend" import mode, no tests/__init__.py)
-    from upstream import FakeUpstream, run_upstream, serve_upstream, split_words
-except ImportError:  # tests/ became a package
-    from tests.upstream import (  # type: ignore[no-redef,import-not-found,unused-ignore]
-        FakeUpstream,
-        run_upstream,
-        serve_upstream,
-        split_words,
-    )
+from support.sse import sse_data
+from support.upstream import FakeUpstream, run_upstream, serve_upstream, split_words
 
 KEY = "sk-test-key"
 BOUND = 10  # seconds; every test step is bounded by trio.fail_after
@@ -45,16 +37,6 @@ async def post_chat(
     return await client.post(
         f"{up.base_url}/chat/completions", json=chat_body(**extra), headers=auth(key)
     )
-
-
-def sse_events(text: str) -> list[str]:
-    """Return the `data:` payloads of an SSE body, in order."""
-    out = []
-    for block in text.split("\n\n"):
-        for line in block.splitlines():
-            if line.startswith("data: "):
-                out.append(line[len("data: ") :])
-    return out
 
 
 @pytest.mark.trio
@@ -115,7 +97,7 @@ async def test_streaming_with_usage(upstream: FakeUpstream) -> None:
             )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(r.text)
+    events = sse_data(r.text)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -178,7 +160,7 @@ async def test_no_usage_stream(upstream: FakeUpstream) -> None:
                 client, upstream, stream=True, stream_options={"include_usage": True}
             )
             r2 = await post_chat(client, upstream)
-    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    chunks = [json.loads(e) for e in sse_data(r.text)[:-1]]
     assert all(c.get("usage") is None for c in chunks)
     assert all(c["choices"] for c in chunks)
     assert "usage" not in r2.json() and r2.json()["choices"]
@@ -258,7 +240,7 @@ async def test_garbage(upstream: FakeUpstream) -> None:
     with pytest.raises(json.JSONDecodeError):
         r.json()
     assert rs.status_code == 200
-    events = sse_events(rs.text)
+    events = sse_data(rs.text)
     assert events[-1] == "[DONE]"
     with pytest.raises(json.JSONDecodeError):
         json.loads(events[0])
@@ -317,7 +299,7 @@ async def test_slow(upstream: FakeUpstream) -> None:
             r = await post_chat(client, upstream, stream=True)
         # 3 content frames + finish + [DONE] -> sleeps before headers and 4 more frames
         assert trio.current_time() - t0 >= 0.05 * 5
-        assert sse_events(r.text)[-1] == "[DONE]"
+        assert sse_data(r.text)[-1] == "[DONE]"
 
 
 @pytest.mark.trio

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+from support.runtime import request, run, running_manager
 
 from llm_pool.config import decode_settings
 from llm_pool.pool.errors import PoolError
@@ -31,7 +32,6 @@ from models.tiny_ct2 import (  # noqa: E402
     write_tiny_ct2_translator,
 )
 from models.tiny_gguf import RAW_TEMPLATE  # noqa: E402
-from runtime_kit import request, run, serving
 
 from llm_pool.backends.ct2 import CT2Backend, model_kind, plain_text_vocab  # noqa: E402
 from llm_pool.backends.prompts import render_prompt, tokenize_segments  # noqa: E402
@@ -146,7 +146,7 @@ def alone(text: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
 async def pool(tiny_raw: Path, request: pytest.FixtureRequest) -> Any:
     path_fixture, overrides = getattr(request, "param", ("tiny_raw", {}))
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(request.getfixturevalue(path_fixture), **overrides), "tiny") as manager:
+        async with running_manager(settings_for(request.getfixturevalue(path_fixture), **overrides), autoload=True, load=["tiny"]) as (manager, _):
             yield manager
 
 

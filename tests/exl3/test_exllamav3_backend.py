@@ -25,10 +25,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import runtime_kit
+import support.runtime
 import trio
 import trio.testing
-from fakes.backend import FakeBackend, expected_text
 from fakes.exllamav3_model import (
     CHAT_TEMPLATE,
     EOS_ID,
@@ -37,7 +36,8 @@ from fakes.exllamav3_model import (
     installed_fake_exllamav3,
     write_fake_exl3_model,
 )
-from runtime_kit import collect, run, submit
+from support.fake_backend import FakeBackend, expected_text
+from support.runtime import result, run, submit
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.exllamav3 import ExLlamaV3Backend, read_chat_template
@@ -77,7 +77,7 @@ def exl3_model(path: Path, **keys: Any) -> dict[str, Any]:
 
 
 def request(text: str, model: str = "m", **decoding: Any) -> GenerationRequest:
-    return runtime_kit.request(text, model, **decoding)
+    return support.runtime.request(text, model, **decoding)
 
 
 def backend_of(manager: PoolManager, model: str = "m") -> ExLlamaV3Backend:
@@ -208,7 +208,7 @@ async def test_text_streams_while_the_job_is_still_generating(pool: PoolManager,
         # the generator is held before its next iterate(): the first token reached the client alone
         assert first == Delta("y") and not job.ended
         spy.release()
-        rest, done = await collect(job)
+        rest, done = await result(job)
         assert "y" + "".join(rest) == done.text == expected_text("x", 30)
 
 
@@ -236,7 +236,7 @@ async def test_job_arguments_and_samplers(
     samplers = Recorder(fake_ex, "ComboSampler", monkeypatch)
     with trio.fail_after(LIMIT_S):
         job = submit(pool, request("x", stop=["zz"]))
-        _, done = await collect(job)
+        _, done = await result(job)
         assert done.text == "yzabc"
         sampled = request("x", temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1)
         _, done = await run(pool, sampled)
@@ -364,7 +364,7 @@ async def test_concurrent_jobs_share_one_generator_and_stay_exact(pool: PoolMana
         assert {job.replica for job in jobs} == {"m#1"}
         spy.release()
         for i, (c, job) in enumerate(zip(letters, jobs, strict=True)):
-            deltas, done = await collect(job)
+            deltas, done = await result(job)
             assert done.text == "".join(deltas) == expected_text(c, 12 + i)
             assert (done.stats.finish_reason, done.stats.output_tokens) == ("length", 12 + i)
     assert spy.streaming_together() == 4  # one iterate() call advanced all four jobs
@@ -384,7 +384,7 @@ async def test_more_jobs_than_the_batch_wait_inside_the_generator(
             await job.started.wait()
         spy.release()
         for c, job in zip("abcdef", jobs, strict=True):
-            _, done = await collect(job)
+            _, done = await result(job)
             assert done.text == expected_text(c, 8)
     assert spy.streaming_together() == 2
 
@@ -403,12 +403,12 @@ async def test_cancelling_one_job_leaves_the_others_exact(pool: PoolManager, spy
         # before that call or after it depends on the thread race: at most one more token.
         victim.cancel()
         spy.release()
-        deltas, done = await collect(victim)
+        deltas, done = await result(victim)
         assert done.stats.finish_reason == "cancelled"
         assert done.text == "l" + "".join(deltas) and done.text in ("l", "lm")
         assert (done.stats.output_tokens, done.stats.prompt_tokens) == (len(done.text), 1)
         for ch, job in (("a", a), ("x", c)):
-            _, done = await collect(job)
+            _, done = await result(job)
             assert (done.text, done.stats.finish_reason) == (expected_text(ch, 40), "length")
         # the cancelled job's pages are free again: the replica takes new work at once
         _, done = await run(pool, request("x"))
@@ -429,7 +429,7 @@ async def test_unload_cancels_running_jobs_and_closes_the_model(pool: PoolManage
             assert job.should_stop()
             spy.release()
         with pytest.raises(PoolError) as info:
-            await collect(job)
+            await result(job)
         assert info.value.code == "request_cancelled"
     assert pool.entries["m"].state == "unloaded"
     assert backend.model is None and backend.generator is None
@@ -441,7 +441,7 @@ async def test_long_jobs_are_requeued_with_max_rq_tokens(manager_for: Any, model
     with trio.fail_after(LIMIT_S):
         await manager.load("m", override={"exllama_max_rq_tokens": 4})
         job = submit(manager, request("x", max_tokens=300))
-        deltas, done = await collect(job)
+        deltas, done = await result(job)
     # exllamav3 rounds max_rq_tokens up to the page: 255 new tokens, then the job starts again
     assert done.text == "".join(deltas) == expected_text("x", 300)
     assert (done.stats.output_tokens, done.stats.prompt_tokens) == (300, 1)
@@ -458,12 +458,12 @@ async def test_a_failed_prefill_fails_that_job_only(pool: PoolManager, spy: Iter
             await job.started.wait()
         spy.release()
         with pytest.raises(PoolError) as info:
-            await collect(bad)
+            await result(bad)
         assert info.value.status == 502
         assert info.value.message == (
             "model 'm' failed: RuntimeError: fake exllamav3: injected prefill failure (FAKE_FAIL_PREFILL in prompt)"
         )
-        _, done = await collect(good)
+        _, done = await result(good)
         assert done.text == expected_text("x", 10)
         _, done = await run(pool, request("x"))
         assert done.text == "yzabc"

@@ -28,10 +28,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import runtime_kit
+import support.runtime
 import trio
 from fakes.exllamav3_model import EOS_ID, VOCAB, write_fake_exl3_model
-from runtime_kit import collect, submit
+from support.runtime import result, submit
 
 from llm_pool.config import decode_settings
 from llm_pool.pool.jobs import GenerationRequest
@@ -143,7 +143,7 @@ def model_dir(real_exllamav3: ModuleType, tmp_path_factory: pytest.TempPathFacto
 
 
 def request(text: str, **decoding: Any) -> GenerationRequest:
-    return runtime_kit.request(text, "m", **decoding)
+    return support.runtime.request(text, "m", **decoding)
 
 
 def expected(last: str, n: int) -> str:
@@ -184,19 +184,19 @@ async def manager(model_dir: Path) -> AsyncIterator[PoolManager]:
 async def test_real_exllamav3_exact_outputs_and_stops(manager: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         await manager.load("m")
-        deltas, done = await collect(submit(manager, request("x")))
+        deltas, done = await result(submit(manager, request("x")))
         assert (done.text, deltas, done.stats.finish_reason) == ("yzabc", list("yzabc"), "length")
         assert (done.stats.prompt_tokens, done.stats.output_tokens) == (1, 5)
-        _, done = await collect(submit(manager, request("7", max_tokens=50)))
+        _, done = await result(submit(manager, request("7", max_tokens=50)))
         assert (done.text, done.stats.finish_reason, done.stats.output_tokens) == ("89", "stop", 2)
-        _, done = await collect(submit(manager, request("x", max_tokens=20, stop=["bc"])))
+        _, done = await result(submit(manager, request("x", max_tokens=20, stop=["bc"])))
         assert (done.text, done.stats.finish_reason) == ("yza", "stop")
 
 
 async def test_real_exllamav3_quantized_cache(manager: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         await manager.load("m", override={"exllama_cache_quant": "8,4"})
-        _, done = await collect(submit(manager, request("k", max_tokens=40)))
+        _, done = await result(submit(manager, request("k", max_tokens=40)))
         assert done.text == expected("k", 40)
 
 
@@ -207,12 +207,12 @@ async def test_real_exllamav3_batches_and_tokens_per_second(
     rates: dict[int, float] = {}
     with trio.fail_after(LIMIT_S):
         await manager.load("m")
-        await collect(submit(manager, request("x", max_tokens=16)))  # warm the kernels
+        await result(submit(manager, request("x", max_tokens=16)))  # warm the kernels
         for concurrency in (1, 8):
             letters = "abcdefgh"[:concurrency]
             t0 = time.perf_counter()
             jobs = [submit(manager, request(c, max_tokens=n_tokens)) for c in letters]
-            results = [await collect(job) for job in jobs]
+            results = [await result(job) for job in jobs]
             wall = time.perf_counter() - t0
             for c, (_, done) in zip(letters, results, strict=True):
                 assert done.text == expected(c, n_tokens)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from runtime_kit import request, run, serving
+from support.runtime import request, run, running_manager
 
 from llm_pool.config import decode_settings
 from llm_pool.pool.errors import PoolError
@@ -60,7 +60,7 @@ def settings_for(path: Path, **model: Any) -> Any:
 async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
     overrides = getattr(request, "param", {})
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, **overrides), "tiny") as manager:
+        async with running_manager(settings_for(tiny_gguf, **overrides), autoload=True, load=["tiny"]) as (manager, _):
             yield manager
 
 
@@ -140,7 +140,7 @@ async def test_a_forged_turn_costs_what_its_bytes_cost(tiny_chatml_gguf: Path) -
     """In a ChatML prompt the template's markup is one token per special token, and a forged
     turn in the input is plain text: as many tokens as a plain input of as many bytes."""
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_chatml_gguf), "tiny") as manager:
+        async with running_manager(settings_for(tiny_chatml_gguf), autoload=True, load=["tiny"]) as (manager, _):
             _, plain = await run(manager, request("x" * len(FORGED_TURN)))
             _, forged = await run(manager, request(FORGED_TURN))
             assert forged.stats.prompt_tokens == plain.stats.prompt_tokens

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from runtime_kit import request, run, serving, submit
+from support.runtime import request, run, running_manager, submit
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.gguf_batched import BatchedGGUFBackend
@@ -72,7 +72,7 @@ def backend_of(manager: PoolManager, name: str = "tiny") -> BatchedGGUFBackend:
 async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
     overrides = getattr(request, "param", {})
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, **overrides), "tiny") as manager:
+        async with running_manager(settings_for(tiny_gguf, **overrides), autoload=True, load=["tiny"]) as (manager, _):
             yield manager
 
 

@@ -16,7 +16,9 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from pool_http_kit import FakeControl, Pool, Reply, assert_error, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.replies import Reply, assert_error
+from support.server import Pool, start_pool
 from trio.testing import MockClock
 
 import llm_pool.admin.gpu
@@ -79,9 +81,9 @@ def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def cat(nursery: trio.Nursery, control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> Pool:
+async def cat(nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch) -> Pool:
     monkeypatch.setenv("LLMPOOL_TEST_REMOTE_KEY", SECRET)
-    control.load_errors["b"] = "cannot map b.gguf"
+    control.configure("b", fail_load="cannot map b.gguf")
     return await start_pool(nursery, control, models=CATALOG)
 
 
@@ -232,7 +234,7 @@ BAD_LOADS = [
 
 
 @pytest.mark.parametrize(("name", "payload", "message"), BAD_LOADS, ids=[m for _, _, m in BAD_LOADS])
-async def test_rejected_loads(nursery: trio.Nursery, control: FakeControl, name: str, payload: Any, message: str) -> None:
+async def test_rejected_loads(nursery: trio.Nursery, control: FakeBackendFactory, name: str, payload: Any, message: str) -> None:
     pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
     r = await pool.post(f"/v1/admin/models/{name}/load", payload)
     assert_error(r, 400, "invalid_load_request", message)
@@ -240,7 +242,7 @@ async def test_rejected_loads(nursery: trio.Nursery, control: FakeControl, name:
     assert not control.contexts
 
 
-async def test_load_bodies_that_are_not_json(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_load_bodies_that_are_not_json(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
     for raw in (b"{", b"replicas=2", b'{"replicas": 2, "gguf_flash_attn": "\xff"}'):
         err = assert_error(await pool.post("/v1/admin/models/g/load", raw=raw), 400, "invalid_load_request")
@@ -252,7 +254,7 @@ async def test_load_unknown_model(cat: Pool) -> None:
     assert_error(await cat.post("/v1/admin/models/zz/load"), 404, "unknown_model", "unknown model 'zz'", model="zz")
 
 
-async def test_load_with_overrides_is_runtime_only(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_load_with_overrides_is_runtime_only(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
     r = await pool.post(
         "/v1/admin/models/g/load",
@@ -287,7 +289,7 @@ async def test_load_with_overrides_is_runtime_only(nursery: trio.Nursery, contro
     assert (r.json["load_override"], r.json["replicas"]) == ({}, 2)
 
 
-async def test_exllama_quant_string_clears_the_bits(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_exllama_quant_string_clears_the_bits(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
     r = await pool.post("/v1/admin/models/e/load", {"exllama_cache_quant": "8,4"})
     assert r.status == 200, r.raw
@@ -319,8 +321,8 @@ async def test_loaded_model_plain_load_is_idempotent_overrides_are_not(cat: Pool
     assert len([c for c in cat.control.contexts if c.name == "g"]) == 2  # nothing was reloaded
 
 
-async def test_failed_load_is_500_and_leaves_failed(nursery: trio.Nursery, control: FakeControl) -> None:
-    control.load_errors["g"] = "out of memory while mapping g.gguf"
+async def test_failed_load_is_500_and_leaves_failed(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    control.configure("g", fail_load="out of memory while mapping g.gguf")
     pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
     r = await pool.post("/v1/admin/models/g/load", {"replicas": 3})
     err = assert_error(
@@ -336,18 +338,16 @@ async def test_failed_load_is_500_and_leaves_failed(nursery: trio.Nursery, contr
     assert_error(await pool.respond({"model": "g", "input": "x"}), 409, "model_failed")
 
     # the runtime recovers: a new load of a failed model works and clears last_error
-    del control.load_errors["g"]
+    control.configure("g", fail_load=None)
     r = await pool.post("/v1/admin/models/g/load")
     assert r.status == 200
     assert (r.json["runtime_state"], r.json["last_error"]) == ("loaded", None)
 
 
-async def test_partially_failed_load_closes_the_replicas_that_loaded(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_partially_failed_load_closes_the_replicas_that_loaded(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     class OneBad:
         def __init__(self) -> None:
-            from pool_http_kit import FakeFactory
-
-            self.inner = FakeFactory(control)
+            self.inner = control
 
         def __call__(self, ctx):  # type: ignore[no-untyped-def]
             backend = self.inner(ctx)
@@ -365,8 +365,8 @@ async def test_partially_failed_load_closes_the_replicas_that_loaded(nursery: tr
     assert pool.manager.entries["g"].state == "failed"
 
 
-async def test_load_while_loading_waits_and_overrides_are_refused(nursery: trio.Nursery, control: FakeControl) -> None:
-    control.load_delay_s["g"] = 0.2
+async def test_load_while_loading_waits_and_overrides_are_refused(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    control.configure("g", load_delay=0.2)
     pool = await start_pool(nursery, control, models=CATALOG, wait=False)
     assert pool.manager.entries["g"].state == "loading"
     assert_error(
@@ -390,7 +390,7 @@ def fake_gpus(free_mib: int = 100, total_mib: int = 1000) -> tuple[list[GpuInfo]
                     used_over_total=f"{used}MiB / {total_mib}MiB")], None
 
 
-async def test_insufficient_gpu_memory(nursery: trio.Nursery, control: FakeControl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_insufficient_gpu_memory(nursery: trio.Nursery, control: FakeBackendFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: fake_gpus(free_mib=100))
     weights = tmp_path / "big-exl3"
     weights.mkdir()
@@ -436,7 +436,7 @@ async def test_insufficient_gpu_memory(nursery: trio.Nursery, control: FakeContr
     assert mem.json["error"] is None
 
 
-async def test_vram_estimate_from_the_observed_load_delta(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_vram_estimate_from_the_observed_load_delta(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
     readings = iter([1000.0, 1600.0])
     pool.manager.gpu_used_mib = lambda: next(readings)
@@ -447,7 +447,7 @@ async def test_vram_estimate_from_the_observed_load_delta(nursery: trio.Nursery,
     assert (g["vram_estimate_mib"], g["vram_estimate_source"]) == (600.0, "observed_load_delta")  # kept across unload
 
 
-async def test_gpu_memory_without_a_gpu(nursery: trio.Nursery, control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_gpu_memory_without_a_gpu(nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # the real NVML reader
     pool = await start_pool(nursery, control, models=CATALOG)
     gpus, error = llm_pool.admin.gpu.read_gpus()
@@ -513,7 +513,7 @@ async def test_unload_bad_body(cat: Pool) -> None:
     assert cat.manager.entries["g"].state == "loaded"
 
 
-async def busy_model(nursery: trio.Nursery, control: FakeControl, *, running: str, queued: int, stream: bool = False) -> tuple[Pool, list[Any]]:
+async def busy_model(nursery: trio.Nursery, control: FakeBackendFactory, *, running: str, queued: int, stream: bool = False) -> tuple[Pool, list[Any]]:
     """Model ``m`` (1 replica, 1 slot) running ``running`` with ``queued`` requests waiting."""
     pool = await start_pool(nursery, control)
     replies: list[Any] = []
@@ -532,13 +532,13 @@ async def busy_model(nursery: trio.Nursery, control: FakeControl, *, running: st
     return pool, replies
 
 
-async def test_counts_include_queued_requests(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_counts_include_queued_requests(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool, _ = await busy_model(nursery, control, running="wait:5", queued=2)
     m = await row(pool, "m")
     assert (m["inflight_requests"], m["queue_depth"], m["runtime_inflight"]) == (3, 2, 1)
 
 
-async def test_graceful_unload_under_load(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_graceful_unload_under_load(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool, replies = await busy_model(nursery, control, running="wait:5", queued=3)
     t0 = trio.current_time()
     r = await pool.post("/v1/admin/models/m/unload")
@@ -557,7 +557,7 @@ async def test_graceful_unload_under_load(autojump_clock: MockClock, nursery: tr
 
 
 @pytest.mark.parametrize("how", ["query", "body"])
-async def test_unload_drain_deadline(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl, how: str) -> None:
+async def test_unload_drain_deadline(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, how: str) -> None:
     pool, replies = await busy_model(nursery, control, running="wait:100", queued=1)
     t0 = trio.current_time()
     if how == "query":
@@ -576,7 +576,7 @@ async def test_unload_drain_deadline(autojump_clock: MockClock, nursery: trio.Nu
     assert_error(by["queued 0"], 409, "model_unloading")
 
 
-async def test_unload_force_cancels_a_stream_at_once(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_unload_force_cancels_a_stream_at_once(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool, replies = await busy_model(nursery, control, running="wait:100", queued=0, stream=True)
     t0 = trio.current_time()
     r = await pool.post("/v1/admin/models/m/unload", query={"force": "true"})
@@ -597,7 +597,7 @@ async def test_unload_force_cancels_a_stream_at_once(autojump_clock: MockClock, 
     assert events[-1][1]["sequence_number"] == 4
 
 
-async def test_unload_while_unloading_waits_for_the_same_unload(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_unload_while_unloading_waits_for_the_same_unload(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool, _ = await busy_model(nursery, control, running="wait:4", queued=0)
     first: list[Reply] = []
     nursery.start_soon(lambda: _append(first, pool.post("/v1/admin/models/m/unload")))
@@ -614,7 +614,7 @@ async def _append(out: list[Any], coro: Any) -> None:
 
 
 # ------------------------------------------------------------------ POST .../replicas
-async def test_resize_live(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_resize_live(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control)  # m: 1 replica, replica_max 3
     results: list[Reply] = []
 
@@ -639,7 +639,7 @@ async def test_resize_live(autojump_clock: MockClock, nursery: trio.Nursery, con
     assert pool.settings.engine.models["m"].replicas == 1  # runtime only
 
 
-async def test_resize_errors(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_resize_errors(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     models = {"m": {"model_path": "m.gguf", "replica_max": 3}, "off": {"model_path": "o.gguf", "enabled": False}}
     pool = await start_pool(nursery, control, models=models)
     assert_error(
@@ -680,7 +680,7 @@ C = model_toml("c", model_path="c.gguf", enabled=False)
 
 
 @pytest.fixture
-async def files(nursery: trio.Nursery, control: FakeControl, tmp_path: Path) -> tuple[Pool, Path]:
+async def files(nursery: trio.Nursery, control: FakeBackendFactory, tmp_path: Path) -> tuple[Pool, Path]:
     main = tmp_path / "pool.toml"
     main.write_text(catalog_toml(A, B, C))
     pool = await start_pool(nursery, control, settings=load_settings(main), config_path=str(main))
@@ -714,7 +714,7 @@ async def test_reload_reports_the_catalog_change(files: tuple[Pool, Path]) -> No
     }
 
 
-async def test_reload_reads_the_local_file_and_new_defaults(files: tuple[Pool, Path], control: FakeControl) -> None:
+async def test_reload_reads_the_local_file_and_new_defaults(files: tuple[Pool, Path], control: FakeBackendFactory) -> None:
     pool, main = files
     (main.parent / "pool.local.toml").write_text("[engine.decoding]\ntemperature = 0.9\n[service]\nmax_body_bytes = 10\n")
     r = await pool.post("/v1/admin/settings/reload")
@@ -767,7 +767,7 @@ async def test_reload_conflicts_with_loaded_models(files: tuple[Pool, Path]) -> 
 
 
 # ------------------------------------------------------------------ odd names and missing libraries
-async def test_model_names_with_slashes_are_addressable(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_model_names_with_slashes_are_addressable(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     """Hugging Face style ids (``org/model``) are common model names; every admin route takes them."""
     models = {"org/m": {"model_path": "m.gguf", "replica_max": 2}, "org/m/load": {"model_path": "x.gguf", "enabled": False}}
     pool = await start_pool(nursery, control, models=models)
@@ -782,7 +782,7 @@ async def test_model_names_with_slashes_are_addressable(nursery: trio.Nursery, c
     assert_error(await pool.post("/v1/admin/models/org/zz/load"), 404, "unknown_model", "unknown model 'org/zz'")
 
 
-async def test_a_backend_that_cannot_even_be_created_fails_the_load(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_a_backend_that_cannot_even_be_created_fails_the_load(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     def factory(ctx):  # type: ignore[no-untyped-def]
         raise ImportError("No module named 'exllamav3'")
 

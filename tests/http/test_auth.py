@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 import trio
-from pool_http_kit import FakeControl, Pool, assert_error, settings_from, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.replies import assert_error
+from support.server import Pool, start_pool
+from support.settings import make_settings
 from trio.testing import MockClock
 
 from llm_pool.config import Settings
@@ -19,7 +22,7 @@ MESSAGE = "missing or wrong bearer token (Authorization: Bearer <token>)"
 
 
 @pytest.fixture
-async def guarded(nursery: trio.Nursery, control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> Pool:
+async def guarded(nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch) -> Pool:
     monkeypatch.setenv("LLMPOOL_TEST_API_TOKEN", API)
     monkeypatch.setenv("LLMPOOL_TEST_ADMIN_TOKEN", ADMIN)
     return await start_pool(nursery, control, {"service": SERVICE})
@@ -49,7 +52,7 @@ BAD_HEADERS = [
 
 
 @pytest.mark.parametrize("headers", BAD_HEADERS)
-async def test_inference_routes_need_the_api_token(autojump_clock: MockClock, guarded: Pool, control: FakeControl, headers: dict[str, str]) -> None:
+async def test_inference_routes_need_the_api_token(autojump_clock: MockClock, guarded: Pool, control: FakeBackendFactory, headers: dict[str, str]) -> None:
     assert_401(await guarded.respond({"model": "m", "input": "x"}, headers=headers))
     assert_401(await guarded.get("/v1/models", headers=headers))
     assert not control.seen
@@ -88,14 +91,14 @@ async def test_admin_routes_need_the_admin_token(autojump_clock: MockClock, guar
     assert guarded.manager.entries["m"].state == "loaded"
 
 
-async def test_only_an_admin_token_leaves_inference_open(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_only_an_admin_token_leaves_inference_open(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMPOOL_TEST_ADMIN_TOKEN", ADMIN)
     pool = await start_pool(nursery, control, {"service": {"admin_token_env": "LLMPOOL_TEST_ADMIN_TOKEN"}})
     assert (await pool.respond({"model": "m", "input": "x"})).status == 200
     assert_401(await pool.get("/v1/admin/models"))
 
 
-async def test_only_an_api_token_leaves_admin_open_on_loopback(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_only_an_api_token_leaves_admin_open_on_loopback(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMPOOL_TEST_API_TOKEN", API)
     pool = await start_pool(nursery, control, {"service": {"api_token_env": "LLMPOOL_TEST_API_TOKEN"}})
     assert_401(await pool.respond({"model": "m", "input": "x"}))
@@ -109,14 +112,14 @@ async def test_unknown_routes_outside_v1_need_no_token(autojump_clock: MockClock
 
 def test_a_named_but_unset_token_variable_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LLMPOOL_TEST_ADMIN_TOKEN", raising=False)
-    settings = settings_from({"service": {"admin_token_env": "LLMPOOL_TEST_ADMIN_TOKEN"}})
+    settings = make_settings(raw={"service": {"admin_token_env": "LLMPOOL_TEST_ADMIN_TOKEN"}})
     with pytest.raises(RuntimeError) as info:
         create_app(PoolManager(settings), settings)
     assert str(info.value) == "environment variable LLMPOOL_TEST_ADMIN_TOKEN (named by the settings) is empty or unset"
 
 
 def service(**kw: object) -> Settings:
-    return settings_from({"service": kw})
+    return make_settings(raw={"service": kw})
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.org", "[::]"])

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from pool_http_kit import FakeBackend, FakeControl, assert_error, start_pool
+from support.fake_backend import FakeBackend, FakeBackendFactory
+from support.replies import assert_error
+from support.server import start_pool
 
 from llm_pool.backends import create_backend
 from llm_pool.config import SettingsError, load_settings, resolve_model_path, settings_paths
@@ -250,7 +252,7 @@ def test_pkg_model_path_found_without_importing_the_package(tmp_path: Path, monk
 # ------------------------------------------------------------------ a missing model file at load
 async def test_missing_model_file_fails_only_that_model(nursery: trio.Nursery, tmp_path: Path) -> None:
     """Real clock: the ``missing`` model uses the real GGUF backend (a real worker thread)."""
-    control = FakeControl()
+    control = FakeBackendFactory.echo()
 
     def factory(ctx):  # type: ignore[no-untyped-def]
         return create_backend(ctx) if ctx.name == "missing" else FakeBackend(ctx, control)

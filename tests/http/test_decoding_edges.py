@@ -18,8 +18,10 @@ import trio
 from fakes.exllamav3_model import installed_fake_exllamav3, write_fake_exl3_model
 from models.tiny_ct2 import write_tiny_ct2_generator
 from models.tiny_gguf import write_tiny_gguf
-from pool_http_kit import FakeControl, Pool, assert_error, start_pool
-from upstream import FakeUpstream, serve_upstream
+from support.fake_backend import FakeBackendFactory
+from support.replies import assert_error
+from support.server import Pool, start_pool
+from support.upstream import FakeUpstream, serve_upstream
 
 from llm_pool.backends import KINDS, create_backend
 
@@ -99,7 +101,7 @@ async def test_every_decoding_edge_on_every_backend_is_200_or_400(
     raw = {"engine": {"max_tokens_limit": MAX_TOKENS_LIMIT, "models": models}}
     seen: dict[tuple[str, str, Any], int] = {}
     with trio.fail_after(LIMIT_S):
-        pool = await start_pool(nursery, FakeControl(), raw, factory=create_backend)
+        pool = await start_pool(nursery, FakeBackendFactory.echo(), raw, factory=create_backend)
         assert {n: e.state for n, e in pool.manager.entries.items()} == dict.fromkeys(models, "loaded"), {
             n: e.last_error for n, e in pool.manager.entries.items()
         }
@@ -126,7 +128,7 @@ async def test_a_refused_value_names_the_chat_field_too(
     models = {"ct2": {"model_path": str(write_tiny_ct2_generator(tmp_path / "ct2")), "backend": "ct2",
                       "compute_type": "int8", "prompt_format": "generic", "n_threads": 1}}
     with trio.fail_after(LIMIT_S):
-        pool: Pool = await start_pool(nursery, FakeControl(), {"engine": {"models": models}}, factory=create_backend)
+        pool: Pool = await start_pool(nursery, FakeBackendFactory.echo(), {"engine": {"models": models}}, factory=create_backend)
         chat = {"model": "ct2", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}
         r = await pool.post("/v1/chat/completions", chat)
         stream = await pool.respond({"model": "ct2", "input": "x", "stream": True, "decoding": {"repetition_penalty": 0}})

@@ -1,10 +1,10 @@
-"""End to end over a real socket: ``pool.server.serve`` (hypercorn + manager) on port 0, talked
-to with httpx, on the real clock (every step bounded by ``trio.fail_after``).  The backend is the
-fake async one, so this stays fast and needs no model file."""
+"""End to end over a real socket: ``pool.server.serve`` (hypercorn + manager) on port 0
+(``support.server.start_server``), talked to with httpx, on the real clock (every step bounded
+by ``trio.fail_after``).  The backend is the echo fake, so this stays fast and needs no model
+file."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -13,31 +13,28 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from pool_http_kit import METRIC_KEYS, RESP_ID, FakeControl, FakeFactory, parse_sse, settings_from
-
-from llm_pool.pool.server import serve
+from support.fake_backend import FakeBackendFactory
+from support.replies import METRIC_KEYS, RESP_ID
+from support.server import start_server
+from support.settings import make_settings
+from support.sse import parse_responses_sse
 
 BOUND = 10.0
 
 
 @pytest.fixture
-async def server(nursery: trio.Nursery, control: FakeControl) -> str:
-    settings = settings_from(
-        {
-            "service": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 4096},
-            "engine": {"models": {"m": {"model_path": "m.gguf", "replicas": 1, "replica_max": 2}}},
-        }
+async def server(nursery: trio.Nursery, control: FakeBackendFactory) -> str:
+    settings = make_settings(
+        {"m": {"replicas": 1, "replica_max": 2}}, {"service": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 4096}}
     )
     with trio.fail_after(BOUND):
-        base_url: str = await nursery.start(
-            functools.partial(serve, settings, backend_factory=FakeFactory(control), handle_signals=False)
-        )
+        base_url = await start_server(nursery, settings, factory=control)
     assert base_url.startswith("http://127.0.0.1:") and not base_url.endswith(":0")
     return base_url
 
 
-async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
-    control.step_s = 0.05
+async def test_end_to_end_over_http(server: str, control: FakeBackendFactory) -> None:
+    control.configure(token_delay=0.05)
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=server, timeout=BOUND) as client:
             # the server answers at once; the model loads in the background, and an admin load
@@ -73,7 +70,7 @@ async def test_end_to_end_over_http(server: str, control: FakeControl) -> None:
                 async for chunk in s.aiter_bytes():
                     arrivals.append((time.perf_counter() - t0, chunk))
             raw = b"".join(c for _, c in arrivals)
-            events = parse_sse(raw)
+            events = parse_responses_sse(raw)
             assert [e for e, _ in events] == [
                 "response.created",
                 "response.in_progress",
@@ -123,10 +120,10 @@ async def test_chunked_body_above_the_limit_is_413(server: str) -> None:
 
 
 async def test_client_disconnect_stops_generation_and_frees_the_replica(
-    server: str, control: FakeControl, caplog: pytest.LogCaptureFixture
+    server: str, control: FakeBackendFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="llm_pool.inference")
-    control.step_s = 0.05
+    control.configure(token_delay=0.05)
     words = " ".join(f"w{i}" for i in range(100))  # 5 s if it ran to the end
     with trio.fail_after(BOUND):
         async with httpx.AsyncClient(base_url=server, timeout=BOUND) as client:

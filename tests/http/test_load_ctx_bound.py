@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 from models.tiny_gguf import write_tiny_gguf
-from pool_http_kit import FakeControl, assert_error, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.replies import assert_error
+from support.server import start_pool
 
 import llm_pool.admin.gpu
 from llm_pool.backends.gguf_header import trained_context
@@ -32,7 +34,7 @@ def test_trained_context_is_read_from_the_header(tmp_path: Path) -> None:
 
 
 async def test_gguf_n_ctx_above_the_trained_context_is_400(
-    nursery: trio.Nursery, control: FakeControl, tmp_path: Path
+    nursery: trio.Nursery, control: FakeBackendFactory, tmp_path: Path
 ) -> None:
     path = write_tiny_gguf(tmp_path / "g.gguf")
     models = {"g": {"model_path": str(path), "enabled": False}}

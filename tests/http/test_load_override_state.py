@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import trio
-from pool_http_kit import FakeControl, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
 
 import llm_pool.admin.gpu
 
@@ -19,7 +20,7 @@ def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: ([], "NVML unavailable (test)"))
 
 
-async def test_load_override_is_empty_once_unloaded(nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_load_override_is_empty_once_unloaded(nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     with trio.fail_after(10):
         pool = await start_pool(nursery, control, models=CATALOG, autoload=False)
         before = (await pool.get("/v1/admin/models/g")).json["load_override"]
@@ -28,7 +29,7 @@ async def test_load_override_is_empty_once_unloaded(nursery: trio.Nursery, contr
         row = (await pool.get("/v1/admin/models/g")).json["load_override"]
         plain = (await pool.post("/v1/admin/models/g/load")).json["load_override"]
         await pool.post("/v1/admin/models/g/unload")
-        control.load_errors["g"] = "no weights"
+        control.configure("g", fail_load="no weights")
         await pool.post("/v1/admin/models/g/load", OVERRIDE)
         failed = (await pool.get("/v1/admin/models/g")).json
     assert before == {}

@@ -8,7 +8,9 @@ bounded length, whatever bytes the runtime put in its exception (a random ``mode
 from __future__ import annotations
 
 import trio
-from pool_http_kit import FakeControl, assert_error, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.replies import assert_error
+from support.server import start_pool
 
 from llm_pool.pool.errors import ERROR_TEXT_MAX, printable, without_paths
 
@@ -39,9 +41,9 @@ def test_printable_is_one_bounded_line() -> None:
 
 
 async def test_model_failed_names_no_path_outside_the_admin_api(
-    nursery: trio.Nursery, control: FakeControl
+    nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    control.load_errors["g"] = PATH_ERROR
+    control.configure("g", fail_load=PATH_ERROR)
     with trio.fail_after(10):
         pool = await start_pool(nursery, control, models=CATALOG)
         assert pool.manager.entries["g"].state == "failed"
@@ -72,10 +74,10 @@ async def test_model_failed_names_no_path_outside_the_admin_api(
 
 
 async def test_binary_in_a_load_error_becomes_a_printable_bounded_last_error(
-    nursery: trio.Nursery, control: FakeControl
+    nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
     garbage = bytes(range(256)).decode("latin-1") + "".join(chr(0xDC80 + b) for b in range(128)) + "\ufffd" * 30
-    control.load_errors["g"] = f"unreadable model.bin header {garbage!s}"
+    control.configure("g", fail_load=f"unreadable model.bin header {garbage!s}")
     with trio.fail_after(10):
         pool = await start_pool(nursery, control, models=CATALOG)
         row = (await pool.get("/v1/admin/models/g")).json

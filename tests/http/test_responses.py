@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 import trio
-from pool_http_kit import METRIC_KEYS, RESP_ID, FakeControl, Pool, StreamReply, assert_error, parse_sse, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.replies import METRIC_KEYS, RESP_ID, Reply, StreamReply, assert_error
+from support.server import Pool, start_pool
+from support.sse import parse_responses_sse
 from trio.testing import MockClock
 
 # Every test takes ``autojump_clock`` (pytest-trio passes a clock to trio.run only when the test
@@ -94,7 +97,7 @@ async def test_stream_frames_and_order(autojump_clock: MockClock, pool: Pool) ->
     assert s.status == 200
     assert s.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert s.headers["Cache-Control"] == "no-cache"
-    events = parse_sse(s.raw)  # strict: only `event: <type>\ndata: <json>\n\n` frames
+    events = parse_responses_sse(s.raw)  # strict: only `event: <type>\ndata: <json>\n\n` frames
     kinds = [e for e, _ in events]
     # llm-pool's events, with OpenAI's Responses stream events between them (tests/openai pins those)
     assert kinds == [
@@ -128,8 +131,8 @@ async def test_stream_frames_and_order(autojump_clock: MockClock, pool: Pool) ->
     assert completed["output_text"] == completed["response"]["output_text"] == "one two three"
 
 
-async def test_stream_deltas_arrive_while_the_backend_still_generates(autojump_clock: MockClock, pool: Pool, control: FakeControl) -> None:
-    control.step_s = 1.0  # one word per second of (virtual) time
+async def test_stream_deltas_arrive_while_the_backend_still_generates(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory) -> None:
+    control.configure(token_delay=1.0)  # one word per second of (virtual) time
     out = StreamReply()
     seen_at: list[tuple[float, bool]] = []
     t0 = trio.current_time()
@@ -137,7 +140,7 @@ async def test_stream_deltas_arrive_while_the_backend_still_generates(autojump_c
         if b"response.output_text.delta" in chunk:
             seen_at.append((trio.current_time() - t0, bool(control.finished)))
     assert out.status == 200
-    assert [d["delta"] for e, d in parse_sse(out.raw) if e == "response.output_text.delta"] == ["a", " b", " c", " d", " e"]
+    assert [d["delta"] for e, d in parse_responses_sse(out.raw) if e == "response.output_text.delta"] == ["a", " b", " c", " d", " e"]
     # the first delta reached the client at once, long before the backend finished
     first_t, finished_then = seen_at[0]
     assert first_t < 0.5 and not finished_then
@@ -147,7 +150,7 @@ async def test_stream_deltas_arrive_while_the_backend_still_generates(autojump_c
 async def test_stream_failure_after_start_is_an_error_event(autojump_clock: MockClock, pool: Pool) -> None:
     s = await pool.stream({"model": "m", "input": "fail", "stream": True})
     assert s.status == 200
-    events = parse_sse(s.raw)
+    events = parse_responses_sse(s.raw)
     assert [e for e, _ in events] == [
         "response.created",
         "response.in_progress",
@@ -185,7 +188,7 @@ async def test_stream_errors_before_the_stream_are_plain_statuses(autojump_clock
 
 
 # ------------------------------------------------------------------ decoding defaults
-async def test_decoding_defaults_from_settings(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_decoding_defaults_from_settings(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     raw = {
         "engine": {
             "decoding": {"top_k": 5, "top_p": 0.9, "temperature": 0.7, "max_tokens": 7, "stop": ["END"]},
@@ -203,7 +206,7 @@ async def test_decoding_defaults_from_settings(autojump_clock: MockClock, nurser
     assert d2 == d0
 
 
-async def test_shipped_decoding_defaults(autojump_clock: MockClock, pool: Pool, control: FakeControl) -> None:
+async def test_shipped_decoding_defaults(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory) -> None:
     assert (await pool.respond({"model": "m", "input": "x", "instructions": "Be brief."})).status == 200
     req = control.seen[0]
     d = req.decoding
@@ -256,14 +259,14 @@ INVALID = [
 
 
 @pytest.mark.parametrize(("payload", "message", "param"), INVALID, ids=[m for _, m, _ in INVALID])
-async def test_invalid_fields_name_their_path(autojump_clock: MockClock, pool: Pool, control: FakeControl, payload: Any, message: str, param: str) -> None:
+async def test_invalid_fields_name_their_path(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, payload: Any, message: str, param: str) -> None:
     r = await pool.respond(payload)
     assert_error(r, 400, "invalid_request", f"invalid request body: {message}", param=param)
     assert r.json["error"]["type"] == "invalid_request_error"
     assert not control.seen
 
 
-async def test_max_tokens_above_the_configured_limit(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_max_tokens_above_the_configured_limit(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, {"engine": {"max_tokens_limit": 100}})
     assert_error(
         await pool.respond(body(max_tokens=101)),
@@ -324,12 +327,12 @@ async def test_malformed_bodies_are_400_never_500(autojump_clock: MockClock, poo
         ({"model": "m", "input": "x", "decoding": {"stop": ["ok", "a\u0000"]}}, "$.decoding.stop[1]"),
     ],
 )
-async def test_nul_characters_are_refused(autojump_clock: MockClock, pool: Pool, control: FakeControl, payload: Any, param: str) -> None:
+async def test_nul_characters_are_refused(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, payload: Any, param: str) -> None:
     assert_error(await pool.respond(payload), 400, "invalid_request", f"{param} contains a NUL character", param=param)
     assert not control.seen
 
 
-async def test_translategemma_needs_its_language_codes(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_translategemma_needs_its_language_codes(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     models = {"tg": {"model_path": "tg.gguf", "prompt_format": "translategemma_template"}}
     pool = await start_pool(nursery, control, models=models)
     assert_error(
@@ -358,9 +361,9 @@ STATE_MODELS = {
 }
 
 
-async def test_model_state_conflicts(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
-    control.load_errors["bad"] = "weights are corrupt"
-    control.load_delay_s["slow"] = 100.0
+async def test_model_state_conflicts(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    control.configure("bad", fail_load="weights are corrupt")
+    control.configure("slow", load_delay=100.0)
     pool = await start_pool(nursery, control, models=STATE_MODELS, wait=False)
     await pool.wait_state("bad", "failed")
     await pool.wait_state("m", "loaded")
@@ -380,7 +383,7 @@ async def test_model_state_conflicts(autojump_clock: MockClock, nursery: trio.Nu
     assert (await pool.get("/v1/models")).json["models"] == ["m", "slow"]
 
 
-async def test_model_unloading_conflict(autojump_clock: MockClock, pool: Pool, control: FakeControl, nursery: trio.Nursery) -> None:
+async def test_model_unloading_conflict(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, nursery: trio.Nursery) -> None:
     replies: list[Any] = []
 
     async def long_request() -> None:
@@ -404,7 +407,7 @@ REMOTE = {
 }
 
 
-async def test_remote_model_needs_allow_remote(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_remote_model_needs_allow_remote(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     models = {"r": dict(REMOTE), "r_off": {**REMOTE, "enabled": False}}
     pool = await start_pool(nursery, control, models=models)
     for name in ("r", "r_off"):  # decided before the state: an unloaded remote model says 403 too
@@ -422,7 +425,7 @@ async def test_remote_model_needs_allow_remote(autojump_clock: MockClock, nurser
 
 
 # ------------------------------------------------------------------ 413 / 429 / 503
-async def test_body_above_max_body_bytes_is_413(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_body_above_max_body_bytes_is_413(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, {"service": {"max_body_bytes": 200}})
     small = {"model": "m", "input": "x" * 50}
     assert (await pool.respond(small)).status == 200
@@ -431,7 +434,7 @@ async def test_body_above_max_body_bytes_is_413(autojump_clock: MockClock, nurse
     assert len(control.seen) == 1
 
 
-async def test_full_queue_is_429_with_retry_after(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_full_queue_is_429_with_retry_after(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, models={"m": {"model_path": "m.gguf", "max_queue": 1}})
     replies: list[Any] = []
 
@@ -451,7 +454,7 @@ async def test_full_queue_is_429_with_retry_after(autojump_clock: MockClock, nur
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_queue_timeout_is_503(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl, stream: bool) -> None:
+async def test_queue_timeout_is_503(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, stream: bool) -> None:
     pool = await start_pool(nursery, control, models={"m": {"model_path": "m.gguf", "queue_timeout_s": 2.0}})
     nursery.start_soon(pool.respond, {"model": "m", "input": "wait:10"})
     await pool.wait_until(lambda: control.started == ["wait:10"])
@@ -459,8 +462,6 @@ async def test_queue_timeout_is_503(autojump_clock: MockClock, nursery: trio.Nur
     payload = {"model": "m", "input": "never runs", "stream": stream}
     if stream:
         s = await pool.stream(payload)
-        from pool_http_kit import Reply
-
         r = Reply(s.status or 0, s.headers, s.raw)
     else:
         r = await pool.respond(payload)
@@ -480,7 +481,7 @@ async def test_unknown_routes_and_methods_are_json(autojump_clock: MockClock, po
     assert_error(await pool.post("/v1/admin/nope"), 404, "not_found", "no route for POST /v1/admin/nope")
 
 
-async def test_models_lists_loaded_ids_sorted_without_replicas(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeControl) -> None:
+async def test_models_lists_loaded_ids_sorted_without_replicas(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     models = {
         "zeta": {"model_path": "z.gguf", "replicas": 2, "replica_max": 2},
         "alpha": {"model_path": "a.gguf"},
@@ -488,7 +489,7 @@ async def test_models_lists_loaded_ids_sorted_without_replicas(autojump_clock: M
         "broken": {"model_path": "b.gguf"},
         "Mid": {"model_path": "m.gguf"},
     }
-    control.load_errors["broken"] = "nope"
+    control.configure("broken", fail_load="nope")
     pool = await start_pool(nursery, control, models=models)
     r = await pool.get("/v1/models")
     assert r.status == 200 and r.headers["Content-Type"] == "application/json"

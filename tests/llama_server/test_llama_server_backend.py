@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 from llama_server_kit import binary_or_skip, exe_of, gone, wait_gone
-from runtime_kit import collect, request, run, serving, submit
+from support.runtime import request, result, run, running_manager, submit
 
 from llm_pool.backends.llama_server import LlamaServerBackend
 from llm_pool.config import decode_settings
@@ -67,7 +67,7 @@ def settings_for(path: Path, **model: Any) -> Any:
 async def pool(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
     overrides = getattr(request, "param", {})
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, **overrides), "tiny") as manager:
+        async with running_manager(settings_for(tiny_gguf, **overrides), autoload=True, load=["tiny"]) as (manager, _):
             yield manager
 
 
@@ -182,7 +182,7 @@ async def test_target_inflight_is_the_engines_parallel_and_a_disconnect_frees_it
 # ---------------------------------------------------------------------- process lifetime
 async def test_unload_leaves_no_process(tiny_gguf: Path) -> None:
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, replicas=2, replica_max=2), "tiny") as manager:
+        async with running_manager(settings_for(tiny_gguf, replicas=2, replica_max=2), autoload=True, load=["tiny"]) as (manager, _):
             engines = [backend(r).engine for r in replicas(manager)]
             pids = [pid for e in engines if e is not None for pid in (e.pid, e.engine_pid)]
             assert len(pids) == 4 and all(isinstance(p, int) and not gone(p) for p in pids)
@@ -194,7 +194,7 @@ async def test_unload_leaves_no_process(tiny_gguf: Path) -> None:
 
 async def test_an_engine_that_exits_while_starting_fails_the_model_with_its_last_lines(tiny_gguf: Path) -> None:
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, llama_server_extra_args=["--no-such-flag"])) as manager:
+        async with running_manager(settings_for(tiny_gguf, llama_server_extra_args=["--no-such-flag"]), autoload=True) as (manager, _):
             with pytest.raises(PoolError) as info:
                 await manager.load("tiny")
     entry = manager.entries["tiny"]
@@ -211,7 +211,7 @@ async def test_a_broken_model_file_fails_before_any_engine_starts(tmp_path: Path
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF not really")
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(bad)) as manager:
+        async with running_manager(settings_for(bad), autoload=True) as (manager, _):
             with pytest.raises(PoolError) as info:
                 await manager.load("tiny")
     entry = manager.entries["tiny"]
@@ -222,7 +222,7 @@ async def test_a_broken_model_file_fails_before_any_engine_starts(tmp_path: Path
 
 async def test_a_missing_binary_is_a_clear_load_error(tiny_gguf: Path, tmp_path: Path) -> None:
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, llama_server_binary=str(tmp_path / "nope"))) as manager:
+        async with running_manager(settings_for(tiny_gguf, llama_server_binary=str(tmp_path / "nope")), autoload=True) as (manager, _):
             with pytest.raises(PoolError):
                 await manager.load("tiny")
     assert manager.entries["tiny"].last_error == (
@@ -275,7 +275,7 @@ async def test_a_child_killed_mid_stream_fails_its_request_and_the_replica_comes
         for pid in old_pids:
             await wait_gone(pid)
         # the queued request is served by the restarted engine
-        _, done = await collect(queued)
+        _, done = await result(queued)
         served_again_s = time.monotonic() - t_kill
         assert done.text == "yzabc"
         assert replica.state == "serving" and b.starts == 2 and b.engine.pid not in old_pids
@@ -288,7 +288,7 @@ async def test_restarts_are_bounded_then_the_model_fails(tiny_gguf: Path, tmp_pa
     binary = tmp_path / "llama-server"
     shutil.copy(binary_or_skip(), binary)
     with trio.fail_after(LIMIT_S):
-        async with serving(settings_for(tiny_gguf, restart_max_attempts=2, llama_server_binary=str(binary)), "tiny") as manager:
+        async with running_manager(settings_for(tiny_gguf, restart_max_attempts=2, llama_server_binary=str(binary)), autoload=True, load=["tiny"]) as (manager, _):
             replica = replicas(manager)[0]
             b = backend(replica)
             # every restart's engine exits at once (a new file: the running one keeps its own)

@@ -2,8 +2,8 @@
 server (``test_openai_sdk.py``, real clock, every step bounded), and quart's in-memory client for
 exact wire shapes (the other modules, autojump clock).
 
-Both use the fake async backend of ``tests/pool_http_kit.py`` (it echoes its input one word
-per chunk; ``"fail"`` fails after one chunk; ``"wait:<s>"`` sleeps), imported, not copied.
+Both use the echo fake of ``support.fake_backend`` (the ``control`` fixture of tests/conftest.py:
+it echoes its input one word per chunk; ``"fail"`` fails after one chunk; ``"wait:<s>"`` sleeps).
 
 The SDK runs as its *sync* client on a worker thread (``trio.to_thread.run_sync``): its async
 client leaves its SSE async generators (``openai._streaming``, ``httpx2``, ``httpcore2``) to the
@@ -13,7 +13,6 @@ random later points.  The sync client has no async generators, so no warning nee
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 
 import httpx
@@ -21,33 +20,23 @@ import openai
 import pytest
 import trio
 from openai_kit import BOUND, CHAT_MODELS, MODELS, REMOTE_KEY_ENV, in_thread
-from pool_http_kit import FakeControl, FakeFactory, Pool, settings_from, start_pool
-
-from llm_pool.pool.server import serve
+from support.fake_backend import FakeBackendFactory
+from support.server import Pool, start_pool, start_server
+from support.settings import make_settings
 
 
 @pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No settings path from the developer's shell; the remote model's key is set."""
-    for var in ("LLM_POOL_SETTINGS_PATH", "LLM_POOL_LOCAL_SETTINGS_PATH"):
-        monkeypatch.delenv(var, raising=False)
+def _remote_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remote model's key is set."""
     monkeypatch.setenv(REMOTE_KEY_ENV, "sk-test")
 
 
 @pytest.fixture
-def control() -> FakeControl:
-    return FakeControl()
-
-
-@pytest.fixture
-async def server(nursery: trio.Nursery, control: FakeControl) -> str:
+async def server(nursery: trio.Nursery, control: FakeBackendFactory) -> str:
     """``pool.server.serve`` on 127.0.0.1:<ephemeral> (models :data:`openai_kit.MODELS`); its URL."""
-    settings = settings_from({"service": {"host": "127.0.0.1", "port": 0}, "engine": {"models": MODELS}})
+    settings = make_settings(raw={"service": {"host": "127.0.0.1", "port": 0}, "engine": {"models": MODELS}})
     with trio.fail_after(BOUND):
-        url: str = await nursery.start(
-            functools.partial(serve, settings, backend_factory=FakeFactory(control), handle_signals=False)
-        )
-    return url
+        return await start_server(nursery, settings, factory=control)
 
 
 @pytest.fixture
@@ -70,6 +59,6 @@ async def client(server: str) -> AsyncIterator[openai.OpenAI]:
 
 
 @pytest.fixture
-async def pool(nursery: trio.Nursery, control: FakeControl) -> Pool:
+async def pool(nursery: trio.Nursery, control: FakeBackendFactory) -> Pool:
     """An in-memory pool (quart's test client) with :data:`openai_kit.CHAT_MODELS` loaded."""
     return await start_pool(nursery, control, models=CHAT_MODELS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -43,30 +42,9 @@ CHAT = "/v1/chat/completions"
 
 
 async def stream_chat(pool: Any, body: dict[str, Any]) -> tuple[int, Any, bytes]:
-    """POST ``body`` (with ``stream: true``) to the chat route through quart's client and read
-    the response chunk by chunk (quart's buffered ``open`` would block on a long stream).
-    Returns ``(status, headers, raw body)``.  (A client disconnect is tested over a real socket in
-    ``test_openai_sdk.py``: quart's test connection never ends after ``disconnect()``.)"""
-    conn = pool.client.request(CHAT, method="POST", headers={"Content-Type": "application/json"})
-    chunks: list[bytes] = []
-    async with conn:
-        await conn.send(json.dumps({**body, "stream": True}).encode())
-        await conn.send_complete()
-        while True:
-            try:
-                chunks.append(await conn.receive())
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                break
-    return conn.status_code, conn.headers, b"".join(chunks)
-
-
-def parse_chat_sse(raw: bytes) -> list[Any]:
-    """Strictly parse ``data: <json>\\n\\n`` frames (no ``event:`` lines); ``[DONE]`` stays a str."""
-    text = raw.decode()
-    assert text.endswith("\n\n"), text[-80:]
-    frames: list[Any] = []
-    for frame in text[:-2].split("\n\n"):
-        assert frame.startswith("data: ") and "\n" not in frame, frame
-        data = frame[len("data: ") :]
-        frames.append(data if data == "[DONE]" else json.loads(data))
-    return frames
+    """POST ``body`` (with ``stream: true``) to the chat route through quart's client, read
+    chunk by chunk (``support.server.Pool.stream``).  Returns ``(status, headers, raw body)``.
+    (A client disconnect is tested over a real socket in ``test_openai_sdk.py``: quart's test
+    connection never ends after ``disconnect()``.)"""
+    out = await pool.stream({**body, "stream": True}, path=CHAT)
+    return out.status, out.headers, out.raw

@@ -11,8 +11,11 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from openai_kit import CHAT, parse_chat_sse, stream_chat
-from pool_http_kit import METRIC_KEYS, FakeControl, Pool, assert_error
+from openai_kit import CHAT, stream_chat
+from support.fake_backend import FakeBackendFactory
+from support.replies import METRIC_KEYS, assert_error
+from support.server import Pool
+from support.sse import parse_chat_sse
 from trio.testing import MockClock
 
 from llm_pool.backends.prompts import render_prompt
@@ -46,7 +49,7 @@ async def test_json_shape(autojump_clock: MockClock, pool: Pool) -> None:
     assert METRIC_KEYS <= set(b["metrics"]) and b["metrics"]["engine_output_tokens"] == 3
 
 
-async def test_max_tokens_cut_is_length(autojump_clock: MockClock, pool: Pool, control: FakeControl) -> None:
+async def test_max_tokens_cut_is_length(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory) -> None:
     r = await pool.post(CHAT, body("one two three", max_tokens=2))
     assert r.json["choices"][0]["message"]["content"] == "one two"
     assert r.json["choices"][0]["finish_reason"] == "length"
@@ -54,7 +57,7 @@ async def test_max_tokens_cut_is_length(autojump_clock: MockClock, pool: Pool, c
     assert r.status == 200 and control.seen[-1].decoding.max_tokens == 2
 
 
-async def test_decoding_fields_reach_the_engine(autojump_clock: MockClock, pool: Pool, control: FakeControl) -> None:
+async def test_decoding_fields_reach_the_engine(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory) -> None:
     r = await pool.post(
         CHAT,
         body(temperature=0, top_p=0.5, max_completion_tokens=7, stop="END", top_k=3, repetition_penalty=1.2),
@@ -135,7 +138,7 @@ async def test_errors_before_the_stream_are_plain_statuses(autojump_clock: MockC
 
 
 async def test_queue_timeout_as_in_responses(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl, nursery: trio.Nursery
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, nursery: trio.Nursery
 ) -> None:
     nursery.start_soon(pool.post, CHAT, {**body("wait:10"), "model": "q"})
     await pool.wait_until(lambda: control.started == ["wait:10"])  # q's one replica is busy
@@ -261,7 +264,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
 
 @pytest.mark.parametrize(("change", "message", "param"), BAD, ids=[p for _, _, p in BAD])
 async def test_bad_request(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl, change: dict[str, Any], message: str, param: str
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, change: dict[str, Any], message: str, param: str
 ) -> None:
     assert_error(await pool.post(CHAT, {**body(), **change}), 400, "invalid_request", message, param=param)
     assert control.seen == []
@@ -320,7 +323,7 @@ async def test_ignored_and_neutral_fields_are_accepted(autojump_clock: MockClock
 
 # ------------------------------------------------------------------ messages and prompt formats
 async def test_multi_turn_through_the_generic_format(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory
 ) -> None:
     messages = [
         {"role": "developer", "content": "Be brief."},
@@ -348,7 +351,7 @@ async def test_multi_turn_through_the_generic_format(
 
 
 async def test_multi_turn_through_the_mistral_format(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory
 ) -> None:
     messages = [
         {"role": "user", "content": "Hi"},
@@ -363,7 +366,7 @@ async def test_multi_turn_through_the_mistral_format(
 
 
 async def test_formats_that_take_one_turn_refuse_multi_turn(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory
 ) -> None:
     langs = {"source_lang_code": "en", "target_lang_code": "fr"}
     one = await pool.post(CHAT, {"model": "tg", "messages": [{"role": "user", "content": "Hello"}], **langs})

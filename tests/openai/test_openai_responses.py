@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pool_http_kit import METRIC_KEYS, Pool
+from support.replies import METRIC_KEYS
+from support.server import Pool
 from trio.testing import MockClock
 
 #: What an OpenAI SDK sends, and so gets OpenAI's output items in non-streamed bodies.

@@ -29,7 +29,8 @@ from openai.types.responses import (
     ResponseTextDoneEvent,
 )
 from openai_kit import in_thread
-from pool_http_kit import METRIC_KEYS, FakeControl
+from support.fake_backend import FakeBackendFactory
+from support.replies import METRIC_KEYS
 
 CHAT_ID = re.compile(r"^chatcmpl-[0-9a-f]{32}$")
 RESP_ID = re.compile(r"^resp_[0-9a-f]{32}$")
@@ -50,7 +51,7 @@ async def test_models_list(client: openai.OpenAI) -> None:
 
 
 # ------------------------------------------------------------------ chat completions
-async def test_chat_completion(client: openai.OpenAI, control: FakeControl) -> None:
+async def test_chat_completion(client: openai.OpenAI, control: FakeBackendFactory) -> None:
     c = await in_thread(
         lambda: client.chat.completions.create(
             model="m",
@@ -95,8 +96,8 @@ async def test_chat_completion_cut_at_max_tokens_is_length(client: openai.OpenAI
     assert c.choices[0].finish_reason == "length"
 
 
-async def test_chat_completion_stream_with_usage(client: openai.OpenAI, control: FakeControl) -> None:
-    control.step_s = 0.05
+async def test_chat_completion_stream_with_usage(client: openai.OpenAI, control: FakeBackendFactory) -> None:
+    control.configure(token_delay=0.05)
 
     def run() -> list[tuple[float, ChatCompletionChunk]]:
         t0 = time.monotonic()
@@ -149,9 +150,9 @@ async def test_chat_stream_failure_raises_api_error(client: openai.OpenAI) -> No
 
 
 async def test_closing_a_stream_cancels_the_job_and_frees_the_replica(
-    client: openai.OpenAI, control: FakeControl
+    client: openai.OpenAI, control: FakeBackendFactory
 ) -> None:
-    control.step_s = 0.05
+    control.configure(token_delay=0.05)
     words = " ".join(f"w{i}" for i in range(100))  # 5 s if it ran to the end
 
     def run() -> tuple[str | None, float]:
@@ -171,7 +172,7 @@ async def test_closing_a_stream_cancels_the_job_and_frees_the_replica(
     assert words not in control.finished
 
 
-async def test_multi_turn_chat(client: openai.OpenAI, control: FakeControl) -> None:
+async def test_multi_turn_chat(client: openai.OpenAI, control: FakeBackendFactory) -> None:
     conversation: list[Any] = user("first question")
     c = await in_thread(lambda: client.chat.completions.create(model="m", messages=conversation))
     conversation += [c.choices[0].message, *user("second question")]  # the SDK's own message object sent back
@@ -185,7 +186,7 @@ async def test_multi_turn_chat(client: openai.OpenAI, control: FakeControl) -> N
 
 
 # ------------------------------------------------------------------ responses
-async def test_responses_create(client: openai.OpenAI, control: FakeControl) -> None:
+async def test_responses_create(client: openai.OpenAI, control: FakeBackendFactory) -> None:
     r = await in_thread(lambda: client.responses.create(model="m", input="Hello there world", instructions="Be brief."))
     assert isinstance(r, Response)
     assert RESP_ID.match(r.id) and r.object == "response" and r.model == "m" and r.status == "completed"
@@ -283,7 +284,7 @@ async def test_bad_requests_are_bad_request_errors(client: openai.OpenAI) -> Non
 
 
 # ------------------------------------------------------------------ allow_remote (extra_body)
-async def test_allow_remote_through_extra_body(client: openai.OpenAI, control: FakeControl) -> None:
+async def test_allow_remote_through_extra_body(client: openai.OpenAI, control: FakeBackendFactory) -> None:
     with pytest.raises(openai.PermissionDeniedError) as info:
         await in_thread(lambda: client.chat.completions.create(model="r", messages=user("hi remote")))
     assert (info.value.status_code, info.value.code, info.value.param) == (

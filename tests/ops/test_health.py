@@ -7,7 +7,10 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from ops_kit import GateControl, settings_of, start_ops
+from ops_kit import MODELS
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
+from support.settings import make_settings
 from trio.testing import MockClock
 
 from llm_pool.pool.ops import Readiness
@@ -19,18 +22,18 @@ def not_ready(body: dict) -> list[tuple[str, str]]:
     return [(m["model"], m["state"]) for m in body["not_ready"]]
 
 
-async def test_live_is_always_200(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl) -> None:
-    control.load_gates["m"] = trio.Event()
-    ops = await start_ops(nursery, control=control, wait=False)
+async def test_live_is_always_200(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    control.configure("m", load_gate=trio.Event())  # never set: m stays loading
+    ops = await start_pool(nursery, control, models=MODELS, wait=False)
     reply = await ops.get("/health/live")
     assert (reply.status, reply.json) == (200, {"status": "live"})
     assert reply.headers["Cache-Control"] == "no-store"
 
 
-async def test_readiness_flips_as_models_load(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl) -> None:
-    control.load_delay_s.update({"a": 5.0, "b": 10.0})
+async def test_readiness_flips_as_models_load(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    control.configure("a", load_delay=5.0).configure("b", load_delay=10.0)
     models = {"a": {}, "b": {}, "spare": {"enabled": False}}
-    ops = await start_ops(nursery, models, control=control, wait=False)
+    ops = await start_pool(nursery, control, models=models, wait=False)
     t0 = trio.current_time()
 
     reply = await ops.get("/health/ready")
@@ -69,10 +72,10 @@ async def test_readiness_flips_as_models_load(autojump_clock: MockClock, watchdo
 
 
 async def test_a_failed_model_keeps_the_pool_not_ready(
-    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl
+    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    control.load_errors["bad"] = "no such file: bad.gguf"
-    ops = await start_ops(nursery, {"good": {}, "bad": {}}, control=control)
+    control.configure("bad", fail_load="no such file: bad.gguf")
+    ops = await start_pool(nursery, control, models={"good": {}, "bad": {}})
     reply = await ops.get("/health/ready")
     assert reply.status == 503
     [row] = reply.json["not_ready"]
@@ -81,28 +84,28 @@ async def test_a_failed_model_keeps_the_pool_not_ready(
     assert (await ops.get("/health/ready/good")).status == 200
 
 
-async def test_unknown_model_is_404(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, control=control)
+async def test_unknown_model_is_404(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models=MODELS)
     reply = await ops.get("/health/ready/nope")
     assert reply.status == 404
     assert reply.json["error"]["code"] == "unknown_model" and reply.json["detail"]["model"] == "nope"
 
 
-async def test_model_names_with_slashes(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, {"org/model-1": {}}, control=control)
+async def test_model_names_with_slashes(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models={"org/model-1": {}})
     reply = await ops.get("/health/ready/org/model-1")
     assert reply.status == 200 and reply.json["model"] == "org/model-1"
 
 
 async def test_not_ready_while_draining_for_shutdown(
-    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl
+    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    ops = await start_ops(nursery, control=control)
+    ops = await start_pool(nursery, control, models=MODELS)
     assert (await ops.get("/health/ready")).status == 200
     replies = []
 
     async def send() -> None:
-        replies.append(await ops.respond("hold"))
+        replies.append(await ops.ask("hold"))
 
     nursery.start_soon(send)
     await ops.wait_until(lambda: control.held == 1)
@@ -115,14 +118,14 @@ async def test_not_ready_while_draining_for_shutdown(
         model = await ops.get("/health/ready/m")
         assert model.status == 503 and model.json["ready"] is False
         assert (await ops.get("/health/live")).status == 200  # still serving the draining request
-        assert (await ops.respond("new work")).status == 503
+        assert (await ops.ask("new work")).status == 503
         control.release()  # the running request finishes within the drain
     await ops.wait_until(lambda: bool(replies))
     assert replies[0].status == 200
 
 
-async def test_status_page_at_root_and_admin(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, control=control)
+async def test_status_page_at_root_and_admin(autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models=MODELS)
     page = (ROOT / "admin" / "static" / "index.html").read_bytes()
     for path in ("/", "/admin"):
         reply = await ops.get(path)
@@ -136,10 +139,10 @@ async def test_operator_routes_need_no_token_but_the_apis_do(
 ) -> None:
     monkeypatch.setenv("LLM_POOL_TEST_API_TOKEN", "api-secret")
     monkeypatch.setenv("LLM_POOL_TEST_ADMIN_TOKEN", "admin-secret")
-    settings = settings_of(
-        {"m": {}}, api_token_env="LLM_POOL_TEST_API_TOKEN", admin_token_env="LLM_POOL_TEST_ADMIN_TOKEN"
+    settings = make_settings(
+        {"m": {}}, {"service": {"api_token_env": "LLM_POOL_TEST_API_TOKEN", "admin_token_env": "LLM_POOL_TEST_ADMIN_TOKEN"}}
     )
-    ops = await start_ops(nursery, settings=settings)
+    ops = await start_pool(nursery, settings=settings)
     # no watchdog: /metrics reads GPUs on a thread, and autojump would leap to its deadline
     for path in ("/metrics", "/health/live", "/health/ready", "/health/ready/m", "/openapi.json", "/", "/admin"):
         assert (await ops.get(path)).status == 200, path

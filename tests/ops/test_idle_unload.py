@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fakes.backend import FakeBackendFactory, make_settings
+from support.fake_backend import FakeBackendFactory
+from support.settings import make_settings
 from trio.testing import MockClock
 
 from llm_pool.pool.errors import PoolError

@@ -5,7 +5,9 @@ from __future__ import annotations
 import prometheus_client
 import pytest
 import trio
-from ops_kit import GateControl, Samples, start_ops
+from ops_kit import MODELS, Samples
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
 from trio.testing import MockClock
 
 import llm_pool.admin.gpu
@@ -27,8 +29,8 @@ def _no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: ([], "NVML unavailable (test)"))
 
 
-async def test_every_series_exists_at_zero_before_any_request(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, {"m": {}, "off": {"enabled": False}}, control=control)
+async def test_every_series_exists_at_zero_before_any_request(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models={"m": {}, "off": {"enabled": False}})
     reply = await ops.get("/metrics")
     assert reply.status == 200
     assert reply.headers["Content-Type"].startswith("text/plain")
@@ -56,30 +58,30 @@ async def test_every_series_exists_at_zero_before_any_request(autojump_clock: Mo
     assert all("replica" not in dict(labels) for _, labels in s.values)
 
 
-async def test_running_waiting_and_outcomes_follow_requests(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, {"m": {"max_queue": 1}}, control=control)
+async def test_running_waiting_and_outcomes_follow_requests(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models={"m": {"max_queue": 1}})
     runtime = ops.manager.entries["m"].runtime
     assert runtime is not None
     replies = {}
 
     async def send(key: str) -> None:
-        replies[key] = await ops.respond("hold")
+        replies[key] = await ops.ask("hold")
 
     nursery.start_soon(send, "a")
     await ops.wait_until(lambda: control.held == 1)
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:num_requests_running", model="m", model_name="m") == 1
     assert s("llm_pool:num_requests_waiting", model="m", model_name="m") == 0
 
     nursery.start_soon(send, "b")
     await ops.wait_until(lambda: runtime.waiting == 1)
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:num_requests_running", model="m", model_name="m") == 1
     assert s("llm_pool:num_requests_waiting", model="m", model_name="m") == 1
 
-    full = await ops.respond("hold")  # one running, one waiting, max_queue 1: refused
+    full = await ops.ask("hold")  # one running, one waiting, max_queue 1: refused
     assert full.status == 429, full.raw
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="rejected_queue_full") == 1
     assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 0
     assert s("llm_pool:e2e_request_latency_seconds_count", model="m", model_name="m") == 0
@@ -87,7 +89,7 @@ async def test_running_waiting_and_outcomes_follow_requests(autojump_clock: Mock
     control.release()
     await ops.wait_until(lambda: len(replies) == 2)
     assert [r.status for r in replies.values()] == [200, 200]
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:num_requests_running", model="m", model_name="m") == 0
     assert s("llm_pool:num_requests_waiting", model="m", model_name="m") == 0
     assert s("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 2
@@ -102,17 +104,17 @@ async def test_running_waiting_and_outcomes_follow_requests(autojump_clock: Mock
 
 
 async def test_failures_timeouts_and_cancellations_are_counted_by_reason(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    ops = await start_ops(nursery, {"m": {"max_queue": 4, "queue_timeout_s": 5}}, control=control)
+    ops = await start_pool(nursery, control, models={"m": {"max_queue": 4, "queue_timeout_s": 5}})
     manager = ops.manager
 
-    assert (await ops.respond("fail")).status == 502
+    assert (await ops.ask("fail")).status == 502
 
     held = make_job("hold")
     manager.submit(held, allow_remote=False)
     await ops.wait_until(lambda: control.held == 1)
-    timed_out = await ops.respond("queued behind the held job")  # waits 5 s in the queue
+    timed_out = await ops.ask("queued behind the held job")  # waits 5 s in the queue
     assert timed_out.status == 503 and timed_out.json["error"]["code"] == "queue_timeout"
 
     gone_while_queued = make_job("client leaves while queued")
@@ -130,10 +132,10 @@ async def test_failures_timeouts_and_cancellations_are_counted_by_reason(
         inner.start_soon(manager.unload, "m")
         await ops.wait_until(lambda: dropped.ended)
         control.release()
-    assert (await ops.respond("after unload")).status == 409
-    assert (await ops.respond("unknown model", model="nope")).status == 404
+    assert (await ops.ask("after unload")).status == 409
+    assert (await ops.ask("unknown model", model="nope")).status == 404
 
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
 
     def outcome(reason: str) -> float:
         return s("llm_pool:request_outcomes_total", model="m", model_name="m", reason=reason)
@@ -151,52 +153,53 @@ async def test_failures_timeouts_and_cancellations_are_counted_by_reason(
     assert not any(dict(labels).get("model") == "nope" for _, labels in s.values)  # unknown names: no series
 
 
-async def test_remote_model_without_allow_remote_is_counted(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
+async def test_remote_model_without_allow_remote_is_counted(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
     models = {"r": {"backend": "openai_compatible", "remote_base_url": "http://127.0.0.1:9/v1", "remote_model": "x"}}
-    ops = await start_ops(nursery, models, control=control)
-    reply = await ops.respond("hi", model="r")
+    ops = await start_pool(nursery, control, models=models)
+    reply = await ops.ask("hi", model="r")
     assert reply.status == 403
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:request_outcomes_total", model="r", model_name="r", reason="rejected_remote_disallowed") == 1
 
 
-async def test_state_and_replica_gauges_follow_admin_calls(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
-    control.load_gates["m"] = trio.Event()
-    ops = await start_ops(nursery, {"m": {"replica_max": 3}}, control=control, wait=False)
-    s = await ops.scrape()
+async def test_state_and_replica_gauges_follow_admin_calls(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    loaded = trio.Event()
+    control.configure("m", load_gate=loaded)
+    ops = await start_pool(nursery, control, models={"m": {"replica_max": 3}}, wait=False)
+    s = await Samples.scrape(ops)
     assert s("llm_pool:model_state", model="m", model_name="m", state="loading") == 1
     assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 0
-    control.load_gates["m"].set()
+    loaded.set()
     await ops.manager.entries["m"].load_done.wait()
 
     assert (await ops.post("/v1/admin/models/m/replicas", {"replicas": 3})).status == 200
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:model_state", model="m", model_name="m", state="loaded") == 1
     assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 3
 
     assert (await ops.post("/v1/admin/models/m/unload")).status == 200
-    s = await ops.scrape()
+    s = await Samples.scrape(ops)
     assert s("llm_pool:model_state", model="m", model_name="m", state="unloaded") == 1
     assert s("llm_pool:model_state", model="m", model_name="m", state="loaded") == 0
     assert s("llm_pool:loaded_replicas", model="m", model_name="m") == 0
 
 
-async def test_no_gpu_series_without_gpus(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, control=control)
-    s = await ops.scrape()
+async def test_no_gpu_series_without_gpus(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models=MODELS)
+    s = await Samples.scrape(ops)
     assert not [n for n in s.names() if "gpu" in n], s.text
 
 
 async def test_gpu_memory_per_device(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gpus = [
         llm_pool.admin.gpu.GpuInfo(index=0, name="Fake GPU A", used_mib=1024, total_mib=8192, free_mib=7168, used_over_total="x"),
         llm_pool.admin.gpu.GpuInfo(index=1, name="Fake GPU B", used_mib=0, total_mib=4096, free_mib=4096, used_over_total="y"),
     ]
     monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: (gpus, None))
-    ops = await start_ops(nursery, control=control)
-    s = await ops.scrape()
+    ops = await start_pool(nursery, control, models=MODELS)
+    s = await Samples.scrape(ops)
     assert s("llm_pool:gpu_memory_used_bytes", gpu="0", gpu_name="Fake GPU A") == 1024 * 2**20
     assert s("llm_pool:gpu_memory_total_bytes", gpu="0", gpu_name="Fake GPU A") == 8192 * 2**20
     assert s("llm_pool:gpu_memory_used_bytes", gpu="1", gpu_name="Fake GPU B") == 0
@@ -204,17 +207,17 @@ async def test_gpu_memory_per_device(
 
 
 async def test_each_app_has_its_own_registry(autojump_clock: MockClock, nursery: trio.Nursery) -> None:
-    first = await start_ops(nursery, control=GateControl())
-    second = await start_ops(nursery, control=GateControl())
-    assert (await first.respond("a b c")).status == 200
-    assert (await first.scrape())("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 1
-    assert (await second.scrape())("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 0
+    first = await start_pool(nursery, FakeBackendFactory.echo(token_delay=0), models=MODELS)
+    second = await start_pool(nursery, FakeBackendFactory.echo(token_delay=0), models=MODELS)
+    assert (await first.ask("a b c")).status == 200
+    assert (await Samples.scrape(first))("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 1
+    assert (await Samples.scrape(second))("llm_pool:request_outcomes_total", model="m", model_name="m", reason="ok") == 0
     global_names = {m.name for m in prometheus_client.REGISTRY.collect()}
     assert not [n for n in global_names if n.startswith("llm_pool")]
 
 
-async def test_openmetrics_when_the_scraper_asks(autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl) -> None:
-    ops = await start_ops(nursery, control=control)
+async def test_openmetrics_when_the_scraper_asks(autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory) -> None:
+    ops = await start_pool(nursery, control, models=MODELS)
     reply = await ops.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert reply.status == 200
     assert reply.headers["Content-Type"].startswith("application/openmetrics-text")

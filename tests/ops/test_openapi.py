@@ -9,7 +9,9 @@ import msgspec
 import pytest
 import trio
 from openapi_spec_validator import validate
-from ops_kit import GateControl, start_ops
+from ops_kit import MODELS
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
 from trio.testing import MockClock
 
 from llm_pool.config.validation import Invalid, read_validation_error
@@ -50,9 +52,9 @@ def test_werkzeug_rules_become_openapi_paths() -> None:
 
 
 async def test_every_route_is_documented_and_every_operation_has_a_route(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    ops = await start_ops(nursery, control=control)
+    ops = await start_pool(nursery, control, models=MODELS)
     reply = await ops.get("/openapi.json")
     assert reply.status == 200 and reply.headers["Content-Type"] == "application/json"
     doc = reply.json
@@ -93,7 +95,7 @@ def test_the_document_is_valid_openapi_3_1() -> None:
 
 
 async def test_documented_shapes_match_real_responses(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, tmp_path: Path
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, tmp_path: Path
 ) -> None:
     """The admin rows are dicts; their documented Structs forbid unknown fields, so a key added
     to a row without documenting it fails here."""
@@ -103,7 +105,7 @@ async def test_documented_shapes_match_real_responses(
     from llm_pool.config import load_settings
 
     settings = load_settings(config)
-    ops = await start_ops(nursery, control=control, settings=settings)
+    ops = await start_pool(nursery, control, settings=settings)
     ops.manager.config_path = str(config)
 
     def check(kind: type, body: object) -> None:
@@ -117,7 +119,7 @@ async def test_documented_shapes_match_real_responses(
     check(GpuMemoryReport, (await ops.get("/v1/admin/gpu-memory")).json)
     check(ReloadResult, (await ops.post("/v1/admin/settings/reload")).json)
     check(ModelsList, (await ops.get("/v1/models")).json)
-    check(ResponseBody, (await ops.respond("a b c")).json)
+    check(ResponseBody, (await ops.ask("a b c")).json)
     check(Live, (await ops.get("/health/live")).json)
     check(Readiness, (await ops.get("/health/ready")).json)
     check(ModelReadiness, (await ops.get("/health/ready/m")).json)

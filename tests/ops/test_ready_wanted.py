@@ -8,7 +8,8 @@ idle timer stops wanting it.  A model nobody wants loaded is no readiness failur
 from __future__ import annotations
 
 import trio
-from ops_kit import GateControl, start_ops
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
 from trio.testing import MockClock
 
 #: An admin load body that skips the GPU memory check (a worker thread: no autojump with it).
@@ -20,9 +21,9 @@ def not_ready(body: dict) -> list[tuple[str, str]]:
 
 
 async def test_an_idle_unloaded_model_leaves_the_pool_ready(
-    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl
+    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    ops = await start_ops(nursery, {"a": {}, "idle": {"idle_unload_after_s": 10}}, control=control)
+    ops = await start_pool(nursery, control, models={"a": {}, "idle": {"idle_unload_after_s": 10}})
     assert (await ops.get("/health/ready")).status == 200
     entry = ops.manager.entries["idle"]
     while entry.state != "unloaded":
@@ -37,21 +38,21 @@ async def test_an_idle_unloaded_model_leaves_the_pool_ready(
 
 
 async def test_admin_unload_and_load_decide_what_is_wanted(
-    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: GateControl
+    autojump_clock: MockClock, watchdog: None, nursery: trio.Nursery, control: FakeBackendFactory
 ) -> None:
-    ops = await start_ops(nursery, {"a": {}, "spare": {"enabled": False}}, control=control)
+    ops = await start_pool(nursery, control, models={"a": {}, "spare": {"enabled": False}})
     assert (await ops.get("/health/ready")).status == 200
     assert (await ops.post("/v1/admin/models/a/unload")).status == 200
     assert (await ops.get("/health/ready")).status == 200  # nobody wants "a" loaded now
     assert (await ops.get("/health/ready/a")).status == 503
 
-    control.load_errors["spare"] = "no weights"
+    control.configure("spare", fail_load="no weights")
     assert (await ops.post("/v1/admin/models/spare/load", FORCE)).status == 500
     reply = await ops.get("/health/ready")  # an admin wanted "spare": its failure counts
     assert reply.status == 503 and not_ready(reply.json) == [("spare", "failed")]
     assert reply.json["not_ready"][0]["wanted"] is True
 
-    del control.load_errors["spare"]
+    control.configure("spare", fail_load=None)
     assert (await ops.post("/v1/admin/models/spare/load", FORCE)).status == 200
     assert (await ops.get("/health/ready")).status == 200
     assert (await ops.post("/v1/admin/models/a/load", FORCE)).status == 200

@@ -11,8 +11,10 @@ import os
 
 import httpx
 import pytest
-from browser_kit import CHROMIUM, chromium_page, server_in_thread
-from fakes.backend import FakeBackendFactory, make_settings
+from browser_kit import CHROMIUM, chromium_page
+from support.fake_backend import FakeBackendFactory
+from support.server import server_in_thread
+from support.settings import make_settings
 
 pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
 pytestmark = pytest.mark.skipif(

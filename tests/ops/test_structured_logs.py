@@ -8,7 +8,9 @@ import logging
 
 import pytest
 import trio
-from ops_kit import GateControl, start_ops
+from ops_kit import MODELS
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
 from trio.testing import MockClock
 
 from llm_pool.pool.logs import JsonFormatter, configure_logging
@@ -21,12 +23,12 @@ def lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[dict]:
 
 
 async def test_one_json_line_per_inference_with_request_id_and_model(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    ops = await start_ops(nursery, control=control)
-    ok = await ops.respond("a b c")
-    failed = await ops.respond("fail")
+    ops = await start_pool(nursery, control, models=MODELS)
+    ok = await ops.ask("a b c")
+    failed = await ops.ask("fail")
     assert (ok.status, failed.status) == (200, 502)
     first, second = lines(caplog, "llm_pool.inference")
     assert first["event"] == "inference" and first["level"] == "info"
@@ -39,20 +41,20 @@ async def test_one_json_line_per_inference_with_request_id_and_model(
 
 
 async def test_refusals_at_admission_are_logged_too(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A request refused before it reached a queue (404, 429...) still gets its inference line."""
     caplog.set_level(logging.INFO)
-    ops = await start_ops(nursery, {"m": {"max_queue": 0}}, control=control)
+    ops = await start_pool(nursery, control, models={"m": {"max_queue": 0}})
     replies = []
 
     async def hold() -> None:
-        replies.append(await ops.respond("hold"))
+        replies.append(await ops.ask("hold"))
 
     nursery.start_soon(hold)
     await ops.wait_until(lambda: control.held == 1)
-    full = await ops.respond("x")
-    unknown = await ops.respond("x", model="nope")
+    full = await ops.ask("x")
+    unknown = await ops.ask("x", model="nope")
     assert (full.status, unknown.status) == (429, 404)
     control.release()
     await ops.wait_until(lambda: len(replies) == 1)
@@ -64,20 +66,20 @@ async def test_refusals_at_admission_are_logged_too(
 
 
 async def test_a_request_whose_client_left_gets_a_499_line(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Client gone while its request waited in the queue: one line, status 499, never ran."""
     caplog.set_level(logging.INFO)
-    ops = await start_ops(nursery, control=control)
+    ops = await start_pool(nursery, control, models=MODELS)
     replies = []
 
     async def hold() -> None:
-        replies.append(await ops.respond("hold"))
+        replies.append(await ops.ask("hold"))
 
     nursery.start_soon(hold)
     await ops.wait_until(lambda: control.held == 1)
     with trio.move_on_after(1):  # the client gives up while its request is queued
-        await ops.respond("queued")
+        await ops.ask("queued")
     control.release()
     await ops.wait_until(lambda: len(replies) == 1)
     gone, held = lines(caplog, "llm_pool.inference")
@@ -88,10 +90,10 @@ async def test_a_request_whose_client_left_gets_a_499_line(
 
 
 async def test_one_json_line_per_admin_action(
-    autojump_clock: MockClock, nursery: trio.Nursery, control: GateControl, caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    ops = await start_ops(nursery, {"m": {"replica_max": 2}}, control=control)
+    ops = await start_pool(nursery, control, models={"m": {"replica_max": 2}})
     assert (await ops.post("/v1/admin/models/m/replicas", {"replicas": 2})).status == 200
     assert (await ops.post("/v1/admin/models/m/unload")).status == 200
     assert (await ops.post("/v1/admin/models/m/load", {"force": True})).status == 200

@@ -1,72 +1,16 @@
-"""Helpers shared by the pool runtime tests: submit requests like the HTTP route does, record how
-each one ended, and check the invariants every test ends with."""
+"""Helpers of the pool runtime tests: clients that run requests in the background like HTTP
+handlers (over ``support.runtime``'s ``collect``), and the invariants every test ends with."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-
 import trio
-from fakes.backend import FakeBackendFactory, expected_text
+from support.fake_backend import expected_text
+from support.runtime import Outcome, collect, make_job
 
-from llm_pool.config import Settings
-from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
+from llm_pool.pool.jobs import Job
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.scheduler import ModelRuntime
 from llm_pool.pool.serving import wait_for_dispatch
-
-
-def make_job(model: str, text: str, max_tokens: int = 5) -> Job:
-    return Job(
-        GenerationRequest(
-            model=model,
-            messages=[Message(role="user", content=text)],
-            decoding=Decoding(max_tokens=max_tokens),
-        )
-    )
-
-
-@dataclass
-class Outcome:
-    """How one request ended, as its client saw it."""
-
-    job: Job
-    deltas: list[str] = field(default_factory=list)
-    done: Done | None = None
-    error: PoolError | None = None
-    terminal_events: int = 0
-    events_after_end: int = 0
-    ended_at: float | None = None
-
-    @property
-    def text(self) -> str:
-        assert self.done is not None, self.error
-        return self.done.text
-
-    @property
-    def code(self) -> str | None:
-        return self.error.code if self.error else None
-
-
-async def collect(job: Job) -> Outcome:
-    """Drain a job's whole event stream (until the channel closes), checking its shape."""
-    out = Outcome(job)
-    async for event in job.events():
-        if out.terminal_events:
-            out.events_after_end += 1
-        if isinstance(event, Delta):
-            out.deltas.append(event.text)
-        elif isinstance(event, Done):
-            out.terminal_events += 1
-            out.done = event
-        elif isinstance(event, Failed):
-            out.terminal_events += 1
-            out.error = event.error
-    out.ended_at = trio.current_time()
-    return out
 
 
 class Clients:
@@ -131,19 +75,6 @@ def check_ok(out: Outcome, max_tokens: int) -> None:
     assert out.done.stats.finish_reason == "length"
 
 
-@asynccontextmanager
-async def running_manager(
-    settings: Settings, factory: FakeBackendFactory, *, autoload: bool = False
-) -> AsyncIterator[tuple[PoolManager, trio.Nursery]]:
-    """A started :class:`PoolManager` and a nursery for clients; cancelled at exit unless the
-    test shut the manager down itself."""
-    manager = PoolManager(settings, backend_factory=factory)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(manager.run, autoload=autoload))
-        yield manager, nursery
-        nursery.cancel_scope.cancel()
-
-
 def manager_tasks(manager: PoolManager) -> list[str]:
     """Names of the tasks directly under the manager's nursery (one per model lifetime)."""
     assert manager._nursery is not None
@@ -176,17 +107,3 @@ def record_states(manager: PoolManager) -> list[tuple[str, str, str]]:
     changes: list[tuple[str, str, str]] = []
     manager.state_hooks.append(lambda entry, before, after: changes.append((entry.name, before, after)))
     return changes
-
-
-def all_task_names() -> list[str]:
-    """Every task of this trio run, depth first."""
-    names: list[str] = []
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        names.append(task.name)
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    walk(trio.lowlevel.current_root_task())
-    return names

@@ -9,19 +9,11 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
-from fakes.backend import FakeBackend, FakeBackendFactory, expected_text, make_settings
 from hypothesis import HealthCheck, given, settings
-from pool_harness import (
-    Clients,
-    all_task_names,
-    check_ok,
-    make_job,
-    manager_tasks,
-    record_states,
-    running_manager,
-    runtime_tasks,
-    submit,
-)
+from pool_harness import Clients, check_ok, manager_tasks, record_states, runtime_tasks, submit
+from support.fake_backend import FakeBackend, FakeBackendFactory, expected_text
+from support.runtime import make_job, running_manager, task_tree
+from support.settings import make_settings
 from trio.testing import wait_all_tasks_blocked
 
 from llm_pool.pool.errors import PoolError
@@ -376,7 +368,7 @@ async def test_shutdown_drains_every_model(autojump_clock: Any, watchdog: None) 
 
 
 async def test_no_leaked_tasks(autojump_clock: Any, watchdog: None) -> None:
-    before = sorted(all_task_names())
+    before = sorted(task_tree())
     factory = FakeBackendFactory(token_delay=0.5)
     clients_jobs: list[Job] = []
     async with running_manager(make_settings({"m": M, "n": M}), factory) as (manager, nursery):
@@ -400,7 +392,7 @@ async def test_no_leaked_tasks(autojump_clock: Any, watchdog: None) -> None:
         for backend in factory.backends:
             assert backend.closed and backend.active == 0
             assert set(backend.outcomes) == {j.id for j in backend.received}
-    assert sorted(all_task_names()) == before
+    assert sorted(task_tree()) == before
     assert len(clients_jobs) == 11 and all(j.ended for j in clients_jobs)
 
 

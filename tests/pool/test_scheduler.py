@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import trio
-from fakes.backend import FakeBackend, FakeBackendFactory
-from pool_harness import Clients, check_ok, collect, make_job, runtime_tasks
+from pool_harness import Clients, check_ok, runtime_tasks
+from support.fake_backend import FakeBackend, FakeBackendFactory
+from support.runtime import collect, make_job
 from trio.testing import wait_all_tasks_blocked
 
 from llm_pool.pool.errors import PoolError

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import trio
-from pool_http_kit import FakeControl, FakeFactory, settings_from
-
-from llm_pool.pool.server import serve
+from support.fake_backend import FakeBackendFactory
+from support.server import start_server
+from support.settings import make_settings
 
 LIMIT_S = 10
 BODY = b'{"model": "m", "input": "hi"}'
@@ -21,14 +21,8 @@ HEAD = b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applica
 
 
 async def start(nursery: trio.Nursery) -> int:
-    settings = settings_from(
-        {"service": {"host": "127.0.0.1", "port": 0}, "engine": {"models": {"m": {"model_path": "m.gguf"}}}}
-    )
-
-    async def run(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(settings, backend_factory=FakeFactory(FakeControl()), handle_signals=False, task_status=task_status)
-
-    url: str = await nursery.start(run)
+    settings = make_settings({"m": {}}, {"service": {"host": "127.0.0.1", "port": 0}})
+    url = await start_server(nursery, settings, factory=FakeBackendFactory.echo())
     return int(url.rsplit(":", 1)[1])
 
 

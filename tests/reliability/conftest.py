@@ -23,13 +23,6 @@ def long(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--long"))
 
 
-@pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No settings path from the developer's shell leaks into a test."""
-    for var in ("LLM_POOL_SETTINGS_PATH", "LLM_POOL_LOCAL_SETTINGS_PATH"):
-        monkeypatch.delenv(var, raising=False)
-
-
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real tiny deterministic GGUF (tests/models/tiny_gguf.py), written once per session."""

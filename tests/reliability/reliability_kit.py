@@ -1,6 +1,6 @@
-"""Shared helpers for the reliability suites (R1–R4): a real server in the test's nursery, the
+"""Shared helpers for the reliability suites (R1–R4) (the server: ``support.server.running_server``): the
 tiny deterministic GGUF's settings, a closed-loop load generator whose every response is checked
-exactly, strict SSE parsers for both inference routes, and the resource figures (trio tasks,
+exactly (with the strict SSE reader of ``support.sse``), and the resource figures (trio tasks,
 Python and OS threads, file descriptors, RSS) that must come back after a run.
 
 Rules (see STYLE.md): 127.0.0.1 and port 0 only; the real clock wherever real threads or sockets
@@ -12,7 +12,6 @@ app's own test client (R4).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -28,9 +27,12 @@ from typing import Any
 import httpx
 import trio
 from models.tiny_gguf import expected_continuation
+from support.replies import error_body
+from support.runtime import task_tree
+from support.settings import make_settings
+from support.sse import parse_chat_sse, parse_responses_sse
 
-from llm_pool.config import Settings, decode_settings
-from llm_pool.pool.server import serve
+from llm_pool.config import Settings
 
 #: Statuses a load test may see from a healthy, loaded model: served, or told to come back.
 LOAD_OK = {200, 429}
@@ -53,48 +55,27 @@ def tiny_settings(
     **model: Any,
 ) -> Settings:
     """Settings with one model ``tiny``: the real tiny GGUF, one compute thread per replica."""
-    return decode_settings(
+    return make_settings(
         {
-            "service": {"host": "127.0.0.1", "port": 0, **(service or {})},
-            "engine": {
-                "models": {
-                    "tiny": {
-                        "model_path": str(model_path),
-                        "backend": "gguf",
-                        # the RAW template renders only the user's text: the continuation is
-                        # exactly ``expected_continuation(input, max_tokens)``
-                        "prompt_format": "native",
-                        "gguf_n_ctx": 256,
-                        "n_threads": 1,
-                        "replicas": replicas,
-                        "replica_max": replica_max,
-                        "max_queue": max_queue,
-                        **model,
-                    }
-                }
-            },
+            "tiny": {
+                "model_path": str(model_path),
+                "backend": "gguf",
+                # the RAW template renders only the user's text: the continuation is
+                # exactly ``expected_continuation(input, max_tokens)``
+                "prompt_format": "native",
+                "gguf_n_ctx": 256,
+                "n_threads": 1,
+                "replicas": replicas,
+                "replica_max": replica_max,
+                "max_queue": max_queue,
+                **model,
+            }
         },
-        source="reliability test settings",
+        {"service": {"host": "127.0.0.1", "port": 0, **(service or {})}},
     )
 
 
 # --------------------------------------------------------------------------- a real server
-@asynccontextmanager
-async def running_server(settings: Settings, backend_factory: Any = None) -> AsyncIterator[str]:
-    """``pool.server.serve`` on 127.0.0.1:0 in a nursery of this task; yields its base URL.
-
-    At exit the server's nursery is cancelled and this waits until every task of it ended
-    (hypercorn, the manager, each model's nursery and each replica's worker thread)."""
-    async with trio.open_nursery() as nursery:
-        base: str = await nursery.start(
-            functools.partial(serve, settings, backend_factory=backend_factory, handle_signals=False)
-        )
-        try:
-            yield base
-        finally:
-            nursery.cancel_scope.cancel()
-
-
 async def admin_row(client: httpx.AsyncClient, model: str = "tiny") -> dict[str, Any]:
     r = await client.get(f"/v1/admin/models/{model}")
     assert r.status_code == 200, r.text
@@ -127,22 +108,6 @@ def rss_mib() -> float:
     raise AssertionError("no VmRSS in /proc/self/status")  # pragma: no cover
 
 
-def task_tree() -> list[str]:
-    """Every task of this trio run, depth first, as ``depth:name``."""
-    names: list[str] = []
-
-    def walk(task: trio.lowlevel.Task, depth: int) -> None:
-        names.append(f"{depth}:{task.name}")
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child, depth + 1)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root, 0)
-    return names
-
-
 @dataclass
 class Resources:
     """What the process holds at one moment."""
@@ -155,7 +120,7 @@ class Resources:
 
     @classmethod
     def now(cls) -> Resources:
-        return cls(task_tree(), threading.active_count(), os_thread_count(), fd_count(), rss_mib())
+        return cls(task_tree(depth=True), threading.active_count(), os_thread_count(), fd_count(), rss_mib())
 
 
 async def wait_threads_back(baseline: int, within_s: float) -> int:
@@ -170,50 +135,15 @@ async def wait_threads_back(baseline: int, within_s: float) -> int:
     return threading.active_count()
 
 
-# --------------------------------------------------------------------------- SSE
-def sse_frames(raw: bytes) -> list[list[str]]:
-    """A complete SSE body as its frames (lists of lines); strict about the framing."""
-    text = raw.decode("utf-8")
-    assert text.endswith("\n\n"), f"stream does not end with a blank line: {text[-120:]!r}"
-    return [frame.split("\n") for frame in text[:-2].split("\n\n")]
-
-
-def parse_responses_stream(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """``/v1/responses`` frames: each exactly ``event: <type>`` + ``data: <json object>``, the
-    data's ``type`` equal to the event, ``sequence_number`` 0, 1, 2…"""
-    events = []
-    for i, lines in enumerate(sse_frames(raw)):
-        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), lines
-        name, data = lines[0][len("event: ") :], json.loads(lines[1][len("data: ") :])
-        assert isinstance(data, dict) and data.get("type") == name, (name, data)
-        assert data.get("sequence_number") == i, (i, data)
-        events.append((name, data))
-    return events
-
-
-def parse_chat_stream(raw: bytes) -> list[Any]:
-    """``/v1/chat/completions`` frames: ``data: <json>`` each, then exactly one ``data: [DONE]``
-    at the end.  Returns the JSON payloads."""
-    frames = sse_frames(raw)
-    assert frames and frames[-1] == ["data: [DONE]"], frames[-1:]
-    out = []
-    for lines in frames[:-1]:
-        assert len(lines) == 1 and lines[0].startswith("data: ") and lines[0] != "data: [DONE]", lines
-        out.append(json.loads(lines[0][len("data: ") :]))
-    return out
-
-
+# --------------------------------------------------------------------------- replies
 def check_error_body(r: httpx.Response, status: int | set[int], codes: set[str] | None = None) -> str:
     """An error reply: the status, JSON, both error shapes, a message; returns its code."""
     statuses = {status} if isinstance(status, int) else status
     assert r.status_code in statuses, (r.status_code, r.text[:300])
-    assert r.headers["content-type"] == "application/json", r.headers
-    body = r.json()
-    err, detail = body["error"], body["detail"]
-    assert isinstance(err["message"], str) and err["message"], body
-    assert err["code"] == detail["code"] and err["message"] == detail["message"], body
+    err = error_body(r)["error"]
+    assert err["message"], err
     if codes is not None:
-        assert err["code"] in codes, body
+        assert err["code"] in codes, err
     if r.status_code == 429:
         assert int(r.headers["retry-after"]) >= 1, r.headers
     code: str = err["code"]
@@ -224,7 +154,7 @@ def responses_stream_text(raw: bytes) -> tuple[str, list[str], dict[str, Any] | 
     """(text of the deltas, event names, the ``error`` event's data or None), checking shape:
     ``response.created`` first; then either ``response.completed`` last (exactly once, its
     ``output_text`` equal to the deltas) or an ``error`` event last."""
-    events = parse_responses_stream(raw)
+    events = parse_responses_sse(raw)
     names = [n for n, _ in events]
     assert names[0] == "response.created", names
     text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
@@ -239,7 +169,7 @@ def responses_stream_text(raw: bytes) -> tuple[str, list[str], dict[str, Any] | 
 
 def chat_stream_text(raw: bytes) -> tuple[str, str | None, dict[str, Any] | None]:
     """(content of the deltas, finish_reason, the error payload or None) of a chat stream."""
-    chunks = parse_chat_stream(raw)
+    *chunks, _done = parse_chat_sse(raw)
     text, finish, error = "", None, None
     assert chunks and chunks[0].get("choices", [{}])[0].get("delta", {}).get("role") == "assistant", chunks[:1]
     for i, c in enumerate(chunks):
@@ -351,12 +281,12 @@ async def send(client: httpx.AsyncClient, ask: Ask, model: str = "tiny") -> Resu
             assert r.headers["content-type"] == "text/event-stream; charset=utf-8", r.headers
             if ask.route == RESPONSES:
                 res.text, names, error = responses_stream_text(raw)
-                res.job_id = parse_responses_stream(raw)[0][1]["id"]
+                res.job_id = parse_responses_sse(raw)[0][1]["id"]
                 if error is not None:
                     res.stream_error = str(error["code"])
             else:
                 res.text, finish, error = chat_stream_text(raw)
-                res.job_id = parse_chat_stream(raw)[0]["id"]
+                res.job_id = parse_chat_sse(raw)[0]["id"]
                 if error is not None:
                     res.stream_error = str(error["error"]["code"])
                 else:

@@ -37,11 +37,11 @@ from reliability_kit import (
     routes_available,
     rss_mib,
     run_load,
-    running_server,
     tiny_settings,
     wait_state,
     wait_threads_back,
 )
+from support.server import running_server
 
 from llm_pool.backends import BackendContext
 from llm_pool.backends.gguf import GGUFBackend

@@ -27,11 +27,11 @@ from reliability_kit import (
     open_connections,
     routes_available,
     run_load,
-    running_server,
     tiny_settings,
     wait_state,
     wait_threads_back,
 )
+from support.server import running_server
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.pool.jobs import GenerationStats, Job
@@ -104,7 +104,7 @@ async def test_r2_unload_under_load_then_reload(
     phase_s = 3.0 if long else 1.0
     before = Resources.now()
     with trio.fail_after(LIMIT_S):
-        async with running_server(tiny_settings(tiny_gguf), backend_factory=spy.factory) as base:
+        async with running_server(tiny_settings(tiny_gguf), factory=spy.factory) as base:
             async with http_clients(base, CONNECTIONS, per_client=PER_CLIENT) as clients, http_clients(base, 1) as (admin,):
                 await wait_state(admin, "loaded")
                 routes = await routes_available(admin)
@@ -169,7 +169,7 @@ async def test_r2_resize_under_load_drops_nothing(tiny_gguf: Path, long: bool, s
     phase_s = 2.0 if long else 0.6
     before = Resources.now()
     with trio.fail_after(LIMIT_S):
-        async with running_server(tiny_settings(tiny_gguf, replicas=2, replica_max=3), backend_factory=spy.factory) as base:
+        async with running_server(tiny_settings(tiny_gguf, replicas=2, replica_max=3), factory=spy.factory) as base:
             async with http_clients(base, CONNECTIONS, per_client=PER_CLIENT) as clients, http_clients(base, 1) as (admin,):
                 await wait_state(admin, "loaded")
                 routes = await routes_available(admin)

@@ -35,7 +35,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from fakes.backend import FakeBackendFactory, expected_text, make_settings
 from models.tiny_gguf import expected_continuation
 from reliability_kit import (
     CHAT,
@@ -46,11 +45,13 @@ from reliability_kit import (
     check_error_body,
     http_clients,
     responses_stream_text,
-    running_server,
     tiny_settings,
     wait_state,
     wait_threads_back,
 )
+from support.fake_backend import FakeBackendFactory, expected_text
+from support.server import running_server
+from support.settings import make_settings
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.pool.jobs import GenerationStats, Job
@@ -91,7 +92,7 @@ async def test_r3_backend_raises_mid_stream(long: bool) -> None:
     factory = FakeBackendFactory(token_delay=0.002, fail_jobs={"boom": 3})
     rounds = 10 if long else 2
     with trio.fail_after(LIMIT_S):
-        async with running_server(fake_settings(), backend_factory=factory) as base:
+        async with running_server(fake_settings(), factory=factory) as base:
             async with http_clients(base, 32) as (client, *_):
                 await wait_state(client, "loaded", "m")
                 chat = (await client.post(CHAT, content=b"{}")).status_code != 404
@@ -166,7 +167,7 @@ async def test_r3_replica_death_then_the_last_one(short_thread_idle: None) -> No
     factory = FakeBackendFactory(token_delay=0.005)
     before = Resources.now()
     with trio.fail_after(LIMIT_S):
-        async with running_server(fake_settings(), backend_factory=factory) as base:
+        async with running_server(fake_settings(), factory=factory) as base:
             async with http_clients(base, 32) as (client, *_):
                 await wait_state(client, "loaded", "m")
                 one, two = factory.of("m")
@@ -256,7 +257,7 @@ async def test_r3_threaded_replica_death_keeps_the_model_serving(tiny_gguf: Path
 
     before = Resources.now()
     with trio.fail_after(LIMIT_S):
-        async with running_server(tiny_settings(tiny_gguf), backend_factory=factory) as base:
+        async with running_server(tiny_settings(tiny_gguf), factory=factory) as base:
             async with http_clients(base, 16) as (client, *_):
                 await wait_state(client, "loaded")
                 r = await client.post(RESPONSES, json=responses_body("crash", 4, False, "tiny"))

@@ -41,9 +41,9 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 import trio
-from fakes.backend import FakeBackendFactory, expected_text
 from hypothesis import HealthCheck, given, settings
-from reliability_kit import parse_chat_stream, parse_responses_stream
+from support.fake_backend import FakeBackendFactory, expected_text
+from support.sse import parse_chat_sse, parse_responses_sse
 
 from llm_pool.config import load_settings
 from llm_pool.pool.http import create_app
@@ -609,11 +609,11 @@ async def run_case(manager: PoolManager, client: Any, case: Case, seen: Counter[
             body = json.loads(raw)
             got = body["output_text"] if case.path == "/v1/responses" else body["choices"][0]["message"]["content"]
         elif case.path == "/v1/responses":
-            events = parse_responses_stream(raw)
+            events = parse_responses_sse(raw)
             assert events[-1][0] == "response.completed", where
             got = events[-1][1]["output_text"]
         else:
-            chunks = parse_chat_stream(raw)
+            *chunks, _done = parse_chat_sse(raw)
             got = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
         assert got == case.text, where
 

@@ -52,7 +52,6 @@ operation and mode, at least ``LONG_TOTAL`` cases in all (about 13,400, under 3 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import select
@@ -72,10 +71,10 @@ import requests
 import trio
 import trio.testing
 from hypothesis import HealthCheck, Phase, given, settings
+from support.server import running_server
 
 import llm_pool.pool.http
 from llm_pool.config import load_settings
-from llm_pool.pool.server import serve
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e '.[test]')")
 
@@ -329,18 +328,12 @@ def r4_config(tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) 
 async def running(config_path: Path) -> AsyncIterator[str]:
     """A real server in a nursery of this task, its model loaded; yields its base URL."""
     pool_settings = load_settings(config_path)
-    async with trio.open_nursery() as nursery:
-        base: str = await nursery.start(
-            functools.partial(serve, pool_settings, config_path=str(config_path), handle_signals=False)
-        )
+    async with running_server(pool_settings, config_path=str(config_path)) as base:
         async with httpx.AsyncClient(base_url=base, timeout=CASE_BOUND_S) as client:
             # the model loads in the background from the start; an admin load waits for its end
             r = await client.post(f"/v1/admin/models/{MODEL}/load", json={}, headers=auth("/v1/admin"))
         assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
-        try:
-            yield base
-        finally:
-            nursery.cancel_scope.cancel()
+        yield base
 
 
 async def with_server(config_path: Path, work: Callable[[str, dict[str, Any]], Run]) -> Run:

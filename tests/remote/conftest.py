@@ -8,16 +8,14 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import KEY, KEY_ENV, RemotePool, StartPool, start_pool, start_upstream
-from upstream import FakeUpstream
+from remote_kit import KEY, KEY_ENV, RemotePool, StartPool, start_remote_pool, start_upstream
+from support.upstream import FakeUpstream
 
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The upstream key in its variable; no settings path from the developer's shell."""
+    """The upstream key in its variable."""
     monkeypatch.setenv(KEY_ENV, KEY)
-    for var in ("LLM_POOL_SETTINGS_PATH", "LLM_POOL_LOCAL_SETTINGS_PATH"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
@@ -33,7 +31,7 @@ async def start(nursery: trio.Nursery, up: FakeUpstream, tmp_path: Path) -> Asyn
     pools: list[RemotePool] = []
 
     async def _start(**kw: Any) -> RemotePool:
-        pool = await start_pool(nursery, up, tmp_path, **kw)
+        pool = await start_remote_pool(nursery, up, tmp_path, **kw)
         pools.append(pool)
         return pool
 

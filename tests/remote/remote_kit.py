@@ -1,5 +1,6 @@
-"""Helpers for the remote-backend tests: a real pool server (``pool.server.serve`` on 127.0.0.1,
-port 0) in front of a real fake upstream (``tests/upstream.py``), both in the test's nursery.
+"""Helpers for the remote-backend tests: a real pool server (``support.server.start_server`` on
+127.0.0.1, port 0) in front of a real fake upstream (``support.upstream``), both in the test's
+nursery.
 
 Real clock and real sockets (never the autojump clock here); every test bounds itself with
 ``trio.fail_after``.  The API key is a recognisable secret so a test can grep every response
@@ -8,7 +9,6 @@ body and log line for it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,11 +18,12 @@ from typing import Any
 
 import httpx
 import trio
-from upstream import FakeUpstream, serve_upstream
+from support.server import start_server
+from support.settings import make_settings
+from support.upstream import FakeUpstream, serve_upstream
 
-from llm_pool.config import DEFAULT_SYSTEM_PROMPT, decode_settings
+from llm_pool.config import DEFAULT_SYSTEM_PROMPT
 from llm_pool.pool.logs import JsonFormatter
-from llm_pool.pool.server import serve
 
 KEY = "sk-test-SECRET-7f3a9c1e5b2d4f60"
 KEY_ENV = "LLM_POOL_TEST_REMOTE_KEY"
@@ -39,7 +40,7 @@ __all__ = [
     "RemotePool",
     "StartPool",
     "start_upstream",
-    "start_pool",
+    "start_remote_pool",
 ]
 
 
@@ -112,7 +113,7 @@ class RemotePool:
 StartPool = Callable[..., Awaitable["RemotePool"]]
 
 
-async def start_pool(
+async def start_remote_pool(
     nursery: trio.Nursery,
     up: FakeUpstream,
     base_dir: Path,
@@ -127,23 +128,14 @@ async def start_pool(
         "service": {"host": "127.0.0.1", "port": 0, "log_level": "debug"},
         "engine": {"models": models if models is not None else {MODEL: remote_model(up.base_url, **over)}},
     }
-    settings = decode_settings(raw, source="remote test settings", base_dir=str(base_dir))
-    url = await nursery.start(functools.partial(serve, settings, handle_signals=False))
+    settings = make_settings(raw=raw, base_dir=base_dir)
+    url = await start_server(nursery, settings)
     client = httpx.AsyncClient(base_url=url, timeout=BOUND, verify=False)  # plain http; skips loading CAs
     pool = RemotePool(url, client, up, base_dir, [])
     if wait:
         for name in settings.engine.models:
             await pool.wait_settled(name)
     return pool
-
-
-def sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for frame in raw.decode().split("\n\n"):
-        if frame.strip():
-            head, data = frame.split("\n")
-            events.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
-    return events
 
 
 def formatted_logs(records: list[logging.LogRecord]) -> list[str]:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, StartPool, sse
-from upstream import FakeUpstream
+from remote_kit import BOUND, StartPool
+from support.sse import parse_responses_sse
+from support.upstream import FakeUpstream
 
 from llm_pool.backends.ledger import estimate_prompt_tokens, money
 from llm_pool.pool.jobs import Message
@@ -51,7 +52,7 @@ async def ask_stream(pool: Any) -> list[tuple[str, dict[str, Any]]]:
     async with pool.client.stream(
         "POST", "/v1/responses", json={"model": "r", "allow_remote": True, "stream": True, **ASK}
     ) as s:
-        return sse(await s.aread())
+        return parse_responses_sse(await s.aread())
 
 
 async def test_ledger_contents_after_a_mixed_run(start: StartPool, up: FakeUpstream) -> None:

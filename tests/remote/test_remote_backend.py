@@ -10,21 +10,10 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, DEFAULT_SYSTEM_PROMPT, KEY, KEY_ENV, MODEL, StartPool, sse
-from upstream import DEFAULT_400_MESSAGE, FakeUpstream, split_words
-
-
-def assert_error(r: Any, status: int, code: str, message: str | re.Pattern[str]) -> None:
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert body["error"]["code"] == body["detail"]["code"] == code, body
-    assert body["detail"]["model"] == "r", body
-    got = body["error"]["message"]
-    assert got == body["detail"]["message"]
-    if isinstance(message, str):
-        assert got == message, got
-    else:
-        assert message.fullmatch(got), got
+from remote_kit import BOUND, DEFAULT_SYSTEM_PROMPT, KEY, KEY_ENV, MODEL, StartPool
+from support.replies import assert_error
+from support.sse import parse_responses_sse
+from support.upstream import DEFAULT_400_MESSAGE, FakeUpstream, split_words
 
 
 # ------------------------------------------------------------------ body, headers, text, usage
@@ -228,7 +217,7 @@ async def test_error_mapping(
     with trio.fail_after(BOUND):
         pool = await start(remote_timeout_s=0.3)
         r = await pool.respond()
-        assert_error(r, status, code, message)
+        assert_error(r, status, code, message, model=MODEL)
         await pool.wait_idle()
     assert len(up.chat_requests) == 1  # no retries by default
     assert (await pool.row())["runtime_state"] == "loaded"  # the model keeps serving
@@ -239,7 +228,7 @@ async def test_rate_limit_passes_retry_after_on(start: StartPool, up: FakeUpstre
     with trio.fail_after(BOUND):
         pool = await start()
         r = await pool.respond()
-    assert_error(r, 429, "upstream_rate_limit", re.compile(r"the upstream is rate limiting \(HTTP 429\): .*"))
+    assert_error(r, 429, "upstream_rate_limit", re.compile(r"the upstream is rate limiting \(HTTP 429\): .*"), model=MODEL)
     assert r.json()["error"]["type"] == "rate_limit_error"
     assert r.headers["retry-after"] == "7"
 
@@ -257,6 +246,7 @@ async def test_connection_refused(start: StartPool, up: FakeUpstream) -> None:
         502,
         "upstream_connection_error",
         re.compile(rf"cannot connect to the upstream at http://127\.0\.0\.1:{port}/v1: ConnectError: .+"),
+        model=MODEL,
     )
 
 
@@ -267,7 +257,7 @@ async def stream(pool: Any, **fields: Any) -> list[tuple[str, dict[str, Any]]]:
         assert s.status_code == 200
         raw = await s.aread()
     pool.seen.append(raw)
-    return sse(raw)
+    return parse_responses_sse(raw)
 
 
 async def test_stream_forwards_each_delta_as_the_upstream_sends_it(start: StartPool, up: FakeUpstream) -> None:
@@ -286,7 +276,7 @@ async def test_stream_forwards_each_delta_as_the_upstream_sends_it(start: StartP
                     first_at = time.monotonic()
                     # the upstream is still answering (7 more frames, 0.08 s apart)
                     assert up.in_flight == 1
-            events = sse(buf)
+            events = parse_responses_sse(buf)
         done_at = time.monotonic()
     assert first_at is not None and done_at - first_at > 0.3
     deltas = [data["delta"] for kind, data in events if kind == "response.output_text.delta"]
@@ -419,6 +409,7 @@ async def test_unload_cancels_a_running_request(start: StartPool, up: FakeUpstre
         503,
         "request_cancelled",
         "request to model 'r' was cancelled: model unloaded with force",
+        model=MODEL,
     )
     assert [e["event"] for e in pool.ledger()] == ["reserved", "failed_usage_unknown"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 from remote_kit import BOUND, StartPool
-from upstream import FakeUpstream
+from support.upstream import FakeUpstream
 
 from llm_pool.backends.ledger import CostLedger
 from llm_pool.pool.errors import PoolError

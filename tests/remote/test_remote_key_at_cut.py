@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 from remote_kit import KEY, StartPool, formatted_logs
-from upstream import FakeUpstream
+from support.upstream import FakeUpstream
 
 from llm_pool.backends.openai_compatible import QUOTE_MAX, upstream_message
 

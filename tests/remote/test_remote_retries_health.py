@@ -7,8 +7,9 @@ import time
 
 import pytest
 import trio
-from remote_kit import BOUND, KEY_ENV, StartPool, sse
-from upstream import FakeUpstream
+from remote_kit import BOUND, KEY_ENV, StartPool
+from support.sse import parse_responses_sse
+from support.upstream import FakeUpstream
 
 
 async def test_server_errors_are_retried_then_succeed(start: StartPool, up: FakeUpstream) -> None:
@@ -73,7 +74,7 @@ async def test_no_retry_once_output_began(start: StartPool, up: FakeUpstream) ->
         async with pool.client.stream(
             "POST", "/v1/responses", json={"model": "r", "input": "hi", "allow_remote": True, "stream": True}
         ) as s:
-            events = sse(await s.aread())
+            events = parse_responses_sse(await s.aread())
     assert [k for k, _ in events] == [
         "response.created",
         "response.in_progress",

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import trio
-from remote_kit import BOUND, KEY, KEY_ENV, StartPool, formatted_logs, remote_model, sse, start_pool
-from upstream import FakeUpstream
+from remote_kit import BOUND, KEY, KEY_ENV, StartPool, formatted_logs, remote_model, start_remote_pool
+from support.sse import parse_responses_sse
+from support.upstream import FakeUpstream
 
 
 async def test_the_key_never_appears_in_responses_or_logs(
@@ -48,14 +49,14 @@ async def test_the_key_never_appears_in_responses_or_logs(
             ) as s:
                 raw = await s.aread()
             pool.seen.append(raw)
-            assert sse(raw)[-1][0] == "error", raw
+            assert parse_responses_sse(raw)[-1][0] == "error", raw
         quoted = [body for body in pool.seen if b"[redacted]" in body]
         assert quoted, "the upstream's echo of the key should have been quoted, redacted"
         await pool.client.get("/v1/admin/models")
         # a load failure that quotes the upstream (health check) too
         up.fault, up.fault_models, up.error_message = "400", True, echo
         models = {"h": remote_model(up.base_url or "", remote_health_check="models_endpoint")}
-        other = await start_pool(nursery, up, tmp_path, models=models)
+        other = await start_remote_pool(nursery, up, tmp_path, models=models)
         try:
             row = await other.row("h")
             assert row["runtime_state"] == "failed"
