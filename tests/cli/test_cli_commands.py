@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import trio
-from pool_http_kit import FakeControl, FakeFactory
+from support.fake_backend import FakeBackendFactory
 
 from llm_pool.config import load_settings
 from llm_pool.pool import cli, client
@@ -43,18 +43,18 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def control() -> FakeControl:
-    return FakeControl(step_s=0.0)
+def control() -> FakeBackendFactory:
+    return FakeBackendFactory.echo(token_delay=0.0)
 
 
 @pytest.fixture
-async def server(nursery: trio.Nursery, control: FakeControl, tmp_path: Path) -> str:
+async def server(nursery: trio.Nursery, control: FakeBackendFactory, tmp_path: Path) -> str:
     config = tmp_path / "pool.toml"
     config.write_text(CONFIG)
     settings = load_settings(str(config))
     with trio.fail_after(BOUND):
         url: str = await nursery.start(
-            functools.partial(serve, settings, config_path=str(config), backend_factory=FakeFactory(control), handle_signals=False)
+            functools.partial(serve, settings, config_path=str(config), backend_factory=control, handle_signals=False)
         )
         while "m#1" not in control.loaded:  # noqa: ASYNC110 - the load has no event outside the manager
             await trio.sleep(0.01)
@@ -100,7 +100,7 @@ def test_status_watch_needs_a_sane_interval(capsys: pytest.CaptureFixture[str]) 
 
 
 # --------------------------------------------------------------------------- client commands
-async def test_load_set_sends_the_override(server: str, control: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_load_set_sends_the_override(server: str, control: FakeBackendFactory, capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("unload", "m", "--url", server) == 0
     assert await run_cli("load", "m", "--url", server, "--set", "gguf_n_ctx=2048", "--replicas", "2") == 0
     assert capsys.readouterr().out == "m: unloaded\nm: loaded (2 replica(s))\n"
@@ -147,7 +147,7 @@ class TerminalInput(io.StringIO):
 
 
 async def test_chat_on_a_terminal_is_a_conversation_with_history(
-    server: str, control: FakeControl, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    server: str, control: FakeBackendFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(client.sys, "stdin", TerminalInput("one\ntwo\n/reset\nthree\n"))
     assert await run_cli("chat", "m", "--url", server) == 0

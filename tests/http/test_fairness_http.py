@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pool_http_kit import FakeControl, Pool, assert_error, start_pool
+from support.fake_backend import FakeBackendFactory
+from support.replies import assert_error
+from support.server import Pool, start_pool
 from trio.testing import MockClock
 
 CHAT = "/v1/chat/completions"
@@ -26,7 +28,7 @@ def chat(**extra: Any) -> dict[str, Any]:
     ],
 )
 async def test_bad_fairness_keys_are_400(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl, extra: dict[str, Any], headers: dict[str, str],
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, extra: dict[str, Any], headers: dict[str, str],
     message: str, param: str | None,
 ) -> None:
     r = await pool.respond({"model": "m", "input": "hi", **extra}, headers=headers)
@@ -49,7 +51,7 @@ async def test_bad_fairness_keys_are_400(
     ],
 )
 async def test_where_the_key_comes_from(
-    autojump_clock: MockClock, pool: Pool, control: FakeControl, route: str, extra: dict[str, Any],
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, route: str, extra: dict[str, Any],
     headers: dict[str, str], key: str | None,
 ) -> None:
     if route == "responses":
@@ -62,7 +64,7 @@ async def test_where_the_key_comes_from(
     assert [k["fairness_key"] for k in row["fairness"]["keys"]] == [key]
 
 
-async def test_negative_priority_needs_a_listed_key(autojump_clock: MockClock, nursery: Any, control: FakeControl) -> None:
+async def test_negative_priority_needs_a_listed_key(autojump_clock: MockClock, nursery: Any, control: FakeBackendFactory) -> None:
     pool = await start_pool(nursery, control, {"engine": {"fairness": {"negative_priority_keys": ["ops"]}}})
     r = await pool.respond({"model": "m", "input": "hi", "priority": -5, "fairness_key": "dev"})
     assert_error(

@@ -9,14 +9,18 @@ import re
 from pathlib import Path
 
 import trio
-from ops_kit import start_ops
+from ops_kit import MODELS
+from support.fake_backend import FakeBackendFactory
+from support.server import start_pool
 from trio.testing import MockClock
 
 VENDOR = Path(__file__).parents[2] / "admin" / "static" / "vendor" / "swagger-ui"
 
 
-async def test_docs_is_swagger_ui_over_our_openapi_document(autojump_clock: MockClock, nursery: trio.Nursery) -> None:
-    ops = await start_ops(nursery)
+async def test_docs_is_swagger_ui_over_our_openapi_document(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory
+) -> None:
+    ops = await start_pool(nursery, control, models=MODELS)
     page = await ops.get("/docs")
     assert page.status == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
     html = page.text
@@ -28,8 +32,10 @@ async def test_docs_is_swagger_ui_over_our_openapi_document(autojump_clock: Mock
     assert (await ops.get("/openapi.json")).status == 200  # what the page loads
 
 
-async def test_the_vendored_files_are_served_as_published(autojump_clock: MockClock, nursery: trio.Nursery) -> None:
-    ops = await start_ops(nursery)
+async def test_the_vendored_files_are_served_as_published(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory
+) -> None:
+    ops = await start_pool(nursery, control, models=MODELS)
     for name, ctype in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css")):
         r = await ops.get(f"/docs/{name}")
         assert r.status == 200, name

@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 import trio
-from ops_kit import GateControl, Ops, settings_of, start_ops
-from pool_http_kit import Reply
+from ops_kit import MODELS, Samples
+from support.fake_backend import FakeBackendFactory
+from support.replies import Reply
+from support.server import Pool, start_pool
+from support.settings import make_settings
 from trio.testing import MockClock
 
 from llm_pool.pool.logs import json_handler
@@ -24,7 +27,7 @@ GENERATED = re.compile(r"^req_[0-9a-f]{32}$")
 Lines = Callable[..., list[dict]]
 
 
-async def respond(ops: Ops, text: str, *, headers: dict[str, str] | None = None, model: str = "m", **extra: Any) -> Reply:
+async def respond(ops: Pool, text: str, *, headers: dict[str, str] | None = None, model: str = "m", **extra: Any) -> Reply:
     return await ops.post("/v1/responses", {"model": model, "input": text, **extra}, headers=headers)
 
 
@@ -60,9 +63,9 @@ def test_a_caller_id_is_kept_without_unsafe_characters_and_cut_at_its_bound() ->
 
 
 async def test_the_callers_id_is_echoed_and_carried_by_its_lines(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
-    ops = await start_ops(nursery)
+    ops = await start_pool(nursery, control, models=MODELS)
     r = await respond(ops, "a b", headers={"X-Request-Id": "trace-42"})
     assert r.status == 200, r.raw
     assert r.headers["X-Request-Id"] == "trace-42"
@@ -73,9 +76,9 @@ async def test_the_callers_id_is_echoed_and_carried_by_its_lines(
 
 
 async def test_an_unsafe_caller_id_is_sanitised_before_it_is_echoed_or_logged(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
-    ops = await start_ops(nursery)
+    ops = await start_pool(nursery, control, models=MODELS)
     r = await respond(ops, "a", headers={"X-Request-Id": 'evil" id' + "x" * 200})
     want = ("evilid" + "x" * 200)[:MAX_ID_CHARS]
     assert r.headers["X-Request-Id"] == want
@@ -85,9 +88,9 @@ async def test_an_unsafe_caller_id_is_sanitised_before_it_is_echoed_or_logged(
 
 
 async def test_without_a_caller_id_the_response_id_is_the_request_id(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
-    ops = await start_ops(nursery)
+    ops = await start_pool(nursery, control, models=MODELS)
     r = await respond(ops, "a b")
     assert r.headers["X-Request-Id"] == r.json["id"]
     chat = await ops.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
@@ -99,10 +102,10 @@ async def test_without_a_caller_id_the_response_id_is_the_request_id(
 
 
 async def test_a_request_without_a_response_gets_a_generated_id_on_all_its_lines(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
     """An admin call: its header, its admin line and its access line share one ``req_`` id."""
-    ops = await start_ops(nursery)
+    ops = await start_pool(nursery, control, models=MODELS)
     r = await ops.post("/v1/admin/models/m/unload")
     assert r.status == 200, r.raw
     rid = r.headers["X-Request-Id"]
@@ -115,9 +118,9 @@ async def test_a_request_without_a_response_gets_a_generated_id_on_all_its_lines
 
 
 async def test_a_streamed_answer_carries_the_id_in_its_header(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
-    ops = await start_ops(nursery)
+    ops = await start_pool(nursery, control, models=MODELS)
     r = await respond(ops, "a b c", stream=True, headers={"X-Request-Id": "s-1"})
     assert r.status == 200 and r.headers["X-Request-Id"] == "s-1"
     [inference] = log_lines("llm_pool.inference")
@@ -126,9 +129,9 @@ async def test_a_streamed_answer_carries_the_id_in_its_header(
 
 # --------------------------------------------------------------------------- access log
 async def test_one_access_line_per_request_with_its_facts(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
-    ops = await start_ops(nursery)
+    ops = await start_pool(nursery, control, models=MODELS)
     ok = await respond(ops, "a b c")
     streamed = await respond(ops, "a b c", stream=True)
     missing = await ops.get("/nope")
@@ -146,9 +149,9 @@ async def test_one_access_line_per_request_with_its_facts(
 
 
 async def test_the_access_log_can_be_turned_off(
-    autojump_clock: MockClock, nursery: trio.Nursery, log_lines: Lines
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, log_lines: Lines
 ) -> None:
-    ops = await start_ops(nursery, settings=settings_of({"m": {}}, access_log=False))
+    ops = await start_pool(nursery, control, settings=make_settings({"m": {}}, {"service": {"access_log": False}}))
     r = await respond(ops, "a")
     assert r.status == 200 and r.headers["X-Request-Id"] == r.json["id"]
     assert log_lines("llm_pool.access") == []
@@ -159,15 +162,17 @@ async def test_the_access_log_can_be_turned_off(
 async def test_every_refusal_is_logged_once_and_counted_by_status_and_code(
     autojump_clock: MockClock,
     nursery: trio.Nursery,
-    control: GateControl,
+    control: FakeBackendFactory,
     log_lines: Lines,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("LLMPOOL_TRACE_TOKEN", "s3cret")
-    settings = settings_of({"m": {"max_queue": 0}}, api_token_env="LLMPOOL_TRACE_TOKEN", max_body_bytes=300)
-    ops = await start_ops(nursery, settings=settings, control=control)
+    settings = make_settings(
+        {"m": {"max_queue": 0}}, {"service": {"api_token_env": "LLMPOOL_TRACE_TOKEN", "max_body_bytes": 300}}
+    )
+    ops = await start_pool(nursery, control, settings=settings)
     auth = {"Authorization": "Bearer s3cret"}
-    before = await ops.scrape()
+    before = await Samples.scrape(ops)
     for status, code in ((400, "invalid_request"), (401, "unauthorized"), (404, "not_found"),
                          (404, "unknown_model"), (413, "payload_too_large"), (429, "executor_queue_full")):
         assert before("llm_pool:http_refusals_total", status=str(status), code=code) == 0
@@ -192,7 +197,7 @@ async def test_every_refusal_is_logged_once_and_counted_by_status_and_code(
     assert {k: r.status for k, r in replies.items()} == {
         "invalid": 400, "unauthorized": 401, "no_route": 404, "unknown_model": 404, "too_large": 413, "queue_full": 429,
     }
-    after = await ops.scrape()
+    after = await Samples.scrape(ops)
     for status, code in ((400, "invalid_request"), (401, "unauthorized"), (404, "not_found"),
                          (404, "unknown_model"), (413, "payload_too_large"), (429, "executor_queue_full")):
         assert after("llm_pool:http_refusals_total", status=str(status), code=code) == 1, (status, code)

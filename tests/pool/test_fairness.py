@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import trio
-from fakes.backend import FakeBackend, FakeBackendFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pool_harness import Clients, check_ok, make_job
+from pool_harness import Clients, check_ok
+from support.fake_backend import FakeBackend, FakeBackendFactory
+from support.runtime import make_job
 from trio.testing import wait_all_tasks_blocked
 
 from llm_pool.config import FairnessSettings

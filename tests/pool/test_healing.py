@@ -14,8 +14,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from fakes.backend import FakeBackendFactory, make_settings
-from pool_harness import Clients, check_ok, make_job, running_manager, submit
+from pool_harness import Clients, check_ok, submit
+from support.fake_backend import FakeBackendFactory
+from support.runtime import make_job, running_manager
+from support.settings import make_settings
 from trio.testing import wait_all_tasks_blocked
 
 from llm_pool.pool.jobs import GenerationStats, Job

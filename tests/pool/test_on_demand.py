@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import trio
-from fakes.backend import FakeBackendFactory, make_settings
-from pool_harness import Clients, check_ok, make_job, record_states, running_manager, submit
+from pool_harness import Clients, check_ok, record_states, submit
+from support.fake_backend import FakeBackendFactory
+from support.runtime import make_job, running_manager
+from support.settings import make_settings
 
 from llm_pool.pool.errors import PoolError
 

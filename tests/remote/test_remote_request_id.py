@@ -9,7 +9,7 @@ import logging
 import pytest
 import trio
 from remote_kit import BOUND, MODEL, StartPool
-from upstream import FakeUpstream
+from support.upstream import FakeUpstream
 
 
 async def test_the_callers_request_id_is_forwarded_upstream(
