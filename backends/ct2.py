@@ -315,7 +315,6 @@ class CT2Backend:
         self.joins = 0
         self.yields = 0
         self.max_batch = 0
-        self.tokens_out = 0
 
     @property
     def intra_threads(self) -> int:
@@ -715,7 +714,6 @@ class CT2Backend:
     def _push(self, seq: _Seq, token: str) -> None:
         seq.timer.token()
         seq.out.append(token)
-        self.tokens_out += 1
         token_id = self.tokenizer.token_to_id(token)
         piece = seq.detok.push(token_id) if token_id is not None else ""
         text, hit = seq.stops.push(piece)

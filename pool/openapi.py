@@ -42,12 +42,6 @@ from llm_pool.pool.api import (
 from llm_pool.pool.ops import Live, ModelReadiness, Readiness
 
 #: Werkzeug rules of the app that are deliberately not documented, by endpoint, with why.
-UNDOCUMENTED_ENDPOINTS = {
-    # Quart adds /static/<filename> for a static folder beside the app's root path; llm-pool
-    # serves no files from it (the status page is a route), so it is not part of the API.
-    "static": "Quart's built-in static-file route; llm-pool ships no files there",
-}
-
 _RULE_PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 

@@ -45,7 +45,6 @@ import functools
 import logging
 import math
 import queue
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -169,7 +168,6 @@ class ModelRuntime:
         #: True from the end of a successful load until stop() or the last replica's death.
         self.admitting = False
         self.last_error: str | None = None
-        self.last_activity = time.monotonic()
         self.finished = trio.Event()
         #: The queued jobs; cancelled ones are skipped when they reach the front, so
         #: cancelling is O(1).
@@ -559,7 +557,6 @@ class ModelRuntime:
             raise model_unloading(self.name)
         free = sum(r.free for r in self.replicas)
         self.queue.admit(job, free=free, max_queue=self.max_queue)
-        self.last_activity = time.monotonic()
         job.on_cancel_queued = self._cancel_queued
         self.queue.push(job)
         self._pump()
@@ -598,7 +595,6 @@ class ModelRuntime:
             replica.jobs.discard(job)
             replica.active -= 1
         self.queue.ended(job)
-        self.last_activity = time.monotonic()
         self._notify()
         self._pump()
 
