@@ -94,6 +94,8 @@ gpu-bundle: install
 # Python 3.12 that stands in for the GPU machine's (its packages, from the registry, here only).
 GPU_SIM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/$(shell pyenv latest 3.12 2>/dev/null)/bin/python3.12
 GPU_SIM := $(HOME)/.cache/llm-pool/gpu-sim-py312
+# not the GPU's 530 s: the first dry run builds llama.cpp for the CPU on 2 cores (5-10 min)
+GPU_DRY_RUN_BUDGET ?= 2400
 GPU_SIM_PACKAGES := aiofiles==25.1.0 attrs==26.1.0 click==8.5.1 h11==0.16.0 httpx==0.29.0 httpcore==1.0.9 \
   anyio==4.16.0 idna==3.20 jinja2==3.1.6 markupsafe==3.0.4 nvidia-ml-py==13.615.71 numpy==2.5.5 \
   prometheus-client==0.26.0 pytest==9.2.0 hypothesis==6.170.27 pyyaml==6.0.4 requests==2.34.2 rich==15.0.0 \
@@ -105,7 +107,8 @@ $(GPU_SIM)/.installed:
 	touch $@
 gpu-dry-run: $(GPU_SIM)/.installed
 	test -f .gpu-bundle/manifest.json || $(MAKE) gpu-bundle
-	PY=$(GPU_SIM)/bin/python GPU_WORK=/tmp/llm-pool-gpu-dry bash bench/gpu/run.sh .gpu-dry-run-out --dry-run
+	PY=$(GPU_SIM)/bin/python GPU_WORK=/tmp/llm-pool-gpu-dry GPU_RUN_BUDGET=$(GPU_DRY_RUN_BUDGET) \
+	  bash bench/gpu/run.sh .gpu-dry-run-out --dry-run
 
 clean:
 	rm -rf $(VENV)
