@@ -19,6 +19,17 @@ import trio
 from quart import Response, request
 
 from llm_pool.admin import gpu
+from llm_pool.admin.rows import (
+    AdminModel,
+    AdminModels,
+    FairnessRow,
+    GpuMemoryReport,
+    GpuModelRow,
+    GpuRow,
+    LoadConstraint,
+    ReloadResult,
+    ReplicaDetail,
+)
 from llm_pool.backends import OverrideError, kind_of
 from llm_pool.config import ModelSettings, resolve_model_path
 from llm_pool.config.validation import describe, read_validation_error
@@ -128,7 +139,8 @@ def vram_estimate(manager: PoolManager, entry: ModelEntry) -> tuple[float | None
     return manager.memory_estimate(entry)  # one estimate for this row and the pool's budget
 
 
-def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
+def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
+    """One configured model, as ``GET /v1/admin/models`` serves and documents it."""
     kind = kind_of(entry.settings)
     rt = entry.runtime
     m = entry.settings
@@ -137,42 +149,43 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> dict[str, Any]:
     vram, vram_n, vram_src = vram_estimate(manager, entry)
     running = rt.running if rt else 0
     waiting = rt.waiting if rt else 0
-    return {
-        "name": entry.name,
-        "resolved_backend": kind.name,
-        "configured_enabled": m.enabled,
-        "runtime_state": entry.state,
-        "is_loaded": loaded,
-        "replicas": len(live) if loaded else m.replicas,
-        "replica_max": m.replica_max,
-        "loaded_replicas": len(live),
-        "inflight_requests": running + waiting,
-        "queue_depth": waiting,
-        "runtime_inflight": running,
-        "configured_target_inflight": m.target_inflight,
-        "effective_target_inflight": rt.effective_target_inflight if rt else None,
-        "last_error": entry.last_error,
-        "vram_estimate_mib": vram,
-        "vram_estimate_replica_count": vram_n,
-        "vram_estimate_source": vram_src,
-        "load_constraints": load_constraints(m),
-        "load_recommendations": kind.load_recommendations,
+    idle_in = None if entry.idle_deadline is None else round(max(0.0, entry.idle_deadline - trio.current_time()), 1)
+    return AdminModel(
+        name=entry.name,
+        resolved_backend=kind.name,
+        configured_enabled=m.enabled,
+        runtime_state=entry.state,
+        is_loaded=loaded,
+        replicas=len(live) if loaded else m.replicas,
+        replica_max=m.replica_max,
+        loaded_replicas=len(live),
+        inflight_requests=running + waiting,
+        queue_depth=waiting,
+        runtime_inflight=running,
+        configured_target_inflight=m.target_inflight,
+        effective_target_inflight=rt.effective_target_inflight if rt else None,
+        last_error=entry.last_error,
+        vram_estimate_mib=vram,
+        vram_estimate_replica_count=vram_n,
+        vram_estimate_source=vram_src,  # type: ignore[arg-type]
+        load_constraints=msgspec.convert(load_constraints(m), dict[str, LoadConstraint]),
+        load_recommendations=kind.load_recommendations,
         # the override active now: {} when none is (unloaded, failed, or loaded as configured)
-        "load_override": dict(entry.override or {}),
-        "replica_details": [
-            {"name": r.name, "state": r.state, "active": r.active, "capacity": r.capacity, "error": r.error}
+        load_override=dict(entry.override or {}),
+        replica_details=[
+            ReplicaDetail(name=r.name, state=r.state, active=r.active, capacity=r.capacity, error=r.error)
             for r in (rt.replicas if rt else [])
         ],
-        "definition": msgspec.to_builtins(m),
+        definition=m,
         # fair sharing among fairness keys (pool.fairness): None while the model is not loaded
-        "fairness": rt.queue.row() if rt else None,
-        "replica_restarts": entry.replica_restarts,
+        fairness=msgspec.convert(rt.queue.row(), FairnessRow) if rt else None,
+        replica_restarts=entry.replica_restarts,
         # keep-alive: seconds until the idle timer unloads the model (None: not counting down)
-        "idle_unload_in_s": None if entry.idle_deadline is None else round(max(0.0, entry.idle_deadline - trio.current_time()), 1),
-        "load_on_demand": m.load_on_demand,
+        idle_unload_in_s=idle_in,
+        load_on_demand=m.load_on_demand,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
-        "remote_cost": _cost(manager, entry),
-    }
+        remote_cost=_cost(manager, entry),
+    )
 
 
 def _cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:
@@ -258,7 +271,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.get("/v1/admin/models")
     async def admin_models() -> Response:
-        return json_response({"models": [model_row(manager, e) for e in manager.entries.values()]})
+        return json_response(AdminModels(models=[model_row(manager, e) for e in manager.entries.values()]))
 
     @app.get("/v1/admin/models/<path:name>")
     async def admin_model(name: str) -> Response:
@@ -307,21 +320,17 @@ def register_admin(app: Any, manager: PoolManager) -> None:
     async def admin_reload() -> Response:
         result = await manager.reload_from_files()
         log.info("admin reload", extra={"fields": {"action": "reload", **result}})
-        return json_response(result)
+        return json_response(msgspec.convert(result, ReloadResult))
 
     @app.get("/v1/admin/gpu-memory")
     async def admin_gpu_memory() -> Response:
         gpus, error = await trio.to_thread.run_sync(gpu.read_gpus)
-        models = []
-        for entry in manager.entries.values():
-            row = model_row(manager, entry)
-            models.append({k: row[k] for k in (
-                "name", "runtime_state", "is_loaded", "configured_target_inflight", "effective_target_inflight",
-                "vram_estimate_mib", "vram_estimate_replica_count", "vram_estimate_source")})
+        rows = [model_row(manager, entry) for entry in manager.entries.values()]
         return json_response(
-            {
-                "gpus": [{k: v for k, v in msgspec.to_builtins(g).items() if k != "free_mib"} for g in gpus],
-                "models": models,
-                "error": error,
-            }
+            GpuMemoryReport(
+                gpus=[GpuRow(index=g.index, name=g.name, used_mib=g.used_mib, total_mib=g.total_mib,
+                             used_over_total=g.used_over_total) for g in gpus],
+                models=[GpuModelRow(**{f: getattr(row, f) for f in GpuModelRow.__struct_fields__}) for row in rows],
+                error=error,
+            )
         )

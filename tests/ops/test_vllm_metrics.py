@@ -32,6 +32,9 @@ async def test_slot_usage_is_busy_slots_over_live_slots(autojump_clock: MockCloc
     control = FakeBackendFactory.echo()
     pool = await start_pool(nursery, control, models={"m": {"model_path": "m.gguf", "replicas": 2, "replica_max": 2}})
     assert (await Samples.scrape(pool))("llm_pool:slot_usage_perc", model="m", model_name="m") == 0
-    nursery.start_soon(pool.respond, {"model": "m", "input": "wait:5"})
+    # held by an event, not a timer: /metrics reads the GPUs on a worker thread, and the
+    # autojump clock would run a timer out meanwhile
+    nursery.start_soon(pool.respond, {"model": "m", "input": "hold"})
     await pool.wait_until(lambda: pool.manager.entries["m"].runtime.running == 1)
     assert (await Samples.scrape(pool))("llm_pool:slot_usage_perc", model="m", model_name="m") == 0.5
+    control.release()
