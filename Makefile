@@ -10,7 +10,10 @@ BIN    := $(VENV)/bin
 # one idle live team (another model's or replica's thread) cut a 2-thread decode to 0.61-0.68x;
 # ggml's own thread pool has no such cliff and decodes as fast (bench/gguf_threads.py).
 LLAMA_VERSION    := 0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF
+# LLAMA_CMAKE_EXTRA: flags added to these for another target (the Dockerfile's CUDA variant passes
+# -DGGML_CUDA=ON); they are part of LLAMA_KEY, so each flag set caches its own wheel and llama-server.
+LLAMA_CMAKE_EXTRA ?=
+LLAMA_CMAKE_ARGS := $(strip -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF $(LLAMA_CMAKE_EXTRA))
 LLAMA_KEY        := $(shell printf '%s' '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 WHEELHOUSE       ?= $(HOME)/.cache/llm-pool/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 

@@ -14,6 +14,7 @@ import trio
 def _serve(args: argparse.Namespace) -> int:
     from llm_pool.config import SettingsError, load_settings
     from llm_pool.pool.logs import configure_logging
+    from llm_pool.pool.sd_notify import Notifier
     from llm_pool.pool.server import serve
 
     try:
@@ -30,8 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
         )
         settings = msgspec.structs.replace(settings, service=service)
     configure_logging(settings.service.log_level)
+    notifier = Notifier.from_environ()  # systemd's Type=notify (deploy/systemd/); a no-op elsewhere
+
+    async def run() -> None:
+        async with notifier:
+            await serve(settings, config_path=args.config, notifier=notifier)
+
     try:
-        trio.run(lambda: serve(settings, config_path=args.config))
+        trio.run(run)
     except RuntimeError as e:  # e.g. a token variable named in the settings is unset
         print(f"llm-pool: {e}", file=sys.stderr)
         return 2

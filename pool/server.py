@@ -15,6 +15,11 @@ the nursery is cancelled.  Models load in the background after the server is up,
 SIGHUP re-reads the settings files exactly as ``POST /v1/admin/settings/reload`` does (never
 loading or unloading anything) and logs the outcome; without a handler its default action would
 kill the server at once (exit 129, streams cut).
+
+Under systemd (``Type=notify``, see deploy/systemd/) the ``notifier`` tells the supervisor what
+happens: ``READY=1`` once the enabled models have settled, ``RELOADING=1``/``READY=1`` around a
+SIGHUP reload, ``STOPPING=1`` when the drain begins, and ``WATCHDOG=1`` from a task of the main
+nursery, so a blocked event loop gets the service restarted (:mod:`llm_pool.pool.sd_notify`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from llm_pool.backends import kind_of
 from llm_pool.config import Settings
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.http import create_app
-from llm_pool.pool.manager import BackendFactory, PoolManager
+from llm_pool.pool.manager import BackendFactory, ModelEntry, PoolManager
+from llm_pool.pool.sd_notify import Notifier
 
 log = logging.getLogger("llm_pool.server")
 
@@ -151,10 +157,12 @@ async def serve(
     config_path: str | None = None,
     backend_factory: BackendFactory | None = None,
     handle_signals: bool = True,
+    notifier: Notifier | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or cancellation), reloading the settings on SIGHUP;
-    ``task_status.started(base_url)``."""
+    ``task_status.started(base_url)``.  ``notifier`` (the caller's, still open when this
+    returns): where systemd hears about readiness, reloads, the stop and the watchdog."""
     check_security(settings)
     kwargs: dict[str, Any] = {"config_path": config_path}
     if backend_factory is not None:
@@ -165,19 +173,68 @@ async def serve(
     app = create_app(manager, settings)
     app.extensions["llm_pool_ready"] = manager.ready
     stop = trio.Event()
+    notifier = notifier if notifier is not None else Notifier(None)
+    announced = False  # READY=1 sent: a reload may then say RELOADING=1 and READY=1 again
+
+    async def announce_ready() -> None:
+        """``READY=1`` once no enabled model is still loading.
+
+        Settled, not all loaded: a model that failed to load leaves the server up (its admin API,
+        and ``/health/ready`` answering 503 with the reason), and ``STATUS=`` names it in
+        ``systemctl status``.  Waiting for "all loaded" instead would have systemd kill the
+        service at ``TimeoutStartSec`` and, with ``Restart=``, reload every model in a loop.
+        """
+        nonlocal announced
+        changed = trio.Event()
+
+        def on_state(entry: ModelEntry, before: str, after: str) -> None:
+            changed.set()
+
+        def unsettled() -> list[str]:
+            return [e.name for e in manager.entries.values() if e.wanted and e.state not in ("loaded", "failed")]
+
+        manager.state_hooks.append(on_state)
+        try:
+            if waiting := unsettled():
+                await notifier.notify(f"STATUS=loading {len(waiting)} model(s): {', '.join(waiting)}")
+            while unsettled() and not manager.shutting_down:
+                await changed.wait()
+                changed = trio.Event()
+        finally:
+            manager.state_hooks.remove(on_state)
+        if manager.shutting_down:  # STOPPING=1 was sent; READY=1 now would contradict it
+            return
+        announced = True
+        await notifier.ready(ready_status())
+
+    def ready_status() -> str:
+        loaded = [e.name for e in manager.entries.values() if e.state == "loaded"]
+        failed = [e.name for e in manager.entries.values() if e.wanted and e.state == "failed"]
+        status = f"serving {len(loaded)} model(s)"
+        if failed:
+            status += f"; {len(failed)} failed to load: {', '.join(failed)} (see /health/ready)"
+        return status
 
     async def graceful_stop() -> None:
         log.info("stopping: draining running requests", extra={"fields": {"drain_s": settings.service.shutdown_drain_s}})
+        await notifier.stopping(f"draining running requests (up to {settings.service.shutdown_drain_s:g} s)")
         await manager.shutdown(settings.service.shutdown_drain_s)
         stop.set()
 
     async def reload_settings() -> None:
+        reloading = announced  # before READY=1, systemd is still waiting for the start to end
+        if reloading:
+            await notifier.reloading()
         try:
             result = await manager.reload_from_files()
         except PoolError as e:  # the files do not decode, or a loaded model would change
             log.error("SIGHUP: settings not reloaded", extra={"fields": {"action": "reload", "code": e.code, "message": e.message}})
             return
-        log.info("SIGHUP: settings reloaded", extra={"fields": {"action": "reload", **result}})
+        else:
+            log.info("SIGHUP: settings reloaded", extra={"fields": {"action": "reload", **result}})
+        finally:
+            if reloading and not manager.shutting_down:
+                await notifier.ready(ready_status())
 
     async def watch_signals(nursery: trio.Nursery) -> None:
         stopping = False
@@ -202,9 +259,11 @@ async def serve(
         nursery.cancel_scope.cancel()  # hypercorn finished its graceful shutdown
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.keep_watchdog_alive)
         await nursery.start(manager.run)
         if handle_signals:
             nursery.start_soon(watch_signals, nursery)
         binds = await nursery.start(run_http, nursery)
         log.info("serving", extra={"fields": {"urls": binds}})
+        nursery.start_soon(announce_ready)
         task_status.started(binds[0])

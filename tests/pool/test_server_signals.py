@@ -5,16 +5,15 @@ waits on the server's own log lines, never on a sleep."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
+from support.server_process import ServerLog
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT_S = 60
@@ -28,42 +27,6 @@ log_level = "info"
 model_path = "a.gguf"
 enabled = false
 """
-
-
-class ServerLog:
-    """The subprocess's JSON log lines, and a way to wait for one."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.ended = False
-        self._changed = trio.Event()
-
-    async def read(self, proc: trio.Process) -> None:
-        assert proc.stderr is not None
-        buffer = b""
-        async for chunk in proc.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    self.records.append(json.loads(line))
-                except ValueError:  # a library printing: not one of our lines
-                    self.records.append({"level": "raw", "event": line.decode(errors="replace")})
-            self._changed.set()
-            self._changed = trio.Event()
-        self.ended = True
-        self._changed.set()
-
-    async def wait_for(self, event: str, after: int = 0) -> dict[str, Any]:
-        """The first record with ``event`` from index ``after`` on, once it is logged."""
-        while True:
-            for record in self.records[after:]:
-                if record.get("event") == event:
-                    return record
-            if self.ended:
-                raise AssertionError(f"the server's log ended before {event!r}: {self.records[after:]}")
-            changed = self._changed
-            await changed.wait()
 
 
 async def test_sighup_reloads_the_settings_and_keeps_serving(tmp_path: Path) -> None:

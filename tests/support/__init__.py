@@ -12,6 +12,8 @@
 * :mod:`support.runtime`       driving a ``PoolManager`` in-process (``running_manager``,
   ``request``, ``submit``, ``collect``, ``run``);
 * :mod:`support.upstream`      a real fake OpenAI-compatible upstream (h11 on trio).
+* :mod:`support.server_process` a real ``llm-pool serve`` subprocess's JSON log, and waiting
+  for one of its lines (``ServerLog``).
 
 Shared fixtures are in tests/conftest.py.  Helpers that one suite alone uses stay beside it
 (``tests/<suite>/*_kit.py``); the fake ``exllamav3`` package and the tiny model writers stay in
