@@ -9,7 +9,7 @@ not in the settings.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 import trio
@@ -18,6 +18,7 @@ from quart import Response, request
 from llm_pool.admin import gpu
 from llm_pool.backends.gguf import KV_CACHE_TYPES
 from llm_pool.config import ModelSettings, resolve_model_path
+from llm_pool.config.settings import VllmKvCacheDtype, check_vllm_speculative
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
@@ -39,6 +40,14 @@ OVERRIDES_BY_BACKEND: dict[str, tuple[str, ...]] = {
     "ct2": (),
     "llama_server": (),
     "openai_compatible": (),
+    "vllm_serve": (
+        "vllm_max_model_len",
+        "vllm_kv_cache_dtype",
+        "vllm_kv_cache_memory_bytes",
+        "vllm_speculative_method",
+        "vllm_speculative_model",
+        "vllm_num_speculative_tokens",
+    ),
 }
 
 
@@ -53,6 +62,12 @@ class LoadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     exllama_cache_v_bits: int | None | msgspec.UnsetType = msgspec.UNSET
     exllama_cache_quant: str | msgspec.UnsetType = msgspec.UNSET
     exllama_max_rq_tokens: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
+    vllm_max_model_len: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
+    vllm_kv_cache_dtype: str | msgspec.UnsetType = msgspec.UNSET
+    vllm_kv_cache_memory_bytes: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
+    vllm_speculative_method: str | None | msgspec.UnsetType = msgspec.UNSET
+    vllm_speculative_model: str | None | msgspec.UnsetType = msgspec.UNSET
+    vllm_num_speculative_tokens: Annotated[int, msgspec.Meta(ge=1)] | None | msgspec.UnsetType = msgspec.UNSET
     #: Load even if the VRAM estimate exceeds the free GPU memory.
     force: bool = False
 
@@ -118,6 +133,8 @@ def validate_overrides(entry: ModelEntry, backend: str, body: LoadRequest) -> tu
                 raise _bad_load(f"{key} must be between 2 and 8", name, key)
         if "exllama_cache_quant" in given:
             raise _bad_load("exllama_cache_quant cannot be combined with exllama_cache_k_bits/exllama_cache_v_bits", name)
+    if backend == "vllm_serve":
+        _check_vllm_overrides(entry, given)
         given["exllama_cache_quant"] = None
     if "exllama_cache_quant" in given and given["exllama_cache_quant"] is not None:
         if given["exllama_cache_quant"] not in EXLLAMA_CACHE_QUANTS:
@@ -283,10 +300,32 @@ async def check_trained_context(manager: PoolManager, entry: ModelEntry, overrid
         )
 
 
+def _check_vllm_overrides(entry: ModelEntry, given: dict[str, Any]) -> None:
+    """vllm_* overrides: values vLLM takes, the speculative trio consistent with the settings it
+    overrides, and no path: ``vllm_speculative_model`` may only be switched off (null), since a
+    draft model is a folder to read or a model to download, which only the settings may name."""
+    name = entry.name
+    if "vllm_kv_cache_dtype" in given:
+        choices = get_args(VllmKvCacheDtype)
+        if given["vllm_kv_cache_dtype"] not in choices:
+            raise _bad_load(f"vllm_kv_cache_dtype must be one of: {', '.join(choices)}", name, "vllm_kv_cache_dtype")
+    if given.get("vllm_speculative_model") is not None:
+        raise _bad_load(
+            "vllm_speculative_model may only be null in a load override (a draft model is named in the settings files)",
+            name,
+            "vllm_speculative_model",
+        )
+    if given.get("vllm_speculative_method") == "":
+        raise _bad_load("vllm_speculative_method must be a non-empty string or null", name, "vllm_speculative_method")
+    check_vllm_speculative(
+        msgspec.structs.replace(entry.settings, **given), lambda key, message: _bad_load(message, name, key)
+    )
+
+
 def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, backend: str, override: dict[str, Any], replicas: int, gpus: list[gpu.GpuInfo]) -> None:
     model = msgspec.structs.replace(entry.settings, **override)
     on_gpu = backend == "exllamav3" or model.device == "cuda" or (backend == "gguf" and model.gguf_n_gpu_layers != 0)
-    on_gpu = on_gpu or (backend == "llama_server" and model.llama_server_n_gpu_layers != 0)
+    on_gpu = on_gpu or (backend == "llama_server" and model.llama_server_n_gpu_layers != 0) or backend == "vllm_serve"
     if not on_gpu or not gpus:
         return
     per_replica, counted, _ = vram_estimate(manager, entry)

@@ -2,7 +2,7 @@
 
 :func:`create_backend` is the one factory the pool uses.  Each adapter module imports its runtime
 library lazily (inside ``load``), so importing this package never needs llama-cpp-python,
-ctranslate2, exllamav3 or a GPU.
+ctranslate2, exllamav3, vLLM or a GPU.
 """
 
 from __future__ import annotations
@@ -64,4 +64,8 @@ def create_backend(ctx: BackendContext) -> Backend:
         from llm_pool.backends.openai_compatible import RemoteBackend
 
         return RemoteBackend(ctx)
+    if ctx.kind == "vllm_serve":
+        from llm_pool.backends.vllm_serve import VllmServeBackend
+
+        return VllmServeBackend(ctx)
     raise ValueError(f"unknown backend {ctx.kind!r}")

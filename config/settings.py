@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,8 +25,8 @@ import tomli
 
 from llm_pool.config.validation import describe, read_validation_error
 
-BACKENDS = ("ct2", "exllamav3", "gguf", "llama_server", "openai_compatible")
-Backend = Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible"]
+BACKENDS = ("ct2", "exllamav3", "gguf", "llama_server", "openai_compatible", "vllm_serve")
+Backend = Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible", "vllm_serve"]
 PromptFormat = Literal[
     "generic",
     "qwen3_template",
@@ -49,6 +50,9 @@ SpecType = Literal[
     "ngram-mod",
     "ngram-cache",
 ]
+#: vLLM's ``--kv-cache-dtype`` values (vllm/config/cache.py ``CacheDType``, less the
+#: model-specific ``fp8_ds_mla``).
+VllmKvCacheDtype = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"]
 
 #: Used when a request gives no ``instructions`` (llm-pool's wording, kept for compatibility).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Return only the response."
@@ -126,7 +130,7 @@ class ModelSettings(_Strict):
     gguf_type_k: str | None = None
     gguf_type_v: str | None = None
     gguf_batching: bool = False
-    # Supervised engine processes (llama_server): start, stop and restart of each replica's child
+    # Supervised engine processes (llama_server, vllm_serve): start, stop and restart of each replica's child
     #: The child must answer its health check within this long, or the load fails.
     start_timeout_s: PositiveFloat = 120.0
     #: After SIGTERM, the child's group gets this long to exit before SIGKILL.
@@ -161,6 +165,42 @@ class ModelSettings(_Strict):
     llama_server_reasoning: Literal["on", "off", "auto"] | None = None
     #: Passed to llama-server last, as given (flags this backend sets itself are refused).
     llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
+    # vLLM's ``vllm serve``, one child process per replica (paths: config only)
+    #: What ``vllm serve`` loads (a folder or a Hugging Face id it resolves itself, e.g. from
+    #: its cache); default: ``model_path``, whose tokenizer.json the pool tokenizes with either way.
+    vllm_model: str | None = None
+    vllm_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    #: Share of each GPU's memory vLLM may take (default: vLLM's own, 0.9).
+    vllm_gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    #: KV cache size per GPU in bytes; when set, vLLM ignores ``vllm_gpu_memory_utilization``.
+    vllm_kv_cache_memory_bytes: Positive | None = None
+    vllm_kv_cache_dtype: VllmKvCacheDtype = "auto"
+    #: Context per sequence (prompt + output); default: the model's (``max_position_embeddings``).
+    vllm_max_model_len: Positive | None = None
+    vllm_tensor_parallel_size: Positive = 1
+    vllm_pipeline_parallel_size: Positive = 1
+    #: ``mp`` (one node; vLLM's default) or ``ray`` (several nodes, with ``vllm_ray_address``).
+    vllm_distributed_executor_backend: Literal["mp", "ray"] | None = None
+    #: The Ray cluster to join (``ray://host:10001`` or ``host:6379``), given to the child as
+    #: ``RAY_ADDRESS``; only with ``vllm_distributed_executor_backend = "ray"``.
+    vllm_ray_address: str | None = None
+    #: Most items per prompt by modality (``{image = 2, video = 0}``): ``--limit-mm-per-prompt``.
+    vllm_limit_mm_per_prompt: dict[str, NonNegative] = msgspec.field(default_factory=dict)
+    #: Passed to the model's multimodal processor as given: ``--mm-processor-kwargs``.
+    vllm_mm_processor_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Speculative decoding, serialised together into ``--speculative-config`` (vLLM's own keys
+    #: ``method``, ``model``, ``num_speculative_tokens``).
+    vllm_speculative_method: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    vllm_speculative_model: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    vllm_num_speculative_tokens: Positive | None = None
+    #: Default: ``vllm`` beside the pool's Python, else the first on ``PATH``.
+    vllm_serve_binary: str | None = None
+    #: Prepended to the child's ``LD_LIBRARY_PATH``.
+    vllm_serve_library_path: str | None = None
+    #: Extra environment variables for the child (``CUDA_VISIBLE_DEVICES``, ``VLLM_*``...).
+    vllm_serve_env: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Passed to ``vllm serve`` last, as given (flags this backend or a vllm_* key sets are refused).
+    vllm_serve_extra_args: list[str] = msgspec.field(default_factory=list)
     # ExLlamaV3
     exllama_cache_size: Annotated[int, msgspec.Meta(ge=256, multiple_of=256)] = 8192
     exllama_cache_quant: str | None = None
@@ -270,6 +310,8 @@ def decode_settings(raw: dict[str, Any], *, source: str, base_dir: str = ".") ->
             raise SettingsError(f"{source}: {at}.model_path: model {name!r} needs model_path for backend {backend}")
         if backend == "llama_server":
             _check_llama_server(model, f"{source}: {at}", name)
+        if backend == "vllm_serve":
+            _check_vllm_serve(model, f"{source}: {at}", name)
         if (model.exllama_cache_k_bits is None) != (model.exllama_cache_v_bits is None):
             raise SettingsError(
                 f"{source}: {at}: model {name!r}: exllama_cache_k_bits and exllama_cache_v_bits must be provided together"
@@ -302,6 +344,49 @@ def _check_llama_server(model: ModelSettings, at: str, name: str) -> None:
                 f"{at}.llama_server_extra_args: model {name!r}: llama_server_extra_args may not contain {flag}:"
                 " the llama_server backend sets it"
             )
+
+
+#: ``vllm serve`` flags the backend sets itself, or that a vllm_* key sets:
+#: ``vllm_serve_extra_args`` may not repeat them (one place for each setting).
+VLLM_SERVE_OWN_FLAGS = frozenset(
+    {
+        "--model", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--uds",
+        "--max-model-len", "--dtype", "--gpu-memory-utilization", "--kv-cache-memory-bytes", "--kv-cache-dtype",
+        "-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size", "--distributed-executor-backend",
+        "--limit-mm-per-prompt", "--mm-processor-kwargs", "--speculative-config", "-sc",
+    }
+)  # fmt: skip
+
+
+def _check_vllm_serve(model: ModelSettings, at: str, name: str) -> None:
+    """``at``: the file(s) and the model's key path, as every settings error starts."""
+    if model.vllm_ray_address is not None and model.vllm_distributed_executor_backend != "ray":
+        raise SettingsError(
+            f"{at}.vllm_ray_address: model {name!r} sets vllm_ray_address without"
+            ' vllm_distributed_executor_backend = "ray"'
+        )
+    check_vllm_speculative(model, lambda key, message: SettingsError(f"{at}.{key}: model {name!r}: {message}"))
+    for arg in model.vllm_serve_extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in VLLM_SERVE_OWN_FLAGS:
+            raise SettingsError(
+                f"{at}.vllm_serve_extra_args: model {name!r}: vllm_serve_extra_args may not contain {flag}:"
+                " the vllm_serve backend or a vllm_* key sets it"
+            )
+
+
+def check_vllm_speculative(model: ModelSettings, error: Callable[[str, str], Exception]) -> None:
+    """The speculative trio is one setting: a draft count needs a method or a model, and the
+    reverse.  ``error(key, message)`` makes the exception to raise (settings or load override)."""
+    drafter = model.vllm_speculative_method is not None or model.vllm_speculative_model is not None
+    if drafter and model.vllm_num_speculative_tokens is None:
+        key = "vllm_speculative_method" if model.vllm_speculative_method is not None else "vllm_speculative_model"
+        raise error(key, f"{key} needs vllm_num_speculative_tokens")
+    if not drafter and model.vllm_num_speculative_tokens is not None:
+        raise error(
+            "vllm_num_speculative_tokens",
+            "vllm_num_speculative_tokens needs vllm_speculative_method or vllm_speculative_model",
+        )
 
 
 def _model_key_path(name: str) -> str:

@@ -80,7 +80,7 @@ class AdminModel(_Doc):
     """One configured model as the admin API shows it (``admin.routes.model_row``)."""
 
     name: str
-    resolved_backend: Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible"]
+    resolved_backend: Literal["ct2", "exllamav3", "gguf", "llama_server", "openai_compatible", "vllm_serve"]
     configured_enabled: bool
     runtime_state: Literal["unloaded", "loading", "loaded", "unloading", "failed"]
     is_loaded: bool
