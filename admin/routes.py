@@ -133,13 +133,13 @@ def validate_overrides(entry: ModelEntry, backend: str, body: LoadRequest) -> tu
                 raise _bad_load(f"{key} must be between 2 and 8", name, key)
         if "exllama_cache_quant" in given:
             raise _bad_load("exllama_cache_quant cannot be combined with exllama_cache_k_bits/exllama_cache_v_bits", name)
-    if backend == "vllm_serve":
-        _check_vllm_overrides(entry, given)
         given["exllama_cache_quant"] = None
     if "exllama_cache_quant" in given and given["exllama_cache_quant"] is not None:
         if given["exllama_cache_quant"] not in EXLLAMA_CACHE_QUANTS:
             raise _bad_load('exllama_cache_quant must be "8" or "8,4"', name, "exllama_cache_quant")
         given["exllama_cache_k_bits"] = given["exllama_cache_v_bits"] = None
+    if backend == "vllm_serve":
+        _check_vllm_overrides(entry, given)
     return given, replicas
 
 
