@@ -82,7 +82,11 @@ def validate_overrides(entry: ModelEntry, raw: dict[str, Any]) -> tuple[dict[str
         given = kind.check_overrides(given)
     except OverrideError as e:
         raise _bad_load(str(e), name, f"$.{e.field}") from None
-    _convert({**msgspec.to_builtins(model), **given}, type(model), name)
+    # each field's type and bounds, then the rules between fields, on the settings as loaded
+    loaded = _convert({**msgspec.to_builtins(model), **given}, type(model), name)
+    if (problem := loaded.problems()) is not None:
+        field, message = problem
+        raise _bad_load(f"with these overrides, model {name!r} {message}", name, f"$.{field}")
     return given, body
 
 

@@ -56,7 +56,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llm_pool.backends.base import BackendKind, StreamTimer
 from llm_pool.backends.decoding import POSITIVE_PENALTY
@@ -64,7 +64,11 @@ from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep, SpecialToken, St
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from llm_pool.backends.base import BackendContext, Inbox
+
+T = TypeVar("T")
 
 log = logging.getLogger("llm_pool.ct2")
 
@@ -171,21 +175,31 @@ def plain_text_vocab(tokenizer: Any) -> Vocab[str]:
     CTranslate2 takes).  A whole-prompt encode gives a Metaspace ``prepend_scheme: "first"``
     prefix only to the prompt's first piece of text, so runs after a special token are encoded
     without it."""
+    return _hf_vocab(tokenizer, lambda encoding: list(encoding.tokens), lambda t: t.content)
+
+
+def plain_id_vocab(tokenizer: Any) -> Vocab[int]:
+    """:func:`plain_text_vocab` in token ids (what an engine that takes a token-id prompt, such
+    as ``vllm serve``, is sent)."""
+    return _hf_vocab(tokenizer, lambda encoding: list(encoding.ids), lambda t: tokenizer.token_to_id(t.content))
+
+
+def _hf_vocab(tokenizer: Any, tokens: Callable[[Any], list[T]], token_of: Callable[[Any], T]) -> Vocab[T]:
     plain = plain_tokenizer(tokenizer)
     later = plain
     if _metaspace_never(json.loads(tokenizer.to_str()).get("pre_tokenizer")):
         later = plain_tokenizer(tokenizer, metaspace_never=True)
     specials = [
-        SpecialToken(t.content, t.content, t.lstrip, t.rstrip)
+        SpecialToken(t.content, token_of(t), t.lstrip, t.rstrip)
         for t in tokenizer.get_added_tokens_decoder().values()
         if t.special
     ]
     longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
     return Vocab(
-        lambda text: list(plain.encode(text, add_special_tokens=False).tokens),
+        lambda text: tokens(plain.encode(text, add_special_tokens=False)),
         specials,
         longest,
-        encode_after_special=lambda text: list(later.encode(text, add_special_tokens=False).tokens),
+        encode_after_special=lambda text: tokens(later.encode(text, add_special_tokens=False)),
     )
 
 

@@ -26,7 +26,7 @@ One job (same rules as the in-process GGUF backend):
 * The prompt is rendered and tokenized here exactly as the in-process GGUF backend does it
   (:mod:`backends.prompts`: special tokens parsed in the template's markup only, the size
   bounds first), with the GGUF file's own vocabulary opened ``vocab_only`` in this process
-  (:func:`~backends.gguf.open_vocab`), then sent as token ids to ``POST /completion``
+  (:func:`~backends.llama_common.open_vocab`), then sent as token ids to ``POST /completion``
   (``stream: true``): the engine never parses caller text for control tokens, and a prompt has
   the same tokens in both backends.
 * Stop strings are applied here (:class:`~backends.prompts.StopMatcher`), never emitting part of
@@ -34,21 +34,12 @@ One job (same rules as the in-process GGUF backend):
 * Metrics: wall-clock timers as every backend, replaced by the engine's own ``timings``
   (``prompt_ms``, ``predicted_ms``, ``predicted_n``, ``prompt_n``) when it sent them.
 
-Failures::
-
-    engine died while the job ran       → 502 engine_crashed (the replica restarts, see below)
-    engine answered an error status     → 502 backend_error with the engine's message
-    connection lost, engine still alive → 502 backend_error
-    prompt too long for n_ctx           → 400 invalid_request (as in-process GGUF)
-
-Crash: when the child exits on its own, every job it ran ends with ``engine_crashed`` and
-``serve`` raises :class:`~backends.base.EngineCrashed`; the scheduler restarts the replica with
-backoff (``restart_max_attempts``, ``restart_backoff_s``) while queued jobs go to the model's
-other replicas.
-
-Cancellation: a cancelled job (client gone, unload) has its scope cancelled at once
-(:func:`~backends.base.cancel_when_stopped`): the stream to the engine is closed, and
-llama-server aborts that sequence and frees its slot.  ``close`` always stops the child (SIGTERM, SIGKILL after ``stop_timeout_s``).
+Failures, crashes and cancellation: as every supervised engine
+(:mod:`backends.engine_backend`), plus ``prompt too long for n_ctx → 400 invalid_request`` (as
+in-process GGUF).  Crash: the scheduler restarts the replica with backoff
+(``restart_max_attempts``, ``restart_backoff_s``) while queued jobs go to the model's other
+replicas.  Cancellation: closing the stream makes llama-server abort that sequence and free its
+slot.  ``close`` always stops the child (SIGTERM, SIGKILL after ``stop_timeout_s``).
 """
 
 from __future__ import annotations
@@ -59,18 +50,17 @@ import os
 import re
 import secrets
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
 
-from llm_pool.backends.base import BackendKind, EngineCrashed, StreamTimer, cancel_when_stopped
-from llm_pool.backends.engine_process import EngineProcess, describe_exit, engine_env
+from llm_pool.backends.base import BackendKind, StreamTimer
+from llm_pool.backends.engine_backend import EngineBackend, close_response, quote
+from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.llama_common import open_vocab, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep
-from llm_pool.pool.errors import PoolError, backend_error, engine_crashed, request_cancelled
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -78,14 +68,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm_pool.llama_server")
 
-#: After a lost connection, how long to wait for the child's exit before calling it a crash.
-CRASH_CONFIRM_S = 1.0
-#: How long a crash report waits for the child's last output lines.
-LAST_WORDS_S = 0.5
 #: Between two health probes while the engine starts.
 HEALTH_POLL_S = 0.05
-#: Engine error text quoted in a message is cut to this many characters.
-QUOTE_MAX = 300
 LISTENING = re.compile(r"listening on (https?://\S+?)/?$")
 
 
@@ -94,33 +78,19 @@ def default_binary() -> Path:
     return Path(sys.prefix) / "bin" / "llama-server"
 
 
-class LlamaServerBackend:
+class LlamaServerBackend(EngineBackend):
     """One replica: one llama-server child; see the module docstring."""
 
-    threaded = False
+    engine_name = "llama-server"
 
     def __init__(self, ctx: BackendContext) -> None:
-        self.ctx = ctx
-        self.name = ctx.name
-        self.replica = f"{ctx.name}#{ctx.replica_index}"
-        self.model = ctx.model
-        self.capability = ctx.model.target_inflight
+        super().__init__(ctx)
         self.prompts: PromptPrep[int] = PromptPrep(ctx.model, backend="llama_server")
         #: The GGUF file's tokenizer (``llama_cpp._internals.LlamaModel``, vocab only), kept
         #: across engine restarts.
         self._vocab: Any = None
         #: Context per slot, as the engine reports it once started.
         self.n_ctx = ctx.model.llama_server_n_ctx
-        self.engine: EngineProcess | None = None
-        self.base_url = ""
-        self.starts = 0
-        self._client: httpx.AsyncClient | None = None
-        self._started_at = 0.0
-        self._running: dict[Job, trio.CancelScope] = {}
-        self._crash: str | None = None
-        #: True from the moment the engine died until the next load: the scheduler then gives
-        #: this replica no job (see ``Replica.free``).
-        self.crashed = False
 
     def describe(self) -> dict[str, object]:
         engine = self.engine
@@ -214,173 +184,49 @@ class LlamaServerBackend:
                 found.append(match.group(1))
                 listening.set()
 
-        self._crash = None
-        self.crashed = False
-        self.base_url = ""
-        engine = EngineProcess(
-            argv, env=env, model=self.name, replica=self.replica, stop_timeout_s=m.stop_timeout_s, on_line=on_line
-        )
-        self.engine = engine
-        client = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max(4, 2 * self.capability)),
-        )
-        try:
-            try:
-                await engine.start()
-            except OSError as e:
-                raise RuntimeError(f"cannot start llama-server {binary}: {e.strerror or e}") from None
-            with trio.move_on_after(m.start_timeout_s) as timer:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(engine.run_io)
-                    await self._wait_ready(engine, listening, found, client)
-                    nursery.cancel_scope.cancel()
-            if engine.exited.is_set():
-                with trio.move_on_after(LAST_WORDS_S):
-                    await engine.output_closed.wait()
-                raise RuntimeError(
-                    f"llama-server exited while starting ({describe_exit(engine.returncode)}): {engine.tail()}"
-                )
-            if timer.cancelled_caught:
-                raise RuntimeError(
-                    f"llama-server did not become ready within {m.start_timeout_s:g}s (start_timeout_s); "
-                    f"its last lines: {engine.tail()}"
-                )
-            await self._read_props(client)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-                await engine.stop()
-            raise
-        self._client = client
-        self.starts += 1
-        self._started_at = time.monotonic()
-        log.info(
-            "llama-server ready",
-            extra={"fields": {"model": self.name, "replica": self.replica, "url": self.base_url, "pid": engine.pid,
-                              "engine_pid": engine.engine_pid, "parallel": self.capability, "n_ctx": self.n_ctx}},
-        )
-
-    async def _wait_ready(
-        self, engine: EngineProcess, listening: trio.Event, found: list[str], client: httpx.AsyncClient
-    ) -> None:
-        """Return once ``/health`` answers 200, or once the engine exited."""
-        async with trio.open_nursery() as nursery:
-
-            async def exited() -> None:
-                await engine.exited.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(exited)
+        async def ready(engine: EngineProcess, client: httpx.AsyncClient) -> None:
+            """Return once ``/health`` answers 200 (the engine printed where it listens)."""
             await listening.wait()
             self.base_url = found[0]
             while True:
                 try:
                     r = await client.get(f"{self.base_url}/health")
                     if r.status_code == 200:
-                        break
+                        return
                 except httpx.TransportError:
                     pass
                 await trio.sleep(HEALTH_POLL_S)
-            nursery.cancel_scope.cancel()
+
+        self.base_url = ""
+        await self.start_engine(argv, env, key, ready, on_line=on_line)
+        try:
+            assert self._client is not None
+            await self._read_props(self._client)
+        except BaseException:
+            await EngineBackend.close(self)
+            raise
+        engine = self.engine
+        assert engine is not None
+        log.info(
+            "llama-server ready",
+            extra={"fields": {"model": self.name, "replica": self.replica, "url": self.base_url, "pid": engine.pid,
+                              "engine_pid": engine.engine_pid, "parallel": self.capability, "n_ctx": self.n_ctx}},
+        )
 
     async def _read_props(self, client: httpx.AsyncClient) -> None:
         r = await client.get(f"{self.base_url}/props")
         if r.status_code != 200:
-            raise RuntimeError(f"llama-server /props answered HTTP {r.status_code}: {_quote(r.text)}")
+            raise RuntimeError(f"llama-server /props answered HTTP {r.status_code}: {quote(r.text)}")
         props = r.json()
         n_ctx = props.get("default_generation_settings", {}).get("n_ctx")
         if isinstance(n_ctx, int) and n_ctx > 0:
             self.n_ctx = n_ctx
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        engine = self.engine
-        with trio.CancelScope(shield=True):
-            if client is not None:
-                await client.aclose()
-            if engine is not None:
-                await engine.stop()
+        await super().close()
         vocab, self._vocab = self._vocab, None
         if vocab is not None:
             vocab.close()
-
-    # ------------------------------------------------------------------ serving
-    async def serve(self, inbox: trio.MemoryReceiveChannel[Job | None]) -> None:
-        """Run each job in its own task until ``inbox`` is closed and every job ended; raise
-        :class:`EngineCrashed` if the engine died first (its jobs already ended)."""
-        engine = self.engine
-        assert engine is not None, "not loaded"
-        try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(engine.run_io)
-                outer.start_soon(self._watch_exit, engine, outer.cancel_scope)
-                async with trio.open_nursery() as jobs:
-                    async for job in inbox:
-                        if job is not None:
-                            jobs.start_soon(self._run_job, job, name=f"{self.replica} {job.id}")
-                outer.cancel_scope.cancel()
-        finally:
-            self._end_undelivered(inbox)
-        if self._crash is not None:
-            raise EngineCrashed(self._crash, uptime_s=time.monotonic() - self._started_at)
-
-    async def _watch_exit(self, engine: EngineProcess, scope: trio.CancelScope) -> None:
-        """The engine died on its own: end its jobs with ``engine_crashed``, stop serving."""
-        await engine.exited.wait()
-        self.crashed = True  # no new job for this replica from now on (Replica.free)
-        with trio.move_on_after(LAST_WORDS_S):
-            await engine.output_closed.wait()
-        self._crash = f"llama-server died ({describe_exit(engine.returncode)}): {engine.tail()}"
-        error = self._crash_error()
-        for job in list(self._running):
-            job.fail(job.cancel_error or error)
-        scope.cancel()
-
-    def _end_undelivered(self, inbox: trio.MemoryReceiveChannel[Job | None]) -> None:
-        """Jobs dispatched to this replica that it never started (stopped or crashed first)."""
-        while True:
-            try:
-                job = inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            if job is not None:
-                if self._crash is not None:
-                    job.fail(job.cancel_error or engine_crashed(self.name, f"replica {self.replica} restarting"))
-                else:
-                    job.fail(job.cancel_error or request_cancelled(self.name, f"replica {self.replica} stopped"))
-
-    async def _run_job(self, job: Job) -> None:
-        scope = trio.CancelScope()
-        self._running[job] = scope
-        stats: GenerationStats | None = None
-        error: BaseException | None = None
-        timer = StreamTimer()
-        try:
-            if job.should_stop():
-                return
-            job.begin()
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(cancel_when_stopped, job, scope)
-                    try:
-                        stats = await self._generate(job, timer)
-                    except Exception as e:  # caught here, not wrapped in the nursery's group
-                        error = e
-                    nursery.cancel_scope.cancel()
-        except Exception as e:
-            error = e
-        finally:
-            del self._running[job]
-            if stats is not None:
-                job.finish(stats)
-            elif error is not None:
-                job.fail(error)
-            elif job.should_stop():  # client gone (or the pool's cancel error, delivered by Job)
-                job.finish(timer.stats(finish_reason="cancelled", prompt_tokens=None))
-            else:  # serve() was cancelled under it: the engine died, or the replica stopped
-                job.fail(self._crash_error() if self.crashed else request_cancelled(self.name, f"replica {self.replica} stopped"))
 
     # ------------------------------------------------------------------ one job
     async def _generate(self, job: Job, timer: StreamTimer) -> GenerationStats:
@@ -435,7 +281,7 @@ class LlamaServerBackend:
         except httpx.TransportError as e:
             raise await self._lost(e) from None
         finally:
-            await _close(response)
+            await close_response(response)
         if finish != "stop":
             job.emit(stops.flush())
         stats = timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
@@ -443,36 +289,6 @@ class LlamaServerBackend:
         if final is not None:
             _apply_timings(stats, final)
         return stats
-
-    # ------------------------------------------------------------------ errors
-    async def _lost(self, e: Exception) -> PoolError:
-        """A connection error: ``engine_crashed`` if the child is dying, else a backend error."""
-        engine = self.engine
-        if engine is not None:
-            with trio.move_on_after(CRASH_CONFIRM_S):
-                await engine.exited.wait()
-            if engine.exited.is_set():
-                return self._crash_error()
-        return backend_error(self.name, f"lost the connection to llama-server at {self.base_url}: {type(e).__name__}")
-
-    def _crash_error(self) -> PoolError:
-        code = self.engine.returncode if self.engine is not None else None
-        return engine_crashed(self.name, f"the engine of replica {self.replica} died while running the request "
-                                         f"({describe_exit(code)}); the replica restarts")
-
-    def _status_error(self, status: int, body: bytes) -> PoolError:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if isinstance(data, dict) and "error" in data:
-            return self._engine_error(data["error"], status)
-        return backend_error(self.name, f"llama-server answered HTTP {status}: {_quote(body.decode('utf-8', 'replace'))}")
-
-    def _engine_error(self, error: Any, status: int | None = None) -> PoolError:
-        message = error.get("message") if isinstance(error, dict) else error
-        code = f"HTTP {status}" if status else "an error"
-        return backend_error(self.name, f"llama-server answered {code}: {_quote(str(message))}")
 
 
 def _apply_timings(stats: GenerationStats, final: dict[str, Any]) -> None:
@@ -489,18 +305,6 @@ def _apply_timings(stats: GenerationStats, final: dict[str, Any]) -> None:
         stats.output_tokens = t["predicted_n"] - (final.get("stop_type") == "eos")
     if isinstance(final.get("tokens_evaluated"), int):
         stats.prompt_tokens = final["tokens_evaluated"]
-
-
-def _quote(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= QUOTE_MAX else text[: QUOTE_MAX - 1] + "…"
-
-
-async def _close(response: httpx.Response) -> None:
-    """Close a response even while cancelled: closing the stream is what aborts the engine's
-    sequence and frees its slot."""
-    with trio.CancelScope(shield=True), trio.move_on_after(5):
-        await response.aclose()
 
 
 KIND = BackendKind(

@@ -8,6 +8,14 @@ requests per cell.  Figures: aggregate tokens/s (all tokens / wall time of the c
 time to first token, and answers with 0 tokens (llama_cpp.server's default
 ``interrupt_requests=true`` cuts a running stream when another request arrives).
 
+Issue 15 adds llama.cpp's own ``llama-server --parallel 8`` (the binary ``make install`` builds,
+``-t``/``-tb`` = all cores) as a peer, and llm-pool's ``llama_server`` backend in front of the
+same binary (one replica, ``target_inflight`` 8 = ``--parallel 8``): the pool's own cost over
+the engine it supervises.  ``--crash-rounds N`` then times crash recovery: the engine child of a
+``llama_server`` replica is SIGKILLed mid-stream N times, and each time the bench measures the
+time to the replica's state ``serving`` again and to the first token of a request queued at
+the kill (p50 and max).  ``--only native,backend`` runs just those two (no ``.venv-bench``).
+
 Each server runs alone on the machine while it is measured.  Not a test.  ``make bench-deps`` gives
 llama_cpp.server the wheel a user's ``pip install`` builds (OpenMP on, plus the flags that keep it
 from crashing here); ``make bench-deps LLAMA_SERVER_OPENMP=OFF`` gives it llm-pool's wheel.
@@ -37,6 +45,8 @@ BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 
 def build_of(python: str) -> str:
     """How the llama-cpp-python wheel of ``python`` was built (OpenMP or ggml's thread pool)."""
+    if not Path(python).exists():
+        return "not installed"
     code = "import llama_cpp; print('OPENMP = 1' in llama_cpp.llama_print_system_info().decode())"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False).stdout.strip()
     return {"True": "OpenMP", "False": "GGML_OPENMP=OFF"}.get(out, "unknown")
@@ -139,6 +149,79 @@ def run_llama_server(variant: str, threads: int, cells: list[tuple[int, int]], t
         proc.wait(30)
 
 
+def run_native_llama_server(threads: int, parallel: int, cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
+    """llama.cpp's own server, as a user would start it: ``--parallel`` slots, each with the
+    2048-token context the pool's replicas get."""
+    from llm_pool.backends.llama_server import default_binary
+
+    port = free_port()
+    args = [str(default_binary()), "--model", str(smollm2_path()), "--host", "127.0.0.1", "--port", str(port),
+            "--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(parallel),
+            "--ctx-size", str(2048 * parallel), "--no-webui"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "/health", proc, None)
+        trio.run(_measure, url, "llama", 1, 1, 8, "")
+        return {(c, n): trio.run(_measure, url, "llama", c, n, tokens, "") for c, n in cells}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def crash_recovery(rounds: int, threads: int) -> tuple[list[float], list[float]]:
+    """SIGKILL a llama_server replica's engine mid-stream ``rounds`` times (in-process
+    PoolManager, restart backoff 0); per round, seconds from the kill to the replica
+    ``serving`` again, and to the first token of a request queued at the kill."""
+    import signal
+
+    from runtime_kit import request, serving, submit
+
+    from llm_pool.config import decode_settings
+    from llm_pool.pool.jobs import Delta
+
+    settings = decode_settings(
+        {"engine": {"models": {"smollm2": {
+            "model_path": str(smollm2_path()), "backend": "llama_server", "prompt_format": "generic",
+            "llama_server_n_ctx": 2048, "n_threads": threads, "restart_backoff_s": 0,
+            "restart_max_attempts": rounds + 1}}}},
+        source="bench",
+    )  # fmt: skip
+    to_serving: list[float] = []
+    to_token: list[float] = []
+    async with serving(settings, "smollm2") as manager:
+        runtime = manager.entries["smollm2"].runtime
+        assert runtime is not None
+        replica = runtime.replicas[0]
+        for _ in range(rounds):
+            victim = submit(manager, request(PROMPT, "smollm2", max_tokens=2000))
+            events = victim.events()
+            while not isinstance(await events.receive(), Delta):
+                pass
+            engine = replica.backend.engine  # type: ignore[attr-defined]
+            queued = submit(manager, request("Say hi.", "smollm2", max_tokens=4))
+            t0 = time.perf_counter()
+            os.kill(engine.engine_pid, signal.SIGKILL)
+            async for _event in events:
+                pass
+            first = queued.events()
+            async with trio.open_nursery() as nursery:
+
+                async def watch_state(t0: float = t0) -> None:
+                    while replica.state == "serving":  # until serve() raised EngineCrashed
+                        await runtime._wait_changed()
+                    while replica.state != "serving":
+                        await runtime._wait_changed()
+                    to_serving.append(time.perf_counter() - t0)
+
+                nursery.start_soon(watch_state)
+                while not isinstance(await first.receive(), Delta):
+                    pass
+                to_token.append(time.perf_counter() - t0)
+            await queued.result()
+    return to_serving, to_token
+
+
 def run_pool(model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +245,7 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=1)
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--only", default="", help="comma list of configurations to run (default: all)")
+    parser.add_argument("--crash-rounds", type=int, default=0, help="time crash recovery over this many SIGKILLs")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     cells = [(c, max(c * args.waves, 2 if c == 1 else c)) for c in map(int, args.concurrency.split(","))]
@@ -173,6 +257,10 @@ def main() -> None:
         f"llm-pool {cores} replicas x 1 thread": lambda: run_pool({"replicas": cores, "replica_max": cores, "n_threads": 1}, cells, args.tokens),
         "llm-pool 1 batched replica (gguf_batching, target_inflight 8)": lambda: run_pool(
             {"replicas": 1, "n_threads": cores, "gguf_batching": True, "target_inflight": 8}, cells, args.tokens),
+        f"llama-server --parallel 8 -t {cores} (native)": lambda: run_native_llama_server(cores, 8, cells, args.tokens),
+        "llm-pool llama_server backend (1 replica, target_inflight 8)": lambda: run_pool(
+            {"backend": "llama_server", "replicas": 1, "n_threads": cores, "target_inflight": 8,
+             "llama_server_n_ctx": 2048}, cells, args.tokens),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     results: dict[str, dict[tuple[int, int], Cell]] = {}
@@ -182,6 +270,8 @@ def main() -> None:
         print(f"... {name}", file=sys.stderr, flush=True)
         try:
             results[name] = fn()
+            print(f"    {name}: " + "; ".join(f"c={k[0]} {v.tokens_per_s:.1f} tok/s, TTFT p50 {v.ttft_p50_s:.3f} s"
+                                              for k, v in results[name].items()), file=sys.stderr, flush=True)
         except Exception as e:  # a configuration the build does not support: say so, go on
             print(f"    skipped: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"# P3: llm-pool vs llama_cpp.server — SmolLM2-135M Q4_1, {args.tokens} tokens, greedy, streaming, {cores} cores")
@@ -191,9 +281,27 @@ def main() -> None:
     for name, res in results.items():
         row = [f"{res[k].tokens_per_s:.1f}, {res[k].ttft_p50_s:.2f}, {res[k].zero_token_answers}/{res[k].requests}" for k in cells]
         print(f"| {name} | " + " | ".join(row) + " |")
+    native = next((res for name, res in results.items() if name.startswith("llama-server --parallel")), None)
+    fronted = results.get("llm-pool llama_server backend (1 replica, target_inflight 8)")
+    if native and fronted:
+        for k in cells:
+            print(f"- llm-pool llama_server backend / native llama-server at c={k[0]}: "
+                  f"{fronted[k].tokens_per_s / native[k].tokens_per_s:.3f}x tok/s, "
+                  f"TTFT p50 {fronted[k].ttft_p50_s * 1000:.0f} vs {native[k].ttft_p50_s * 1000:.0f} ms")
+    c8 = next((k for k in cells if k[0] == 8), None)
+    if native and c8:
+        pools = {n: r for n, r in results.items() if n.startswith("llm-pool")}
+        if pools:
+            best = max(pools, key=lambda n: pools[n][c8].tokens_per_s)
+            print(f"- best llm-pool at c=8: {best}, {pools[best][c8].tokens_per_s:.1f} tok/s = "
+                  f"{pools[best][c8].tokens_per_s / native[c8].tokens_per_s:.2f}x native llama-server")
+    if args.crash_rounds:
+        serving_s, token_s = trio.run(crash_recovery, args.crash_rounds, cores)
+        print(f"- crash recovery over {args.crash_rounds} SIGKILLs: to serving p50 {statistics.median(serving_s):.3f} s "
+              f"(max {max(serving_s):.3f}), to a queued request's first token p50 {statistics.median(token_s):.3f} s "
+              f"(max {max(token_s):.3f})")
     base = results.get("llama_cpp.server default")
     best = results.get("llama_cpp.server best (no-interrupt, OMP_WAIT_POLICY=ACTIVE)")
-    c8 = next((k for k in cells if k[0] == 8), None)
     if c8:
         for name, res in results.items():
             if name.startswith("llm-pool"):

@@ -51,6 +51,9 @@ SpecType = Literal[
     "ngram-mod",
     "ngram-cache",
 ]
+#: vLLM's ``--kv-cache-dtype`` values (vllm/config/cache.py ``CacheDType``, less the
+#: model-specific ``fp8_ds_mla``).
+VllmKvCacheDtype = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"]
 
 #: Used when a request gives no ``instructions`` (llm-pool's wording, kept for compatibility).
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Return only the response."
@@ -257,6 +260,78 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
         return super().problems()
 
 
+#: ``vllm serve`` flags the backend sets itself, or that a vllm_* key sets:
+#: ``vllm_serve_extra_args`` may not repeat them (one place for each setting).
+VLLM_SERVE_OWN_FLAGS = frozenset(
+    {
+        "--model", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs", "--uds",
+        "--max-model-len", "--dtype", "--gpu-memory-utilization", "--kv-cache-memory-bytes", "--kv-cache-dtype",
+        "-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size", "--distributed-executor-backend",
+        "--limit-mm-per-prompt", "--mm-processor-kwargs", "--speculative-config", "-sc",
+    }
+)  # fmt: skip
+
+
+class VllmServeModel(_EngineProcessModel, tag="vllm_serve"):
+    """vLLM's ``vllm serve``, one supervised child process per replica (paths: config only)."""
+
+    #: What ``vllm serve`` loads (a folder or a Hugging Face id it resolves itself, e.g. from
+    #: its cache); default: ``model_path``, whose tokenizer.json the pool tokenizes with either way.
+    vllm_model: str | None = None
+    vllm_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    #: Share of each GPU's memory vLLM may take (default: vLLM's own, 0.9).
+    vllm_gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    #: KV cache size per GPU in bytes; when set, vLLM ignores ``vllm_gpu_memory_utilization``.
+    vllm_kv_cache_memory_bytes: Positive | None = None
+    vllm_kv_cache_dtype: VllmKvCacheDtype = "auto"
+    #: Context per sequence (prompt + output); default: the model's (``max_position_embeddings``).
+    vllm_max_model_len: Positive | None = None
+    vllm_tensor_parallel_size: Positive = 1
+    vllm_pipeline_parallel_size: Positive = 1
+    #: ``mp`` (one node; vLLM's default) or ``ray`` (several nodes, with ``vllm_ray_address``).
+    vllm_distributed_executor_backend: Literal["mp", "ray"] | None = None
+    #: The Ray cluster to join (``ray://host:10001`` or ``host:6379``), given to the child as
+    #: ``RAY_ADDRESS``; only with ``vllm_distributed_executor_backend = "ray"``.
+    vllm_ray_address: str | None = None
+    #: Most items per prompt by modality (``{image = 2, video = 0}``): ``--limit-mm-per-prompt``.
+    vllm_limit_mm_per_prompt: dict[str, NonNegative] = msgspec.field(default_factory=dict)
+    #: Passed to the model's multimodal processor as given: ``--mm-processor-kwargs``.
+    vllm_mm_processor_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: Speculative decoding, serialised together into ``--speculative-config`` (vLLM's own keys
+    #: ``method``, ``model``, ``num_speculative_tokens``).
+    vllm_speculative_method: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    vllm_speculative_model: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    vllm_num_speculative_tokens: Positive | None = None
+    #: Default: ``vllm`` beside the pool's Python, else the first on ``PATH``.
+    vllm_serve_binary: str | None = None
+    #: Prepended to the child's ``LD_LIBRARY_PATH``.
+    vllm_serve_library_path: str | None = None
+    #: Extra environment variables for the child (``CUDA_VISIBLE_DEVICES``, ``VLLM_*``...).
+    vllm_serve_env: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Passed to ``vllm serve`` last, as given (flags this backend or a vllm_* key sets are refused).
+    vllm_serve_extra_args: list[str] = msgspec.field(default_factory=list)
+
+    def problems(self) -> tuple[str, str] | None:
+        if self.vllm_ray_address is not None and self.vllm_distributed_executor_backend != "ray":
+            return "vllm_ray_address", 'sets vllm_ray_address without vllm_distributed_executor_backend = "ray"'
+        # the speculative trio is one setting: a draft count needs a method or a model, and back
+        drafter = self.vllm_speculative_method is not None or self.vllm_speculative_model is not None
+        if drafter and self.vllm_num_speculative_tokens is None:
+            key = "vllm_speculative_method" if self.vllm_speculative_method is not None else "vllm_speculative_model"
+            return key, f"needs vllm_num_speculative_tokens with {key}"
+        if not drafter and self.vllm_num_speculative_tokens is not None:
+            return "vllm_num_speculative_tokens", (
+                "needs vllm_speculative_method or vllm_speculative_model with vllm_num_speculative_tokens"
+            )
+        for arg in self.vllm_serve_extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in VLLM_SERVE_OWN_FLAGS:
+                return "vllm_serve_extra_args", (
+                    f"may not pass {flag} in vllm_serve_extra_args: the vllm_serve backend or a vllm_* key sets it"
+                )
+        return super().problems()
+
+
 class RemoteModel(_ModelBase, tag="openai_compatible"):
     """An OpenAI-compatible Chat Completions API elsewhere (no ``model_path``)."""
 
@@ -286,10 +361,11 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
 
 
 #: One model's settings: a tagged union on ``backend``, one Struct per backend kind.
-ModelSettings = GGUFModel | CT2Model | ExLlamaV3Model | LlamaServerModel | RemoteModel
+ModelSettings = GGUFModel | CT2Model | ExLlamaV3Model | LlamaServerModel | VllmServeModel | RemoteModel
 #: Every backend kind, by its tag.
 MODEL_KINDS: dict[str, type[_ModelBase]] = {
-    str(k.__struct_config__.tag): k for k in (GGUFModel, CT2Model, ExLlamaV3Model, LlamaServerModel, RemoteModel)
+    str(k.__struct_config__.tag): k
+    for k in (GGUFModel, CT2Model, ExLlamaV3Model, LlamaServerModel, VllmServeModel, RemoteModel)
 }
 BACKENDS = tuple(sorted(MODEL_KINDS))
 Backend = Literal[BACKENDS]  # type: ignore[valid-type]
@@ -411,6 +487,8 @@ def _with_model_backends(raw: dict[str, Any]) -> dict[str, Any]:
     default = engine.get("backend", DEFAULT_BACKEND)
     filled = {n: {"backend": default, **m} if isinstance(m, dict) else m for n, m in models.items()}
     return {**raw, "engine": {**engine, "models": filled}}
+
+
 
 
 def _model_key_path(name: str) -> str:

@@ -144,4 +144,5 @@ def test_every_backend_kind_has_its_rules() -> None:
         "exllamav3": ["repetition_penalty"],
         "llama_server": [],
         "openai_compatible": ["stop"],
+        "vllm_serve": ["repetition_penalty"],
     }
