@@ -136,6 +136,9 @@ class Backend(Protocol):
 
     threaded: bool
     capability: int
+    #: True from the moment a backend's engine process died until its next load: the scheduler
+    #: then gives the replica no job, even before ``serve`` returned (in-process backends: never).
+    crashed: bool
 
     def describe(self) -> dict[str, object]:
         """Facts worth showing an admin (threads, context size, device...)."""
@@ -182,6 +185,7 @@ class SequentialBackend:
     """Base for threaded backends that run one job at a time: subclasses write ``generate``."""
 
     threaded = True
+    crashed = False  # no engine process of its own to die
     capability = 1
 
     def serve(self, inbox: Inbox) -> None:

@@ -292,6 +292,7 @@ class CT2Backend:
     """One CTranslate2 model with dynamic batching; see the module docstring."""
 
     threaded = True
+    crashed = False  # no engine process of its own to die
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx

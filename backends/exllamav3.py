@@ -124,6 +124,7 @@ class ExLlamaV3Backend:
     """One exllamav3 generator shared by up to ``target_inflight`` jobs; see the module docstring."""
 
     threaded = True
+    crashed = False  # no engine process of its own to die
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx

@@ -101,6 +101,7 @@ class BatchedGGUFBackend:
     """One llama.cpp context serving up to ``capability`` sequences; see the module docstring."""
 
     threaded = True
+    crashed = False  # no engine process of its own to die
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx

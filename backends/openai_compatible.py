@@ -390,6 +390,7 @@ class RemoteBackend:
     """One replica of a remote model; see the module docstring."""
 
     threaded = False
+    crashed = False  # no engine process of its own to die
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx

@@ -121,7 +121,7 @@ class Replica:
     @property
     def free(self) -> int:
         # ``crashed``: an engine process that died takes no job even before serve() returned
-        if self.state != "serving" or self.stopping or getattr(self.backend, "crashed", False):
+        if self.state != "serving" or self.stopping or self.backend.crashed:
             return 0
         return self.capacity - self.active
 

@@ -113,6 +113,7 @@ class DyingThreadedBackend:
     """A threaded backend whose serve raises on the input ``die`` (its worker thread ends)."""
 
     threaded = True
+    crashed = False
     capability = 1
 
     def __init__(self, made: list[DyingThreadedBackend]) -> None:

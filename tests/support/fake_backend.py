@@ -96,6 +96,7 @@ class FakeBackend:
     """See the module docstring."""
 
     threaded = False
+    crashed = False
 
     def __init__(
         self,
