@@ -61,7 +61,7 @@ async def test_chat_completion(client: openai.OpenAI, control: FakeBackendFactor
             max_tokens=64,
             stop=["\n\n"],
             user="someone",  # accepted and ignored
-            seed=7,  # accepted and ignored
+            seed=7,
             extra_body={"top_k": 40, "repetition_penalty": 1.1},
         )
     )
