@@ -127,7 +127,7 @@ class ResponseBody(msgspec.Struct, kw_only=True):
 
     The same object is the non-streamed body and the ``response`` of the stream's
     ``response.created`` / ``response.in_progress`` (``status: in_progress``, empty output, no
-    usage or metrics yet) and ``response.completed`` events.  ``status`` is ``incomplete``
+    usage or metrics yet) and ``response.completed`` / ``response.incomplete`` events.  ``status`` is ``incomplete``
     (``incomplete_details.reason: max_output_tokens``) when generation stopped at ``max_tokens``.
     """
 
