@@ -112,6 +112,9 @@ class BackendKind:
     file_bounds: Callable[[Path], dict[str, tuple[int, str]]] | None = None
     #: Decoding values this runtime refuses beyond the API's own ranges (admission 400s).
     decoding_rules: tuple[Rule, ...] = ()
+    #: Whether a request's ``seed`` makes its sampling reproducible (a remote kind: whether it is
+    #: passed on).  Without it a seeded request that samples is a 400, never a seed ignored.
+    seeded_sampling: bool = False
     #: Presets the admin's load form offers (``load_recommendations``).
     load_recommendations: dict[str, Any] = field(default_factory=dict)
     #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).

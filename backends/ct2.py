@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llm_pool.backends.base import BackendKind, StreamTimer
-from llm_pool.backends.decoding import POSITIVE_PENALTY
+from llm_pool.backends.decoding import NO_OPENAI_PENALTIES, POSITIVE_PENALTY
 from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep, SpecialToken, StopMatcher, Vocab, check_prompt_length
 from llm_pool.pool.jobs import GenerationStats, Job
 
@@ -498,7 +498,7 @@ class CT2Backend:
         budget = d.max_tokens
         if self.n_ctx is not None:
             budget = min(budget, self.n_ctx - (len(tokens) if self.kind == "generator" else len(prefix)))
-        greedy = d.temperature == 0 or d.top_k == 1
+        greedy = d.greedy
         key: CallKey = (
             1 if greedy else d.top_k,
             1.0 if greedy else d.top_p,
@@ -754,5 +754,7 @@ KIND = BackendKind(
     name="ct2",
     create=CT2Backend,
     uses_gpu=lambda m: m.device == "cuda",
-    decoding_rules=(POSITIVE_PENALTY,),
+    decoding_rules=(POSITIVE_PENALTY, *NO_OPENAI_PENALTIES),
+    # no per-request seed in CTranslate2 (backends/decoding.py): a seeded sampling request is a 400
+    seeded_sampling=False,
 )

@@ -20,6 +20,14 @@ found by running each runtime at every edge of every field
   Chat Completions API takes at most 4 ``stop`` sequences, and an upstream's 400 for a fifth
   would reach the caller as a 502 ``upstream_invalid_request``.
 
+The OpenAI routes' ``seed`` (``BackendKind.seeded_sampling``, :func:`check_seed`): llama.cpp
+(in-process, batched, ``llama_server``) and ExLlamaV3 take a seed per request; a remote model is
+sent it.  CTranslate2 has none: ``ctranslate2.set_random_seed`` is process-wide and read once
+per worker thread (measured on 4.8: the same seed set before two calls gives two texts), so a
+seeded request that samples is refused there.  ``presence_penalty`` / ``frequency_penalty``:
+llama.cpp, ExLlamaV3 and remote models have them; CTranslate2 does not
+(:data:`NO_OPENAI_PENALTIES`).
+
 Nothing here imports a runtime library.
 """
 
@@ -46,6 +54,35 @@ class Rule:
 POSITIVE_PENALTY = Rule("repetition_penalty", lambda v: v > 0, "greater than 0")
 #: The Chat Completions API takes at most 4 stop sequences.
 AT_MOST_4_STOPS = Rule("stop", lambda v: len(v) <= 4, "at most 4 strings")
+#: CTranslate2's samplers have a repetition penalty only.
+NO_OPENAI_PENALTIES = (
+    Rule("presence_penalty", lambda v: v == 0, "0 (its runtime has no presence penalty; repetition_penalty is an extension)"),
+    Rule("frequency_penalty", lambda v: v == 0, "0 (its runtime has no frequency penalty; repetition_penalty is an extension)"),
+)
+
+#: llama.cpp and ExLlamaV3 seed their samplers with 32 bits, and llama.cpp reads 0xFFFFFFFF as
+#: "pick a random seed"; a caller's seed is any 64-bit integer.
+_SEED_MODULUS = 0xFFFFFFFF
+
+
+def engine_seed(seed: int) -> int:
+    """The caller's ``seed`` as a runtime's 32-bit sampler seed: 0 to 0xFFFFFFFE, never the
+    value llama.cpp reads as "random", the same for the same seed on every runtime."""
+    return seed % _SEED_MODULUS
+
+
+def check_seed(backend: str, seeded: bool, model: str, decoding: Decoding, *, at: str = "$") -> None:
+    """Raise 400 ``invalid_request`` for a ``seed`` the model's runtime cannot honour: one that
+    would be silently ignored.  A greedy request (temperature 0 or top_k 1) ignores its seed on
+    every runtime, so it is accepted there."""
+    if decoding.seed is None or seeded or decoding.greedy:
+        return
+    raise invalid_request(
+        f"model {model!r} ({backend}) cannot make sampling reproducible: its runtime takes no "
+        "per-request seed; leave seed out, or send temperature 0",
+        param=f"{at}.seed",
+        model=model,
+    )
 
 
 def check_decoding(

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import BackendKind, Inbox, OverrideError, StreamTimer
-from llm_pool.backends.decoding import POSITIVE_PENALTY
+from llm_pool.backends.decoding import POSITIVE_PENALTY, engine_seed
 from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
 from llm_pool.pool.errors import backend_error
 from llm_pool.pool.jobs import GenerationStats, Job
@@ -272,17 +272,16 @@ class ExLlamaV3Backend:
                 stops.append(int(token))
             stops.append(s)
         stops += [s for s in d.stop if s]  # the caller's: matched as text, never as token ids
-        greedy = d.temperature == 0 or d.top_k == 1
-        if greedy:
-            sampler = ex.ComboSampler(rep_p=d.repetition_penalty, temperature=0.0, top_k=1)
-        else:
-            sampler = ex.ComboSampler(
-                rep_p=d.repetition_penalty, temperature=d.temperature, top_k=max(0, d.top_k), top_p=d.top_p
-            )
+        penalties = {"rep_p": d.repetition_penalty, "freq_p": d.frequency_penalty, "pres_p": d.presence_penalty}
+        if d.greedy:
+            sampler = ex.ComboSampler(**penalties, temperature=0.0, top_k=1)
+        else:  # top_k 0 (NO_TOP_K) is ExLlamaV3's "no limit" too
+            sampler = ex.ComboSampler(**penalties, temperature=d.temperature, top_k=max(0, d.top_k), top_p=d.top_p)
         ex_job = ex.Job(
             input_ids=ids,
             max_new_tokens=min(d.max_tokens, self._context - n - 1),
             sampler=sampler,
+            seed=None if d.seed is None else engine_seed(d.seed),
             stop_conditions=list(dict.fromkeys(stops)),
             identifier=job.id,
             max_rq_tokens=m.exllama_max_rq_tokens,
@@ -378,6 +377,7 @@ KIND = BackendKind(
     ),
     check_overrides=_cache_overrides,
     decoding_rules=(POSITIVE_PENALTY,),
+    seeded_sampling=True,
     load_recommendations={
         "kv_cache_presets": [
             {"label": "fp16", "exllama_cache_k_bits": None, "exllama_cache_v_bits": None},

@@ -17,6 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import BackendKind, SequentialBackend, StreamTimer
+from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep
 from llm_pool.pool.jobs import GenerationStats, Job
@@ -84,7 +85,9 @@ class GGUFBackend(SequentialBackend):
         _, tokens, stops = self.prompts.prepare(job, n_ctx)
         timer.prompt_ready()
         budget = min(d.max_tokens, n_ctx - len(tokens))
-        greedy = d.temperature == 0 or d.top_k == 1
+        greedy = d.greedy
+        # Llama keeps the seed between calls: every job sets its own (a random one when unseeded)
+        llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if d.seed is None else engine_seed(d.seed))
         vocab = llm._model.vocab
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish = "length"
@@ -96,6 +99,8 @@ class GGUFBackend(SequentialBackend):
             min_p=0.0,
             temp=0.0 if greedy else d.temperature,
             repeat_penalty=d.repetition_penalty,
+            frequency_penalty=d.frequency_penalty,
+            presence_penalty=d.presence_penalty,
             reset=True,
         )
         try:
@@ -156,6 +161,7 @@ KIND = BackendKind(
     overrides=("gguf_n_ctx", "gguf_flash_attn", "gguf_type_k", "gguf_type_v"),
     check_overrides=_normalise,
     file_bounds=_file_bounds,
+    seeded_sampling=True,
     load_recommendations={
         "kv_cache_presets": [{"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")]
     },

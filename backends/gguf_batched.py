@@ -53,9 +53,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
+from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep, StopMatcher
-from llm_pool.pool.jobs import GenerationStats, Job
+from llm_pool.pool.jobs import Decoding, GenerationStats, Job
 
 if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
@@ -313,7 +314,7 @@ class BatchedGGUFBackend:
         n_ctx = self._n_ctx_seq
         _, tokens, stops = self.prompts.prepare(job, n_ctx)
         timer.prompt_ready()
-        sampler = self._new_sampler(d.temperature, d.top_k, d.top_p, d.repetition_penalty)
+        sampler = self._new_sampler(d)
         slot, reused = self._take_slot(tokens)
         return _Sequence(
             job=job,
@@ -327,22 +328,30 @@ class BatchedGGUFBackend:
             n_past=reused,
         )
 
-    def _new_sampler(self, temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> Any:
-        """The chain ``Llama.generate`` builds for the sequential backend's arguments."""
+    def _new_sampler(self, d: Decoding) -> Any:
+        """The chain ``Llama.generate`` builds for the sequential backend's arguments.  Each
+        sequence has its own chain, so a seeded request's random state is its own: the same seed
+        gives the same draws whatever else is in the batch (the logits themselves can still
+        differ by batch size, see the module docstring)."""
         import llama_cpp
 
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        add(llama_cpp.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repetition_penalty, 0.0, 0.0))
-        if temperature == 0 or top_k == 1:
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                self._n_vocab, PENALTY_LAST_N, d.repetition_penalty, d.frequency_penalty, d.presence_penalty
+            )
+        )
+        if d.greedy:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
-            add(llama_cpp.llama_sampler_init_top_k(top_k))
+            add(llama_cpp.llama_sampler_init_top_k(d.top_k))
             add(llama_cpp.llama_sampler_init_typical(1.0, 1))
-            add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(llama_cpp.llama_sampler_init_top_p(d.top_p, 1))
             add(llama_cpp.llama_sampler_init_min_p(0.0, 1))
-            add(llama_cpp.llama_sampler_init_temp(temperature))
-            add(llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
+            add(llama_cpp.llama_sampler_init_temp(d.temperature))
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if d.seed is None else engine_seed(d.seed)
+            add(llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
     def _take_slot(self, prompt: list[int]) -> tuple[int, int]:

@@ -30,7 +30,9 @@ One job (same rules as the in-process GGUF backend):
   (``stream: true``): the engine never parses caller text for control tokens, and a prompt has
   the same tokens in both backends.
 * Stop strings are applied here (:class:`~backends.prompts.StopMatcher`), never emitting part of
-  one; a hit closes the stream.  Greedy when ``temperature == 0`` or ``top_k == 1``.
+  one; a hit closes the stream.  Greedy when ``temperature == 0`` or ``top_k == 1``; a
+  request's ``seed`` is sent as the engine's ``seed`` (32 bits, :func:`~backends.decoding.engine_seed`),
+  its OpenAI penalties as ``presence_penalty`` / ``frequency_penalty``.
 * Metrics: wall-clock timers as every backend, replaced by the engine's own ``timings``
   (``prompt_ms``, ``predicted_ms``, ``predicted_n``, ``prompt_n``) when it sent them.
 
@@ -57,6 +59,7 @@ import httpx
 import trio
 
 from llm_pool.backends.base import BackendKind, StreamTimer
+from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.engine_backend import EngineBackend, close_response, quote
 from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.llama_common import open_vocab, set_prompt_model
@@ -235,8 +238,8 @@ class LlamaServerBackend(EngineBackend):
         # tokenizing is bounded by the size checks, but can take ~0.2 s: off the event loop
         _, tokens, stops = await trio.to_thread.run_sync(self.prompts.prepare, job, self.n_ctx)
         timer.prompt_ready()
-        greedy = d.temperature == 0 or d.top_k == 1
-        body = {
+        greedy = d.greedy
+        body: dict[str, Any] = {
             "prompt": tokens,
             "n_predict": min(d.max_tokens, self.n_ctx - len(tokens)),
             "stream": True,
@@ -246,7 +249,11 @@ class LlamaServerBackend(EngineBackend):
             "top_p": d.top_p,
             "min_p": 0.0,
             "repeat_penalty": d.repetition_penalty,
+            "presence_penalty": d.presence_penalty,
+            "frequency_penalty": d.frequency_penalty,
         }
+        if d.seed is not None:
+            body["seed"] = engine_seed(d.seed)
         assert self._client is not None, "not loaded"
         request = self._client.build_request("POST", f"{self.base_url}/completion", json=body)
         finish = "length"
@@ -311,4 +318,5 @@ KIND = BackendKind(
     name="llama_server",
     create=LlamaServerBackend,
     uses_gpu=lambda m: m.llama_server_n_gpu_layers != 0,
+    seeded_sampling=True,
 )

@@ -12,6 +12,7 @@ Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorizati
                   {"role": "user", "content": input}],   # /v1/responses; a chat's whole
                                                           # conversation after its system turn
      "temperature", "top_p", "max_tokens", "stop" (only if non-empty),
+     "seed" (only if the caller sent one), "presence_penalty" / "frequency_penalty" (only if not 0),
      "thinking": {"type": remote_thinking} (only if set),
      "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
 
@@ -116,6 +117,12 @@ def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool
     }
     if d.stop:
         body["stop"] = list(d.stop)
+    if d.seed is not None:
+        body["seed"] = d.seed
+    if d.presence_penalty:
+        body["presence_penalty"] = d.presence_penalty
+    if d.frequency_penalty:
+        body["frequency_penalty"] = d.frequency_penalty
     if model.remote_thinking is not None:
         body["thinking"] = {"type": model.remote_thinking}
     if stream:
@@ -894,5 +901,6 @@ KIND = BackendKind(
     create=RemoteBackend,
     remote=True,
     decoding_rules=(AT_MOST_4_STOPS,),
+    seeded_sampling=True,  # passed on: reproducible as far as the upstream makes it
     cost_summary=cost_summary,
 )

@@ -74,7 +74,7 @@ import httpx
 import trio
 
 from llm_pool.backends.base import BackendKind, OverrideError, StreamTimer
-from llm_pool.backends.decoding import POSITIVE_PENALTY
+from llm_pool.backends.decoding import POSITIVE_PENALTY, engine_seed
 from llm_pool.backends.engine_backend import CRASH_CONFIRM_S, EngineBackend, close_response
 from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep
@@ -287,13 +287,18 @@ class VllmServeBackend(EngineBackend):
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": 0.0 if greedy else d.temperature,
-            "top_k": 1 if greedy else d.top_k,
+            # vLLM's "no top-k limit" is -1 (our NO_TOP_K is 0)
+            "top_k": 1 if greedy else (d.top_k if d.top_k > 0 else -1),
             "top_p": 1.0 if greedy else d.top_p,
             "min_p": 0.0,
             "repetition_penalty": d.repetition_penalty,
+            "presence_penalty": d.presence_penalty,
+            "frequency_penalty": d.frequency_penalty,
             "stop_token_ids": self._stop_ids,
             "skip_special_tokens": True,
         }
+        if d.seed is not None:  # per request in vLLM's SamplingParams
+            body["seed"] = engine_seed(d.seed)
         assert self._client is not None, "not loaded"
         request = self._client.build_request("POST", f"{self.base_url}/v1/completions", json=body)
         finish = "length"
@@ -393,6 +398,7 @@ KIND = BackendKind(
     uses_gpu=lambda m: True,
     # vLLM's SamplingParams refuses a repetition_penalty of 0 ("must be greater than zero")
     decoding_rules=(POSITIVE_PENALTY,),
+    seeded_sampling=True,
     overrides=(
         "vllm_max_model_len",
         "vllm_kv_cache_dtype",

@@ -29,6 +29,10 @@ RepetitionPenalty = Annotated[float, msgspec.Meta(ge=0, le=4)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 StopString = Annotated[str, msgspec.Meta(min_length=1)]
 StopList = Annotated[list[StopString], msgspec.Meta(max_length=16)]
+#: OpenAI's ``presence_penalty`` / ``frequency_penalty`` range (OpenAI routes only).
+OpenAIPenalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+#: OpenAI's ``seed``: any 64-bit integer (each runtime folds it to its own width).
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 #: A request's ``priority``: lower runs first within its model (vLLM's priority scheduling); below
@@ -123,7 +127,7 @@ class ResponseBody(msgspec.Struct, kw_only=True):
 
     The same object is the non-streamed body and the ``response`` of the stream's
     ``response.created`` / ``response.in_progress`` (``status: in_progress``, empty output, no
-    usage or metrics yet) and ``response.completed`` events.  ``status`` is ``incomplete``
+    usage or metrics yet) and ``response.completed`` / ``response.incomplete`` events.  ``status`` is ``incomplete``
     (``incomplete_details.reason: max_output_tokens``) when generation stopped at ``max_tokens``.
     """
 
@@ -204,6 +208,10 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     stream: bool | None = None
     stream_options: ChatStreamOptions | None = None
     n: int | None = None
+    #: Reproducible sampling (see pool.openai_compat); a runtime without seeds refuses it.
+    seed: Seed | None = None
+    presence_penalty: OpenAIPenalty | None = None
+    frequency_penalty: OpenAIPenalty | None = None
     # llm-pool extensions (the openai SDK sends them through ``extra_body``)
     top_k: TopK | None = None
     repetition_penalty: RepetitionPenalty | None = None
@@ -215,7 +223,6 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     #: OpenAI's end-user id: the fairness key when neither ``fairness_key`` nor the header names one.
     user: str | None = None
     # OpenAI fields accepted and ignored, whatever their value
-    seed: int | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -225,8 +232,6 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     # OpenAI fields accepted only at their neutral value
     logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -353,9 +358,10 @@ def _check_text(value: str | None, param: str) -> None:
 def resolve_decoding(settings: Settings, given: DecodingIn | None) -> Decoding:
     """Request decoding values over ``engine.decoding``; enforces ``engine.max_tokens_limit``."""
     base = settings.engine.decoding
-    values = {f: getattr(base, f) for f in Decoding.__struct_fields__}
+    fields = DecodingIn.__struct_fields__  # the server's defaults cover exactly these
+    values = {f: getattr(base, f) for f in fields}
     if given is not None:
-        values.update({f: v for f in Decoding.__struct_fields__ if (v := getattr(given, f)) is not msgspec.UNSET})
+        values.update({f: v for f in fields if (v := getattr(given, f)) is not msgspec.UNSET})
     limit = settings.engine.max_tokens_limit
     if values["max_tokens"] > limit:
         raise invalid_request(

@@ -176,11 +176,27 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
         log.exception("unhandled error on %s %s", request.method, request.path, exc_info=error)
         return error_response(PoolError(500, "internal_error", "internal error (a bug; see the server log)"))
 
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=int(manager.entries[name].loaded_at or 0))
+
     @app.get("/v1/models")
     async def list_models() -> Response:
         names = manager.loaded_models()
-        cards = [ModelCard(id=n, created=int(manager.entries[n].loaded_at or 0)) for n in names]
-        return json_response(ModelsList(models=names, data=cards))
+        return json_response(ModelsList(models=names, data=[card(n) for n in names]))
+
+    @app.get("/v1/models/<path:model_id>")
+    async def retrieve_model(model_id: str) -> Response:
+        """OpenAI's ``models.retrieve``: the card of a model ``/v1/models`` lists, else 404
+        (a configured model that is not loaded is not listed either: both answers agree)."""
+        entry = manager.entry(model_id)  # 404 unknown_model
+        if entry.state != "loaded":
+            raise PoolError(
+                404,
+                "not_found",
+                f"model {model_id!r} is {entry.state}, not loaded (GET /v1/models lists the loaded models)",
+                model=model_id,
+            )
+        return json_response(card(model_id))
 
     @app.post("/v1/responses")
     async def responses() -> Response:
@@ -199,9 +215,12 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
 
     async def _stream_responses(job: Job, t0: float, created_at: int) -> AsyncIterator[bytes]:
         """llm-pool's events (``response.created``, ``response.output_text.delta``,
-        ``response.metrics`` right before ``response.completed``, which carries ``output_text``;
+        ``response.metrics`` right before the last event, which carries ``output_text``;
         ``error`` on a failure) interleaved with the rest of OpenAI's Responses stream, so the
-        openai SDK reads it as typed events.  Every frame but ``error`` carries llm-pool's ``id``."""
+        openai SDK reads it as typed events.  Every frame but ``error`` carries llm-pool's ``id``.
+
+        The last event is ``response.completed``, or, as OpenAI's own stream does,
+        ``response.incomplete`` when ``max_tokens`` cut the answer (``status: incomplete``)."""
         seq = 0
 
         def frame(event: str, data: dict[str, Any]) -> bytes:
@@ -233,7 +252,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
                         frame("response.content_part.done", {**at, "part": item.content[0]}),
                         frame("response.output_item.done", {"id": rid, "output_index": 0, "item": item}),
                         frame("response.metrics", {"id": rid, "metrics": metrics}),
-                        frame("response.completed", {"id": rid, "output_text": event.text, "response": final}),
+                        frame(f"response.{final.status}", {"id": rid, "output_text": event.text, "response": final}),
                     ]
                 e = event.error
                 log_inference(job, stream=True, status=e.status, error=e.code)

@@ -43,16 +43,34 @@ log = logging.getLogger("llm_pool.jobs")
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+#: ``Decoding.top_k`` for "no top-k limit": what an OpenAI route asks for when the caller sets
+#: ``temperature`` without llm-pool's ``top_k`` extension (OpenAI's API has no top-k, so its
+#: sampling is over the whole vocabulary).  Every runtime llm-pool drives reads 0 that way.
+NO_TOP_K = 0
+
+
 class Decoding(msgspec.Struct, kw_only=True):
     """Fully resolved decoding settings (request values over ``engine.decoding``)."""
 
     beam_size: int = 1
+    #: 1: greedy; :data:`NO_TOP_K`: no limit.
     top_k: int = 1
     top_p: float = 1.0
     temperature: float = 0.1
     repetition_penalty: float = 1.0
     max_tokens: int = 256
     stop: list[str] = msgspec.field(default_factory=list)
+    #: The caller's seed (OpenAI routes only): the same seed, prompt and settings give the same
+    #: text on a runtime whose kind has ``seeded_sampling``; None: a fresh random seed per request.
+    seed: int | None = None
+    #: OpenAI's penalties (OpenAI routes only; 0 asks for none).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this picks the most likely token every step (a seed then changes nothing)."""
+        return self.temperature == 0 or self.top_k == 1
 
 
 class Message(msgspec.Struct, kw_only=True):

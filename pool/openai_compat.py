@@ -10,7 +10,8 @@ Request fields (``pool.api.ChatCompletionRequest``):
 
 * honoured: ``model``, ``messages`` (see below), ``temperature``, ``top_p``, ``max_tokens`` /
   ``max_completion_tokens`` (either; both only if equal), ``stop`` (a string or a list),
-  ``stream``, ``stream_options.include_usage``, ``n`` (1 only);
+  ``stream``, ``stream_options.include_usage``, ``n`` (1 only), ``seed``, ``presence_penalty``
+  and ``frequency_penalty`` (see "Sampling" below);
 * llm-pool extensions, sent with the SDK's ``extra_body``: ``top_k``, ``repetition_penalty``,
   ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma),
   ``fairness_key`` and ``priority`` (see :mod:`pool.fairness`);
@@ -38,6 +39,16 @@ Response: ``chat.completion`` with ``usage`` (0 where a backend does not count t
 failure after the stream started is ``data: {"error": {...}, "detail": {...}}`` (the SDK raises
 ``openai.APIError`` on it) followed by ``data: [DONE]``; errors before it are plain statuses with
 :meth:`pool.errors.PoolError.body`, which is OpenAI's error shape plus llm-pool's ``detail``.
+
+Sampling means what it means to OpenAI: a request that sends ``temperature`` samples over the
+whole vocabulary (``top_p`` still applies), since OpenAI's API has no top-k; the server's
+``[engine.decoding] top_k`` applies only where the caller can send one (``/v1/responses``, or the
+``top_k`` extension here).  A request that sends neither ``temperature`` nor ``top_k`` gets the
+server's defaults as a pair.  ``seed`` makes sampling reproducible per request where the model's
+runtime can (``BackendKind.seeded_sampling``; a remote model is sent it); a seeded request that
+samples on a runtime without seeds (CTranslate2) is a 400, never a seed silently ignored.
+``presence_penalty`` / ``frequency_penalty`` reach the runtimes that have them; CTranslate2
+refuses a non-zero one (a 400 from its kind's ``decoding_rules``).
 
 ``GET /v1/models`` and ``/v1/responses`` speak OpenAI too; see :class:`pool.api.ModelsList`,
 :class:`pool.api.ResponseBody` and ``_stream_responses`` in :mod:`pool.http`.
@@ -71,16 +82,14 @@ from llm_pool.pool.api import (
     token_counts,
 )
 from llm_pool.pool.errors import invalid_request
-from llm_pool.pool.jobs import Decoding, Delta, Done, GenerationRequest, Job, Message
+from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.serving import abandon, finished_metrics, job_result, log_inference, run_job, unix_time_of
 from llm_pool.pool.web_io import json_response, read_json, sse_response
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
-#: hints that change nothing about the generated text.  (``seed``: llm-pool's samplers take no
-#: per-request seed, and clients send one by habit; refusing it would break them for nothing.)
+#: hints that change nothing about the generated text.
 IGNORED_FIELDS = (
-    "seed",
     "metadata",
     "store",
     "service_tier",
@@ -97,8 +106,6 @@ IGNORED_FIELDS = (
 NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "logprobs": ((False,), "it returns no log probabilities"),
     "top_logprobs": ((0,), "it returns no log probabilities"),
-    "presence_penalty": ((0,), "its samplers have no presence penalty (repetition_penalty is an extension)"),
-    "frequency_penalty": ((0,), "its samplers have no frequency penalty (repetition_penalty is an extension)"),
     "logit_bias": (({},), "its samplers take no logit bias"),
     "tools": (([],), "it does no tool calling"),
     "tool_choice": (("none",), "it does no tool calling"),
@@ -284,7 +291,36 @@ def _resolve_decoding(settings: Settings, body: ChatCompletionRequest) -> Decodi
         "max_tokens": max_tokens,
         "stop": stop,
     }
-    return resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None}))
+    return openai_sampling(
+        resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None})),
+        temperature=body.temperature,
+        top_k=body.top_k,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+    )
+
+
+def openai_sampling(
+    decoding: Decoding,
+    *,
+    temperature: float | None,
+    top_k: int | None,
+    seed: int | None,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
+) -> Decoding:
+    """``decoding`` (the server's defaults under the caller's values) with OpenAI's sampling
+    meaning: a caller who sent ``temperature`` and no ``top_k`` samples over the whole vocabulary
+    (OpenAI's API has no top-k, so the server's ``top_k`` default, 1 in the shipped pool.toml,
+    would make every such request greedy); and the caller's seed and penalties."""
+    return msgspec.structs.replace(
+        decoding,
+        top_k=NO_TOP_K if temperature is not None and top_k is None else decoding.top_k,
+        seed=seed,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+    )
 
 
 def _check_neutral(obj: Any, fields: dict[str, tuple[tuple[Any, ...], str]], at: str) -> None:

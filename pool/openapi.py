@@ -33,6 +33,7 @@ from llm_pool.pool.api import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ErrorBody,
+    ModelCard,
     ModelsList,
     ResponseBody,
     ResponsesRequest,
@@ -101,6 +102,7 @@ RESPONSES_STREAM_EVENTS = [
     "response.output_item.done",
     "response.metrics",
     "response.completed",
+    "response.incomplete",
     "error",
 ]
 
@@ -155,7 +157,8 @@ def operations() -> list[Operation]:
                     "`response.created`, `response.in_progress`, `response.output_item.added`, "
                     "`response.content_part.added`, `response.output_text.delta` per chunk, "
                     "`response.output_text.done`, `response.content_part.done`, `response.output_item.done`, "
-                    "`response.metrics`, `response.completed` (with `output_text`); `error` on a failure "
+                    "`response.metrics`, `response.completed` (with `output_text`; `response.incomplete` instead when "
+                    "`max_tokens` cut the answer); `error` on a failure "
                     "after the stream began.",
                     {
                         JSON: ResponseBody,
@@ -193,6 +196,20 @@ def operations() -> list[Operation]:
         Operation(
             "get", "/v1/models", "Loaded models (llm-pool's `models` and OpenAI's `data`)", "inference",
             responses={200: Body("The loaded models, sorted.", {JSON: ModelsList}), **_errors(401)},
+            auth="api",
+        ),
+        Operation(
+            "get", "/v1/models/{model_id}", "One loaded model (OpenAI's `models.retrieve`)", "inference",
+            params=(Param("model_id", "path", {"type": "string"}, "A loaded model's name (it may contain slashes)."),),
+            responses={
+                200: Body("The model's OpenAI card.", {JSON: ModelCard}),
+                **_errors(401),
+                404: Body(
+                    "`unknown_model`: no such model; `not_found`: configured but not loaded "
+                    "(so not in `GET /v1/models` either).",
+                    {JSON: ErrorBody},
+                ),
+            },
             auth="api",
         ),
         Operation(

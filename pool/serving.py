@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from llm_pool.backends import kind_of
-from llm_pool.backends.decoding import check_decoding
+from llm_pool.backends.decoding import check_decoding, check_seed
 from llm_pool.backends.prompts import check_request
 from llm_pool.pool.api import Metrics, build_metrics
 from llm_pool.pool.errors import PoolError, queue_timeout
@@ -180,6 +180,7 @@ def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callabl
 
     def check(gen: GenerationRequest) -> None:
         check_decoding(kind.name, kind.decoding_rules, gen.model, gen.decoding, at=decoding_at)
+        check_seed(kind.name, kind.seeded_sampling, gen.model, gen.decoding, at=decoding_at)
         if not kind.remote:
             check_request(model.prompt_format, gen)
 

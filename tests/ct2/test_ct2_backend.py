@@ -19,7 +19,7 @@ from support.runtime import request, run, running_manager
 
 from llm_pool.config import decode_settings
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
+from llm_pool.pool.jobs import NO_TOP_K, Delta, Done, GenerationRequest, Job
 from llm_pool.pool.manager import PoolManager
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (run `make install`)")
@@ -205,6 +205,9 @@ async def test_stop_strings_cut_without_emitting_a_partial_stop(pool: PoolManage
 async def test_sampling_settings_keep_the_dominant_successor(pool: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         _, done = await run(pool, request("x", temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1))
+        assert done.text == "yzabc"
+        # the OpenAI routes' "no top-k limit" (NO_TOP_K) is CTranslate2's full distribution
+        _, done = await run(pool, request("x", temperature=1.0, top_k=NO_TOP_K))
         assert done.text == "yzabc"
 
 

@@ -40,10 +40,11 @@ from support.fake_backend import FakeBackend, expected_text
 from support.runtime import result, run, submit
 
 from llm_pool.backends import BackendContext, create_backend
+from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.exllamav3 import ExLlamaV3Backend, read_chat_template
 from llm_pool.config import SettingsError, decode_settings
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import Delta, Failed, GenerationRequest, Job
+from llm_pool.pool.jobs import NO_TOP_K, Delta, Failed, GenerationRequest, Job
 from llm_pool.pool.manager import PoolManager
 
 LIMIT_S = 20
@@ -241,13 +242,19 @@ async def test_job_arguments_and_samplers(
         sampled = request("x", temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1)
         _, done = await run(pool, sampled)
         assert done.text == "yzabc"  # the fake model is greedy whatever the sampler
+        # what the OpenAI routes send: no top-k limit, a 64-bit seed, OpenAI's penalties
+        openai = request("x", temperature=1.0, top_k=NO_TOP_K, seed=2**40 + 5, presence_penalty=0.5, frequency_penalty=-1)
+        _, done = await run(pool, openai)
+        assert done.text == "yzabc"
     first = jobs.kwargs[0]
     assert first["identifier"] == job.id and first["max_new_tokens"] == 5
     assert first["stop_conditions"] == [EOS_ID, IM_END_ID, "zz"]
     assert first["max_rq_tokens"] is None
+    assert [j["seed"] for j in jobs.kwargs] == [None, None, engine_seed(2**40 + 5)]
     assert samplers.kwargs == [
-        {"rep_p": 1.0, "temperature": 0.0, "top_k": 1},
-        {"rep_p": 1.1, "temperature": 0.7, "top_k": 40, "top_p": 0.9},
+        {"rep_p": 1.0, "freq_p": 0.0, "pres_p": 0.0, "temperature": 0.0, "top_k": 1},
+        {"rep_p": 1.1, "freq_p": 0.0, "pres_p": 0.0, "temperature": 0.7, "top_k": 40, "top_p": 0.9},
+        {"rep_p": 1.0, "freq_p": -1, "pres_p": 0.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
     ]
 
 

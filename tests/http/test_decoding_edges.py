@@ -140,9 +140,21 @@ async def test_a_refused_value_names_the_chat_field_too(
 def test_every_backend_kind_has_its_rules() -> None:
     assert {name: [r.field for r in kind.decoding_rules] for name, kind in KINDS.items()} == {
         "gguf": [],
-        "ct2": ["repetition_penalty"],
+        "ct2": ["repetition_penalty", "presence_penalty", "frequency_penalty"],
         "exllamav3": ["repetition_penalty"],
         "llama_server": [],
         "openai_compatible": ["stop"],
         "vllm_serve": ["repetition_penalty"],
+    }
+
+
+def test_every_backend_kind_says_whether_it_honours_a_seed() -> None:
+    """A seed is never silently ignored: a kind either honours it (or passes it on) or refuses
+    it at admission (CTranslate2: no per-request seed, see backends/decoding.py)."""
+    assert {name: kind.seeded_sampling for name, kind in KINDS.items()} == {
+        "gguf": True,
+        "ct2": False,
+        "exllamav3": True,
+        "llama_server": True,
+        "openai_compatible": True,
     }

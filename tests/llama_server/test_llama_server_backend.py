@@ -25,7 +25,7 @@ from support.runtime import request, result, run, running_manager, submit
 from llm_pool.backends.llama_server import LlamaServerBackend
 from llm_pool.config import decode_settings
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import Delta, Done, Failed, Job
+from llm_pool.pool.jobs import NO_TOP_K, Delta, Done, Failed, Job
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.scheduler import Replica
 
@@ -109,6 +109,12 @@ async def test_exact_greedy_outputs_finish_reasons_and_streaming(pool: PoolManag
 async def test_sampling_settings_keep_the_dominant_successor(pool: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         _, done = await run(pool, request("x", temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1))
+        assert done.text == "yzabc"
+        # what the OpenAI routes send: no top-k limit, a seed, OpenAI's penalties
+        _, done = await run(
+            pool,
+            request("x", temperature=1.0, top_k=NO_TOP_K, seed=2**40 + 5, presence_penalty=0.5, frequency_penalty=0.5),
+        )
         assert done.text == "yzabc"
 
 

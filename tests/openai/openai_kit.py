@@ -37,6 +37,8 @@ CHAT_MODELS: dict[str, Any] = {
     "mis": {"model_path": "mis.gguf", "prompt_format": "mistral_template"},
     "tg": {"model_path": "tg.gguf", "prompt_format": "translategemma_template"},
     "q": {"model_path": "q.gguf", "queue_timeout_s": 0.5},
+    #: a CTranslate2 model: no per-request seed, no OpenAI penalties (its kind refuses them)
+    "c": {"backend": "ct2", "model_path": "c-ct2"},
 }
 CHAT = "/v1/chat/completions"
 

@@ -20,6 +20,7 @@ from trio.testing import MockClock
 
 from llm_pool.backends.prompts import render_prompt
 from llm_pool.config import DEFAULT_SYSTEM_PROMPT
+from llm_pool.pool.jobs import NO_TOP_K
 from llm_pool.pool.openai_compat import IGNORED_FIELDS, NEUTRAL_FIELDS
 
 CHAT_ID = re.compile(r"^chatcmpl-[0-9a-f]{32}$")
@@ -68,7 +69,69 @@ async def test_decoding_fields_reach_the_engine(autojump_clock: MockClock, pool:
     await pool.post(CHAT, body(stop=["a", "b"]))
     assert control.seen[-1].decoding.stop == ["a", "b"]
     await pool.post(CHAT, body(temperature=None, stop=None, max_tokens=None))  # nulls: the defaults
-    assert msgspec.to_builtins(control.seen[-1].decoding) == msgspec.to_builtins(pool.settings.engine.decoding)
+    defaults = msgspec.to_builtins(pool.settings.engine.decoding)
+    openai_only = {"seed": None, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    assert msgspec.to_builtins(control.seen[-1].decoding) == {**defaults, **openai_only}
+
+
+async def test_temperature_samples_over_the_whole_vocabulary(
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory
+) -> None:
+    """OpenAI's API has no top_k: the server's default (1: greedy) must not turn a caller's
+    temperature into nothing (issue 16: "temperature has no effect unless top_k is also sent")."""
+    assert pool.settings.engine.decoding.top_k == 1
+    await pool.post(CHAT, body(temperature=0.7))
+    d = control.seen[-1].decoding
+    assert (d.temperature, d.top_k, d.greedy) == (0.7, NO_TOP_K, False)
+    await pool.post(CHAT, body(temperature=0.7, top_k=5))  # the extension still limits it
+    assert (control.seen[-1].decoding.top_k, control.seen[-1].decoding.greedy) == (5, False)
+    await pool.post(CHAT, body(temperature=0))
+    assert control.seen[-1].decoding.greedy
+    await pool.post(CHAT, body(top_p=0.9))  # no temperature: the server's defaults, as a pair
+    d = control.seen[-1].decoding
+    assert (d.temperature, d.top_k) == (0.1, 1)
+    # /v1/responses keeps its decoding object and the server's defaults
+    await pool.respond({"model": "m", "input": "x", "decoding": {"temperature": 0.7}})
+    assert (control.seen[-1].decoding.top_k, control.seen[-1].decoding.greedy) == (1, True)
+
+
+async def test_seed_and_penalties_reach_the_engine(
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory
+) -> None:
+    r = await pool.post(CHAT, body(temperature=1, seed=-7, presence_penalty=0.5, frequency_penalty=-1.5))
+    assert r.status == 200
+    d = control.seen[-1].decoding
+    assert (d.seed, d.presence_penalty, d.frequency_penalty) == (-7, 0.5, -1.5)
+    await pool.post(CHAT, body(temperature=1))
+    assert control.seen[-1].decoding.seed is None
+
+
+async def test_a_runtime_without_seeds_refuses_a_seed_it_would_ignore(
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory
+) -> None:
+    message = (
+        "model 'c' (ct2) cannot make sampling reproducible: its runtime takes no per-request seed; "
+        "leave seed out, or send temperature 0"
+    )
+    r = await pool.post(CHAT, body(model="c", temperature=1, seed=3))
+    assert_error(r, 400, "invalid_request", message, param="$.seed", model="c")
+    assert control.seen == []
+    # greedy ignores a seed on every runtime: a client that sends one by habit still works
+    assert (await pool.post(CHAT, body(model="c", temperature=0, seed=3))).status == 200
+    assert (await pool.post(CHAT, body(model="c", seed=3))).status == 200  # the defaults: greedy
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+async def test_a_runtime_without_openai_penalties_refuses_them(
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, field: str
+) -> None:
+    what = field.split("_")[0]
+    message = (
+        f"model 'c' (ct2) does not accept {field}=0.5: {field} must be 0 "
+        f"(its runtime has no {what} penalty; repetition_penalty is an extension)"
+    )
+    assert_error(await pool.post(CHAT, body(model="c", **{field: 0.5})), 400, "invalid_request", message, param=f"$.{field}", model="c")
+    assert (await pool.post(CHAT, body(model="c", **{field: 0}))).status == 200
 
 
 # ------------------------------------------------------------------ SSE
@@ -207,10 +270,14 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.logprobs",
     ),
     (
-        {"presence_penalty": 0.5},
-        "presence_penalty is not supported by llm-pool (its samplers have no presence penalty "
-        "(repetition_penalty is an extension)); leave it out or send 0",
+        {"presence_penalty": 2.5},
+        "invalid request body: $.presence_penalty: expected a number from -2 to 2 or null",
         "$.presence_penalty",
+    ),
+    (
+        {"seed": 1.5},
+        "invalid request body: $.seed: expected an integer from -9223372036854775808 to 9223372036854775807 or null",
+        "$.seed",
     ),
     (
         {"response_format": {"type": "json_object"}},
@@ -273,7 +340,6 @@ async def test_bad_request(
 async def test_ignored_and_neutral_fields_are_accepted(autojump_clock: MockClock, pool: Pool) -> None:
     ignored = {
         "user": "u1",
-        "seed": 42,
         "metadata": {"k": "v"},
         "store": False,
         "service_tier": "auto",
@@ -285,8 +351,6 @@ async def test_ignored_and_neutral_fields_are_accepted(autojump_clock: MockClock
     neutral = {
         "logprobs": False,
         "top_logprobs": 0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0,
         "logit_bias": {},
         "tools": [],
         "tool_choice": "none",

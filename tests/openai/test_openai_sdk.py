@@ -12,6 +12,7 @@ import re
 import time
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -21,6 +22,7 @@ from openai.types.responses import (
     ResponseContentPartAddedEvent,
     ResponseContentPartDoneEvent,
     ResponseCreatedEvent,
+    ResponseIncompleteEvent,
     ResponseInProgressEvent,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
@@ -28,7 +30,7 @@ from openai.types.responses import (
     ResponseTextDeltaEvent,
     ResponseTextDoneEvent,
 )
-from openai_kit import in_thread
+from openai_kit import BOUND, in_thread
 from support.fake_backend import FakeBackendFactory
 from support.replies import METRIC_KEYS
 
@@ -50,6 +52,24 @@ async def test_models_list(client: openai.OpenAI) -> None:
     assert raw["models"] == ["m", "r"] and raw["object"] == "list"
 
 
+async def test_models_retrieve(client: openai.OpenAI, server: str) -> None:
+    m = await in_thread(lambda: client.models.retrieve("m"))
+    assert (m.id, m.object, m.owned_by) == ("m", "model", "llm-pool")
+    listed = {c.id: c for c in (await in_thread(client.models.list)).data}
+    assert m == listed["m"]  # the same card as the list's
+    with pytest.raises(openai.NotFoundError) as info:
+        await in_thread(lambda: client.models.retrieve("nope"))
+    assert (info.value.code, info.value.body["message"]) == ("unknown_model", "unknown model 'nope'")
+    # a configured model that is not loaded is not listed, and not retrievable either
+    async with httpx.AsyncClient(base_url=server, timeout=BOUND) as http:
+        r = await http.post("/v1/admin/models/m/unload", json={})
+        assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError) as info:
+        await in_thread(lambda: client.models.retrieve("m"))
+    assert info.value.code == "not_found"
+    assert info.value.body["message"] == "model 'm' is unloaded, not loaded (GET /v1/models lists the loaded models)"
+
+
 # ------------------------------------------------------------------ chat completions
 async def test_chat_completion(client: openai.OpenAI, control: FakeBackendFactory) -> None:
     c = await in_thread(
@@ -61,7 +81,7 @@ async def test_chat_completion(client: openai.OpenAI, control: FakeBackendFactor
             max_tokens=64,
             stop=["\n\n"],
             user="someone",  # accepted and ignored
-            seed=7,  # accepted and ignored
+            seed=7,
             extra_body={"top_k": 40, "repetition_penalty": 1.1},
         )
     )
@@ -236,6 +256,23 @@ async def test_responses_stream(client: openai.OpenAI) -> None:
     assert completed.response.id == created.response.id
     assert completed.response.output_text == "one two three"
     assert (completed.model_extra or {})["output_text"] == "one two three"  # llm-pool's field, kept
+
+
+async def test_responses_stream_cut_by_max_tokens_ends_incomplete(client: openai.OpenAI) -> None:
+    """As OpenAI's own stream: a response cut by its token limit ends with
+    ``response.incomplete``, not ``response.completed``."""
+
+    def run() -> list[Any]:
+        extra = {"decoding": {"max_tokens": 2}}
+        with client.responses.create(model="m", input="one two three", stream=True, extra_body=extra) as stream:
+            return list(stream)
+
+    events = await in_thread(run)
+    assert [e.type for e in events][-2:] == ["response.metrics", "response.incomplete"]
+    last = events[-1]
+    assert isinstance(last, ResponseIncompleteEvent)
+    assert (last.response.status, last.response.output_text) == ("incomplete", "one two")
+    assert last.response.incomplete_details is not None and last.response.incomplete_details.reason == "max_output_tokens"
 
 
 async def test_responses_stream_helper_final_response(client: openai.OpenAI) -> None:

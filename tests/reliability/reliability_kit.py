@@ -152,16 +152,18 @@ def check_error_body(r: httpx.Response, status: int | set[int], codes: set[str] 
 
 def responses_stream_text(raw: bytes) -> tuple[str, list[str], dict[str, Any] | None]:
     """(text of the deltas, event names, the ``error`` event's data or None), checking shape:
-    ``response.created`` first; then either ``response.completed`` last (exactly once, its
-    ``output_text`` equal to the deltas) or an ``error`` event last."""
+    ``response.created`` first; then either ``response.completed`` (or ``response.incomplete``,
+    cut by ``max_tokens``) last (exactly once, its ``output_text`` equal to the deltas) or an
+    ``error`` event last."""
     events = parse_responses_sse(raw)
     names = [n for n, _ in events]
     assert names[0] == "response.created", names
     text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    ends = ("response.completed", "response.incomplete")
     if names[-1] == "error":
-        assert "response.completed" not in names and names.count("error") == 1, names
+        assert not set(ends) & set(names) and names.count("error") == 1, names
         return text, names, events[-1][1]
-    assert names[-1] == "response.completed" and names.count("response.completed") == 1, names
+    assert names[-1] in ends and sum(names.count(e) for e in ends) == 1, names
     assert "error" not in names, names
     assert events[-1][1]["output_text"] == text, (events[-1][1], text)
     return text, names, None

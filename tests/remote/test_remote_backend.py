@@ -73,6 +73,24 @@ async def test_a_chat_conversation_goes_upstream_whole(start: StartPool, up: Fak
     assert up.last_request["json"]["messages"] == [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *turns[1:]]
 
 
+async def test_openai_seed_and_penalties_are_passed_on(start: StartPool, up: FakeUpstream) -> None:
+    """The chat route's ``seed`` (as the caller sent it, 64 bits) and OpenAI penalties reach the
+    upstream; a request without them sends none (an upstream default is not overridden)."""
+    up.reply_text = "Fine."
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "allow_remote": True}
+    with trio.fail_after(BOUND):
+        pool = await start()
+        r = await pool.client.post(
+            "/v1/chat/completions",
+            json={**chat, "temperature": 1, "seed": 2**40, "presence_penalty": 0.5, "frequency_penalty": -0.25},
+        )
+        assert r.status_code == 200, r.text
+        sent = up.last_request["json"]
+        assert (sent["seed"], sent["presence_penalty"], sent["frequency_penalty"]) == (2**40, 0.5, -0.25)
+        assert (await pool.client.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert not {"seed", "presence_penalty", "frequency_penalty"} & set(up.last_request["json"])
+
+
 @pytest.mark.parametrize("thinking", ["enabled", "disabled"])
 async def test_body_with_instructions_stop_and_thinking(start: StartPool, up: FakeUpstream, thinking: str) -> None:
     with trio.fail_after(BOUND):
