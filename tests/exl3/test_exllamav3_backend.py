@@ -476,6 +476,8 @@ async def test_a_failed_prefill_fails_that_job_only(pool: PoolManager, spy: Iter
         assert done.text == "yzabc"
 
 
+# no restarts: the replica's death fails the model (restarts: tests/pool/test_healing.py)
+@pytest.mark.parametrize("pool", [{"restart_max_attempts": 0}], indirect=True)
 async def test_a_generator_crash_fails_its_jobs_and_the_replica(pool: PoolManager, spy: IterateSpy) -> None:
     message = "RuntimeError: fake exllamav3: injected generator failure (FAKE_FAIL_ITERATE in prompt)"
     with trio.fail_after(LIMIT_S):

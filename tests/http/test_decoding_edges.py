@@ -157,4 +157,5 @@ def test_every_backend_kind_says_whether_it_honours_a_seed() -> None:
         "exllamav3": True,
         "llama_server": True,
         "openai_compatible": True,
+        "vllm_serve": True,
     }

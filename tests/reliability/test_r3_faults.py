@@ -167,7 +167,8 @@ async def test_r3_replica_death_then_the_last_one(short_thread_idle: None) -> No
     factory = FakeBackendFactory(token_delay=0.005)
     before = Resources.now()
     with trio.fail_after(LIMIT_S):
-        async with running_server(fake_settings(), factory=factory) as base:
+        # no restarts: a dead replica stays dead here (restarts: tests/pool/test_healing.py)
+        async with running_server(fake_settings(restart_max_attempts=0), factory=factory) as base:
             async with http_clients(base, 32) as (client, *_):
                 await wait_state(client, "loaded", "m")
                 one, two = factory.of("m")
@@ -257,7 +258,8 @@ async def test_r3_threaded_replica_death_keeps_the_model_serving(tiny_gguf: Path
 
     before = Resources.now()
     with trio.fail_after(LIMIT_S):
-        async with running_server(tiny_settings(tiny_gguf), factory=factory) as base:
+        # no restarts: a dead replica stays dead here (restarts: tests/pool/test_healing.py)
+        async with running_server(tiny_settings(tiny_gguf, restart_max_attempts=0), factory=factory) as base:
             async with http_clients(base, 16) as (client, *_):
                 await wait_state(client, "loaded")
                 r = await client.post(RESPONSES, json=responses_body("crash", 4, False, "tiny"))

@@ -213,7 +213,8 @@ def valid_chat(draw: st.DrawFn) -> tuple[dict[str, Any], str, bool]:
                     "stop": st.text(string.ascii_letters, min_size=1, max_size=4)
                     | st.lists(st.text(string.ascii_letters, min_size=1, max_size=4), max_size=3),
                     "n": st.just(1),
-                    "user": SAFE_TEXT,
+                    # a fairness key: blank is none, else printable once trimmed (issue 17)
+                    "user": SAFE_TEXT.filter(lambda t: t.strip().isprintable()),
                     "seed": st.integers(-(2**63), 2**63 - 1),
                     "metadata": st.dictionaries(st.text(string.ascii_letters, max_size=5), SAFE_TEXT, max_size=2),
                     "logprobs": st.sampled_from([None, False]),
@@ -256,6 +257,7 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
                           [{"role": "user", "content": "a\x00b"}], [{"role": "user", "content": "x", "tool_calls": [{}]}]],
      ("messages", "role", "content", "tool_calls")),
     ("chat", "max_tokens", [0, MAX_TOKENS_LIMIT + 1, 2**64, "10"], ("max_tokens",)),
+    ("chat", "user", ["\x1b", "a\tb", "x" * 129, 5], ("user",)),
     ("chat", "max_completion_tokens", [0, 10**6], ("max_completion_tokens",)),
     ("chat", "temperature", [3, -1, "warm"], ("temperature",)),
     ("chat", "n", [2, 0, "1"], ("n",)),
@@ -266,8 +268,9 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
     ("chat", "top_logprobs", [3], ("top_logprobs",)),
     ("chat", "tools", [[{"type": "function"}]], ("tools",)),
     ("chat", "tool_choice", ["auto", {"type": "function"}], ("tool_choice",)),
-    ("chat", "presence_penalty", [0.5, -2], ("presence_penalty",)),
-    ("chat", "frequency_penalty", [1], ("frequency_penalty",)),
+    # OpenAI's range, -2 to 2 (issue 16: the penalties reach the runtimes that have them)
+    ("chat", "presence_penalty", [2.5, -2.01, "x"], ("presence_penalty",)),
+    ("chat", "frequency_penalty", [3, []], ("frequency_penalty",)),
     ("chat", "logit_bias", [{"50256": -100}], ("logit_bias",)),
     ("chat", "response_format", [{"type": "json_object"}], ("response_format",)),
     ("chat", "reasoning_effort", ["high"], ("reasoning_effort",)),
@@ -277,7 +280,7 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
 #: Fields typed ``Any`` in ChatCompletionRequest: msgspec decodes whatever they hold, so JSON
 #: nested thousands deep there once hit Python's recursion limit (a 500; now a 400).
 CHAT_ANY_FIELDS = {
-    "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice",
+    "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
     "functions", "function_call", "response_format", "modalities", "reasoning_effort", "verbosity", "audio",
     "prediction", "web_search_options",
 }
