@@ -33,6 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -80,6 +81,26 @@ class EngineBackend:
         #: True from the moment the engine died until the next load: the scheduler then gives
         #: this replica no job (see ``Replica.free``).
         self.crashed = False
+
+    # ------------------------------------------------------------------ configuration
+    def _binary(self) -> Path:  # pragma: no cover - each engine names its own
+        raise NotImplementedError
+
+    def _path(self, value: str) -> Path:
+        """A configured path: ``~`` expanded, relative to the settings file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.ctx.settings.base_dir) / path
+
+    def _process_facts(self) -> dict[str, object]:
+        """What every engine replica shows an admin (``describe``): its binary, URL, pids, starts."""
+        engine = self.engine
+        return {
+            "binary": str(self._binary()),
+            "url": self.base_url or None,
+            "pid": engine.pid if engine else None,
+            "engine_pid": engine.engine_pid if engine else None,
+            "starts": self.starts,
+        }
 
     # ------------------------------------------------------------------ lifetime
     async def start_engine(

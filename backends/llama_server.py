@@ -96,16 +96,11 @@ class LlamaServerBackend(EngineBackend):
         self.n_ctx = ctx.model.llama_server_n_ctx
 
     def describe(self) -> dict[str, object]:
-        engine = self.engine
         return {
-            "binary": str(self._binary()),
-            "url": self.base_url or None,
-            "pid": engine.pid if engine else None,
-            "engine_pid": engine.engine_pid if engine else None,
+            **self._process_facts(),
             "parallel": self.capability,
             "n_ctx": self.n_ctx,
             "n_threads": self.ctx.n_threads,
-            "starts": self.starts,
         }
 
     # ------------------------------------------------------------------ configuration
@@ -113,9 +108,6 @@ class LlamaServerBackend(EngineBackend):
         configured = self.model.llama_server_binary
         return self._path(configured) if configured else default_binary()
 
-    def _path(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else Path(self.ctx.settings.base_dir) / path
 
     def _existing(self, key: str) -> Path | None:
         value = getattr(self.model, key)

@@ -129,17 +129,12 @@ class VllmServeBackend(EngineBackend):
         self._stop_ids: list[int] = []
 
     def describe(self) -> dict[str, object]:
-        engine = self.engine
         return {
-            "binary": str(self._binary()),
-            "url": self.base_url or None,
-            "pid": engine.pid if engine else None,
-            "engine_pid": engine.engine_pid if engine else None,
+            **self._process_facts(),
             "max_num_seqs": self.capability,
             "max_model_len": self.n_ctx,
             "tensor_parallel_size": self.model.vllm_tensor_parallel_size,
             "pipeline_parallel_size": self.model.vllm_pipeline_parallel_size,
-            "starts": self.starts,
         }
 
     # ------------------------------------------------------------------ configuration
@@ -147,9 +142,6 @@ class VllmServeBackend(EngineBackend):
         configured = self.model.vllm_serve_binary
         return self._path(configured) if configured else default_binary()
 
-    def _path(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else Path(self.ctx.settings.base_dir) / path
 
     def speculative_config(self) -> dict[str, Any] | None:
         """The ``--speculative-config`` object: vLLM's own key for each vllm_speculative_* key."""

@@ -206,6 +206,12 @@ class _EngineProcessModel(_ModelBase):
     stop_timeout_s: PositiveFloat = 10.0
 
 
+def _own_flag(args: list[str], own: frozenset[str]) -> str | None:
+    """The first of an engine's extra ``args`` that repeats a flag the backend sets (``--x=1``
+    counts as ``--x``): a second value would silently win, or break the pool's hold on it."""
+    return next((flag for arg in args if (flag := arg.split("=", 1)[0]) in own), None)
+
+
 #: llama-server flags the backend sets itself: ``llama_server_extra_args`` may not repeat them
 #: (a second value would silently win, or break the pool's hold on the child).
 LLAMA_SERVER_OWN_FLAGS = frozenset(
@@ -251,12 +257,10 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
                 f"sets llama_server_port with replica_max={self.replica_max}; each replica needs its own port:"
                 " leave llama_server_port unset (a free port per replica)"
             )
-        for arg in self.llama_server_extra_args:
-            flag = arg.split("=", 1)[0]
-            if flag in LLAMA_SERVER_OWN_FLAGS:
-                return "llama_server_extra_args", (
-                    f"may not pass {flag} in llama_server_extra_args: the llama_server backend sets it"
-                )
+        if (flag := _own_flag(self.llama_server_extra_args, LLAMA_SERVER_OWN_FLAGS)) is not None:
+            return "llama_server_extra_args", (
+                f"may not pass {flag} in llama_server_extra_args: the llama_server backend sets it"
+            )
         return super().problems()
 
 
@@ -323,12 +327,10 @@ class VllmServeModel(_EngineProcessModel, tag="vllm_serve"):
             return "vllm_num_speculative_tokens", (
                 "needs vllm_speculative_method or vllm_speculative_model with vllm_num_speculative_tokens"
             )
-        for arg in self.vllm_serve_extra_args:
-            flag = arg.split("=", 1)[0]
-            if flag in VLLM_SERVE_OWN_FLAGS:
-                return "vllm_serve_extra_args", (
-                    f"may not pass {flag} in vllm_serve_extra_args: the vllm_serve backend or a vllm_* key sets it"
-                )
+        if (flag := _own_flag(self.vllm_serve_extra_args, VLLM_SERVE_OWN_FLAGS)) is not None:
+            return "vllm_serve_extra_args", (
+                f"may not pass {flag} in vllm_serve_extra_args: the vllm_serve backend or a vllm_* key sets it"
+            )
         return super().problems()
 
 
