@@ -94,14 +94,29 @@ class ServiceSettings(_Strict):
     access_log: bool = True
 
 
+# The decoding fields' bounds, in one place: ``[engine.decoding]`` here, and every request
+# shape that carries them (``decoding`` in /v1/responses, the OpenAI fields) in pool/api.py.
+BeamSize = Annotated[int, msgspec.Meta(ge=1, le=16)]
+TopK = Annotated[int, msgspec.Meta(ge=1, le=200)]
+TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(ge=0, le=4)]
+MaxTokens = Positive
+StopString = Annotated[str, msgspec.Meta(min_length=1)]
+StopList = Annotated[list[StopString], msgspec.Meta(max_length=16)]
+
+
 class DecodingSettings(_Strict):
-    beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
-    top_k: Annotated[int, msgspec.Meta(ge=1, le=200)] = 1
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.1
-    repetition_penalty: Annotated[float, msgspec.Meta(ge=0, le=4)] = 1.0
-    max_tokens: Positive = 256
-    stop: list[str] = msgspec.field(default_factory=list)
+    """``[engine.decoding]``: the defaults of every request's decoding (and, extended by
+    :class:`llm_pool.pool.jobs.Decoding`, a job's resolved values)."""
+
+    beam_size: BeamSize = 1
+    top_k: TopK = 1
+    top_p: TopP = 1.0
+    temperature: Temperature = 0.1
+    repetition_penalty: RepetitionPenalty = 1.0
+    max_tokens: MaxTokens = 256
+    stop: StopList = msgspec.field(default_factory=list)
 
 
 class _ModelBase(_Strict, tag_field="backend"):

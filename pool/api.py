@@ -13,6 +13,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from llm_pool.config import Settings
+from llm_pool.config.settings import (
+    BeamSize,
+    MaxTokens,
+    RepetitionPenalty,
+    StopList,
+    StopString,
+    Temperature,
+    TopK,
+    TopP,
+)
 from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.errors import PoolError, invalid_request
 from llm_pool.pool.jobs import Decoding, GenerationRequest, Message
@@ -20,15 +30,7 @@ from llm_pool.pool.jobs import Decoding, GenerationRequest, Message
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-# Decoding constraints, shared by every request shape that carries them (``decoding`` in
-# /v1/responses, the top-level OpenAI fields in /v1/chat/completions).
-TopK = Annotated[int, msgspec.Meta(ge=1, le=200)]
-TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
-Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
-RepetitionPenalty = Annotated[float, msgspec.Meta(ge=0, le=4)]
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
-StopString = Annotated[str, msgspec.Meta(min_length=1)]
-StopList = Annotated[list[StopString], msgspec.Meta(max_length=16)]
+# The decoding fields' bounds are config's (one place for them and [engine.decoding]).
 #: OpenAI's ``presence_penalty`` / ``frequency_penalty`` range (OpenAI routes only).
 OpenAIPenalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 #: OpenAI's ``seed``: any 64-bit integer (each runtime folds it to its own width).
@@ -45,7 +47,7 @@ FAIRNESS_KEY_HEADER = "X-Fairness-Key"
 
 
 class DecodingIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] | msgspec.UnsetType = msgspec.UNSET
+    beam_size: BeamSize | msgspec.UnsetType = msgspec.UNSET
     top_k: TopK | msgspec.UnsetType = msgspec.UNSET
     top_p: TopP | msgspec.UnsetType = msgspec.UNSET
     temperature: Temperature | msgspec.UnsetType = msgspec.UNSET
@@ -350,9 +352,18 @@ def _why_not_json(body: bytes) -> str:
     return "not valid JSON"
 
 
-def _check_text(value: str | None, param: str) -> None:
+def check_no_nul(value: str | None, param: str) -> None:
+    """400 for caller text holding NUL (no runtime takes it, and prompt rendering keeps NUL for
+    its own placeholders); ``param`` is the JSON path."""
     if value is not None and "\x00" in value:
-        raise invalid_request(f"{param} contains a NUL character", param=param)
+        raise invalid_request(f"{param[2:]} contains a NUL character", param=param)
+
+
+def check_max_tokens(settings: Settings, value: int | None, param: str) -> None:
+    """400 for ``max_tokens`` above ``engine.max_tokens_limit``; ``param`` is the JSON path."""
+    limit = settings.engine.max_tokens_limit
+    if value is not None and value > limit:
+        raise invalid_request(f"{param[2:]}={value} exceeds this server's limit of {limit}", param=param)
 
 
 def resolve_decoding(settings: Settings, given: DecodingIn | None) -> Decoding:
@@ -362,14 +373,9 @@ def resolve_decoding(settings: Settings, given: DecodingIn | None) -> Decoding:
     values = {f: getattr(base, f) for f in fields}
     if given is not None:
         values.update({f: v for f in fields if (v := getattr(given, f)) is not msgspec.UNSET})
-    limit = settings.engine.max_tokens_limit
-    if values["max_tokens"] > limit:
-        raise invalid_request(
-            f"decoding.max_tokens={values['max_tokens']} exceeds this server's limit of {limit}",
-            param="$.decoding.max_tokens",
-        )
+    check_max_tokens(settings, values["max_tokens"], "$.decoding.max_tokens")
     for i, s in enumerate(values["stop"]):
-        _check_text(s, f"$.decoding.stop[{i}]")
+        check_no_nul(s, f"$.decoding.stop[{i}]")
     return Decoding(**{**values, "stop": list(values["stop"])})
 
 
@@ -399,8 +405,8 @@ def fairness_key(given: str | None, header: str | None = None, user: str | None 
 
 
 def to_generation_request(settings: Settings, body: ResponsesRequest, key_header: str | None = None) -> GenerationRequest:
-    _check_text(body.input, "$.input")
-    _check_text(body.instructions, "$.instructions")
+    check_no_nul(body.input, "$.input")
+    check_no_nul(body.instructions, "$.instructions")
     messages = []
     if body.instructions is not None:
         messages.append(Message(role="system", content=body.instructions))

@@ -36,6 +36,7 @@ from typing import Literal
 import msgspec
 import trio
 
+from llm_pool.config import DecodingSettings
 from llm_pool.pool.errors import PoolError, backend_error, request_cancelled
 
 log = logging.getLogger("llm_pool.jobs")
@@ -49,17 +50,11 @@ FinishReason = Literal["stop", "length", "cancelled"]
 NO_TOP_K = 0
 
 
-class Decoding(msgspec.Struct, kw_only=True):
-    """Fully resolved decoding settings (request values over ``engine.decoding``)."""
+class Decoding(DecodingSettings):
+    """Fully resolved decoding settings (request values over ``engine.decoding``): the fields
+    of :class:`~llm_pool.config.DecodingSettings` (``top_k`` 1 is greedy, :data:`NO_TOP_K` no
+    limit), plus what only the OpenAI routes set."""
 
-    beam_size: int = 1
-    #: 1: greedy; :data:`NO_TOP_K`: no limit.
-    top_k: int = 1
-    top_p: float = 1.0
-    temperature: float = 0.1
-    repetition_penalty: float = 1.0
-    max_tokens: int = 256
-    stop: list[str] = msgspec.field(default_factory=list)
     #: The caller's seed (OpenAI routes only): the same seed, prompt and settings give the same
     #: text on a runtime whose kind has ``seeded_sampling``; None: a fresh random seed per request.
     seed: int | None = None

@@ -77,6 +77,8 @@ from llm_pool.pool.api import (
     ChatMessageOut,
     ChatUsage,
     DecodingIn,
+    check_max_tokens,
+    check_no_nul,
     fairness_key,
     resolve_decoding,
     token_counts,
@@ -244,8 +246,7 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
         at = f"$.messages[{i}]"
         _check_neutral(m, _MESSAGE_NEUTRAL, at)
         content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
-        if "\x00" in content:
-            raise invalid_request(f"{at[2:]}.content contains a NUL character", param=f"{at}.content")
+        check_no_nul(content, f"{at}.content")
         role = _ROLES[m.role]
         if role == "system":
             if turns:
@@ -275,14 +276,10 @@ def _resolve_decoding(settings: Settings, body: ChatCompletionRequest) -> Decodi
             f"max_tokens={body.max_tokens} and max_completion_tokens={max_tokens} disagree; send one of them",
             param="$.max_completion_tokens",
         )
-    limit = settings.engine.max_tokens_limit
-    if max_tokens is not None and max_tokens > limit:
-        raise invalid_request(f"{param}={max_tokens} exceeds this server's limit of {limit}", param=f"$.{param}")
+    check_max_tokens(settings, max_tokens, f"$.{param}")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     for i, s in enumerate(stop or ()):
-        if "\x00" in s:
-            path = "$.stop" if isinstance(body.stop, str) else f"$.stop[{i}]"
-            raise invalid_request(f"{path[2:]} contains a NUL character", param=path)
+        check_no_nul(s, "$.stop" if isinstance(body.stop, str) else f"$.stop[{i}]")
     given: dict[str, Any] = {
         "temperature": body.temperature,
         "top_p": body.top_p,

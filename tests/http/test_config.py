@@ -66,7 +66,7 @@ def test_unknown_keys_anywhere(tmp_path: Path, toml: str, message: str) -> None:
         ("[service]\nport = '80'\n", "$.service.port: expected an integer from 0 to 65535"),
         ("[service]\nport = 70000\n", "$.service.port: expected an integer from 0 to 65535"),
         ("[engine.decoding]\ntop_k = 0\n", "$.engine.decoding.top_k: expected an integer from 1 to 200"),
-        ("[engine.decoding]\nstop = 'x'\n", "$.engine.decoding.stop: expected a list"),
+        ("[engine.decoding]\nstop = 'x'\n", "$.engine.decoding.stop: expected a list of at most 16 items"),
         ("[engine]\nbackend = 'vllm'\n", "$.engine.backend: expected one of \"ct2\", \"exllamav3\", \"gguf\", \"llama_server\", \"openai_compatible\", \"vllm_serve\""),
     ],
 )

@@ -328,7 +328,8 @@ async def test_malformed_bodies_are_400_never_500(autojump_clock: MockClock, poo
     ],
 )
 async def test_nul_characters_are_refused(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, payload: Any, param: str) -> None:
-    assert_error(await pool.respond(payload), 400, "invalid_request", f"{param} contains a NUL character", param=param)
+    # the message names the field as the chat route does (the path without "$.")
+    assert_error(await pool.respond(payload), 400, "invalid_request", f"{param[2:]} contains a NUL character", param=param)
     assert not control.seen
 
 
