@@ -24,7 +24,6 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -36,6 +35,7 @@ from llm_pool.admin.routes import register_admin
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
     FAIRNESS_KEY_HEADER,
+    Metrics,
     ModelCard,
     ModelsList,
     OutputMessage,
@@ -54,12 +54,10 @@ from llm_pool.pool.openapi import register_openapi
 from llm_pool.pool.ops import register_ops
 from llm_pool.pool.serving import (
     CLIENT_CLOSED,
-    abandon,
-    finished_metrics,
     job_result,
-    log_inference,
     run_job,
     sse_frame,
+    stream_job,
     unix_time_of,
 )
 from llm_pool.pool.tracing import current_id, outcome_logged, request_trace, sanitise
@@ -211,58 +209,7 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
                 job, created_at=created_at, text=done.text, metrics=metrics, openai_items=wants_openai_items()
             )
             return json_response(body_out)
-        return sse_response(_stream_responses(job, t0, created_at))
-
-    async def _stream_responses(job: Job, t0: float, created_at: int) -> AsyncIterator[bytes]:
-        """llm-pool's events (``response.created``, ``response.output_text.delta``,
-        ``response.metrics`` right before the last event, which carries ``output_text``;
-        ``error`` on a failure) interleaved with the rest of OpenAI's Responses stream, so the
-        openai SDK reads it as typed events.  Every frame but ``error`` carries llm-pool's ``id``.
-
-        The last event is ``response.completed``, or, as OpenAI's own stream does,
-        ``response.incomplete`` when ``max_tokens`` cut the answer (``status: incomplete``)."""
-        seq = 0
-
-        def frame(event: str, data: dict[str, Any]) -> bytes:
-            nonlocal seq
-            out = sse_frame(event, {"type": event, "sequence_number": seq, **data})
-            seq += 1
-            return out
-
-        rid = job.id
-        at = {"id": rid, "item_id": message_id(rid), "output_index": 0, "content_index": 0}
-        try:
-            snapshot = response_body(job, created_at=created_at)
-            yield frame("response.created", {"id": rid, "model": job.request.model, "object": "response", "response": snapshot})
-            yield frame("response.in_progress", {"id": rid, "response": snapshot})
-            item = OutputMessage(id=message_id(rid), status="in_progress", content=[])
-            yield frame("response.output_item.added", {"id": rid, "output_index": 0, "item": item})
-            yield frame("response.content_part.added", {**at, "part": OutputText(text="")})
-
-            def frames(event: Any) -> list[bytes]:
-                if isinstance(event, Delta):
-                    return [frame("response.output_text.delta", {**at, "delta": event.text, "logprobs": []})]
-                if isinstance(event, Done):
-                    metrics = finished_metrics(job, t0, stream=True)
-                    final = response_body(job, created_at=created_at, text=event.text, metrics=metrics)
-                    item = final.output[0]
-                    assert isinstance(item, OutputMessage)
-                    return [
-                        frame("response.output_text.done", {**at, "text": event.text, "logprobs": []}),
-                        frame("response.content_part.done", {**at, "part": item.content[0]}),
-                        frame("response.output_item.done", {"id": rid, "output_index": 0, "item": item}),
-                        frame("response.metrics", {"id": rid, "metrics": metrics}),
-                        frame(f"response.{final.status}", {"id": rid, "output_text": event.text, "response": final}),
-                    ]
-                e = event.error
-                log_inference(job, stream=True, status=e.status, error=e.code)
-                return [frame("error", {"code": e.code, "message": e.message, "param": e.param})]
-
-            # one write per burst: events already queued go out together, one frame per event
-            while batch := await job.next_events():
-                yield b"".join(f for event in batch for f in frames(event))
-        finally:
-            abandon(job, stream=True, t0=t0)
+        return sse_response(stream_job(job, t0, ResponsesFrames(job, created_at)))
 
     register_admin(app, manager)
     register_openai(app, manager)
@@ -270,6 +217,59 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
     register_openapi(app)
     app.asgi_app = trace_requests(app.asgi_app, access=settings.service.access_log)  # type: ignore[method-assign]
     return app
+
+
+class ResponsesFrames:
+    """``/v1/responses``' stream: llm-pool's events (``response.created``,
+    ``response.output_text.delta``, ``response.metrics`` right before the last event, which
+    carries ``output_text``; ``error`` on a failure) interleaved with the rest of OpenAI's
+    Responses stream, so the openai SDK reads it as typed events.  Every frame but ``error``
+    carries llm-pool's ``id``; every frame a ``sequence_number`` from 0.
+
+    The last event is ``response.completed``, or, as OpenAI's own stream does,
+    ``response.incomplete`` when ``max_tokens`` cut the answer (``status: incomplete``)."""
+
+    def __init__(self, job: Job, created_at: int) -> None:
+        self.job, self.created_at, self.seq = job, created_at, 0
+        self.id = job.id
+        self.at = {"id": self.id, "item_id": message_id(self.id), "output_index": 0, "content_index": 0}
+
+    def _frame(self, event: str, data: dict[str, Any]) -> bytes:
+        out = sse_frame(event, {"type": event, "sequence_number": self.seq, **data})
+        self.seq += 1
+        return out
+
+    def opening(self) -> bytes:
+        rid, snapshot = self.id, response_body(self.job, created_at=self.created_at)
+        item = OutputMessage(id=message_id(rid), status="in_progress", content=[])
+        return b"".join((
+            self._frame("response.created", {"id": rid, "model": self.job.request.model, "object": "response", "response": snapshot}),
+            self._frame("response.in_progress", {"id": rid, "response": snapshot}),
+            self._frame("response.output_item.added", {"id": rid, "output_index": 0, "item": item}),
+            self._frame("response.content_part.added", {**self.at, "part": OutputText(text="")}),
+        ))  # fmt: skip
+
+    def delta(self, event: Delta) -> bytes:
+        return self._frame("response.output_text.delta", {**self.at, "delta": event.text, "logprobs": []})
+
+    def done(self, event: Done, metrics: Metrics) -> bytes:
+        rid = self.id
+        final = response_body(self.job, created_at=self.created_at, text=event.text, metrics=metrics)
+        item = final.output[0]
+        assert isinstance(item, OutputMessage)
+        return b"".join((
+            self._frame("response.output_text.done", {**self.at, "text": event.text, "logprobs": []}),
+            self._frame("response.content_part.done", {**self.at, "part": item.content[0]}),
+            self._frame("response.output_item.done", {"id": rid, "output_index": 0, "item": item}),
+            self._frame("response.metrics", {"id": rid, "metrics": metrics}),
+            self._frame(f"response.{final.status}", {"id": rid, "output_text": event.text, "response": final}),
+        ))  # fmt: skip
+
+    def failed(self, error: PoolError) -> bytes:
+        return self._frame("error", {"code": error.code, "message": error.message, "param": error.param})
+
+    def closing(self) -> bytes:
+        return b""
 
 
 def trace_requests(asgi: Any, *, access: bool) -> Any:

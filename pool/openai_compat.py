@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
@@ -77,16 +76,17 @@ from llm_pool.pool.api import (
     ChatMessageOut,
     ChatUsage,
     DecodingIn,
+    Metrics,
     check_max_tokens,
     check_no_nul,
     fairness_key,
     resolve_decoding,
     token_counts,
 )
-from llm_pool.pool.errors import invalid_request
+from llm_pool.pool.errors import PoolError, invalid_request
 from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message
 from llm_pool.pool.manager import PoolManager
-from llm_pool.pool.serving import abandon, finished_metrics, job_result, log_inference, run_job, unix_time_of
+from llm_pool.pool.serving import job_result, run_job, stream_job, unix_time_of
 from llm_pool.pool.web_io import json_response, read_json, sse_response
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
@@ -159,48 +159,43 @@ def register_openai(app: Any, manager: PoolManager) -> None:
                 )
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream_chat(job, t0, created, include_usage=include_usage))
+        return sse_response(stream_job(job, t0, ChatFrames(job, created, include_usage=include_usage)))
 
 
-async def _stream_chat(job: Job, t0: float, created: int, *, include_usage: bool) -> AsyncIterator[bytes]:
-    """The SSE body; see the module docstring.  Cancellation: the job is cancelled in
-    ``finally`` (client gone → it stops at its next token)."""
+class ChatFrames:
+    """``/v1/chat/completions``' stream (see the module docstring): a first chunk with
+    ``role``, one per text delta, one with ``finish_reason`` (and ``metrics``), with
+    ``include_usage`` a ``usage`` chunk whose ``choices`` is empty, then ``data: [DONE]``."""
 
-    def chunk(choices: list[ChatChunkChoice], **extra: Any) -> bytes:
+    def __init__(self, job: Job, created: int, *, include_usage: bool) -> None:
+        self.job, self.created, self.include_usage = job, created, include_usage
+
+    def _chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> bytes:
+        job = self.job
         out = ChatCompletionChunk(
-            id=job.id,
-            object="chat.completion.chunk",
-            created=created,
-            model=job.request.model,
-            choices=choices,
-            **extra,
+            id=job.id, object="chat.completion.chunk", created=self.created, model=job.request.model, choices=choices, **extra
         )
         return data_frame(out)
 
-    try:
-        yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+    def opening(self) -> bytes:
+        return self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
 
-        def frames(event: Any) -> list[bytes]:
-            if isinstance(event, Delta):
-                return [chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])]
-            if isinstance(event, Done):
-                metrics = finished_metrics(job, t0, stream=True)
-                out = [chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)]
-                if include_usage:
-                    prompt, output = token_counts(job)
-                    usage = ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
-                    out.append(chunk([], usage=usage))
-                return out
-            e = event.error
-            log_inference(job, stream=True, status=e.status, error=e.code)
-            return [data_frame(e.body())]
+    def delta(self, event: Delta) -> bytes:
+        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
 
-        # one write per burst: events already queued go out together, one frame per event
-        while batch := await job.next_events():
-            yield b"".join(f for event in batch for f in frames(event))
-        yield b"data: [DONE]\n\n"
-    finally:
-        abandon(job, stream=True, t0=t0)
+    def done(self, event: Done, metrics: Metrics) -> bytes:
+        job = self.job
+        out = self._chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)
+        if self.include_usage:
+            prompt, output = token_counts(job)
+            out += self._chunk([], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
+        return out
+
+    def failed(self, error: PoolError) -> bytes:
+        return data_frame(error.body())
+
+    def closing(self) -> bytes:
+        return b"data: [DONE]\n\n"
 
 
 def data_frame(payload: Any) -> bytes:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import msgspec
 import trio
@@ -24,7 +24,7 @@ from llm_pool.backends.decoding import check_decoding, check_seed
 from llm_pool.backends.prompts import check_request
 from llm_pool.pool.api import Metrics, build_metrics
 from llm_pool.pool.errors import PoolError, queue_timeout
-from llm_pool.pool.jobs import Done, GenerationRequest, Job
+from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.tracing import adopt, mark_outcome_logged
 
@@ -144,6 +144,54 @@ def finished_metrics(job: Job, t0: float, *, stream: bool) -> Metrics:
 def unix_time_of(t: float) -> int:
     """The Unix time (seconds) of ``time.perf_counter()`` timestamp ``t``."""
     return int(time.time() - (time.perf_counter() - t))
+
+
+class StreamFrames(Protocol):
+    """What one SSE route writes for a job; :func:`stream_job` drives it."""
+
+    def opening(self) -> bytes:
+        """The frames before any output (the stream's head)."""
+        ...
+
+    def delta(self, event: Delta) -> bytes: ...
+
+    def done(self, event: Done, metrics: Metrics) -> bytes:
+        """The frames of a finished job (its metrics are logged by then)."""
+        ...
+
+    def failed(self, error: PoolError) -> bytes:
+        """The frame of a job that failed after the stream began (its log line is written)."""
+        ...
+
+    def closing(self) -> bytes:
+        """What follows the last event, whatever it was (``data: [DONE]`` for OpenAI chat)."""
+        ...
+
+
+async def stream_job(job: Job, t0: float, frames: StreamFrames) -> AsyncIterator[bytes]:
+    """The one stream skeleton of every SSE route: ``frames``' head, then the job's events as
+    they come, one write per burst (events already queued go out together); a finished job's
+    metrics and a failure are logged here, once.  ``t0``: when the handler started.
+
+    Cancellation: the job is abandoned in ``finally`` (client gone → it stops at its next token
+    and gets its 499 line)."""
+    try:
+        yield frames.opening()
+        while batch := await job.next_events():
+            out = []
+            for event in batch:
+                if isinstance(event, Delta):
+                    out.append(frames.delta(event))
+                elif isinstance(event, Done):
+                    out.append(frames.done(event, finished_metrics(job, t0, stream=True)))
+                else:
+                    e = event.error
+                    log_inference(job, stream=True, status=e.status, error=e.code)
+                    out.append(frames.failed(e))
+            yield b"".join(out)
+        yield frames.closing()
+    finally:
+        abandon(job, stream=True, t0=t0)
 
 
 def sse_frame(event: str, data: dict[str, Any]) -> bytes:
