@@ -80,6 +80,21 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
     app.extensions["llm_pool_manager"] = manager
     app.extensions["llm_pool_settings"] = settings
 
+    _install_guards(app, settings)
+    _register_inference(app, manager)
+    register_admin(app, manager)
+    register_openai(app, manager)
+    register_ops(app, manager)
+    register_openapi(app)
+    app.asgi_app = trace_requests(app.asgi_app, access=settings.service.access_log)  # type: ignore[method-assign]
+    return app
+
+
+
+def _install_guards(app: QuartTrio, settings: Settings) -> None:
+    """Every request's guards: bearer tokens (``/v1/admin`` and ``/v1``), the rest of an unread
+    body, and errors as JSON (a 4xx one counted and logged as a refusal; anything unexpected a
+    logged 500 ``internal_error``, which is always a bug)."""
     api_token = _token_from_env(settings.service.api_token_env)
     admin_token = _token_from_env(settings.service.admin_token_env)
 
@@ -174,6 +189,9 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
         log.exception("unhandled error on %s %s", request.method, request.path, exc_info=error)
         return error_response(PoolError(500, "internal_error", "internal error (a bug; see the server log)"))
 
+
+def _register_inference(app: QuartTrio, manager: PoolManager) -> None:
+    """``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/responses``."""
     def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=int(manager.entries[name].loaded_at or 0))
 
@@ -210,13 +228,6 @@ def create_app(manager: PoolManager, settings: Settings) -> QuartTrio:
             )
             return json_response(body_out)
         return sse_response(stream_job(job, t0, ResponsesFrames(job, created_at)))
-
-    register_admin(app, manager)
-    register_openai(app, manager)
-    register_ops(app, manager)
-    register_openapi(app)
-    app.asgi_app = trace_requests(app.asgi_app, access=settings.service.access_log)  # type: ignore[method-assign]
-    return app
 
 
 class ResponsesFrames:
