@@ -209,7 +209,8 @@ class ModelRuntime:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _wait_changed(self) -> None:
+    async def wait_changed(self) -> None:
+        """Return at the next change of this runtime's replicas or queue (a state, a slot)."""
         await self._changed.wait()
 
     # ------------------------------------------------------------------ lifetime
@@ -610,7 +611,7 @@ class ModelRuntime:
             group = self.replicas if replicas is None else replicas
             if not any(r.active for r in group) and (replicas is not None or not self.waiting):
                 return
-            await self._wait_changed()
+            await self.wait_changed()
 
     async def stop(
         self, *, drain_timeout: float, error: PoolError | None = None, queued_error: PoolError | None = None

@@ -92,7 +92,7 @@ async def wait_state(manager: PoolManager, replica: Replica, state: str) -> None
     runtime = manager.entries["tiny"].runtime
     assert runtime is not None
     while replica.state != state:
-        await runtime._wait_changed()
+        await runtime.wait_changed()
 
 
 # ---------------------------------------------------------------------- generation
