@@ -32,6 +32,8 @@ install: $(VENV)/.installed $(BIN)/llama-server
 # flags (LLAMA_CMAKE_ARGS; pass a CUDA set for a GPU build), statically linked, and cached beside
 # the wheel, so one llama.cpp version serves both GGUF backends.  ~7 min on 2 cores, once per
 # version + flags; reinstalls only copy it into the venv.
+# LLAMA_USE_PREBUILT_UI=OFF: llama.cpp would fetch its web UI from Hugging Face at build time
+# (unreachable here, and never ours to ship); the pool speaks to the engine's API only.
 LLAMA_SERVER_DIR ?= $(HOME)/.cache/llm-pool/llama-server-$(LLAMA_VERSION)-$(LLAMA_KEY)
 llama-server: $(BIN)/llama-server
 $(BIN)/llama-server: Makefile requirements/llama.txt
@@ -42,7 +44,7 @@ $(BIN)/llama-server: Makefile requirements/llama.txt
 	  tar -xzf $$src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$src; \
 	  cmake -S $$src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $$src/build -G Ninja \
 	    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-	    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON $(LLAMA_CMAKE_ARGS); \
+	    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF $(LLAMA_CMAKE_ARGS); \
 	  cmake --build $$src/build --target llama-server -j $$(nproc); \
 	  mkdir -p $(LLAMA_SERVER_DIR); \
 	  cp $$src/build/bin/llama-server $(LLAMA_SERVER_DIR)/llama-server.tmp; \
