@@ -226,7 +226,9 @@ async def crash_recovery(rounds: int, threads: int) -> tuple[list[float], list[f
 def run_pool(model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        fields = {"model_path": str(smollm2_path()), "prompt_format": "generic", "gguf_n_ctx": 2048, "max_queue": 1024, **model_fields}
+        # a model's fields belong to its backend: gguf_n_ctx only where the backend is gguf
+        context = {} if model_fields.get("backend", "gguf") != "gguf" else {"gguf_n_ctx": 2048}
+        fields = {"model_path": str(smollm2_path()), "prompt_format": "generic", "max_queue": 1024, **context, **model_fields}
         config = write_config(Path(tmp), {"smollm2": fields}, port)
         proc = subprocess.Popen([sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
