@@ -33,8 +33,12 @@ def test_unload_load_and_resize_from_the_status_page(monkeypatch: pytest.MonkeyP
         {"alpha": {"replica_max": 2}, "beta": {}},
         raw={"service": {"host": "127.0.0.1", "port": 0, "admin_token_env": TOKEN_ENV}},
     )
-    with server_in_thread(settings, FakeBackendFactory(token_delay=0.01)) as url, chromium_page() as page:
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    with (
+        server_in_thread(settings, FakeBackendFactory(token_delay=0.01)) as url,
+        chromium_page() as page,
+        # closed on every path: a client leaked by a failure here warned in the next test
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as admin,
+    ):
 
         def state_of(model: str) -> str:
             return str(admin.get(f"/v1/admin/models/{model}").json()["runtime_state"])
@@ -70,4 +74,3 @@ def test_unload_load_and_resize_from_the_status_page(monkeypatch: pytest.MonkeyP
         alpha.get_by_role("button", name="Resize", exact=True).click()
         expect(alpha.locator("td.replicas")).to_have_text("2 / 2")
         assert admin.get("/v1/admin/models/alpha").json()["loaded_replicas"] == 2
-        admin.close()

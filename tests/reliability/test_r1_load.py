@@ -95,7 +95,7 @@ async def test_r1_load_mixed_stream_and_json(tiny_gguf: Path, long: bool, short_
                 assert (row["runtime_inflight"], row["queue_depth"], row["inflight_requests"]) == (0, 0, 0), row
                 assert [(d["state"], d["active"]) for d in row["replica_details"]] == [("serving", 0)] * 2, row
         t_stop = time.perf_counter()
-        threads = await wait_threads_back(before.threads, within_s=5)
+        threads = await wait_threads_back(before.threads, within_s=5, os_baseline=before.os_threads)
     after = Resources.now()
     print(
         f"R1 resources before/after: tasks {len(before.tasks)}/{len(after.tasks)}, "
