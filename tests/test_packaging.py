@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from support.server_process import ServerLog, open_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 60
@@ -98,40 +99,20 @@ def shadowing_folder(folder: Path) -> None:
 
 async def test_serve_from_a_folder_with_its_own_config_pool_and_admin(tmp_path: Path) -> None:
     shadowing_folder(tmp_path)
-    script = Path(sys.executable).with_name("llm-pool")
+    script = Path(sys.executable).with_name("llm-pool")  # the console script, not python -m
+    log = ServerLog()
     with trio.fail_after(LIMIT_S):
-        proc = await trio.lowlevel.open_process(
-            [str(script), "serve", "--config", "pool.toml"],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        proc = await open_serve(Path("pool.toml"), command=[str(script)], cwd=tmp_path)  # relative, as a user types it
         try:
-            urls = await serving_urls(proc)
-            async with httpx.AsyncClient(base_url=urls[0]) as client:
-                assert (await client.get("/health/live")).json() == {"status": "live"}
-                assert (await client.get("/v1/models")).json()["models"] == []
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(log.read, proc)
+                url = (await log.wait_for("serving"))["urls"][0]
+                async with httpx.AsyncClient(base_url=url) as client:
+                    assert (await client.get("/health/live")).json() == {"status": "live"}
+                    assert (await client.get("/v1/models")).json()["models"] == []
+                proc.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-
-
-async def serving_urls(proc: trio.Process) -> list[str]:
-    """Read the server's JSON log lines until it says where it serves."""
-    assert proc.stderr is not None
-    buffer = b""
-    async for chunk in proc.stderr:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == "serving":
-                return list(record["urls"])
-    raise AssertionError(f"the server exited before serving (rc {await proc.wait()}); last output {buffer!r}")

@@ -9,19 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 from models.tiny_gguf import write_tiny_gguf
-from support.server_process import ServerLog
+from support.server_process import ServerLog, open_serve
 
 from llm_pool.pool.sd_notify import Notifier, socket_address, watchdog_interval_s
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT_S = 60
 #: 0.2 s: the server pings every 0.1 s, so a few pings arrive within any test.
 WATCHDOG_USEC = 200_000
@@ -90,14 +87,7 @@ async def test_ready_after_the_models_settle_watchdog_pings_reload_and_stopping(
     log = ServerLog()
     got = Datagrams(sock)
     with sock, trio.fail_after(LIMIT_S):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        proc = await open_serve(config, env=env)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(log.read, proc)

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import trio
-from support.server_process import ServerLog
+from support.server_process import ServerLog, open_serve
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT_S = 60
 CONFIG = """
 [service]
@@ -35,14 +32,7 @@ async def test_sighup_reloads_the_settings_and_keeps_serving(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_POOL_")}
     log = ServerLog()
     with trio.fail_after(LIMIT_S):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        proc = await open_serve(config, env=env)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(log.read, proc)

@@ -23,10 +23,7 @@ Upstream 5xx / timeout / garbage faults are covered in tests/remote.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,6 +48,7 @@ from reliability_kit import (
 )
 from support.fake_backend import FakeBackendFactory, expected_text
 from support.server import running_server
+from support.server_process import ServerLog, open_serve
 from support.settings import make_settings
 
 from llm_pool.backends import BackendContext, create_backend
@@ -64,7 +62,6 @@ LIMIT_S = 60
 IDLE_EXIT_BOUND_S = 3.0
 #: Tokens of each stream running at SIGTERM: ~0.5 s of generation for two replicas here.
 STREAM_TOKENS = 1000
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_settings(**model: Any) -> Any:
@@ -303,56 +300,28 @@ max_queue = 16
 
 async def test_r3_sigterm_during_load_drains_and_exits_0(tiny_gguf: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "pool.toml", tiny_gguf)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_POOL_")}
-    log: list[dict[str, Any]] = []
+    log = ServerLog()
     with trio.fail_after(LIMIT_S):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        proc = await open_serve(config)
         try:
             async with trio.open_nursery() as nursery:
-                serving = trio.Event()
-                urls: list[str] = []
-
-                async def read_log() -> None:
-                    assert proc.stderr is not None
-                    buffer = b""
-                    async for chunk in proc.stderr:
-                        buffer += chunk
-                        *lines, buffer = buffer.split(b"\n")
-                        for line in lines:
-                            try:
-                                record = json.loads(line)
-                            except ValueError:  # not one of our JSON lines: a library printing
-                                record = {"level": "raw", "event": line.decode(errors="replace")}
-                            log.append(record)
-                            if record.get("event") == "serving":
-                                urls.extend(record["urls"])
-                                serving.set()
-                    if not serving.is_set():
-                        raise AssertionError(f"the server exited before serving: {log}")
-
-                nursery.start_soon(read_log)
-                await serving.wait()
-                await run_sigterm_scenario(urls[0], proc)
+                nursery.start_soon(log.read, proc)
+                url = (await log.wait_for("serving"))["urls"][0]  # raises if it exits first
+                await run_sigterm_scenario(url, proc)
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    raw = [r["event"] for r in log if r["level"] == "raw"]
+    records = log.records
+    raw = [r["event"] for r in records if r["level"] == "raw"]
     print("R3 SIGTERM: non-JSON stderr lines:", raw[:10])
-    errors = [r for r in log if r["level"] in ("error", "critical") or "exception" in r]
+    errors = [r for r in records if r["level"] in ("error", "critical") or "exception" in r]
     assert errors == [], errors[:3]
     # the log outlived the two replicas' loads (llama.cpp's quiet load once left fds 1/2 on
     # /dev/null) and tells the story: loaded, stopping, the two streams served
-    events = [r["event"] for r in log]
+    events = [r["event"] for r in records]
     assert "model tiny loaded with 2 replica(s)" in events and "stopping: draining running requests" in events, events
-    served = [r for r in log if r["event"] == "inference" and r["stream"] and r["status"] == 200]
+    served = [r for r in records if r["event"] == "inference" and r["stream"] and r["status"] == 200]
     assert len(served) == 2, served
 
 

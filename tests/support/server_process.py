@@ -7,9 +7,34 @@ Such a test runs on the real clock: it waits on the server's own log lines
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import trio
+
+#: The repository root: the subprocess runs there, as a user's ``llm-pool serve`` would.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def open_serve(
+    config: Path, *, env: dict[str, str] | None = None, command: list[str] | None = None, cwd: Path = ROOT
+) -> trio.Process:
+    """``llm-pool serve --config CONFIG`` as a child: stdin and stdout closed, stderr (its JSON
+    log) piped for :meth:`ServerLog.read`.  ``env``: ours less any ``LLM_POOL_*`` variable by
+    default; ``command``: how to run llm-pool (default ``python -m llm_pool.pool.cli``)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_POOL_")}
+    return await trio.lowlevel.open_process(
+        [*(command or [sys.executable, "-m", "llm_pool.pool.cli"]), "serve", "--config", str(config)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 class ServerLog:
