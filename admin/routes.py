@@ -99,12 +99,12 @@ def _convert(value: dict[str, Any], kind: type[Any], name: str) -> Any:
 
 
 # ---------------------------------------------------------------------- rows
-def load_constraints(model: ModelSettings) -> dict[str, Any]:
+def load_constraints(model: ModelSettings) -> dict[str, LoadConstraint]:
     """What the admin's load form may set, read from the model's settings Struct (the same
     annotations that validate the override): ``replicas`` up to ``replica_max``, then each
     override field of its backend kind."""
-    out: dict[str, Any] = {
-        "replicas": {"kind": "int", "minimum": 1, "maximum": model.replica_max, "step": 1, "default": model.replicas}
+    out = {
+        "replicas": LoadConstraint(kind="int", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
     }
     hints = _hints(type(model))
     for key in kind_of(model).overrides:
@@ -117,30 +117,26 @@ def _hints(struct: type[Any]) -> dict[str, Any]:
     return typing.get_type_hints(struct, include_extras=True)
 
 
-def _constraint(hint: Any, default: Any) -> dict[str, Any]:
-    """``{"kind": "int", "minimum", "maximum", "step", "default"}`` or ``{"kind": "enum",
-    "allowed_values", "default"}`` for one annotated settings field (None allowed where the
-    field is optional)."""
+def _constraint(hint: Any, default: Any) -> LoadConstraint:
+    """An int range, an enum, or a string pattern, for one annotated settings field (None
+    allowed where the field is optional)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
     optional = type(None) in options
     (core,) = (o for o in options if o is not type(None))
     if typing.get_origin(core) is typing.Literal:
-        return {"kind": "enum", "allowed_values": [*typing.get_args(core), *([None] if optional else [])], "default": default}
+        return LoadConstraint(kind="enum", allowed_values=[*typing.get_args(core), *([None] if optional else [])], default=default)
     annotated = typing.get_origin(core) is typing.Annotated
     base = typing.get_args(core)[0] if annotated else core
     meta = next((m for m in typing.get_args(core)[1:] if isinstance(m, msgspec.Meta)), msgspec.Meta()) if annotated else msgspec.Meta()
     if base is str:
-        return {"kind": "string_or_null" if optional else "string", "pattern": meta.pattern, "default": default}
-    out: dict[str, Any] = {"kind": "int"}
-    if meta.ge is not None or meta.gt is not None:
-        out["minimum"] = meta.ge if meta.ge is not None else meta.gt + 1
-    if meta.le is not None or meta.lt is not None:
-        out["maximum"] = meta.le if meta.le is not None else meta.lt - 1
-    return {**out, "step": meta.multiple_of or 1, "default": default}
-
-
-def vram_estimate(manager: PoolManager, entry: ModelEntry) -> tuple[float | None, int | None, str]:
-    return manager.memory_estimate(entry)  # one estimate for this row and the pool's budget
+        return LoadConstraint(kind="string_or_null" if optional else "string", pattern=meta.pattern, default=default)
+    return LoadConstraint(
+        kind="int",
+        minimum=meta.ge if meta.ge is not None else None if meta.gt is None else meta.gt + 1,
+        maximum=meta.le if meta.le is not None else None if meta.lt is None else meta.lt - 1,
+        step=meta.multiple_of or 1,
+        default=default,
+    )
 
 
 def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
@@ -150,7 +146,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
     m = entry.settings
     loaded = entry.state == "loaded" and rt is not None
     live = [r for r in rt.replicas if r.state in ("serving", "retiring")] if rt else []
-    vram, vram_n, vram_src = vram_estimate(manager, entry)
+    vram, vram_n, vram_src = manager.memory_estimate(entry)
     running = rt.running if rt else 0
     waiting = rt.waiting if rt else 0
     idle_in = None if entry.idle_deadline is None else round(max(0.0, entry.idle_deadline - trio.current_time()), 1)
@@ -172,7 +168,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         vram_estimate_mib=vram,
         vram_estimate_replica_count=vram_n,
         vram_estimate_source=vram_src,  # type: ignore[arg-type]
-        load_constraints=msgspec.convert(load_constraints(m), dict[str, LoadConstraint]),
+        load_constraints=load_constraints(m),
         load_recommendations=kind.load_recommendations,
         # the override active now: {} when none is (unloaded, failed, or loaded as configured)
         load_override=dict(entry.override or {}),
@@ -254,7 +250,7 @@ def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, override: dict[st
     model = msgspec.structs.replace(entry.settings, **override)
     if not kind_of(model).uses_gpu(model) or not gpus:
         return
-    per_replica, counted, _ = vram_estimate(manager, entry)
+    per_replica, counted, _ = manager.memory_estimate(entry)
     if per_replica is None:
         return
     need = per_replica / (counted or 1) * replicas
