@@ -548,7 +548,9 @@ def _shown_value(value: Any) -> Any:
 class LogRing(logging.Handler):
     """The last :data:`LOG_RING_LINES` log records of the ``llm_pool`` loggers, as the JSON log
     line's keys (``ts``, ``level``, ``logger``, ``event``, ``request_id``, the line's fields;
-    an exception only by its type), each numbered, for the status page's live tail.
+    an exception only by its type), each numbered, for the status page's live tail.  Access
+    lines are kept only for answers with an error status (the status page alone polls several
+    URLs every 2 s: its lines would push the inference lines out).
 
     Records may come from any thread; a follower (:meth:`follow`, in a trio task) is woken
     through its trio token.  Nothing here is written to disk; text values lose their paths."""
@@ -561,6 +563,9 @@ class LogRing(logging.Handler):
         self._followers: dict[object, tuple[Any, trio.Event]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None)
+        if record.name == "llm_pool.access" and isinstance(fields, dict) and isinstance(fields.get("status"), int) and fields["status"] < 400:
+            return  # a page that polls would push the inference lines out; errors stay
         try:
             line: dict[str, Any] = {
                 "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -571,7 +576,6 @@ class LogRing(logging.Handler):
             request_id = getattr(record, "request_id", None) or current_id()
             if request_id is not None:
                 line["request_id"] = request_id
-            fields = getattr(record, "fields", None)
             if isinstance(fields, dict):
                 line.update(_shown_value(fields))
             if record.exc_info and record.exc_info[0] is not None:

@@ -173,3 +173,51 @@ def test_charts_details_log_tail_and_playground(monkeypatch: pytest.MonkeyPatch,
         expect(page.locator("#pg-metrics")).to_have_attribute("data-status", "incomplete")
         expect(page.locator("#pg-error")).to_have_text("")
         assert errors == []
+
+
+def test_narrow_screen_keyboard_and_both_shapes_of_load_hints() -> None:
+    """On a phone-wide screen nothing overflows sideways; details and the unload dialog work
+    from the keyboard; the load form reads the constraint kinds and recommendation shapes old
+    and new (``int``/``integer``, ``integer_or_null``; ``<name>_presets`` / ``pair_presets``)."""
+    from playwright.sync_api import expect
+
+    settings = make_settings({"alpha": {}}, raw={"service": {"host": "127.0.0.1", "port": 0}})
+    with server_in_thread(settings, FakeBackendFactory()) as url, chromium_page(width=360, height=740) as page:
+        page.goto(url + "/")
+        alpha = page.locator('tr[data-model="alpha"]')
+        expect(alpha.locator(".state")).to_have_text("loaded")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+        alpha.get_by_role("button", name="details of alpha").focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#detail-title")).to_be_focused()
+        expect(page.locator("#chart-tokens canvas")).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+        alpha.get_by_role("button", name="Unload", exact=True).focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#unload-dialog")).to_be_visible()
+        expect(page.locator("#unload-cancel")).to_be_focused()  # the safe choice first
+        page.keyboard.press("Escape")
+        expect(page.locator("#unload-dialog")).to_be_hidden()
+        page.locator('tr[data-model="alpha"]').get_by_role("button", name="Unload", exact=True).click()
+        page.locator("#unload-drain").fill("0")
+        page.keyboard.press("Enter")  # Enter in a field confirms
+        expect(alpha.locator(".state")).to_have_text("unloaded")
+
+        kinds = page.evaluate(
+            """() => {
+              const f = fieldFor("n", {kind: "integer_or_null", default: null, minimum: 1, maximum: 8});
+              const g = fieldFor("m", {kind: "integer", default: 4, minimum: 1});
+              const h = fieldFor("s", {kind: "string_or_null", default: null});
+              return [f.type, f.min, f.max, valueOf(f), g.type, valueOf(g), valueOf(h)];
+            }"""
+        )
+        assert kinds == ["number", "1", "8", None, "number", 4, None]
+        presets = page.evaluate(
+            """() => [
+              presetsOf({kind: "pair_presets", fields: ["k", "v"], recommended_pairs: [{label: "8/8", k: 8, v: 8}], notes: "n"}),
+              presetsOf({kv_cache_presets: [{label: "fp16", k: null, v: null}]}),
+            ].map(list => list.map(p => p.label))"""
+        )
+        assert presets == [["8/8"], ["fp16"]]

@@ -159,6 +159,14 @@ def test_the_log_ring_is_bounded_and_shows_no_paths() -> None:
     assert line["error"].startswith("cannot open [path]")
     assert len(line["long"]) < 2100
     assert ring.since(0, model="other") == []
+    kept = ring.last
+    access = logging.LogRecord("llm_pool.access", logging.INFO, __file__, 1, "access", None, None)
+    access.fields = {"path": "/v1/admin/models", "status": 200}  # type: ignore[attr-defined]
+    ring.emit(access)  # the status page's own polling
+    assert ring.last == kept
+    access.fields = {"path": "/v1/responses", "status": 413}  # type: ignore[attr-defined]
+    ring.emit(access)
+    assert ring.last == kept + 1 and ring.lines[-1][1]["status"] == 413
 
 
 async def test_the_log_endpoint_needs_the_admin_token(
