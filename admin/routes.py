@@ -272,9 +272,10 @@ def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, override: dict[st
 
 
 # ------------------------------------------------------------- the status page's charts and tail
-def timeline_report(manager: PoolManager, timeline: Timeline, gpu_error: str | None) -> TimelineReport:
-    """The timeline's samples as columns (what uPlot draws), times in Unix seconds."""
-    samples, now = timeline.snapshot()
+def timeline_report(manager: PoolManager, timeline: Timeline, gpus: list[gpu.GpuInfo], gpu_error: str | None) -> TimelineReport:
+    """The timeline's samples as columns (what uPlot draws), times in Unix seconds; the last
+    one, the interval in progress, with the GPUs as read now."""
+    samples, now = timeline.snapshot(gpus)
     offset = time.time() - now
     models = {}
     for name, entry in sorted(manager.entries.items()):
@@ -411,8 +412,8 @@ def register_admin(app: Any, manager: PoolManager) -> None:
 
     @app.get("/v1/admin/timeline")
     async def admin_timeline() -> Response:
-        _, error = await trio.to_thread.run_sync(gpu.read_gpus)
-        return json_response(timeline_report(manager, timeline, error))
+        gpus, error = await trio.to_thread.run_sync(gpu.read_gpus)
+        return json_response(timeline_report(manager, timeline, gpus, error))
 
     @app.get("/v1/admin/logs")
     async def admin_logs() -> Response:

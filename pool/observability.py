@@ -462,7 +462,7 @@ class Timeline:
 
     def _current(self, now: float, gpus: Sequence[GpuMemory]) -> Sample:
         since = self._since if self._since is not None else now - self.interval_s
-        span = max(now - since, 1e-9)
+        span = max(now - since, 1.0)  # an interval just begun: no spike from one request
         models = {}
         for name, entry in sorted(self.manager.entries.items()):
             acc = self._open.get(name) or _Interval()
@@ -488,15 +488,13 @@ class Timeline:
         self._since = now
         return sample
 
-    def snapshot(self) -> tuple[list[Sample], float]:
-        """The samples, oldest first, then the interval in progress (GPUs as last read), and the
-        trio time now."""
+    def snapshot(self, gpus: Sequence[GpuMemory] = ()) -> tuple[list[Sample], float]:
+        """The samples, oldest first, then the interval in progress (with ``gpus``, read now),
+        and the trio time now."""
         now = trio.current_time()
-        last_gpus = self.samples[-1].gpus if self.samples else ()
-        current = self._current(now, ()) if self._since is not None or self._open else None
         out = list(self.samples)
-        if current is not None and (not out or now > out[-1].t):
-            out.append(Sample(current.t, current.models, last_gpus))
+        if (self._since is not None or self._open) and (not out or now > out[-1].t):
+            out.append(self._current(now, gpus))
         return out, now
 
     async def run(self, read_gpus: Callable[[], tuple[Sequence[GpuMemory], str | None]] | None = None) -> None:

@@ -227,3 +227,25 @@ async def test_following_the_log_shows_a_line_written_after_it_opened(
         await got.wait()
     (line,) = [line for line in seen if line["event"] == "inference"]
     assert line["model"] == "tail-f" and line["status"] == 200
+
+
+async def test_gpu_memory_is_a_column_per_device_read_now_for_the_last_point(
+    autojump_clock: MockClock, nursery: trio.Nursery, control: FakeBackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gpu(used: int) -> llm_pool.admin.gpu.GpuInfo:
+        return llm_pool.admin.gpu.GpuInfo(
+            index=0, name="NVIDIA H200", used_mib=used, total_mib=143771, free_mib=143771 - used, used_over_total=""
+        )
+
+    ops = await start_pool(nursery, control)
+    timeline = timeline_of(ops)
+    timeline.sample([gpu(1000)])
+    autojump_clock.jump(5.0)
+    timeline.sample()  # NVML not read this time
+    autojump_clock.jump(1.0)
+    monkeypatch.setattr(llm_pool.admin.gpu, "read_gpus", lambda: ([gpu(3000)], None))
+    report = msgspec.json.decode((await ops.get("/v1/admin/timeline")).raw, type=TimelineReport)
+    (only,) = report.gpus
+    assert (only.index, only.name, only.total_mib) == (0, "NVIDIA H200", 143771)
+    assert only.used_mib == [1000, None, 3000]
+    assert report.gpu_error is None
