@@ -1,4 +1,5 @@
-"""The runtime admin API: inspect, load, unload, resize, reload settings, GPU memory.
+"""The runtime admin API: inspect, load, unload, resize, reload settings, GPU memory, and the
+status page's data (the timeline of samples behind its charts, the tail of recent log lines).
 
 Routes decode and validate, call :class:`pool.manager.PoolManager`, and encode the model's row;
 they hold no scheduling logic.  Load overrides are runtime-only: they never touch the settings
