@@ -136,3 +136,61 @@ class GpuMemoryReport(_Doc):
     models: list[GpuModelRow]
     #: Why no GPU could be read (no NVIDIA GPU or driver), else null.
     error: str | None
+
+
+# ---------------------------------------------------------------- the status page's charts
+class TimelineModel(_Doc):
+    """One model's series in ``GET /v1/admin/timeline``, one value per time of ``t``."""
+
+    #: Output tokens of the requests that ended in each interval, over the interval.
+    tokens_per_s: list[float]
+    #: Requests on a replica / in the queue at each sample.
+    running: list[int]
+    queued: list[int]
+    #: Time to first token of the requests that ended in each interval (null: none did).
+    ttft_p50_s: list[float | None]
+    ttft_p95_s: list[float | None]
+    #: Requests that ended in each interval (refusals at admission included).
+    requests: list[int]
+    #: Requests that ended with an error, by llm-pool's error code (only codes seen in the window).
+    errors: dict[str, list[int]]
+    #: The model's memory now: its VRAM estimate (see ``vram_estimate_source``), else null.
+    memory_mib: float | None
+    memory_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
+
+
+class TimelineGpu(_Doc):
+    index: int
+    name: str
+    #: MiB in use at each time of ``t`` (null where it was not read).
+    used_mib: list[int | None]
+    total_mib: int
+
+
+class TimelineReport(_Doc):
+    """``GET /v1/admin/timeline``: the server's own ring of samples (the last ``window_s``,
+    one every ``interval_s``; the last one is the interval in progress)."""
+
+    interval_s: float
+    window_s: float
+    #: Unix time (seconds) of each sample, oldest first.
+    t: list[float]
+    models: dict[str, TimelineModel]
+    gpus: list[TimelineGpu]
+    #: Why no GPU could be read (no NVIDIA GPU or driver), else null.
+    gpu_error: str | None
+    #: This server process's resident memory (engine child processes not counted), else null.
+    process_rss_mib: float | None
+
+
+class LogLine(_Doc, forbid_unknown_fields=False):
+    """One ``data:`` of ``GET /v1/admin/logs``: a log line's keys as the JSON log writes them
+    (``fields`` of the line beside these; paths removed, long text cut)."""
+
+    seq: int
+    ts: str
+    level: str
+    logger: str
+    event: str
+    request_id: str | None = None
+    model: str | None = None
