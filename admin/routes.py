@@ -32,6 +32,7 @@ from llm_pool.admin.rows import (
     ReplicaDetail,
 )
 from llm_pool.backends import OverrideError, kind_of
+from llm_pool.backends.capabilities import capabilities
 from llm_pool.config import ModelSettings, resolve_model_path
 from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.api import decode_body
@@ -194,6 +195,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         load_on_demand=m.load_on_demand,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         remote_cost=_cost(manager, entry),
+        capabilities=capabilities(m),
     )
 
 

@@ -13,6 +13,7 @@ import msgspec
 
 from llm_pool.config import ModelSettings
 from llm_pool.config.settings import Backend
+from llm_pool.pool.api import ModelCapabilities
 
 
 class _Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -120,6 +121,9 @@ class AdminModel(_Doc):
     #: Seconds until the idle timer unloads the model (null: not counting down).
     idle_unload_in_s: float | None
     load_on_demand: bool
+    # capabilities (issue 16)
+    #: What the model takes: modalities, file inputs, turns, thinking modes, response formats.
+    capabilities: ModelCapabilities
 
 
 class AdminModels(_Doc):

@@ -124,6 +124,14 @@ class BackendKind:
     load_constraint_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).
     cost_summary: Callable[[Settings, Any, str], dict[str, Any] | None] | None = None
+    # capabilities (issue 16; :mod:`llm_pool.backends.capabilities`)
+    #: Output formats this runtime holds a model to (``text``; ``json_schema`` where enforced).
+    response_formats: tuple[str, ...] = ("text",)
+    #: The ``thinking`` values a model of this kind takes; None: its prompt format's (the pool
+    #: renders the prompt: ``qwen3_template`` and ``gemma4_template`` toggle it).
+    thinking_modes: tuple[str, ...] | None = None
+    #: Whether a conversation may have several turns; None: as its prompt format allows.
+    multi_turn: bool | None = None
 
 
 class EngineCrashed(Exception):

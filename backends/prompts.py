@@ -58,6 +58,10 @@ NATIVE_STOPS: dict[str, tuple[str, ...]] = {
     "translategemma_template": ("<end_of_turn>",),
     "native": (),
 }
+#: Formats whose rendering turns thinking on or off (a request's ``thinking``).
+THINKING_FORMATS = ("qwen3_template", "gemma4_template")
+#: Formats that take one user message, no conversation.
+SINGLE_TURN_FORMATS = ("translategemma_template",)
 QWEN3_NO_THINK = "/no_think\n"
 QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
 #: What a language code may look like (``en``, ``zh-Hant``, ``fra_Latn``): codes reach the chat
@@ -260,15 +264,18 @@ def render_prompt(
     stand_in = _StandIns()
     if fmt == "translategemma_template":
         src, tgt = request.source_lang_code, request.target_lang_code
-        if not src or not tgt:
+        if not tgt:
             raise invalid_request(
-                "translategemma models need source_lang_code and target_lang_code",
-                param="source_lang_code" if not src else "target_lang_code",
-                model=request.model,
+                "translategemma models need target_lang_code", param="target_lang_code", model=request.model
             )
         # the codes go in as they are (the template maps them to language names); check_request
         # let through only codes of letters, digits, "-" and "_"
-        content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": stand_in(request.input)}]
+        text = stand_in(request.input)
+        if mixed_source(src):
+            # a source the template knows, and our instruction (markup) before the caller's text
+            src = translategemma_fallback_source(tgt)
+            text = MIXED_SOURCE_INSTRUCTION + text
+        content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": text}]
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     else:
         messages = [{"role": m.role, "content": stand_in(m.content)} for m in _with_system(request)]
@@ -276,6 +283,33 @@ def render_prompt(
         chat_template, messages, bos_token=bos_token, eos_token=eos_token, enable_thinking=enable_thinking
     )
     return Prompt(stand_in.segments(text), stops)
+
+
+#: ``source_lang_code`` values that ask a translategemma model to detect the source itself.
+MIXED_SOURCE_CODES = ("auto", "mixed")
+#: Put before the caller's text when the source is mixed or unknown (the template still needs a
+#: source language: :func:`translategemma_fallback_source`).
+MIXED_SOURCE_INSTRUCTION = (
+    "The text below may mix several languages. Detect the language of each segment and translate every segment.\n\n"
+)
+
+
+def mixed_source(code: str | None) -> bool:
+    """Whether ``source_lang_code`` asks for detection: omitted, ``auto`` or ``mixed``."""
+    return not code or code.lower() in MIXED_SOURCE_CODES
+
+
+def translategemma_fallback_source(target: str) -> str:
+    """The source code a translategemma template is given for a mixed source: English, or
+    German when the target is English (a template has no "unknown" language, and a pair with the
+    same language on both sides reads as a request to copy)."""
+    return "de" if target.lower().split("-")[0].split("_")[0] == "en" else "en"
+
+
+def thinking_enabled(configured: bool, request: GenerationRequest) -> bool:
+    """Whether the prompt asks the model to think: the request's ``thinking`` (``enabled`` /
+    ``disabled``), else the model's ``enable_thinking``."""
+    return configured if request.thinking == "default" else request.thinking == "enabled"
 
 
 def check_request(fmt: str, request: GenerationRequest) -> None:
@@ -286,14 +320,11 @@ def check_request(fmt: str, request: GenerationRequest) -> None:
             raise invalid_request(
                 f"{key} may contain only letters, digits, '-' and '_'", param=key, model=request.model
             )
-    if fmt == "translategemma_template":
-        for key in ("source_lang_code", "target_lang_code"):
-            if not getattr(request, key):
-                raise invalid_request(
-                    f"translategemma models need source_lang_code and target_lang_code; {key} is missing",
-                    param=key,
-                    model=request.model,
-                )
+    if fmt == "translategemma_template" and not request.target_lang_code:
+        # source_lang_code may be left out ("auto", "mixed"): the model then detects each segment's
+        raise invalid_request(
+            "translategemma models need target_lang_code", param="target_lang_code", model=request.model
+        )
     if fmt in ("generic", "qwen3_template", "native"):
         return
     roles = [m.role for m in request.messages if m.role != "system"]
@@ -500,7 +531,7 @@ class PromptPrep(Generic[T]):
             chat_template=self.chat_template,
             bos_token=self.bos,
             eos_token=self.eos,
-            enable_thinking=self.model.enable_thinking,
+            enable_thinking=thinking_enabled(self.model.enable_thinking, request),
         )
 
     def check_size(self, request: GenerationRequest, n_ctx: int | None) -> None:
