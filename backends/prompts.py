@@ -116,17 +116,34 @@ def _with_system(request: GenerationRequest) -> list[Message]:
     return [Message(role="system", content=DEFAULT_SYSTEM_PROMPT), *request.messages]
 
 
-def _chatml(messages: list[Message], *, prefix_user: str = "", open_answer: str = "") -> list[Segment]:
+def _content(out: _Segments, m: Message, marker: str | None) -> _Segments:
+    """A message's content: its text as caller text, or, with images and a media ``marker``,
+    its items in order, newline-separated, each image as the marker (markup)."""
+    if m.parts is None or marker is None:
+        return out.caller(m.content)
+    for i, part in enumerate(m.parts):
+        if i:
+            out.markup("\n")
+        if isinstance(part, str):
+            out.caller(part)
+        else:
+            out.markup(marker)
+    return out
+
+
+def _chatml(
+    messages: list[Message], *, prefix_user: str = "", open_answer: str = "", marker: str | None = None
+) -> list[Segment]:
     out = _Segments()
     for m in messages:
         out.markup(f"<|im_start|>{m.role}\n")
         if m.role == "user":
             out.markup(prefix_user)
-        out.caller(m.content).markup("<|im_end|>\n")
+        _content(out, m, marker).markup("<|im_end|>\n")
     return out.markup("<|im_start|>assistant\n" + open_answer).out
 
 
-def _mistral(messages: list[Message]) -> list[Segment]:
+def _mistral(messages: list[Message], marker: str | None = None) -> list[Segment]:
     system = next((m.content for m in messages if m.role == "system"), "")
     turns = [m for m in messages if m.role != "system"]
     out, first = _Segments().markup("<s>"), True
@@ -135,10 +152,11 @@ def _mistral(messages: list[Message]) -> list[Segment]:
             out.markup("[INST] ")
             if first and system:
                 out.caller(system).markup("\n\n")
-            out.caller(m.content).markup(" [/INST]")
+            _content(out, m, marker).markup(" [/INST]")
             first = False
         else:
-            out.markup(" ").caller(m.content).markup("</s>")
+            out.markup(" ")
+            _content(out, m, marker).markup("</s>")
     return out.out
 
 
@@ -244,18 +262,29 @@ def render_prompt(
     bos_token: str = "",
     eos_token: str = "",
     enable_thinking: bool = False,
+    media_marker: str | None = None,
 ) -> Prompt:
-    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings."""
+    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings.
+
+    ``media_marker``: the runtime's placeholder for an image (llama-server's ``<__media__>``),
+    put (as markup) where each image item was; without one, a request with images is a 400
+    (this runtime is given no images, and none is dropped silently)."""
     stops = NATIVE_STOPS[fmt]
+    if request.images and (media_marker is None or fmt == "translategemma_template"):
+        image = request.images[0]
+        raise invalid_request(
+            f"{image.at[2:] or 'an image item'}: this model's runtime is given no images", param=image.at or None, model=request.model
+        )
+    marker = media_marker
     if fmt == "generic":
-        return Prompt(_chatml(_with_system(request)), stops)
+        return Prompt(_chatml(_with_system(request), marker=marker), stops)
     if fmt == "qwen3_template":
         if enable_thinking:
-            return Prompt(_chatml(_with_system(request)), stops)
-        segments = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK)
+            return Prompt(_chatml(_with_system(request), marker=marker), stops)
+        segments = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK, marker=marker)
         return Prompt(segments, stops, suppress=["<think>", "</think>"])
     if fmt == "mistral_template":
-        return Prompt(_mistral(_with_system(request)), stops)
+        return Prompt(_mistral(_with_system(request), marker), stops)
     if not chat_template:
         raise invalid_request(
             f"prompt_format {fmt!r} needs the model's chat template, and this model has none",
@@ -278,7 +307,7 @@ def render_prompt(
         content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": text}]
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     else:
-        messages = [{"role": m.role, "content": stand_in(m.content)} for m in _with_system(request)]
+        messages = [{"role": m.role, "content": _template_content(m, stand_in, marker)} for m in _with_system(request)]
     text = render_chat_template(
         chat_template, messages, bos_token=bos_token, eos_token=eos_token, enable_thinking=enable_thinking
     )
@@ -310,6 +339,14 @@ def thinking_enabled(configured: bool, request: GenerationRequest) -> bool:
     """Whether the prompt asks the model to think: the request's ``thinking`` (``enabled`` /
     ``disabled``), else the model's ``enable_thinking``."""
     return configured if request.thinking == "default" else request.thinking == "enabled"
+
+
+def _template_content(m: Message, stand_in: _StandIns, marker: str | None) -> str:
+    """A message's content for a chat template: its text's stand-in, or its items in order
+    (newline-separated) with each image as the media ``marker``."""
+    if m.parts is None or marker is None:
+        return stand_in(m.content)
+    return "\n".join(stand_in(p) if isinstance(p, str) else marker for p in m.parts)
 
 
 def check_request(fmt: str, request: GenerationRequest) -> None:
@@ -523,7 +560,7 @@ class PromptPrep(Generic[T]):
             log.info("beam_size is not supported by the %s backend; decoding without beams", self.backend)
             self._beam_warned = True
 
-    def render(self, request: GenerationRequest) -> Prompt:
+    def render(self, request: GenerationRequest, *, media_marker: str | None = None) -> Prompt:
         self.note_beam(request)
         return render_prompt(
             self.model.prompt_format,
@@ -532,6 +569,7 @@ class PromptPrep(Generic[T]):
             bos_token=self.bos,
             eos_token=self.eos,
             enable_thinking=thinking_enabled(self.model.enable_thinking, request),
+            media_marker=media_marker,
         )
 
     def check_size(self, request: GenerationRequest, n_ctx: int | None) -> None:
@@ -543,13 +581,16 @@ class PromptPrep(Generic[T]):
         assert self.vocab is not None, "set_model() first"
         return tokenize_segments(prompt.segments, self.vocab, trust_caller=self.model.allow_special_tokens_in_input)
 
-    def prepare(self, job: Job, n_ctx: int | None, *, reserve: int = 0) -> tuple[Prompt, list[T], StopMatcher]:
+    def prepare(
+        self, job: Job, n_ctx: int | None, *, reserve: int = 0, media_marker: str | None = None
+    ) -> tuple[Prompt, list[T], StopMatcher]:
         """The job's prompt, its tokens and its stop matcher (the format's stops and the
         request's); raises the 400 of :func:`check_input_size` before rendering, and that of
-        :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
+        :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``.  ``media_marker``:
+        see :func:`render_prompt` (the tokens then count each image as its marker's text)."""
         req = job.request
         self.check_size(req, n_ctx)
-        prompt = self.render(req)
+        prompt = self.render(req, media_marker=media_marker)
         tokens = self.tokenize(prompt)
         check_prompt_length(req.model, len(tokens), n_ctx, reserve=reserve)
         return prompt, tokens, StopMatcher([*prompt.stop, *req.decoding.stop])

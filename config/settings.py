@@ -155,8 +155,9 @@ class _ModelBase(_Strict, tag_field="backend"):
     restart_backoff_s: NonNegativeFloat = 1.0
     # content arrays and images (issue 16)
     #: What a request may hold: ``["text"]``, or ``["text", "image"]`` for a model that takes
-    #: images (``openai_compatible``, whose upstream must); a text-only model refuses an image
-    #: item with 400 ``modality_unsupported``.
+    #: images (``openai_compatible``, whose upstream must; ``llama_server`` with
+    #: ``llama_server_mmproj_path``); a text-only model refuses an image item with 400
+    #: ``modality_unsupported``.
     modalities: Annotated[list[Modality], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
         default_factory=lambda: ["text"]
     )
@@ -173,6 +174,8 @@ class _ModelBase(_Strict, tag_field="backend"):
         if "text" not in self.modalities or len(set(self.modalities)) != len(self.modalities):
             return "modalities", 'must be ["text"] or ["text", "image"]'
         if "image" in self.modalities and not self.takes_images():
+            if self.backend == "llama_server":
+                return "modalities", "cannot take images without llama_server_mmproj_path (the model's projector)"
             return "modalities", f"cannot take images: backend {self.backend} has no image input"
         if self.image_url_fetch and self.backend != "openai_compatible":
             return "image_url_fetch", (
@@ -295,6 +298,9 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
     llama_server_reasoning: Literal["on", "off", "auto"] | None = None
     #: Passed to llama-server last, as given (flags this backend sets itself are refused).
     llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
+
+    def takes_images(self) -> bool:
+        return self.llama_server_mmproj_path is not None  # llama-server's multimodal prompts
 
     def problems(self) -> tuple[str, str] | None:
         if self.llama_server_port is not None and self.replica_max > 1:

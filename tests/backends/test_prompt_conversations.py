@@ -15,7 +15,7 @@ from llm_pool.backends.capabilities import capabilities, check_capabilities
 from llm_pool.backends.prompts import PromptPrep, Vocab, check_request, render_prompt
 from llm_pool.config.settings import GGUFModel, RemoteModel
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import GenerationRequest, Message
+from llm_pool.pool.jobs import GenerationRequest, ImagePart, Message
 
 SYSTEM = "Be brief."
 U1 = "Hi <start_of_turn>"
@@ -180,3 +180,62 @@ def test_translategemma_still_needs_a_target() -> None:
         "target_lang_code",
         "translategemma models need target_lang_code",
     )
+
+
+# --------------------------------------------------------------------------- images (llama-server's media marker)
+MARK = "<__media__>"
+PNG_URL = "data:image/png;base64,iVBORw0KGgoAAAAA"
+
+
+def with_image() -> GenerationRequest:
+    image = ImagePart(url=PNG_URL, at="$.input[1].image_url")
+    user = Message(role="user", content="Compare\nand <|im_end|>", parts=["Compare", image, "and <|im_end|>"])
+    return GenerationRequest(model="m", messages=[Message(role="system", content=SYSTEM), user])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [
+        (
+            "generic",
+            [
+                ("<|im_start|>system\n", T),
+                (SYSTEM, C),
+                ("<|im_end|>\n<|im_start|>user\n", T),
+                ("Compare", C),
+                (f"\n{MARK}\n", T),
+                ("and <|im_end|>", C),
+                ("<|im_end|>\n<|im_start|>assistant\n", T),
+            ],
+        ),
+        (
+            "mistral_template",
+            [("<s>[INST] ", T), (SYSTEM, C), ("\n\n", T), ("Compare", C), (f"\n{MARK}\n", T), ("and <|im_end|>", C), (" [/INST]", T)],
+        ),
+        (
+            "native",
+            [
+                ("<|im_start|>system", T),
+                (f"\n{SYSTEM}", C),
+                ("<|im_end|>\n<|im_start|>user", T),
+                ("\nCompare\n", C),  # whitespace next to caller text is the caller's
+                (MARK, T),
+                ("\nand <|im_end|>", C),
+                ("<|im_end|>\n<|im_start|>assistant\n", T),
+            ],
+        ),
+    ],
+)
+def test_an_image_is_the_runtimes_marker_where_the_caller_put_it(fmt: str, expected: list[tuple[str, bool]]) -> None:
+    prompt = render_prompt(fmt, with_image(), chat_template=TEMPLATES.get(fmt), media_marker=MARK)
+    assert prompt.segments == expected
+
+
+def test_a_runtime_without_a_marker_is_never_given_an_image_silently() -> None:
+    for fmt in ("generic", "translategemma_template"):
+        request = with_image()
+        request.target_lang_code = "en"
+        with pytest.raises(PoolError) as info:
+            render_prompt(fmt, request, chat_template=TRANSLATE_TEMPLATE, media_marker=None if fmt == "generic" else MARK)
+        assert (info.value.status, info.value.param) == (400, "$.input[1].image_url")
+        assert info.value.message == "input[1].image_url: this model's runtime is given no images"
