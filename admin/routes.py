@@ -29,6 +29,7 @@ from llm_pool.admin.rows import (
     GpuModelRow,
     GpuRow,
     LoadConstraint,
+    PairPresets,
     ReloadResult,
     ReplicaDetail,
     TimelineGpu,
@@ -36,6 +37,7 @@ from llm_pool.admin.rows import (
     TimelineReport,
 )
 from llm_pool.backends import OverrideError, kind_of
+from llm_pool.backends.capabilities import capabilities
 from llm_pool.config import ModelSettings, resolve_model_path
 from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.api import decode_body
@@ -111,11 +113,16 @@ def load_constraints(model: ModelSettings) -> dict[str, LoadConstraint]:
     annotations that validate the override): ``replicas`` up to ``replica_max``, then each
     override field of its backend kind."""
     out = {
-        "replicas": LoadConstraint(kind="int", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
+        "replicas": LoadConstraint(kind="integer", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
     }
     hints = _hints(type(model))
-    for key in kind_of(model).overrides:
-        out[key] = _constraint(hints[key], getattr(model, key))
+    kind = kind_of(model)
+    for key in kind.overrides:
+        c = _constraint(hints[key], getattr(model, key))
+        notes = dict(kind.load_constraint_notes.get(key, {}))
+        if c.default is not None:  # a "default" note is the runtime's own value for null
+            notes.pop("default", None)
+        out[key] = msgspec.structs.replace(c, **notes)
     return out
 
 
@@ -131,14 +138,17 @@ def _constraint(hint: Any, default: Any) -> LoadConstraint:
     optional = type(None) in options
     (core,) = (o for o in options if o is not type(None))
     if typing.get_origin(core) is typing.Literal:
-        return LoadConstraint(kind="enum", allowed_values=[*typing.get_args(core), *([None] if optional else [])], default=default)
+        values = list(typing.get_args(core))
+        if optional:  # a set of strings or null (GGUF cache types)
+            return LoadConstraint(kind="string_or_null", allowed_values=values, default=default)
+        return LoadConstraint(kind="enum", allowed_values=values, default=default)
     annotated = typing.get_origin(core) is typing.Annotated
     base = typing.get_args(core)[0] if annotated else core
     meta = next((m for m in typing.get_args(core)[1:] if isinstance(m, msgspec.Meta)), msgspec.Meta()) if annotated else msgspec.Meta()
     if base is str:
         return LoadConstraint(kind="string_or_null" if optional else "string", pattern=meta.pattern, default=default)
     return LoadConstraint(
-        kind="int",
+        kind="integer_or_null" if optional else "integer",
         minimum=meta.ge if meta.ge is not None else None if meta.gt is None else meta.gt + 1,
         maximum=meta.le if meta.le is not None else None if meta.lt is None else meta.lt - 1,
         step=meta.multiple_of or 1,
@@ -176,7 +186,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         vram_estimate_replica_count=vram_n,
         vram_estimate_source=vram_src,  # type: ignore[arg-type]
         load_constraints=load_constraints(m),
-        load_recommendations=kind.load_recommendations,
+        load_recommendations=msgspec.convert(kind.load_recommendations, dict[str, PairPresets]),
         # the override active now: {} when none is (unloaded, failed, or loaded as configured)
         load_override=dict(entry.override or {}),
         replica_details=[
@@ -192,6 +202,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         load_on_demand=m.load_on_demand,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         remote_cost=_cost(manager, entry),
+        capabilities=capabilities(m),
     )
 
 
