@@ -528,6 +528,8 @@ def conversation_of(body: ResponsesRequest) -> list[Message]:
     out = []
     for i, m in enumerate(body.messages):
         text, parts = content_of(m.content, f"$.messages[{i}].content")
+        if parts is not None and m.role != "user":
+            raise invalid_request(f"messages[{i}] is an {m.role} message with an image; images go in user messages", param=f"$.messages[{i}].content")
         out.append(Message(role=m.role, content=text, parts=parts))
     return out
 

@@ -247,8 +247,11 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
         _check_neutral(m, _MESSAGE_NEUTRAL, at)
         content, parts = content_of(m.content, f"{at}.content")
         role = _ROLES[m.role]
-        if role == "system" and parts is not None:
-            raise invalid_request(f"{at[2:]} is a {m.role} message with an image; images go in user messages", param=f"{at}.content")
+        if role != "user" and parts is not None:
+            article = "an" if m.role[0] in "aeiou" else "a"
+            raise invalid_request(
+                f"{at[2:]} is {article} {m.role} message with an image; images go in user messages", param=f"{at}.content"
+            )
         if role == "system":
             if turns:
                 raise invalid_request(

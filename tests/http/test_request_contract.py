@@ -80,6 +80,11 @@ async def test_a_conversation_reaches_the_backend_turn_by_turn(autojump_clock: M
             "$.messages[1].role",
         ),
         ({"messages": [{"role": "user", "content": "a\u0000"}]}, "messages[0].content contains a NUL character", "$.messages[0].content"),
+        (
+            {"messages": [{"role": "assistant", "content": [{"type": "input_image", "image_url": PNG}]}, {"role": "user", "content": "x"}]},
+            "messages[0] is an assistant message with an image; images go in user messages",
+            "$.messages[0].content",
+        ),
         ({"input": [{"type": "text", "text": "\u0000"}]}, "input[0].text contains a NUL character", "$.input[0].text"),
     ],
 )
@@ -112,6 +117,16 @@ async def test_a_text_model_refuses_an_image_item(autojump_clock: MockClock, poo
     )
     chat = await pool.post(CHAT, {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}]})
     assert_error(chat, 400, "modality_unsupported", param="$.messages[0].content[0].image_url.url", model="m")
+    image_turn = {"content": [{"type": "image_url", "image_url": {"url": PNG}}]}
+    for role, article in (("system", "a"), ("assistant", "an")):
+        turns = [{"role": role, **image_turn}, {"role": "user", "content": "x"}]
+        assert_error(
+            await pool.post(CHAT, {"model": "eye", "allow_remote": True, "messages": turns}),
+            400,
+            "invalid_request",
+            f"messages[0] is {article} {role} message with an image; images go in user messages",
+            param="$.messages[0].content",
+        )
     assert not control.seen
 
 
