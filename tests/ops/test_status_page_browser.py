@@ -148,8 +148,8 @@ def test_charts_details_log_tail_and_playground(monkeypatch: pytest.MonkeyPatch,
 
         # the load form: a preset fills its fields, a bad value is refused inline, a good one loads
         page.get_by_role("button", name="q8_0/q8_0").click()
-        expect(page.locator("#load-gguf_type_k")).to_have_value('"q8_0"')
-        expect(page.locator("#load-gguf_type_v")).to_have_value('"q8_0"')
+        expect(page.locator("#load-gguf_type_k")).to_have_value("q8_0")
+        expect(page.locator("#load-gguf_type_v")).to_have_value("q8_0")
         page.locator("#load-replicas").fill("3")
         page.locator("#load-submit").click()
         expect(page.locator("#load-error")).to_contain_text("replica_max")
@@ -218,6 +218,10 @@ def test_narrow_screen_keyboard_and_both_shapes_of_load_hints() -> None:
             """() => [
               presetsOf({kind: "pair_presets", fields: ["k", "v"], recommended_pairs: [{label: "8/8", k: 8, v: 8}], notes: "n"}),
               presetsOf({kv_cache_presets: [{label: "fp16", k: null, v: null}]}),
+              presetsOf({gguf_cache_type_pairs: {kind: "pair_presets", fields: ["k", "v"],
+                                                 recommended_pairs: [{label: "q8/q8", k: "q8_0", v: "q8_0"}], notes: "n"}}),
             ].map(list => list.map(p => p.label))"""
         )
-        assert presets == [["8/8"], ["fp16"]]
+        assert presets == [["8/8"], ["fp16"], ["q8/q8"]]
+        notes = page.evaluate("""() => notesOf({gguf_cache_type_pairs: {kind: "pair_presets", recommended_pairs: [], notes: "n"}})""")
+        assert notes == ["n"]
