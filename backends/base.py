@@ -119,6 +119,12 @@ class BackendKind:
     load_recommendations: dict[str, Any] = field(default_factory=dict)
     #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).
     cost_summary: Callable[[Settings, Any, str], dict[str, Any] | None] | None = None
+    # --- OpenAI semantics (issue 16 §2): logprobs and embeddings
+    #: Whether a model of this kind returns per-token log probabilities (``logprobs``); others
+    #: refuse a request for them with a 400.
+    token_logprobs: Callable[[Any], bool] = _never
+    #: Whether a model of this kind can be an embeddings model (its Struct's ``embeddings``).
+    embeddings: bool = False
 
 
 class EngineCrashed(Exception):

@@ -240,8 +240,16 @@ def render_prompt(
     bos_token: str = "",
     eos_token: str = "",
     enable_thinking: bool = False,
+    add_bos: bool = False,
 ) -> Prompt:
-    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings."""
+    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings.
+
+    A raw request (``/v1/completions``) is its caller text alone, in any format: one caller
+    segment (never a control token), after the model's BOS token where its tokenizer adds one
+    (``add_bos``), with no stop string of a template's."""
+    if request.raw_prompt is not None:
+        head: list[Segment] = [(bos_token, True)] if add_bos and bos_token else []
+        return Prompt(head + _Segments().caller(request.raw_prompt).out)
     stops = NATIVE_STOPS[fmt]
     if fmt == "generic":
         return Prompt(_chatml(_with_system(request)), stops)
@@ -337,7 +345,7 @@ def check_input_size(request: GenerationRequest, n_ctx: int | None, max_token_ch
             param="messages",
             model=request.model,
         )
-    chars = sum(len(m.content) for m in request.messages)
+    chars = sum(len(m.content) for m in request.messages) + len(request.raw_prompt or "")
     limit = n_ctx * max(1, max_token_chars)
     if chars > limit:
         raise invalid_request(
@@ -481,6 +489,8 @@ class PromptPrep(Generic[T]):
         self.bos = ""
         self.eos = ""
         self.vocab: Vocab[T] | None = None
+        #: Whether the tokenizer starts a prompt with its BOS token (a raw prompt gets it).
+        self.add_bos = False
         self._beam_warned = False
 
     def set_model(self, chat_template: str | None, bos: str, eos: str, vocab: Vocab[T]) -> None:
@@ -501,6 +511,7 @@ class PromptPrep(Generic[T]):
             bos_token=self.bos,
             eos_token=self.eos,
             enable_thinking=self.model.enable_thinking,
+            add_bos=self.add_bos,
         )
 
     def check_size(self, request: GenerationRequest, n_ctx: int | None) -> None:

@@ -177,6 +177,10 @@ class GGUFModel(_ModelBase, tag="gguf"):
     gguf_type_k: KvCacheType | None = None
     gguf_type_v: KvCacheType | None = None
     gguf_batching: bool = False
+    # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
+    #: An embedding model: ``/v1/embeddings`` only (llama.cpp's embedding mode, pooling as the
+    #: model's GGUF says); generation routes refuse it.
+    embeddings: bool = False
 
 
 class CT2Model(_ModelBase, tag="ct2"):
@@ -367,6 +371,9 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
     remote_budget_request_max: NonNegativeFloat | None = None
     remote_cost_ledger_path: str | None = None
     remote_reservation_stale_after_s: PositiveFloat = 3600.0
+    # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
+    #: An embedding model: ``/v1/embeddings`` only; generation routes refuse it.
+    embeddings: bool = False
 
     def problems(self) -> tuple[str, str] | None:
         if self.replicas > self.replica_max:
