@@ -16,6 +16,11 @@ Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorizati
      "thinking": {"type": remote_thinking} (only if set),
      "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
 
+A raw prompt (``/v1/completions``) goes to ``POST {remote_base_url}/completions`` instead, with
+``prompt`` as sent (no system turn) and the answer's ``choices[0].text`` kept as the upstream
+sent it; an embeddings job (``embeddings = true``) to ``POST {remote_base_url}/embeddings``
+(``input``, ``encoding_format: float``), one vector per input in order.
+
 ``beam_size``, ``top_k`` and ``repetition_penalty`` are accepted, logged (debug) and not sent.
 The text is ``choices[0].message.content`` stripped (streams: deltas are forwarded as they arrive,
 leading whitespace dropped and trailing whitespace held back, so the concatenation is the stripped

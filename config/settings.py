@@ -269,6 +269,10 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
     llama_server_reasoning: Literal["on", "off", "auto"] | None = None
     #: Passed to llama-server last, as given (flags this backend sets itself are refused).
     llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
+    # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
+    #: An embedding model (``--embeddings``): ``/v1/embeddings`` only, through the engine's
+    #: ``/embedding`` with token ids; generation routes refuse it.
+    embeddings: bool = False
 
     def problems(self) -> tuple[str, str] | None:
         if self.llama_server_port is not None and self.replica_max > 1:

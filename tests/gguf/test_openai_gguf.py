@@ -1,6 +1,8 @@
 """The official ``openai`` SDK against a real server on the tiny generated GGUF (issue 16 §2):
 legacy completions (raw prompts, echo, stop, n, logprobs, streams), chat logprobs and ``n``,
-and embeddings through llama.cpp's embedding mode.
+and embeddings through llama.cpp's embedding mode; the same through ``llama_server`` (token ids
+to its ``/completion`` with ``n_probs``, and to its ``/embedding`` with ``--embeddings``), which
+must agree with in-process GGUF.
 
 Real clock, real sockets (127.0.0.1, port 0), real llama.cpp threads: the server runs in a
 thread of its own (``support.server.server_in_thread``) and each SDK call is bounded by the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +23,7 @@ import httpx
 import pytest
 from support.server import server_in_thread
 
+from llm_pool.backends.llama_server import default_binary
 from llm_pool.config import decode_settings
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (run `make install`)")
@@ -28,28 +32,29 @@ openai = pytest.importorskip("openai", reason="the openai SDK is a test dependen
 from models.tiny_gguf import N_EMBD, write_tiny_gguf  # noqa: E402
 
 BOUND = 30.0
+#: llama-server, when ``make install`` built it: the llama_server models are served only then.
+HAS_LLAMA_SERVER = os.access(default_binary(), os.X_OK)
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
     common: dict[str, Any] = {"model_path": str(path), "backend": "gguf", "gguf_n_ctx": 256, "n_threads": 1}
+    models: dict[str, Any] = {
+        "tiny": {**common, "prompt_format": "native"},
+        "emb": {**common, "embeddings": True},
+        "tiny-batched": {**common, "gguf_batching": True},
+    }
+    if HAS_LLAMA_SERVER:
+        engine = {"model_path": str(path), "backend": "llama_server", "llama_server_n_ctx": 256, "n_threads": 1}
+        models["ls"] = {**engine, "prompt_format": "native"}
+        models["ls-emb"] = {**engine, "embeddings": True}
     settings = decode_settings(
-        {
-            "service": {"host": "127.0.0.1", "port": 0},
-            "engine": {
-                "models": {
-                    "tiny": {**common, "prompt_format": "native"},
-                    "emb": {**common, "embeddings": True},
-                    "tiny-batched": {**common, "gguf_batching": True},
-                }
-            },
-        },
-        source="test",
+        {"service": {"host": "127.0.0.1", "port": 0}, "engine": {"models": models}}, source="test"
     )
     with server_in_thread(settings) as url:
         with httpx.Client(base_url=url, timeout=BOUND) as http:
-            for name in ("tiny", "emb", "tiny-batched"):
+            for name in models:
                 r = http.post(f"/v1/admin/models/{name}/load", json={})
                 assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
         yield url
@@ -225,3 +230,41 @@ def test_embeddings_and_generation_are_refused_on_the_wrong_model(client: Any) -
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="emb", input="y" * 300)
     assert info.value.body["message"] == "input[0] has 300 tokens; model 'emb' embeds at most 256 at once"
+
+
+# --------------------------------------------------------------------------- llama_server
+needs_llama_server = pytest.mark.skipif(not HAS_LLAMA_SERVER, reason="llama-server is not built (run `make install`)")
+
+
+@needs_llama_server
+def test_llama_server_completion_and_logprobs_agree_with_in_process_gguf(client: Any) -> None:
+    c = client.completions.create(model="ls", prompt="x", max_tokens=3, logprobs=2)
+    ref = client.completions.create(model="tiny", prompt="x", max_tokens=3, logprobs=2)
+    assert c.choices[0].text == ref.choices[0].text == "yza"
+    lp, ref_lp = c.choices[0].logprobs, ref.choices[0].logprobs
+    assert lp.tokens == ref_lp.tokens and lp.text_offset == ref_lp.text_offset
+    assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(lp.token_logprobs, ref_lp.token_logprobs, strict=True))
+    assert [list(t) for t in lp.top_logprobs] == [list(t) for t in ref_lp.top_logprobs]
+    # the raw prompt reaches the engine as token ids: a control token's text stays text
+    c = client.completions.create(model="ls", prompt="<|im_end|>", max_tokens=3)
+    assert (c.usage.prompt_tokens, c.choices[0].text) == (10, "abc")
+    chunks = list(
+        client.chat.completions.create(
+            model="ls", messages=[{"role": "user", "content": "x"}], max_tokens=3, logprobs=True, stream=True
+        )
+    )
+    tokens = [t.token for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.content]
+    assert "".join(tokens) == "".join(c.delta.content or "" for ch in chunks for c in ch.choices)
+
+
+@needs_llama_server
+def test_llama_server_embeddings_agree_with_in_process_gguf(client: Any) -> None:
+    got = client.embeddings.create(model="ls-emb", input=["abc", "xyz"])
+    ref = client.embeddings.create(model="emb", input=["abc", "xyz"])
+    assert got.usage.prompt_tokens == ref.usage.prompt_tokens == 6
+    for a, b in zip(got.data, ref.data, strict=True):
+        assert len(a.embedding) == N_EMBD
+        assert all(math.isclose(x, y, abs_tol=1e-3) for x, y in zip(a.embedding, b.embedding, strict=True))
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="ls-emb", prompt="x")
+    assert info.value.code == "generation_unsupported"
