@@ -294,6 +294,8 @@ def check_request(fmt: str, request: GenerationRequest) -> None:
             raise invalid_request(
                 f"{key} may contain only letters, digits, '-' and '_'", param=key, model=request.model
             )
+    if request.kind != "chat":  # a raw prompt or embeddings: no template to satisfy
+        return
     if fmt == "translategemma_template":
         for key in ("source_lang_code", "target_lang_code"):
             if not getattr(request, key):
