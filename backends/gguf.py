@@ -221,7 +221,7 @@ KIND = BackendKind(
     check_overrides=_normalise,
     file_bounds=_file_bounds,
     seeded_sampling=True,
-    token_logprobs=lambda m: not m.gguf_batching,
+    token_logprobs=lambda m: True,
     embeddings=True,
     load_recommendations={
         "kv_cache_presets": [{"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")]

@@ -165,13 +165,13 @@ def test_chat_logprobs(client: Any) -> None:
     assert "".join(streamed) == c.choices[0].message.content
 
 
-def test_logprobs_refused_where_the_runtime_has_none(client: Any) -> None:
-    c = client.completions.create(model="tiny-batched", prompt="x", max_tokens=5)  # raw prompts work there
-    assert c.choices[0].text == "yzabc"
-    with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="tiny-batched", prompt="x", logprobs=1)
-    assert info.value.body["message"] == "model 'tiny-batched' (gguf) does not return log probabilities; leave logprobs out"
-    assert info.value.body["param"] == "$.logprobs"
+def test_the_batched_backend_agrees_with_the_sequential_one(client: Any) -> None:
+    c = client.completions.create(model="tiny-batched", prompt="x", max_tokens=3, logprobs=2)
+    ref = client.completions.create(model="tiny", prompt="x", max_tokens=3, logprobs=2)
+    assert c.choices[0].text == ref.choices[0].text == "yza"
+    lp, ref_lp = c.choices[0].logprobs, ref.choices[0].logprobs
+    assert lp.tokens == ref_lp.tokens and [list(t) for t in lp.top_logprobs] == [list(t) for t in ref_lp.top_logprobs]
+    assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(lp.token_logprobs, ref_lp.token_logprobs, strict=True))
 
 
 @pytest.mark.parametrize(
