@@ -132,6 +132,12 @@ class BackendKind:
     thinking_modes: tuple[str, ...] | None = None
     #: Whether a conversation may have several turns; None: as its prompt format allows.
     multi_turn: bool | None = None
+    # --- OpenAI semantics (issue 16 §2): logprobs and embeddings
+    #: Whether a model of this kind returns per-token log probabilities (``logprobs``); others
+    #: refuse a request for them with a 400.
+    token_logprobs: Callable[[Any], bool] = _never
+    #: Whether a model of this kind can be an embeddings model (its Struct's ``embeddings``).
+    embeddings: bool = False
 
 
 class EngineCrashed(Exception):

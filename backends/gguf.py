@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import BackendKind, SequentialBackend, StreamTimer
 from llm_pool.backends.decoding import engine_seed
-from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
+from llm_pool.backends.llama_common import (
+    LLAMA_QUIET_LOAD_LOCK,
+    ggml_type,
+    pool_embedding,
+    set_prompt_model,
+    token_logprob,
+)
 from llm_pool.backends.prompts import PromptPrep
+from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
 
 log = logging.getLogger("llm_pool.gguf")
+
 
 class GGUFBackend(SequentialBackend):
     """One llama.cpp context; see the module docstring."""
@@ -62,6 +70,7 @@ class GGUFBackend(SequentialBackend):
                     n_threads_batch=self.ctx.n_threads,
                     n_gpu_layers=m.gguf_n_gpu_layers,
                     flash_attn=flash,
+                    embedding=m.embeddings,
                     verbose=False,
                     **kwargs,
                 )
@@ -76,9 +85,12 @@ class GGUFBackend(SequentialBackend):
 
     def generate(self, job: Job) -> GenerationStats:
         import llama_cpp
+        import numpy as np
 
         llm = self.llm
         req = job.request
+        if req.embed_inputs is not None:
+            return self.embed(job)
         d = req.decoding
         timer = StreamTimer()
         n_ctx = llm.n_ctx()
@@ -89,6 +101,12 @@ class GGUFBackend(SequentialBackend):
         # Llama keeps the seed between calls: every job sets its own (a random one when unseeded)
         llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if d.seed is None else engine_seed(d.seed))
         vocab = llm._model.vocab
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        want_logprobs = req.logprobs
+
+        def piece(t: int) -> bytes:
+            return bytes(llm.detokenize([t]))
+
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish = "length"
         history = list(tokens)
@@ -112,10 +130,14 @@ class GGUFBackend(SequentialBackend):
                     finish = "stop"
                     break
                 timer.token()
-                piece = llm.detokenize([token], prev_tokens=history)
+                lp = None
+                if want_logprobs is not None:  # the logits that chose this token are still the last
+                    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                    lp = [token_logprob(logits, token, want_logprobs, piece)]
+                text_bytes = llm.detokenize([token], prev_tokens=history)
                 history.append(token)
-                text, hit = stops.push(utf8.decode(piece))
-                job.emit(text)
+                text, hit = stops.push(utf8.decode(text_bytes))
+                job.emit(text, lp)
                 if hit:
                     finish = "stop"
                     break
@@ -127,9 +149,46 @@ class GGUFBackend(SequentialBackend):
             job.emit(stops.push(utf8.decode(b"", final=True))[0] + stops.flush())
         return timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
 
+    def embed(self, job: Job) -> GenerationStats:
+        """An embeddings job: one vector per input (:func:`~backends.llama_common.pool_embedding`),
+        each input tokenized as plain text with the model's own BOS/EOS, and refused (400) when it
+        is empty or longer than a batch (an embedding sees a whole input at once)."""
+        llm = self.llm
+        req = job.request
+        inputs = req.embed_inputs or []
+        timer = StreamTimer()
+        limit = min(llm.n_batch, llm.context_params.n_ubatch)
+        assert self.prompts.vocab is not None
+        total = 0
+        most_chars = limit * max(1, self.prompts.vocab.max_token_chars)
+        for i, text in enumerate(inputs):
+            if len(text) > most_chars:  # bound the tokenizer's work before it runs
+                raise invalid_request(
+                    f"input[{i}] has {len(text)} characters; model {req.model!r} embeds at most {limit} tokens"
+                    f" at once, which hold at most {most_chars}",
+                    param=f"$.input[{i}]",
+                    model=req.model,
+                )
+            n = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n == 0 or n > limit:
+                why = "is empty" if n == 0 else f"has {n} tokens; model {req.model!r} embeds at most {limit} at once"
+                raise invalid_request(f"input[{i}] {why}", param=f"$.input[{i}]", model=req.model)
+            total += n
+        timer.prompt_ready()
+        # one input per call: llama-cpp-python's multi-sequence batches read per-token outputs
+        # (pooling "none") at the wrong rows, so an input's vector would depend on its neighbours
+        job.embeddings = []
+        for text in inputs:
+            if job.should_stop():
+                return timer.stats(finish_reason="cancelled", prompt_tokens=total)
+            job.embeddings.append(pool_embedding(llm.embed([text], truncate=False)[0]))
+        stats = timer.stats(finish_reason="stop", prompt_tokens=total)
+        stats.output_tokens = 0
+        return stats
+
 
 def _create(ctx: BackendContext) -> Any:
-    if ctx.model.gguf_batching:
+    if ctx.model.gguf_batching and not ctx.model.embeddings:  # embeddings: one batch per job
         from llm_pool.backends.gguf_batched import BatchedGGUFBackend
 
         return BatchedGGUFBackend(ctx)
@@ -162,6 +221,8 @@ KIND = BackendKind(
     check_overrides=_normalise,
     file_bounds=_file_bounds,
     seeded_sampling=True,
+    token_logprobs=lambda m: True,
+    embeddings=True,
     load_recommendations={
         "gguf_cache_type_pairs": {
             "kind": "pair_presets",

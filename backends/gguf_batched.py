@@ -54,9 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
 from llm_pool.backends.decoding import engine_seed
-from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
+from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model, token_logprob
 from llm_pool.backends.prompts import PromptPrep, StopMatcher
-from llm_pool.pool.jobs import Decoding, GenerationStats, Job
+from llm_pool.pool.jobs import Decoding, GenerationStats, Job, TokenLogprob
 
 if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
@@ -470,14 +470,26 @@ class BatchedGGUFBackend:
                 continue
             try:
                 tok = llama_cpp.llama_sampler_sample(seq.sampler, self._lctx, seq.out)
-                finish = self._accept(seq, tok)
+                finish = self._accept(seq, tok, self._logprobs(seq, tok))
             except Exception as e:
                 self._end(seq, error=e)
                 continue
             if finish is not None:
                 self._end(seq, finish)
 
-    def _accept(self, seq: _Sequence, tok: int) -> str | None:
+    def _logprobs(self, seq: _Sequence, tok: int) -> list[TokenLogprob] | None:
+        """The sampled token's log probabilities from its row's logits, when its request asked
+        (issue 16 §2; the sampler reads the same row without changing it)."""
+        k = seq.job.request.logprobs
+        if k is None:
+            return None
+        import llama_cpp
+        import numpy as np
+
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._lctx, seq.out), shape=(self._n_vocab,))
+        return [token_logprob(row, tok, k, self._piece)]
+
+    def _accept(self, seq: _Sequence, tok: int, logprobs: list[TokenLogprob] | None = None) -> str | None:
         """Stream one sampled token; the finish reason if the sequence ends with it."""
         import llama_cpp
 
@@ -485,7 +497,7 @@ class BatchedGGUFBackend:
             return "stop"
         seq.timer.token()
         text, hit = seq.stops.push(seq.utf8.decode(self._piece(tok)))
-        seq.job.emit(text)
+        seq.job.emit(text, logprobs)
         if hit:
             return "stop"
         if seq.timer.tokens >= seq.budget:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
 from llm_pool.config.settings import KvCacheType
+from llm_pool.pool.jobs import TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -71,6 +72,7 @@ def set_prompt_model(prompts: PromptPrep[int], model: Any) -> None:
         special_text(model.token_eos()),
         llama_vocab(model.vocab, lambda text: model.tokenize(text.encode("utf-8"), add_bos=False, special=False)),
     )
+    prompts.add_bos = bool(model.add_bos_token())
 
 
 def open_vocab(path: Path) -> Any:
@@ -89,3 +91,39 @@ def open_vocab(path: Path) -> Any:
             return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
     except ValueError as e:  # "Failed to load model from file"
         raise RuntimeError(f"llama.cpp could not read the vocabulary of {path.name}: {e}") from None
+
+
+# --- logprobs and embeddings (issue 16 §2) ---------------------------------------------------
+def token_logprob(logits: Any, token: int, k: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """The log probability of ``token`` under ``logits`` (the model's raw distribution, before
+    any sampler setting: what OpenAI reports) and the ``k`` most likely tokens', most likely
+    first; ``piece(t)`` is token ``t``'s bytes."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float64)
+    top = row.max()
+    logprobs = row - (top + np.log(np.exp(row - top).sum()))
+
+    def entry(t: int) -> TopLogprob:
+        raw = piece(t)
+        return TopLogprob(token=raw.decode("utf-8", "replace"), logprob=float(logprobs[t]), bytes=list(raw))
+
+    best: list[int] = []
+    if k > 0:
+        k = min(k, row.shape[0])
+        candidates = np.argpartition(-logprobs, k - 1)[:k]
+        best = sorted((int(t) for t in candidates), key=lambda t: (-logprobs[t], t))
+    chosen = entry(token)
+    return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top=[entry(t) for t in best])
+
+
+def pool_embedding(rows: Any) -> list[float]:
+    """One L2-normalised vector (OpenAI's embeddings are unit length) from llama.cpp's output:
+    a pooled vector as it is, per-token vectors (a model whose pooling is ``none``) averaged."""
+    import numpy as np
+
+    a = np.asarray(rows, dtype=np.float64)
+    if a.ndim == 2:
+        a = a.mean(axis=0)
+    norm = float(np.linalg.norm(a))
+    return [float(x) for x in (a / norm if norm > 0 else a)]

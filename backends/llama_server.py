@@ -38,6 +38,10 @@ One job (same rules as the in-process GGUF backend):
   one; a hit closes the stream.  Greedy when ``temperature == 0`` or ``top_k == 1``; a
   request's ``seed`` is sent as the engine's ``seed`` (32 bits, :func:`~backends.decoding.engine_seed`),
   its OpenAI penalties as ``presence_penalty`` / ``frequency_penalty``.
+* ``/v1/completions``' raw prompts take the same path (no template, caller text as text);
+  ``logprobs`` are the engine's ``n_probs`` (``completion_probabilities`` of each chunk); an
+  ``embeddings = true`` model runs with ``--embeddings`` and its jobs go to ``POST /embedding``
+  as token ids (:meth:`LlamaServerBackend._embed`).
 * Metrics: wall-clock timers as every backend, replaced by the engine's own ``timings``
   (``prompt_ms``, ``predicted_ms``, ``predicted_n``, ``prompt_n``) when it sent them.
 
@@ -68,10 +72,10 @@ from llm_pool.backends.base import BackendKind, StreamTimer
 from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.engine_backend import EngineBackend, close_response, quote
 from llm_pool.backends.engine_process import EngineProcess, engine_env
-from llm_pool.backends.llama_common import open_vocab, set_prompt_model
+from llm_pool.backends.llama_common import open_vocab, pool_embedding, set_prompt_model
 from llm_pool.backends.prompts import Prompt, PromptPrep, Vocab
 from llm_pool.pool.errors import invalid_request
-from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job
+from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
@@ -161,6 +165,8 @@ class LlamaServerBackend(EngineBackend):
             argv += ["--spec-draft-ngl", str(m.llama_server_spec_draft_ngl)]
         if m.llama_server_reasoning is not None:
             argv += ["--reasoning", m.llama_server_reasoning]
+        if m.embeddings:  # issue 16 §2: an embeddings model
+            argv += ["--embeddings"]
         return argv + list(m.llama_server_extra_args)
 
     # ------------------------------------------------------------------ lifetime
@@ -246,6 +252,8 @@ class LlamaServerBackend(EngineBackend):
 
     async def _generate(self, job: Job, timer: StreamTimer) -> GenerationStats:
         req = job.request
+        if req.embed_inputs is not None:
+            return await self._embed(job, timer)
         d = req.decoding
         # tokenizing is bounded by the size checks, but can take ~0.2 s: off the event loop
         marker = MEDIA_MARKER if req.images else None
@@ -268,6 +276,8 @@ class LlamaServerBackend(EngineBackend):
         }
         if d.seed is not None:
             body["seed"] = engine_seed(d.seed)
+        if req.logprobs is not None:  # the engine reports at least one candidate per token
+            body["n_probs"] = max(1, req.logprobs)
         assert self._client is not None, "not loaded"
         request = self._client.build_request("POST", f"{self.base_url}/completion", json=body)
         finish = "length"
@@ -288,10 +298,11 @@ class LlamaServerBackend(EngineBackend):
                     raise self._engine_error(chunk["error"])
                 predicted = chunk.get("tokens_predicted", predicted)
                 text = chunk.get("content") or ""
+                lp = _logprobs(chunk, req.logprobs) if req.logprobs is not None else None
                 if text:
                     timer.token()
                     out, hit = stops.push(text)
-                    job.emit(out)
+                    job.emit(out, lp)
                     if hit:
                         finish = "stop"
                         break
@@ -309,6 +320,44 @@ class LlamaServerBackend(EngineBackend):
         stats.output_tokens = predicted or stats.output_tokens  # what the engine decoded, if it said
         if final is not None:
             _apply_timings(stats, final)
+        return stats
+
+    async def _embed(self, job: Job, timer: StreamTimer) -> GenerationStats:
+        """An embeddings job: each input tokenized here as plain text (the model's own BOS/EOS,
+        never a control token from caller text), sent as token ids to ``POST /embedding``
+        (unnormalised), pooled and normalised as in-process GGUF does
+        (:func:`~backends.llama_common.pool_embedding`)."""
+        req = job.request
+        inputs = req.embed_inputs or []
+        vocab = self._vocab
+        assert vocab is not None and self.prompts.vocab is not None and self._client is not None, "not loaded"
+        most_chars = self.n_ctx * max(1, self.prompts.vocab.max_token_chars)
+        ids: list[list[int]] = []
+        for i, text in enumerate(inputs):
+            if len(text) > most_chars:  # bound the tokenizer's work before it runs
+                raise invalid_request(
+                    f"input[{i}] has {len(text)} characters; model {req.model!r} embeds at most {self.n_ctx} tokens"
+                    f" at once, which hold at most {most_chars}",
+                    param=f"$.input[{i}]",
+                    model=req.model,
+                )
+            tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+            if not tokens or len(tokens) > self.n_ctx:
+                why = "is empty" if not tokens else f"has {len(tokens)} tokens; model {req.model!r} embeds at most {self.n_ctx} at once"
+                raise invalid_request(f"input[{i}] {why}", param=f"$.input[{i}]", model=req.model)
+            ids.append(tokens)
+        timer.prompt_ready()
+        try:
+            r = await self._client.post(f"{self.base_url}/embedding", json={"content": ids, "embd_normalize": -1})
+        except httpx.TransportError as e:
+            raise await self._lost(e) from None
+        if r.status_code != 200:
+            raise self._status_error(r.status_code, r.content)
+        items = r.json()
+        by_index = {item["index"]: item["embedding"] for item in items if isinstance(item, dict)}
+        job.embeddings = [pool_embedding(by_index[i]) for i in range(len(ids))]
+        stats = timer.stats(finish_reason="stop", prompt_tokens=sum(map(len, ids)))
+        stats.output_tokens = 0
         return stats
 
 
@@ -343,6 +392,28 @@ def multimodal_prompt(
     return {"prompt_string": text, "multimodal_data": [image.url.partition(",")[2] for image in request.images]}
 
 
+def _logprobs(chunk: dict[str, Any], k: int) -> list[TokenLogprob] | None:
+    """The ``completion_probabilities`` of one stream chunk as :class:`~pool.jobs.TokenLogprob`
+    (the engine's ``logprob`` is of its raw distribution, as in-process GGUF's), ``k`` candidates."""
+    probs = chunk.get("completion_probabilities")
+    if not isinstance(probs, list):
+        return None
+
+    def top(p: dict[str, Any]) -> TopLogprob:
+        return TopLogprob(token=p["token"], logprob=float(p["logprob"]), bytes=list(p.get("bytes") or []))
+
+    return [
+        TokenLogprob(
+            token=p["token"],
+            logprob=float(p["logprob"]),
+            bytes=list(p.get("bytes") or []),
+            top=[top(c) for c in (p.get("top_logprobs") or [])[:k]],
+        )
+        for p in probs
+        if isinstance(p, dict)
+    ]
+
+
 def _apply_timings(stats: GenerationStats, final: dict[str, Any]) -> None:
     """The engine's own measures, where it sent them (they exclude our HTTP overhead)."""
     t = final.get("timings")
@@ -364,4 +435,6 @@ KIND = BackendKind(
     create=LlamaServerBackend,
     uses_gpu=lambda m: m.llama_server_n_gpu_layers != 0,
     seeded_sampling=True,
+    token_logprobs=lambda m: True,
+    embeddings=True,
 )

@@ -19,6 +19,11 @@ Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorizati
                   remote_thinking; only if one is set),
      "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
 
+A raw prompt (``/v1/completions``) goes to ``POST {remote_base_url}/completions`` instead, with
+``prompt`` as sent (no system turn) and the answer's ``choices[0].text`` kept as the upstream
+sent it; an embeddings job (``embeddings = true``) to ``POST {remote_base_url}/embeddings``
+(``input``, ``encoding_format: float``), one vector per input in order.
+
 ``beam_size``, ``top_k`` and ``repetition_penalty`` are accepted, logged (debug) and not sent.
 The text is ``choices[0].message.content`` stripped (streams: deltas are forwarded as they arrive,
 leading whitespace dropped and trailing whitespace held back, so the concatenation is the stripped
@@ -120,12 +125,38 @@ def wire_content(m: Message) -> str | list[dict[str, Any]]:
     ]
 
 
+def cost_messages(request: GenerationRequest) -> list[Message]:
+    """What a request's cost is estimated from: its messages, or its raw prompt or inputs."""
+    if request.embed_inputs is not None:
+        return [Message(role="user", content=t) for t in request.embed_inputs]
+    if request.raw_prompt is not None:
+        return [Message(role="user", content=request.raw_prompt)]
+    return messages_for(request)
+
+
+def cost_max_tokens(request: GenerationRequest) -> int:
+    """The most output tokens a request may be billed for (embeddings: none)."""
+    return 0 if request.embed_inputs is not None else request.decoding.max_tokens
+
+
+#: The upstream path of each job kind (issue 16 §2: /v1/completions, /v1/embeddings).
+UPSTREAM_PATHS = {"chat": "/chat/completions", "raw": "/completions", "embed": "/embeddings"}
+
+
 def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
-    """The Chat Completions body for ``request`` (see the module docstring)."""
+    """The upstream body for ``request``: Chat Completions (see the module docstring), legacy
+    Completions (``prompt`` as sent, no system turn) or Embeddings (``input``, floats)."""
     d = request.decoding
+    if request.embed_inputs is not None:
+        return {"model": model.remote_model, "input": list(request.embed_inputs), "encoding_format": "float"}
+    prompt: dict[str, Any] = (
+        {"prompt": request.raw_prompt}
+        if request.raw_prompt is not None
+        else {"messages": [{"role": m.role, "content": wire_content(m)} for m in messages_for(request)]}
+    )
     body: dict[str, Any] = {
         "model": model.remote_model,
-        "messages": [{"role": m.role, "content": wire_content(m)} for m in messages_for(request)],
+        **prompt,
         "temperature": d.temperature,
         "top_p": d.top_p,
         "max_tokens": d.max_tokens,
@@ -139,12 +170,43 @@ def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool
     if d.frequency_penalty:
         body["frequency_penalty"] = d.frequency_penalty
     thinking = model.remote_thinking if request.thinking == "default" else request.thinking
-    if thinking is not None:
+    if thinking is not None and request.raw_prompt is None:
         body["thinking"] = {"type": thinking}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def parse_embeddings(raw: bytes, count: int, *, model: str, key: str) -> tuple[list[list[float]], Usage | None]:
+    """The ``count`` vectors (in input order) and usage of an Embeddings answer;
+    :class:`UpstreamFailure` (parse failure) otherwise."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        excerpt = quote(raw.decode("utf-8", "replace"), key)
+        raise UpstreamFailure(parse_failure(model, f"the upstream's answer is not JSON: {excerpt!r}"), submitted=True) from None
+    items = data.get("data") if isinstance(data, dict) else None
+    u = data.get("usage") if isinstance(data, dict) else None
+    usage = None
+    if isinstance(u, dict) and isinstance(u.get("prompt_tokens"), int) and not isinstance(u.get("prompt_tokens"), bool):
+        usage = Usage(u["prompt_tokens"], 0)
+    vectors: dict[int, list[float]] = {}
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict):
+            continue
+        index, vector = item.get("index"), item.get("embedding")
+        if isinstance(index, int) and isinstance(vector, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector
+        ):
+            vectors[index] = [float(x) for x in vector]
+    if sorted(vectors) != list(range(count)):
+        raise UpstreamFailure(
+            parse_failure(model, f"the upstream's answer does not hold {count} embedding vector(s) of numbers"),
+            submitted=True,
+            usage=usage,
+        )
+    return [vectors[i] for i in range(count)], usage
 
 
 @dataclass(frozen=True)
@@ -278,9 +340,12 @@ def _non_text(content: Any, extra: dict[str, Any]) -> str:
     return f"the upstream returned non-text content (a JSON {type(content).__name__}, not a string)"
 
 
-def parse_completion(raw: bytes, *, model: str, key: str) -> tuple[str, str | None, Usage | None]:
+def parse_completion(
+    raw: bytes, *, model: str, key: str, legacy: bool = False
+) -> tuple[str, str | None, Usage | None]:
     """(stripped text, finish_reason, usage) of a non-stream answer; :class:`UpstreamFailure`
-    (parse failure, carrying the usage if there was one) otherwise."""
+    (parse failure, carrying the usage if there was one) otherwise.  ``legacy``: a
+    ``text_completion`` (``choices[0].text``, kept as sent)."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -295,6 +360,12 @@ def parse_completion(raw: bytes, *, model: str, key: str) -> tuple[str, str | No
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise UpstreamFailure(parse_failure(model, "the upstream's answer has no choices"), submitted=True, usage=usage)
     choice = choices[0]
+    if legacy:
+        text = choice.get("text")
+        if not isinstance(text, str):
+            raise UpstreamFailure(parse_failure(model, _non_text(text, {})), submitted=True, usage=usage)
+        finish = choice.get("finish_reason")
+        return text, finish if isinstance(finish, str) else None, usage
     message = choice.get("message")
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, str):
@@ -530,7 +601,7 @@ class RemoteBackend:
     def _reserve(self, job: Job) -> None:
         assert self.account is not None
         try:
-            self.account.reserve(job.id, messages_for(job.request), job.request.decoding.max_tokens)
+            self.account.reserve(job.id, cost_messages(job.request), cost_max_tokens(job.request))
         except OSError as e:
             raise _ledger_unavailable(self.name, e) from None
 
@@ -566,7 +637,7 @@ class RemoteBackend:
             if job.should_stop():
                 return
             if self.account is not None:
-                call.amount = self.account.estimate(messages_for(job.request), job.request.decoding.max_tokens)[0]
+                call.amount = self.account.estimate(cost_messages(job.request), cost_max_tokens(job.request))[0]
                 if not self.account.holds(job.id):  # admitted without the manager's hook
                     self._reserve(job)
             job.begin()
@@ -667,7 +738,7 @@ class RemoteBackend:
         while True:
             call.attempts += 1
             try:
-                if request.stream:
+                if request.stream and request.embed_inputs is None:
                     finish = await self._stream_once(job, call, body, deadline)
                 else:
                     finish = await self._json_once(job, call, body, deadline)
@@ -731,13 +802,13 @@ class RemoteBackend:
             502, "upstream_connection_error", f"{what} {self.base_url}: {type(e).__name__}: {detail}", model=self.name
         )
 
-    async def _send(self, call: _Call, body: dict[str, Any], deadline: float) -> httpx.Response:
+    async def _send(self, call: _Call, body: dict[str, Any], deadline: float, path: str) -> httpx.Response:
         """Send one attempt and return a 2xx response whose body is still unread; an error
         status is read, closed and raised as :class:`UpstreamFailure`."""
         assert self._client is not None, "not loaded"
         client = self._client
         headers = {**self._headers(), "X-Request-Id": call.request_id} if call.request_id else self._headers()
-        request = client.build_request("POST", f"{self.base_url}/chat/completions", json=body, headers=headers)
+        request = client.build_request("POST", f"{self.base_url}{path}", json=body, headers=headers)
         call.in_flight = True
         response: httpx.Response | None = None
         with trio.move_on_at(deadline):
@@ -777,7 +848,7 @@ class RemoteBackend:
         )
 
     async def _json_once(self, job: Job, call: _Call, body: dict[str, Any], deadline: float) -> str | None:
-        response = await self._send(call, body, deadline)
+        response = await self._send(call, body, deadline, UPSTREAM_PATHS[job.request.kind])
         raw: bytes | None = None
         try:
             with trio.move_on_at(deadline):
@@ -792,7 +863,12 @@ class RemoteBackend:
             await _close(response)
         if raw is None:
             raise UpstreamFailure(self._timeout(), submitted=True)
-        text, finish, call.usage = parse_completion(raw, model=self.name, key=self._key)
+        if job.request.embed_inputs is not None:
+            job.embeddings, call.usage = parse_embeddings(raw, len(job.request.embed_inputs), model=self.name, key=self._key)
+            call.t_first = time.perf_counter()
+            return "stop"
+        legacy = job.request.raw_prompt is not None
+        text, finish, call.usage = parse_completion(raw, model=self.name, key=self._key, legacy=legacy)
         call.t_first = time.perf_counter()
         if text:
             job.emit(text)
@@ -800,7 +876,7 @@ class RemoteBackend:
         return finish
 
     async def _stream_once(self, job: Job, call: _Call, body: dict[str, Any], deadline: float) -> str | None:
-        response = await self._send(call, body, deadline)
+        response = await self._send(call, body, deadline, UPSTREAM_PATHS[job.request.kind])
         finish: str | None = None
         saw_choice = done = False
         try:
@@ -870,6 +946,17 @@ class RemoteBackend:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return None, False
         choice = choices[0]
+        if job.request.raw_prompt is not None:  # a legacy completion: the text as sent, unstripped
+            text = choice.get("text")
+            if text is not None and not isinstance(text, str):
+                raise UpstreamFailure(parse_failure(self.name, _non_text(text, {})), submitted=True, usage=call.usage)
+            if text:
+                if call.t_first is None:
+                    call.t_first = time.perf_counter()
+                job.emit(text)
+                call.emitted = True
+            finish = choice.get("finish_reason")
+            return (finish if isinstance(finish, str) else None), True
         delta = choice.get("delta")
         delta = delta if isinstance(delta, dict) else {}
         content = delta.get("content")
@@ -922,4 +1009,5 @@ KIND = BackendKind(
     # the upstream renders the conversation; thinking is sent as {"thinking": {"type": ...}}
     thinking_modes=("default", "enabled", "disabled"),
     multi_turn=True,
+    embeddings=True,
 )

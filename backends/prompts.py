@@ -263,12 +263,20 @@ def render_prompt(
     eos_token: str = "",
     enable_thinking: bool = False,
     media_marker: str | None = None,
+    add_bos: bool = False,
 ) -> Prompt:
     """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings.
 
     ``media_marker``: the runtime's placeholder for an image (llama-server's ``<__media__>``),
     put (as markup) where each image item was; without one, a request with images is a 400
-    (this runtime is given no images, and none is dropped silently)."""
+    (this runtime is given no images, and none is dropped silently).
+
+    A raw request (``/v1/completions``) is its caller text alone, in any format: one caller
+    segment (never a control token), after the model's BOS token where its tokenizer adds one
+    (``add_bos``), with no stop string of a template's."""
+    if request.raw_prompt is not None:
+        head: list[Segment] = [(bos_token, True)] if add_bos and bos_token else []
+        return Prompt(head + _Segments().caller(request.raw_prompt).out)
     stops = NATIVE_STOPS[fmt]
     if request.images and (media_marker is None or fmt == "translategemma_template"):
         image = request.images[0]
@@ -357,6 +365,8 @@ def check_request(fmt: str, request: GenerationRequest) -> None:
             raise invalid_request(
                 f"{key} may contain only letters, digits, '-' and '_'", param=key, model=request.model
             )
+    if request.kind != "chat":  # a raw prompt or embeddings: no template to satisfy
+        return
     if fmt == "translategemma_template" and not request.target_lang_code:
         # source_lang_code may be left out ("auto", "mixed"): the model then detects each segment's
         raise invalid_request(
@@ -405,7 +415,7 @@ def check_input_size(request: GenerationRequest, n_ctx: int | None, max_token_ch
             param="messages",
             model=request.model,
         )
-    chars = sum(len(m.content) for m in request.messages)
+    chars = sum(len(m.content) for m in request.messages) + len(request.raw_prompt or "")
     limit = n_ctx * max(1, max_token_chars)
     if chars > limit:
         raise invalid_request(
@@ -549,6 +559,8 @@ class PromptPrep(Generic[T]):
         self.bos = ""
         self.eos = ""
         self.vocab: Vocab[T] | None = None
+        #: Whether the tokenizer starts a prompt with its BOS token (a raw prompt gets it).
+        self.add_bos = False
         self._beam_warned = False
 
     def set_model(self, chat_template: str | None, bos: str, eos: str, vocab: Vocab[T]) -> None:
@@ -570,6 +582,7 @@ class PromptPrep(Generic[T]):
             eos_token=self.eos,
             enable_thinking=thinking_enabled(self.model.enable_thinking, request),
             media_marker=media_marker,
+            add_bos=self.add_bos,
         )
 
     def check_size(self, request: GenerationRequest, n_ctx: int | None) -> None:

@@ -210,6 +210,10 @@ class GGUFModel(_ModelBase, tag="gguf"):
     gguf_type_k: KvCacheType | None = None
     gguf_type_v: KvCacheType | None = None
     gguf_batching: bool = False
+    # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
+    #: An embedding model: ``/v1/embeddings`` only (llama.cpp's embedding mode, pooling as the
+    #: model's GGUF says); generation routes refuse it.
+    embeddings: bool = False
 
 
 class CT2Model(_ModelBase, tag="ct2"):
@@ -298,6 +302,10 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
     llama_server_reasoning: Literal["on", "off", "auto"] | None = None
     #: Passed to llama-server last, as given (flags this backend sets itself are refused).
     llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
+    # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
+    #: An embedding model (``--embeddings``): ``/v1/embeddings`` only, through the engine's
+    #: ``/embedding`` with token ids; generation routes refuse it.
+    embeddings: bool = False
 
     def takes_images(self) -> bool:
         return self.llama_server_mmproj_path is not None  # llama-server's multimodal prompts
@@ -403,6 +411,9 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
     remote_budget_request_max: NonNegativeFloat | None = None
     remote_cost_ledger_path: str | None = None
     remote_reservation_stale_after_s: PositiveFloat = 3600.0
+    # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
+    #: An embedding model: ``/v1/embeddings`` only; generation routes refuse it.
+    embeddings: bool = False
 
     def takes_images(self) -> bool:
         return True  # as Chat Completions content parts; whether the upstream model can is its own

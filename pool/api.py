@@ -276,7 +276,7 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     stop: StopString | StopList | None = None
     stream: bool | None = None
     stream_options: ChatStreamOptions | None = None
-    n: int | None = None
+    n: Choices | None = None
     #: Reproducible sampling (see pool.openai_compat); a runtime without seeds refuses it.
     seed: Seed | None = None
     presence_penalty: OpenAIPenalty | None = None
@@ -298,9 +298,9 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
     # OpenAI fields accepted only at their neutral value
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -326,7 +326,7 @@ class ChatChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatUsage(msgspec.Struct, kw_only=True):
@@ -356,7 +356,7 @@ class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -370,6 +370,136 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
     choices: list[ChatChunkChoice]
     usage: ChatUsage | None = None
     metrics: Metrics | None = None
+
+
+# ---------------------------------------------------------------- issue 16 §2: OpenAI completions,
+# embeddings, n and logprobs (policy in pool.openai_compat; these are only the shapes)
+#: How many choices one request may ask for (``n``): each choice is a job of its own.
+N_MAX = 16
+Choices = Annotated[int, msgspec.Meta(ge=1, le=N_MAX)]
+#: Chat's ``top_logprobs`` (OpenAI: 0..20).
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+#: Legacy completions' ``logprobs`` (OpenAI: 0..5).
+CompletionLogprobs = Annotated[int, msgspec.Meta(ge=0, le=5)]
+#: At most this many prompts (``/v1/completions``) or inputs (``/v1/embeddings``) per request.
+BATCH_MAX = 2048
+
+
+class ChatTopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct, kw_only=True):
+    """A chat choice's (or stream chunk choice's) ``logprobs``: one entry per generated token."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/completions`` (OpenAI's legacy text completions): the prompt is sent as caller
+    text with no template (see pool.openai_compat)."""
+
+    model: NonEmpty
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+    suffix: str | None = None
+    #: OpenAI's default is 16 tokens.
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
+    stream: bool | None = None
+    stream_options: ChatStreamOptions | None = None
+    logprobs: CompletionLogprobs | None = None
+    echo: bool | None = None
+    stop: StopString | StopList | None = None
+    seed: Seed | None = None
+    presence_penalty: OpenAIPenalty | None = None
+    frequency_penalty: OpenAIPenalty | None = None
+    best_of: Choices | None = None
+    logit_bias: Any = None
+    user: str | None = None
+    # llm-pool extensions (the openai SDK sends them through ``extra_body``)
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    allow_remote: bool = False
+    fairness_key: str | None = None
+    priority: Priority = 0
+
+
+class CompletionLogprobsOut(msgspec.Struct, kw_only=True):
+    """A completion choice's ``logprobs`` (OpenAI's legacy shape): per generated token its text,
+    log probability, the most likely alternatives (``{token: logprob}``) and its character
+    offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    text: str
+    index: int
+    logprobs: CompletionLogprobsOut | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A ``text_completion`` body (stream chunks have the same shape; ``usage`` only on the
+    ``include_usage`` chunk, ``metrics`` on a choice's last chunk)."""
+
+    id: str
+    #: Always ``text_completion`` (no default: ``omit_defaults`` would leave it out).
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: ChatUsage | None = None
+    metrics: Metrics | None = None
+
+
+class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/embeddings``."""
+
+    model: NonEmpty
+    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+    # llm-pool extensions
+    allow_remote: bool = False
+    fairness_key: str | None = None
+    priority: Priority = 0
+
+
+class Embedding(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
+    index: int
+    #: Floats, or (``encoding_format: base64``) their little-endian float32 bytes in base64.
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    metrics: Metrics
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):

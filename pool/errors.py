@@ -7,6 +7,8 @@ PoolError                                   body: {"error": {type, code, message
 │       invalid_load_request     admin load overrides rejected
 │       invalid_settings         admin settings reload rejected
 │       request_cost_exceeds_max remote request over remote_budget_request_max
+│       embeddings_unsupported   /v1/embeddings for a model without ``embeddings = true``
+│       generation_unsupported   a generation route for an embeddings model
 ├── 401 unauthorized             missing/wrong bearer token
 ├── 403 remote_execution_disallowed
 │       priority_not_allowed     a negative priority from a key not allowed it
@@ -92,6 +94,26 @@ class PoolError(Exception):
 
 def invalid_request(message: str, *, param: str | None = None, model: str | None = None) -> PoolError:
     return PoolError(400, "invalid_request", message, param=param, model=model)
+
+
+def embeddings_unsupported(model: str) -> PoolError:
+    return PoolError(
+        400,
+        "embeddings_unsupported",
+        f"model {model!r} is not an embeddings model (its config has no `embeddings = true`)",
+        param="$.model",
+        model=model,
+    )
+
+
+def generation_unsupported(model: str) -> PoolError:
+    return PoolError(
+        400,
+        "generation_unsupported",
+        f"model {model!r} is an embeddings model (`embeddings = true`): it serves POST /v1/embeddings only",
+        param="$.model",
+        model=model,
+    )
 
 
 def unknown_model(model: str) -> PoolError:

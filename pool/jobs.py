@@ -119,6 +119,22 @@ class GenerationRequest:
     def images(self) -> list[ImagePart]:
         """Every image of the conversation, in order."""
         return [i for m in self.messages for i in m.images]
+    # --- raw completions, embeddings, logprobs (issue 16 §2: /v1/completions, /v1/embeddings)
+    #: ``/v1/completions``: the caller's text is the whole prompt, no template around it (one
+    #: caller segment: never a control token); ``messages`` is then empty.
+    raw_prompt: str | None = None
+    #: ``/v1/embeddings``: the texts to embed; the job computes :attr:`Job.embeddings`, no text.
+    embed_inputs: list[str] | None = None
+    #: Log probabilities wanted per generated token: None none; k ≥ 0 the chosen token's and
+    #: the k most likely ones' (:attr:`Delta.logprobs`).
+    logprobs: int | None = None
+
+    @property
+    def kind(self) -> Literal["chat", "raw", "embed"]:
+        """What the job makes: chat (a templated prompt), raw (a text completion) or embeddings."""
+        if self.embed_inputs is not None:
+            return "embed"
+        return "raw" if self.raw_prompt is not None else "chat"
 
     @property
     def system(self) -> str | None:
@@ -126,6 +142,8 @@ class GenerationRequest:
 
     @property
     def input(self) -> str:
+        if self.raw_prompt is not None:
+            return self.raw_prompt
         return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
 
 
@@ -142,13 +160,33 @@ class GenerationStats(msgspec.Struct, kw_only=True):
     cost: float | None = None
 
 
+class TopLogprob(msgspec.Struct, kw_only=True):
+    """One candidate token and its log probability (natural log); ``bytes``: its UTF-8 bytes
+    (a byte-level token may hold part of a character)."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob, kw_only=True):
+    """One generated token (its text, log probability and bytes) and the ``k`` most likely
+    candidates at its position, most likely first."""
+
+    top: list[TopLogprob]
+
+
 class Delta(msgspec.Struct):
     text: str
+    #: One entry per generated token in ``text`` when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Done(msgspec.Struct):
     text: str
     stats: GenerationStats
+    #: Every generated token's log probabilities, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Failed(msgspec.Struct):
@@ -204,6 +242,13 @@ class Job:
         #: of one cross-thread wake-up of the event loop (and of the handler) per token.
         self.stream_deltas = True
         self._held: list[str] | None = None
+        self._held_logprobs: list[TokenLogprob] = []
+        self._pending_logprobs: list[TokenLogprob] = []
+        #: Every token's log probabilities so far (trio side), when the request asked for them.
+        self.output_logprobs: list[TokenLogprob] = []
+        #: An embeddings job's vectors, one per input in order; set by the backend before it
+        #: finishes the job (:attr:`GenerationRequest.embed_inputs`).
+        self.embeddings: list[list[float]] | None = None
         # the output channel is opened on first use: a job waiting in a queue needs none yet
         self._channel: tuple[trio.MemorySendChannel[Event], trio.MemoryReceiveChannel[Event]] | None = None
         self._token = trio.lowlevel.current_trio_token()
@@ -239,21 +284,29 @@ class Job:
         """The backend starts working on this job (marks the inference timer's start)."""
         self.t_backend_begin = time.perf_counter()
 
-    def emit(self, text: str) -> None:
+    def emit(self, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
         """Hand one chunk of generated text to the client, now (see :attr:`stream_deltas`: the
-        first chunk always goes at once, for the time-to-first-token metric)."""
+        first chunk always goes at once, for the time-to-first-token metric).  ``logprobs``: its
+        tokens' log probabilities (tokens whose text is still held back, e.g. by a stop matcher,
+        travel with the next chunk)."""
+        if logprobs:
+            self._pending_logprobs.extend(logprobs)
         if not text:
             return
+        lp, self._pending_logprobs = self._pending_logprobs or None, []
         if self.stream_deltas or self._held is None:
             if not self.stream_deltas:
                 self._held = []
-            self._post(self._deliver, Delta(text))
+            self._post(self._deliver, Delta(text, lp))
         else:
             self._held.append(text)
+            self._held_logprobs.extend(lp or ())
 
     def _flush_held(self) -> None:
-        if self._held:
-            self._post(self._deliver, Delta("".join(self._held)))
+        lp = self._held_logprobs + self._pending_logprobs
+        self._held_logprobs, self._pending_logprobs = [], []
+        if self._held or lp:
+            self._post(self._deliver, Delta("".join(self._held or ()), lp or None))
             self._held = []
 
     def finish(self, stats: GenerationStats) -> None:
@@ -311,9 +364,12 @@ class Job:
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, Delta):
-            if not self.output:
-                self.t_first_output = time.perf_counter()
-            self.output.append(event.text)
+            if event.text:
+                if not self.output:
+                    self.t_first_output = time.perf_counter()
+                self.output.append(event.text)
+            if event.logprobs:
+                self.output_logprobs.extend(event.logprobs)
         try:
             self._send.send_nowait(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -328,7 +384,8 @@ class Job:
                 self._deliver(Failed(error))
             else:
                 assert self.stats is not None
-                self._deliver(Done("".join(self.output), self.stats))
+                lp = self.output_logprobs if self.request.logprobs is not None else None
+                self._deliver(Done("".join(self.output), self.stats, lp))
             self.state = "done"
             self._send.close()
         finally:

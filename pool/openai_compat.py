@@ -10,8 +10,9 @@ Request fields (``pool.api.ChatCompletionRequest``):
 
 * honoured: ``model``, ``messages`` (see below), ``temperature``, ``top_p``, ``max_tokens`` /
   ``max_completion_tokens`` (either; both only if equal), ``stop`` (a string or a list),
-  ``stream``, ``stream_options.include_usage``, ``n`` (1 only), ``seed``, ``presence_penalty``
-  and ``frequency_penalty`` (see "Sampling" below);
+  ``stream``, ``stream_options.include_usage``, ``n`` (1..16: one job per choice, seed ``seed + i``
+  for choice ``i``), ``logprobs`` / ``top_logprobs`` (runtimes whose kind has ``token_logprobs``),
+  ``seed``, ``presence_penalty`` and ``frequency_penalty`` (see "Sampling" below);
 * llm-pool extensions, sent with the SDK's ``extra_body``: ``top_k``, ``repetition_penalty``,
   ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma),
   ``fairness_key`` and ``priority`` (see :mod:`pool.fairness`);
@@ -53,13 +54,21 @@ samples on a runtime without seeds (CTranslate2) is a 400, never a seed silently
 ``presence_penalty`` / ``frequency_penalty`` reach the runtimes that have them; CTranslate2
 refuses a non-zero one (a 400 from its kind's ``decoding_rules``).
 
+``POST /v1/completions`` (legacy text completions: the prompt is caller text with no template,
+:attr:`pool.jobs.GenerationRequest.raw_prompt`) and ``POST /v1/embeddings`` (an embeddings job,
+:attr:`pool.jobs.GenerationRequest.embed_inputs`, for models with ``embeddings = true``) are
+here too, on the same skeleton (:func:`pool.serving.run_jobs`, :func:`pool.serving.stream_jobs`).
+
 ``GET /v1/models`` and ``/v1/responses`` speak OpenAI too; see :class:`pool.api.ModelsList`,
 :class:`pool.api.ResponseBody` and ``_stream_responses`` in :mod:`pool.http`.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import secrets
+import struct
 import time
 from typing import Any, Literal
 
@@ -69,16 +78,28 @@ from quart import Response, request
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
     FAIRNESS_KEY_HEADER,
+    N_MAX,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageIn,
     ChatMessageOut,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     ChatUsage,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobsOut,
+    CompletionRequest,
     DecodingIn,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
     Metrics,
     check_max_tokens,
     check_no_nul,
@@ -88,9 +109,9 @@ from llm_pool.pool.api import (
     token_counts,
 )
 from llm_pool.pool.errors import PoolError, invalid_request
-from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message
+from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message, TokenLogprob
 from llm_pool.pool.manager import PoolManager
-from llm_pool.pool.serving import job_result, run_job, stream_job, unix_time_of
+from llm_pool.pool.serving import job_result, run_job, run_jobs, stream_job, stream_jobs, unix_time_of
 from llm_pool.pool.web_io import json_response, read_json, sse_response
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
@@ -110,8 +131,6 @@ IGNORED_FIELDS = (
 #: OpenAI request fields accepted only at null or the value here (the one that asks for
 #: nothing); any other value is refused, never silently dropped: field → (accepted, why not).
 NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "logprobs": ((False,), "it returns no log probabilities"),
-    "top_logprobs": ((0,), "it returns no log probabilities"),
     "logit_bias": (({},), "its samplers take no logit bias"),
     "tools": (([],), "it does no tool calling"),
     "tool_choice": (("none",), "it does no tool calling"),
@@ -147,52 +166,216 @@ def register_openai(app: Any, manager: PoolManager) -> None:
         t0 = time.perf_counter()
         body: ChatCompletionRequest = await read_json(ChatCompletionRequest)
         gen = to_chat_request(manager.settings, body, request.headers.get(FAIRNESS_KEY_HEADER))
-        job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id(), decoding_at="$")
+        gens = choice_requests(gen, body.n or 1)
+        ids = [new_chat_id() for _ in gens]
+        jobs = await run_jobs(manager, gens, allow_remote=body.allow_remote, request_ids=ids, decoding_at="$")
+        job = jobs[0]
         created = unix_time_of(job.t_submitted)
         if not gen.stream:
-            done, metrics = await job_result(job, t0)
-            prompt, output = token_counts(job)
+            choices, metrics = [], None
+            for i, j in enumerate(jobs):
+                done, m = await job_result(j, t0)
+                metrics = metrics or m
+                lp = chat_logprobs(done.logprobs) if gen.logprobs is not None else None
+                choices.append(
+                    ChatChoice(
+                        index=i, message=ChatMessageOut(content=done.text), finish_reason=finish_reason(j), logprobs=lp
+                    )
+                )
+            assert metrics is not None
+            prompt, output = usage_of(jobs)
             return json_response(
                 ChatCompletion(
                     id=job.id,
                     created=created,
                     model=gen.model,
-                    choices=[ChatChoice(message=ChatMessageOut(content=done.text), finish_reason=finish_reason(job))],
+                    choices=choices,
                     usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
                     metrics=metrics,
                 )
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(stream_job(job, t0, ChatFrames(job, created, include_usage=include_usage)))
+        frames = [ChatFrames(job, created, include_usage=include_usage, index=i, jobs=jobs) for i in range(len(jobs))]
+        if len(jobs) == 1:
+            return sse_response(stream_job(job, t0, frames[0]))
+        return sse_response(stream_jobs(jobs, t0, list(frames)))
+
+    # issue 16 §2: legacy text completions and embeddings
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        t0 = time.perf_counter()
+        body: CompletionRequest = await read_json(CompletionRequest)
+        gens = to_completion_requests(manager.settings, body, request.headers.get(FAIRNESS_KEY_HEADER))
+        ids = [new_completion_id() for _ in gens]
+        jobs = await run_jobs(manager, gens, allow_remote=body.allow_remote, request_ids=ids, decoding_at="$")
+        job = jobs[0]
+        created = unix_time_of(job.t_submitted)
+        echo = bool(body.echo)
+        if not gens[0].stream:
+            choices, metrics = [], None
+            for i, j in enumerate(jobs):
+                done, m = await job_result(j, t0)
+                metrics = metrics or m
+                head = j.request.input if echo else ""
+                lp = completion_logprobs(done.logprobs, len(head)) if j.request.logprobs is not None else None
+                choices.append(
+                    CompletionChoice(text=head + done.text, index=i, logprobs=lp, finish_reason=finish_reason(j))
+                )
+            prompt, output = usage_of(jobs)
+            return json_response(
+                Completion(
+                    id=job.id,
+                    object="text_completion",
+                    created=created,
+                    model=body.model,
+                    choices=choices,
+                    usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
+                    metrics=metrics,
+                )
+            )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        cframes = [CompletionFrames(jobs, i, created, echo=echo, include_usage=include_usage) for i in range(len(jobs))]
+        if len(jobs) == 1:
+            return sse_response(stream_job(job, t0, cframes[0]))
+        return sse_response(stream_jobs(jobs, t0, list(cframes)))
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        t0 = time.perf_counter()
+        body: EmbeddingRequest = await read_json(EmbeddingRequest)
+        gen = to_embedding_request(body, request.headers.get(FAIRNESS_KEY_HEADER))
+        job = await run_job(
+            manager, gen, allow_remote=body.allow_remote, request_id=new_embedding_id(), decoding_at="$"
+        )
+        _, metrics = await job_result(job, t0)
+        vectors = job.embeddings or []
+        prompt, _ = token_counts(job)
+        return json_response(
+            EmbeddingList(
+                data=[
+                    Embedding(index=i, embedding=encode_vector(v, body.encoding_format)) for i, v in enumerate(vectors)
+                ],
+                model=body.model,
+                usage=EmbeddingUsage(prompt_tokens=prompt, total_tokens=prompt),
+                metrics=metrics,
+            )
+        )
 
 
 class ChatFrames:
     """``/v1/chat/completions``' stream (see the module docstring): a first chunk with
     ``role``, one per text delta, one with ``finish_reason`` (and ``metrics``), with
-    ``include_usage`` a ``usage`` chunk whose ``choices`` is empty, then ``data: [DONE]``."""
+    ``include_usage`` a ``usage`` chunk whose ``choices`` is empty, then ``data: [DONE]``.
+    With ``n`` > 1 one such series per choice (``index``), in turn; the role chunk of each
+    choice, and one usage chunk (every choice's tokens) after the last."""
 
-    def __init__(self, job: Job, created: int, *, include_usage: bool) -> None:
-        self.job, self.created, self.include_usage = job, created, include_usage
+    def __init__(
+        self, job: Job, created: int, *, include_usage: bool, index: int = 0, jobs: list[Job] | None = None
+    ) -> None:
+        self.job, self.created, self.include_usage = job if jobs is None else jobs[index], created, include_usage
+        self.index, self.jobs = index, jobs or [job]
+        self.first = self.jobs[0]
 
     def _chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> bytes:
-        job = self.job
+        job = self.first  # one id for every chunk of the response
         out = ChatCompletionChunk(
-            id=job.id, object="chat.completion.chunk", created=self.created, model=job.request.model, choices=choices, **extra
+            id=job.id,
+            object="chat.completion.chunk",
+            created=self.created,
+            model=job.request.model,
+            choices=choices,
+            **extra,
         )
         return data_frame(out)
 
+    def _role(self) -> bytes:
+        return self._chunk([ChatChunkChoice(index=self.index, delta=ChatDelta(role="assistant", content=""))])
+
     def opening(self) -> bytes:
-        return self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+        return self._role()
 
     def delta(self, event: Delta) -> bytes:
-        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
+        head = self._role() if self.index and not self._started else b""
+        self._started = True
+        lp = chat_logprobs(event.logprobs or []) if self.job.request.logprobs is not None else None
+        return head + self._chunk([ChatChunkChoice(index=self.index, delta=ChatDelta(content=event.text), logprobs=lp)])
+
+    _started = False
 
     def done(self, event: Done, metrics: Metrics) -> bytes:
         job = self.job
-        out = self._chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)
-        if self.include_usage:
-            prompt, output = token_counts(job)
-            out += self._chunk([], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
+        head = self._role() if self.index and not self._started else b""
+        out = head + self._chunk(
+            [ChatChunkChoice(index=self.index, delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics
+        )
+        if self.include_usage and self.index == len(self.jobs) - 1:
+            prompt, output = usage_of(self.jobs)
+            out += self._chunk(
+                [], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+            )
+        return out
+
+    def failed(self, error: PoolError) -> bytes:
+        return data_frame(error.body())
+
+    def closing(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+
+class CompletionFrames:
+    """``/v1/completions``' stream: ``text_completion`` chunks (OpenAI's shape), one per text
+    delta of choice ``index`` (the prompt first with ``echo``), one with ``finish_reason`` (and
+    ``metrics``), after the last choice with ``include_usage`` a ``usage`` chunk whose
+    ``choices`` is empty, then ``data: [DONE]``."""
+
+    def __init__(self, jobs: list[Job], index: int, created: int, *, echo: bool, include_usage: bool) -> None:
+        self.jobs, self.index, self.created, self.echo, self.include_usage = jobs, index, created, echo, include_usage
+        self.job = jobs[index]
+        self.offset = 0
+
+    def _chunk(self, choices: list[CompletionChoice], **extra: Any) -> bytes:
+        first = self.jobs[0]
+        return data_frame(
+            Completion(
+                id=first.id,
+                object="text_completion",
+                created=self.created,
+                model=first.request.model,
+                choices=choices,
+                **extra,
+            )
+        )
+
+    def _echo(self) -> bytes:
+        if not self.echo or self.offset:
+            return b""
+        text = self.job.request.input
+        self.offset = len(text)
+        return self._chunk([CompletionChoice(text=text, index=self.index, finish_reason=None)]) if text else b""
+
+    def opening(self) -> bytes:
+        return self._echo()
+
+    def delta(self, event: Delta) -> bytes:
+        head = self._echo()
+        lp = None
+        if self.job.request.logprobs is not None:
+            lp = completion_logprobs(event.logprobs or [], self.offset)
+        self.offset += len(event.text)
+        return head + self._chunk(
+            [CompletionChoice(text=event.text, index=self.index, logprobs=lp, finish_reason=None)]
+        )
+
+    def done(self, event: Done, metrics: Metrics) -> bytes:
+        head = self._echo()
+        out = head + self._chunk(
+            [CompletionChoice(text="", index=self.index, finish_reason=finish_reason(self.job))], metrics=metrics
+        )
+        if self.include_usage and self.index == len(self.jobs) - 1:
+            prompt, output = usage_of(self.jobs)
+            out += self._chunk(
+                [], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+            )
         return out
 
     def failed(self, error: PoolError) -> bytes:
@@ -220,10 +403,8 @@ def finish_reason(job: Job) -> Literal["stop", "length"]:
 def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header: str | None = None) -> GenerationRequest:
     """``body`` as an engine request, or a 400 naming the field that can't be honoured."""
     _check_neutral(body, NEUTRAL_FIELDS, "$")
-    if body.n is not None and body.n != 1:
-        raise invalid_request(
-            f"n={body.n} is not supported: llm-pool returns one choice; leave n out or send 1", param="$.n"
-        )
+    if body.top_logprobs and not body.logprobs:
+        raise invalid_request("top_logprobs needs logprobs: true", param="$.top_logprobs")
     return GenerationRequest(
         model=body.model,
         messages=to_messages(body.messages),
@@ -234,6 +415,7 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         fairness_key=fairness_key(body.fairness_key, key_header, body.user),
         priority=body.priority,
         thinking=body.thinking,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
 
 
@@ -269,6 +451,173 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
         )
     head = [Message(role="system", content="\n\n".join(system))] if system else []
     return head + turns
+
+
+# --------------------------------------------------------------------------- issue 16 §2
+#: ``/v1/completions``' ``max_tokens`` when the caller sends none (OpenAI's default).
+COMPLETION_MAX_TOKENS = 16
+
+
+def new_completion_id() -> str:
+    return "cmpl-" + secrets.token_hex(16)
+
+
+def new_embedding_id() -> str:
+    return "embd-" + secrets.token_hex(16)
+
+
+def choice_requests(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The ``n`` choices of ``gen``, one job each; a seeded request's choice ``i`` gets seed
+    ``seed + i`` (each choice reproducible on its own, the choices different from each other)."""
+    seed = gen.decoding.seed
+    return [
+        gen
+        if i == 0
+        else dataclasses.replace(
+            gen, decoding=msgspec.structs.replace(gen.decoding, seed=None if seed is None else seed + i)
+        )
+        for i in range(n)
+    ]
+
+
+def to_completion_requests(
+    settings: Settings, body: CompletionRequest, key_header: str | None = None
+) -> list[GenerationRequest]:
+    """``body`` as engine requests: one per prompt and choice (prompt ``p``'s choice ``j`` is
+    choice ``p * n + j``, OpenAI's order), or a 400 naming the field that can't be honoured."""
+    if body.suffix:
+        raise invalid_request(
+            "suffix is not supported by llm-pool (it does no fill-in-the-middle); leave it out", param="$.suffix"
+        )
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise invalid_request(
+            "best_of is not supported by llm-pool (it does not rank choices); leave it out or send it equal to n",
+            param="$.best_of",
+        )
+    if body.logit_bias not in (None, {}):
+        raise invalid_request(
+            "logit_bias is not supported by llm-pool (its samplers take no logit bias); leave it out or send {}",
+            param="$.logit_bias",
+        )
+    if body.echo and body.logprobs is not None:
+        raise invalid_request(
+            "echo with logprobs is not supported by llm-pool (it returns log probabilities of generated tokens only)",
+            param="$.echo",
+        )
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    n = body.n or 1
+    if len(prompts) * n > N_MAX:
+        raise invalid_request(
+            f"{len(prompts)} prompts with n={n} make {len(prompts) * n} choices; llm-pool makes at most {N_MAX}"
+            " per request",
+            param="$.prompt",
+        )
+    for i, p in enumerate(prompts):
+        check_no_nul(p, "$.prompt" if isinstance(body.prompt, str) else f"$.prompt[{i}]")
+    check_max_tokens(settings, body.max_tokens, "$.max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    for i, s in enumerate(stop or ()):
+        check_no_nul(s, "$.stop" if isinstance(body.stop, str) else f"$.stop[{i}]")
+    given: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repetition_penalty": body.repetition_penalty,
+        "max_tokens": body.max_tokens or COMPLETION_MAX_TOKENS,
+        "stop": stop,
+    }
+    decoding = openai_sampling(
+        resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None})),
+        temperature=body.temperature,
+        top_k=body.top_k,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+    )
+    key = fairness_key(body.fairness_key, key_header, body.user)
+    out: list[GenerationRequest] = []
+    for p in prompts:
+        gen = GenerationRequest(
+            model=body.model,
+            messages=[],
+            raw_prompt=p,
+            decoding=decoding,
+            stream=bool(body.stream),
+            fairness_key=key,
+            priority=body.priority,
+            logprobs=body.logprobs,
+        )
+        out.extend(choice_requests(gen, n))
+    return out
+
+
+def to_embedding_request(body: EmbeddingRequest, key_header: str | None = None) -> GenerationRequest:
+    """``body`` as an embeddings job, or a 400 naming the field that can't be honoured."""
+    if body.dimensions is not None:
+        raise invalid_request(
+            "dimensions is not supported by llm-pool (its embeddings have the model's own size); leave it out",
+            param="$.dimensions",
+        )
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    for i, text in enumerate(inputs):
+        at = "$.input" if isinstance(body.input, str) else f"$.input[{i}]"
+        check_no_nul(text, at)
+        if not text:
+            raise invalid_request(f"{at[2:]} is empty; there is nothing to embed", param=at)
+    return GenerationRequest(
+        model=body.model,
+        messages=[],
+        embed_inputs=inputs,
+        fairness_key=fairness_key(body.fairness_key, key_header, body.user),
+        priority=body.priority,
+    )
+
+
+def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
+    """A vector as OpenAI sends it: floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+def usage_of(jobs: list[Job]) -> tuple[int, int]:
+    """``(prompt_tokens, completion_tokens)`` of a request's choices: OpenAI counts a prompt
+    once per distinct prompt, and every choice's output."""
+    prompts: dict[str, int] = {}
+    output = 0
+    for job in jobs:
+        p, o = token_counts(job)
+        prompts.setdefault(job.request.input if job.request.raw_prompt is not None else "", p)
+        output += o
+    return sum(prompts.values()), output
+
+
+def chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs:
+    """Chat's ``logprobs`` of ``tokens`` (OpenAI's shape)."""
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=t.bytes,
+                top_logprobs=[ChatTopLogprob(token=c.token, logprob=c.logprob, bytes=c.bytes) for c in t.top],
+            )
+            for t in tokens or []
+        ]
+    )
+
+
+def completion_logprobs(tokens: list[TokenLogprob] | None, offset: int) -> CompletionLogprobsOut:
+    """Legacy completions' ``logprobs`` of ``tokens``, their text offsets counted from
+    ``offset`` (the characters before them in the choice's text)."""
+    out = CompletionLogprobsOut(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for t in tokens or []:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({c.token: c.logprob for c in t.top})
+        out.text_offset.append(offset)
+        offset += len(t.token)
+    return out
 
 
 def _resolve_decoding(settings: Settings, body: ChatCompletionRequest) -> Decoding:

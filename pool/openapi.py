@@ -32,6 +32,10 @@ from llm_pool.pool.api import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ErrorBody,
     ModelCard,
     ModelsList,
@@ -191,6 +195,34 @@ def operations() -> list[Operation]:
                 ),
                 **inference_errors,
             },
+            auth="api",
+        ),
+        # issue 16 §2: legacy completions and embeddings
+        Operation(
+            "post", "/v1/completions", "OpenAI legacy text completions (JSON, or SSE with stream: true)", "inference",
+            request=CompletionRequest,
+            responses={
+                200: Body(
+                    "A `text_completion`; with `stream: true` Server-Sent Events `data: <text_completion chunk>` "
+                    "ending with `data: [DONE]`.",
+                    {
+                        JSON: Completion,
+                        SSE: sse_event_schema(
+                            "One event: `data: <text_completion JSON>` (see `x-sse-data`), "
+                            "or `data: [DONE]` last; no `event:` line.",
+                            json_data=False,
+                        ),
+                    },
+                    sse_data=Completion,
+                ),
+                **inference_errors,
+            },
+            auth="api",
+        ),
+        Operation(
+            "post", "/v1/embeddings", "OpenAI embeddings (models configured with `embeddings = true`)", "inference",
+            request=EmbeddingRequest,
+            responses={200: Body("One vector per input, in order.", {JSON: EmbeddingList}), **inference_errors},
             auth="api",
         ),
         Operation(

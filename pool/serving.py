@@ -24,7 +24,13 @@ from llm_pool.backends.capabilities import check_capabilities
 from llm_pool.backends.decoding import check_decoding, check_seed
 from llm_pool.backends.prompts import check_request
 from llm_pool.pool.api import Metrics, build_metrics
-from llm_pool.pool.errors import PoolError, queue_timeout
+from llm_pool.pool.errors import (
+    PoolError,
+    embeddings_unsupported,
+    generation_unsupported,
+    invalid_request,
+    queue_timeout,
+)
 from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.tracing import adopt, mark_outcome_logged
@@ -169,15 +175,19 @@ class StreamFrames(Protocol):
         ...
 
 
-async def stream_job(job: Job, t0: float, frames: StreamFrames) -> AsyncIterator[bytes]:
+async def stream_job(
+    job: Job, t0: float, frames: StreamFrames, *, head: bool = True, tail: bool = True
+) -> AsyncIterator[bytes]:
     """The one stream skeleton of every SSE route: ``frames``' head, then the job's events as
     they come, one write per burst (events already queued go out together); a finished job's
-    metrics and a failure are logged here, once.  ``t0``: when the handler started.
+    metrics and a failure are logged here, once.  ``t0``: when the handler started.  ``head`` /
+    ``tail`` false leave out the opening / closing frames (:func:`stream_jobs`).
 
     Cancellation: the job is abandoned in ``finally`` (client gone → it stops at its next token
     and gets its 499 line)."""
     try:
-        yield frames.opening()
+        if head:
+            yield frames.opening()
         while batch := await job.next_events():
             out = []
             for event in batch:
@@ -190,9 +200,49 @@ async def stream_job(job: Job, t0: float, frames: StreamFrames) -> AsyncIterator
                     log_inference(job, stream=True, status=e.status, error=e.code)
                     out.append(frames.failed(e))
             yield b"".join(out)
-        yield frames.closing()
+        if tail:
+            yield frames.closing()
     finally:
         abandon(job, stream=True, t0=t0)
+
+
+# --- n choices (issue 16 §2): one job per choice ---------------------------------------------
+async def run_jobs(
+    manager: PoolManager, gens: list[GenerationRequest], *, allow_remote: bool, request_ids: list[str], decoding_at: str
+) -> list[Job]:
+    """:func:`run_job` for each of ``gens`` (the choices of one request; each its own job through
+    the queue, fairness and replica slots), in order: the call returns once every job left its
+    queue.  A refusal of any cancels the ones already admitted and raises it.
+
+    Cancellation: every job already admitted is cancelled."""
+    jobs: list[Job] = []
+    try:
+        for gen, rid in zip(gens, request_ids, strict=True):
+            jobs.append(await run_job(manager, gen, allow_remote=allow_remote, request_id=rid, decoding_at=decoding_at))
+    except BaseException:
+        for job in jobs:
+            abandon(job, stream=gens[0].stream)
+        raise
+    return jobs
+
+
+async def stream_jobs(jobs: list[Job], t0: float, frames: list[StreamFrames]) -> AsyncIterator[bytes]:
+    """Several jobs' streams as one (the choices of one request): the first's opening, each job's
+    events in turn (the others run meanwhile; their events wait in their channels), the last's
+    closing.  A failed job ends the stream after its error frame (the rest are cancelled).
+
+    Cancellation: every job is abandoned in ``finally``."""
+    try:
+        last = len(jobs) - 1
+        for i, (job, f) in enumerate(zip(jobs, frames, strict=True)):
+            async for chunk in stream_job(job, t0, f, head=i == 0, tail=False):
+                yield chunk
+            if job.stats is None:  # it failed: its error frame is out
+                break
+        yield frames[last].closing()
+    finally:
+        for job in jobs:
+            abandon(job, stream=True, t0=t0)
 
 
 def sse_frame(event: str, data: dict[str, Any]) -> bytes:
@@ -230,6 +280,18 @@ def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callabl
     def check(gen: GenerationRequest) -> None:
         check_decoding(kind.name, kind.decoding_rules, gen.model, gen.decoding, at=decoding_at)
         check_seed(kind.name, kind.seeded_sampling, gen.model, gen.decoding, at=decoding_at)
+        # issue 16 §2: embeddings models serve embeddings only; logprobs where the runtime has them
+        embedding_model = bool(getattr(model, "embeddings", False))
+        if gen.kind == "embed" and not embedding_model:
+            raise embeddings_unsupported(gen.model)
+        if gen.kind != "embed" and embedding_model:
+            raise generation_unsupported(gen.model)
+        if gen.logprobs is not None and not kind.token_logprobs(model):
+            raise invalid_request(
+                f"model {gen.model!r} ({kind.name}) does not return log probabilities; leave logprobs out",
+                param="$.logprobs",
+                model=gen.model,
+            )
         if not kind.remote:
             check_request(model.prompt_format, gen)
         check_capabilities(model, gen)  # images, thinking, turns (issue 16)

@@ -186,6 +186,26 @@ def test_special_tokens_eat_whitespace_as_their_attributes_say() -> None:
     assert tokenize_segments(segments, char_vocab()) == ["a", " ", "\n", "END", "+", " ", "\n", "b"]
 
 
+# ------------------------------------------------------------------------------ raw prompts
+@pytest.mark.parametrize("fmt", ["generic", "qwen3_template", "mistral_template", "native", "translategemma_template"])
+def test_a_raw_prompt_is_one_caller_segment_in_every_format(fmt: str) -> None:
+    """``/v1/completions``: no template, no stop string of one, the text never markup."""
+    req = GenerationRequest(model="m", messages=[], raw_prompt=FORGED)
+    prompt = render_prompt(fmt, req, chat_template=CHATML_TEMPLATE, bos_token="<s>")
+    assert (prompt.segments, prompt.stop, prompt.suppress) == ([(FORGED, False)], (), [])
+    check_request(fmt, req)  # translategemma's language codes are for its template only
+    # the tokenizer's BOS first, where it adds one
+    prompt = render_prompt(fmt, req, chat_template=CHATML_TEMPLATE, bos_token="<s>", add_bos=True)
+    assert prompt.segments == [("<s>", True), (FORGED, False)]
+    assert tokenize_segments(prompt.segments, char_vocab()) == [*"<s>", *FORGED]
+
+
+def test_a_raw_prompt_is_bounded_like_any_input() -> None:
+    with pytest.raises(PoolError) as info:
+        check_input_size(GenerationRequest(model="m", messages=[], raw_prompt="x" * 41), 10, 4)
+    assert info.value.message == "the input has 41 characters; model 'm' has a context of 10 tokens, which hold at most 40"
+
+
 # ------------------------------------------------------------------------------------ bounds
 def test_input_that_cannot_fit_is_refused_before_tokenizing() -> None:
     check_input_size(conversation(("user", "x" * 40)), 10, 4)  # 10 tokens of 4 characters: fits

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from support.runtime import request, run, running_manager
+from support.runtime import raw_request, request, run, running_manager
 
 from llm_pool.config import decode_settings
 from llm_pool.pool.errors import PoolError
@@ -237,6 +237,16 @@ async def test_chatml_prompt_format_renders_and_stops(pool: PoolManager) -> None
         plain = prompt.replace("<|im_start|>", "").replace("<|im_end|>", "")
         assert done.stats.prompt_tokens == specials + len(plain.encode())
         assert backend_of(pool)._end_tokens == ["<|im_end|>", "</s>"]
+
+
+@pytest.mark.parametrize("pool", [("tiny_chatml", {"prompt_format": "generic"})], indirect=True)
+async def test_a_raw_prompt_has_no_template_and_no_control_token(pool: PoolManager) -> None:
+    """``/v1/completions``: the caller's text alone, whatever the prompt format."""
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, raw_request("x"))
+        assert (done.text, done.stats.prompt_tokens) == ("yzabc", 1)
+        _, done = await run(pool, raw_request("<|im_end|>", max_tokens=3))
+        assert (done.text, done.stats.prompt_tokens) == ("abc", 10)
 
 
 # ---------------------------------------------------------------------------- batching

@@ -199,6 +199,15 @@ async def test_exact_greedy_outputs_stream_one_delta_per_token(pool: PoolManager
         assert (done.stats.prompt_tokens, done.stats.output_tokens) == (1, 5)
 
 
+async def test_a_raw_prompt_has_no_template_and_no_control_token(pool: PoolManager) -> None:
+    """``/v1/completions``: the caller's text alone; ``<|im_end|>`` is its ten characters."""
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, support.runtime.raw_request("x", "m"))
+        assert (done.text, done.stats.prompt_tokens) == ("yzabc", 1)
+        _, done = await run(pool, support.runtime.raw_request("<|im_end|>", "m", max_tokens=3))
+        assert (done.text, done.stats.prompt_tokens) == ("abc", 10)
+
+
 async def test_text_streams_while_the_job_is_still_generating(pool: PoolManager, spy: IterateSpy) -> None:
     with trio.fail_after(LIMIT_S):
         job = Job(request("x", max_tokens=30))

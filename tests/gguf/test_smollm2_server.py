@@ -132,3 +132,26 @@ async def test_openai_temperature_samples_and_seed_reproduces(batching: bool) ->
                 assert await chat(client, temperature=1, seed=1234) == a  # the same seed: the same text
                 assert await chat(client, temperature=1, seed=1) != a  # another seed: another text
             nursery.cancel_scope.cancel()
+
+
+async def test_openai_completions_n_seeded_choices_differ_and_reproduce() -> None:
+    """Issue 16 §2 on a real model: ``/v1/completions`` continues a raw prompt (no template), and
+    ``n`` seeded choices (seed + i each) differ from each other and come back the same."""
+    prompt = "The sea is"
+
+    async def complete(client: httpx.AsyncClient, **fields: Any) -> list[str]:
+        r = await client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": 8, **fields})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 3  # the prompt alone: no template around it
+        return [c["text"] for c in r.json()["choices"]]
+
+    with trio.fail_after(SAMPLING_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            base = await nursery.start(lambda task_status: serve(smollm2_settings(), handle_signals=False, task_status=task_status))
+            async with httpx.AsyncClient(base_url=base, timeout=SAMPLING_LIMIT_S) as client:
+                r = await client.post("/v1/admin/models/smollm2/load", json={})
+                assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
+                texts = await complete(client, n=3, seed=42, temperature=1.0)
+                assert len(set(texts)) > 1  # seed + i per choice: not three copies of one sample
+                assert await complete(client, n=3, seed=42, temperature=1.0) == texts
+            nursery.cancel_scope.cancel()

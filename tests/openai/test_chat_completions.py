@@ -238,7 +238,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.messages[0].role",
     ),
     ({"messages": []}, "invalid request body: $.messages: expected a list of at least 1 item", "$.messages"),
-    ({"n": 3}, "n=3 is not supported: llm-pool returns one choice; leave n out or send 1", "$.n"),
+    ({"n": 17}, "invalid request body: $.n: expected an integer from 1 to 16 or null", "$.n"),
     ({"temperature": 3}, "invalid request body: $.temperature: expected a number from 0 to 2 or null", "$.temperature"),
     ({"top_k": 0}, "invalid request body: $.top_k: expected an integer from 1 to 200 or null", "$.top_k"),
     ({"stop": ""}, "invalid request body: $.stop: expected a string of at least 1 character or a list of at most 16 items or null", "$.stop"),
@@ -265,10 +265,11 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.tool_choice",
     ),
     (
-        {"logprobs": True},
-        "logprobs is not supported by llm-pool (it returns no log probabilities); leave it out or send false",
+        {"model": "c", "logprobs": True},
+        "model 'c' (ct2) does not return log probabilities; leave logprobs out",
         "$.logprobs",
     ),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs: true", "$.top_logprobs"),
     (
         {"presence_penalty": 2.5},
         "invalid request body: $.presence_penalty: expected a number from -2 to 2 or null",
@@ -347,10 +348,10 @@ async def test_ignored_and_neutral_fields_are_accepted(autojump_clock: MockClock
         "prompt_cache_key": "p",
         "parallel_tool_calls": True,
         "stream_options": {"include_obfuscation": False},
-    }
-    neutral = {
         "logprobs": False,
         "top_logprobs": 0,
+    }
+    neutral = {
         "logit_bias": {},
         "tools": [],
         "tool_choice": "none",

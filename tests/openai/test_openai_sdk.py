@@ -301,8 +301,8 @@ async def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
 
 async def test_bad_requests_are_bad_request_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await in_thread(lambda: client.chat.completions.create(model="m", messages=user("x"), n=2))
-    assert info.value.body["message"] == "n=2 is not supported: llm-pool returns one choice; leave n out or send 1"
+        await in_thread(lambda: client.chat.completions.create(model="m", messages=user("x"), n=17))
+    assert info.value.body["message"] == "invalid request body: $.n: expected an integer from 1 to 16 or null"
     assert (info.value.code, info.value.param) == ("invalid_request", "$.n")
     with pytest.raises(openai.BadRequestError) as info:
         await in_thread(

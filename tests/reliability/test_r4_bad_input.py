@@ -260,12 +260,12 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
     ("chat", "user", ["\x1b", "a\tb", "x" * 129, 5], ("user",)),
     ("chat", "max_completion_tokens", [0, 10**6], ("max_completion_tokens",)),
     ("chat", "temperature", [3, -1, "warm"], ("temperature",)),
-    ("chat", "n", [2, 0, "1"], ("n",)),
+    ("chat", "n", [17, 0, "1"], ("n",)),
     ("chat", "stop", ["", [""], ["a"] * 17, "\x00", 5], ("stop",)),
     ("chat", "stream", ["true", 2], ("stream",)),
     ("chat", "stream_options", [{"include_usage": "yes"}, {"bogus": True}, []], ("stream_options", "include_usage", "bogus")),
-    ("chat", "logprobs", [True, 1], ("logprobs",)),
-    ("chat", "top_logprobs", [3], ("top_logprobs",)),
+    ("chat", "logprobs", [1, "yes"], ("logprobs",)),
+    ("chat", "top_logprobs", [3, 21, -1], ("top_logprobs",)),
     ("chat", "tools", [[{"type": "function"}]], ("tools",)),
     ("chat", "tool_choice", ["auto", {"type": "function"}], ("tool_choice",)),
     # OpenAI's range, -2 to 2 (issue 16: the penalties reach the runtimes that have them)
@@ -280,7 +280,7 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
 #: Fields typed ``Any`` in ChatCompletionRequest: msgspec decodes whatever they hold, so JSON
 #: nested thousands deep there once hit Python's recursion limit (a 500; now a 400).
 CHAT_ANY_FIELDS = {
-    "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice",
+    "logit_bias", "tools", "tool_choice",
     "functions", "function_call", "response_format", "modalities", "reasoning_effort", "verbosity", "audio",
     "prediction", "web_search_options",
 }
@@ -323,7 +323,8 @@ def broken_inference(draw: st.DrawFn) -> Case:
         names = (key,)
     elif how == "raw":
         fields = ["model", "input", "decoding", "instructions"] if route == "responses" else [
-            "model", "messages", "temperature", "max_tokens", "stop", "n", "user", *sorted(CHAT_ANY_FIELDS)]
+            "model", "messages", "temperature", "max_tokens", "stop", "n", "user", "logprobs", "top_logprobs",
+            *sorted(CHAT_ANY_FIELDS)]
         key = draw(st.sampled_from(fields + ["x_unknown"]))
         value, names = draw(st.sampled_from(RAW_BAD))
         body[key] = RAW

@@ -46,6 +46,14 @@ def request(text: str, model: str = "tiny", **decoding: Any) -> GenerationReques
     )
 
 
+def raw_request(text: str, model: str = "tiny", **decoding: Any) -> GenerationRequest:
+    """A raw prompt (``/v1/completions``: no template), greedy, 5 tokens unless ``decoding`` says
+    otherwise."""
+    return GenerationRequest(
+        model=model, messages=[], raw_prompt=text, decoding=Decoding(**{"temperature": 0.0, "max_tokens": 5, **decoding})
+    )
+
+
 def make_job(model: str, text: str, max_tokens: int = 5) -> Job:
     """A job of :func:`request`, not admitted yet."""
     return Job(request(text, model, max_tokens=max_tokens))

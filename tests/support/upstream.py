@@ -34,6 +34,16 @@ Request flow for ``POST /v1/chat/completions``:
    normal"); ``-1`` means always;
 6. the response is produced.
 
+``POST /v1/completions`` (legacy text completions) runs the same steps with a
+``prompt`` (a string) instead of ``messages``, and answers OpenAI's
+``text_completion`` shape with ``reply_text`` as ``choices[0].text`` (streams:
+one ``text_completion`` chunk per piece, a finish chunk, a usage chunk with
+``stream_options.include_usage``, ``[DONE]``).  ``POST /v1/embeddings`` takes
+``input`` (a string or a list of strings) and answers one vector of
+``embedding_dims`` floats per input, a function of the input's text
+(:func:`fake_embedding`), as floats or base64 (``encoding_format``); only
+status faults apply to it.
+
 Faults (``fault``):
 
 * ``"400"``, ``"401"``, ``"403"``, ``"429"``, ``"500"`` - and in fact any
@@ -89,8 +99,10 @@ frames after the client closes).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -211,6 +223,7 @@ class FakeUpstream:
         False  # also apply status/slow/garbage/disconnect to /v1/models
     )
     gate: trio.Event | None = None  # if set, chat requests wait on it before answering
+    embedding_dims: int = 4  # length of every /v1/embeddings vector
     # bookkeeping (read by tests)
     base_url: str | None = None  # set by serve_upstream once listening
     port: int | None = None
@@ -253,6 +266,12 @@ class FakeUpstream:
         if self.fail_times > 0:
             self.fail_times -= 1
         return self.fault
+
+
+def fake_embedding(text: str, dims: int) -> list[float]:
+    """The fake upstream's vector for ``text``: ``dims`` floats that depend on every byte."""
+    data = text.encode("utf-8")
+    return [float(sum(b * (i + 1) ** k for i, b in enumerate(data)) % 1000) / 1000.0 for k in range(dims)]
 
 
 class _Abort(Exception):
@@ -432,7 +451,7 @@ class _Conn:
                 },
             )
             return True
-        if route != "/v1/chat/completions":
+        if route not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             await self.send_error(404, f"Unknown request URL: {method} {path}.")
             return True
         if method != "POST":
@@ -443,7 +462,13 @@ class _Conn:
                 400, "We could not parse the JSON body of your request."
             )
             return True
-        if not isinstance(payload.get("messages"), list):
+        if route == "/v1/embeddings":
+            return await self._embeddings(payload)
+        legacy = route == "/v1/completions"
+        if legacy and not isinstance(payload.get("prompt"), str):
+            await self.send_error(400, "Missing required parameter: 'prompt'.")
+            return True
+        if not legacy and not isinstance(payload.get("messages"), list):
             await self.send_error(400, "Missing required parameter: 'messages'.")
             return True
 
@@ -464,12 +489,51 @@ class _Conn:
             if fault == "slow":
                 await trio.sleep(up.slow_s)
             if stream:
-                await self._stream(payload, fault)
+                await self._stream(payload, fault, legacy=legacy)
             else:
-                await self.send_json(200, self._completion(payload, fault))
+                out = self._completion(payload, fault)
+                await self.send_json(200, self._as_text_completion(out) if legacy else out)
             return True
         finally:
             up._add_in_flight(-1)
+
+    async def _embeddings(self, payload: dict[str, Any]) -> bool:
+        up = self.up
+        given = payload.get("input")
+        inputs = [given] if isinstance(given, str) else given
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            await self.send_error(400, "'input' must be a string or an array of strings.")
+            return True
+        fault = up.take_fault()
+        if fault is not None and len(fault) == 3 and fault.isdigit():
+            return await self._simple_fault(fault)
+        b64 = payload.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(inputs):
+            vector = fake_embedding(text, up.embedding_dims)
+            value: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if b64 else vector
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(len(t.split()) for t in inputs)
+        await self.send_json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": payload.get("model") or up.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+        return True
+
+    @staticmethod
+    def _as_text_completion(out: dict[str, Any]) -> dict[str, Any]:
+        """A chat completion body in the legacy ``text_completion`` shape."""
+        choices = [
+            {"text": c["message"].get("content") or "", "index": c["index"], "logprobs": None,
+             "finish_reason": c["finish_reason"]}
+            for c in out["choices"]
+        ]  # fmt: skip
+        return {**out, "id": "cmpl-" + out["id"].split("-", 1)[1], "object": "text_completion", "choices": choices}
 
     async def _simple_fault(self, fault: str) -> bool:
         """Status / slow / garbage / disconnect faults; returns keep-alive."""
@@ -534,7 +598,7 @@ class _Conn:
             out["usage"] = self._usage()
         return out
 
-    async def _stream(self, payload: dict[str, Any], fault: str | None) -> None:
+    async def _stream(self, payload: dict[str, Any], fault: str | None, *, legacy: bool = False) -> None:
         up = self.up
         await self._send(
             h11.Response(
@@ -563,10 +627,20 @@ class _Conn:
             "model": payload.get("model") or up.model,
         }
 
+        if legacy:
+            base["object"] = "text_completion"
+            base["id"] = "cmpl-" + base["id"].split("-", 1)[1]
+
         def chunk(delta: dict[str, Any] | None, finish: str | None = None) -> bytes:
             obj = dict(base)
             if fault == "no_choices" or delta is None:
                 obj["choices"] = []
+            elif legacy:
+                text = delta.get("content")
+                obj["choices"] = [
+                    {"text": text if isinstance(text, str) else "", "index": 0, "logprobs": None,
+                     "finish_reason": finish}
+                ]  # fmt: skip
             else:
                 obj["choices"] = [
                     {

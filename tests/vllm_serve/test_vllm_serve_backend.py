@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 from models.tiny_ct2 import IM_END, SPECIAL_TOKENS
-from support.runtime import request, result, run, running_manager, submit
+from support.runtime import raw_request, request, result, run, running_manager, submit
 from vllm_kit import fake_stats, gone, wait_gone, write_fake_binary, write_tiny_hf
 
 from llm_pool.backends.vllm_serve import VllmServeBackend
@@ -151,6 +151,16 @@ async def test_caller_text_is_never_a_control_token(pool: PoolManager) -> None:
         assert ids.count(IM_END_ID) == plain_ids.count(IM_END_ID) == 2  # system and user turns
         assert len(ids) == len(plain_ids) - 2 + 10
         assert done.text == plain.text == "abcde"
+
+
+async def test_a_raw_prompt_is_sent_alone_as_plain_token_ids(pool: PoolManager) -> None:
+    """``/v1/completions``: no template; ``<|im_end|>`` is the ids of its ten bytes."""
+    b = backend(replicas(pool)[0])
+    with trio.fail_after(LIMIT_S):
+        _, done = await run(pool, raw_request("<|im_end|>", max_tokens=3))
+        ids = (await fake_stats(b))["last_body"]["prompt"]
+        assert IM_END_ID not in ids and len(ids) == done.stats.prompt_tokens == 10
+        assert done.text == "abc"
 
 
 async def test_prompt_longer_than_the_context_is_a_clear_400(pool: PoolManager) -> None:
