@@ -119,6 +119,12 @@ class BackendKind:
     load_recommendations: dict[str, Any] = field(default_factory=dict)
     #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).
     cost_summary: Callable[[Settings, Any, str], dict[str, Any] | None] | None = None
+    # structured output and tool calling (issue 16)
+    #: The ``response_format`` types this runtime honours (``text``, ``json_object``,
+    #: ``json_schema``); a request for another is a 400, never unconstrained text.
+    response_formats: tuple[str, ...] = ("text",)
+    #: Whether it does tool calling (``tools`` on ``/v1/chat/completions``); else a 400.
+    tools: bool = False
 
 
 class EngineCrashed(Exception):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import BackendKind, SequentialBackend, StreamTimer
 from llm_pool.backends.decoding import engine_seed
-from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model
+from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, grammar_sampler, set_prompt_model
 from llm_pool.backends.prompts import PromptPrep
 from llm_pool.pool.jobs import GenerationStats, Job
 
@@ -76,6 +76,7 @@ class GGUFBackend(SequentialBackend):
 
     def generate(self, job: Job) -> GenerationStats:
         import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         llm = self.llm
         req = job.request
@@ -92,6 +93,10 @@ class GGUFBackend(SequentialBackend):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish = "length"
         history = list(tokens)
+        grammar = None
+        if req.grammar is not None:  # structured output / forced tool call (issue 16)
+            llama_cpp.llama_sampler_free(grammar_sampler(llm._model.vocab, req.grammar, req.model))  # 400 if unparsable
+            grammar = LlamaGrammar.from_string(req.grammar, verbose=False)
         generator = llm.generate(
             tokens,
             top_k=1 if greedy else d.top_k,
@@ -102,6 +107,7 @@ class GGUFBackend(SequentialBackend):
             frequency_penalty=d.frequency_penalty,
             presence_penalty=d.presence_penalty,
             reset=True,
+            grammar=grammar,
         )
         try:
             for token in generator:
@@ -162,6 +168,8 @@ KIND = BackendKind(
     check_overrides=_normalise,
     file_bounds=_file_bounds,
     seeded_sampling=True,
+    response_formats=("text", "json_object", "json_schema"),
+    tools=True,
     load_recommendations={
         "kv_cache_presets": [{"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")]
     },

@@ -246,6 +246,8 @@ class LlamaServerBackend(EngineBackend):
         }
         if d.seed is not None:
             body["seed"] = engine_seed(d.seed)
+        if req.grammar is not None:  # structured output / forced tool call (issue 16)
+            body["grammar"] = req.grammar
         assert self._client is not None, "not loaded"
         request = self._client.build_request("POST", f"{self.base_url}/completion", json=body)
         finish = "length"
@@ -311,4 +313,6 @@ KIND = BackendKind(
     create=LlamaServerBackend,
     uses_gpu=lambda m: m.llama_server_n_gpu_layers != 0,
     seeded_sampling=True,
+    response_formats=("text", "json_object", "json_schema"),
+    tools=True,
 )

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -68,9 +68,42 @@ class Decoding(DecodingSettings):
         return self.temperature == 0 or self.top_k == 1
 
 
+# structured output and tool calling (issue 16): the shapes a backend needs
+class ResponseFormat(msgspec.Struct, kw_only=True, frozen=True):
+    """What the answer must be: ``json_object`` (any JSON object) or ``json_schema`` (JSON that
+    matches ``schema``; ``name``/``description``/``strict`` are passed on to remote models)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    name: str | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """A function the model may call (OpenAI's ``tools[].function``)."""
+
+    name: str
+    description: str | None = None
+    #: The JSON schema of the arguments object (None: any object).
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """A call the model made (or made earlier, in an assistant turn): ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class Message(msgspec.Struct, kw_only=True):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    # tool calling (issue 16): an assistant turn's calls, and a tool turn's answered call
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -89,6 +122,18 @@ class GenerationRequest:
     fairness_key: str | None = None
     #: Lower runs first within a model, before fairness (vLLM's priority scheduling).
     priority: int = 0
+    # structured output and tool calling (issue 16)
+    #: The answer's format; None: free text.
+    response_format: ResponseFormat | None = None
+    #: Functions the model may call (Chat Completions' ``tools``).
+    tools: list[ToolSpec] = field(default_factory=list)
+    #: ``none`` (no call), ``auto`` (the model decides) or ``required`` (at least one call);
+    #: with :attr:`tool_name` a call of that function.
+    tool_choice: Literal["none", "auto", "required"] = "auto"
+    tool_name: str | None = None
+    #: The llama.cpp grammar (GBNF) that output must follow, set at admission for runtimes that
+    #: enforce one (:mod:`backends.structured`); None: unconstrained.
+    grammar: str | None = None
 
     @property
     def system(self) -> str | None:
@@ -191,6 +236,9 @@ class Job:
         #: its client receives, or None when it finished (``stats.finish_reason`` says how).
         #: For metrics and bookkeeping; a callback that raises is logged and the others still run.
         self.on_end: list[Callable[[Job, PoolError | None], None]] = []
+        #: Tool calls a backend returned structured (a remote model), set before it finishes the
+        #: job; None: the answer's text is all there is (issue 16).
+        self.tool_calls: list[ToolCall] | None = None
 
     # ---------------------------------------------------------------- runtime side (any thread)
     def should_stop(self) -> bool:

@@ -11,7 +11,8 @@ Request fields (``pool.api.ChatCompletionRequest``):
 * honoured: ``model``, ``messages`` (see below), ``temperature``, ``top_p``, ``max_tokens`` /
   ``max_completion_tokens`` (either; both only if equal), ``stop`` (a string or a list),
   ``stream``, ``stream_options.include_usage``, ``n`` (1 only), ``seed``, ``presence_penalty``
-  and ``frequency_penalty`` (see "Sampling" below);
+  and ``frequency_penalty`` (see "Sampling" below); ``response_format``, ``tools`` and
+  ``tool_choice`` (see "Structured output and tools" below);
 * llm-pool extensions, sent with the SDK's ``extra_body``: ``top_k``, ``repetition_penalty``,
   ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma),
   ``fairness_key`` and ``priority`` (see :mod:`pool.fairness`);
@@ -23,7 +24,8 @@ Request fields (``pool.api.ChatCompletionRequest``):
   common clients send by default); anything else is a 400 naming the field and why;
 * any other field: a 400 naming it (``Object contains unknown field `x```, ``param: $.x``).
 
-Messages: roles ``system`` (or ``developer``, its newer name), ``user`` and ``assistant``;
+Messages: roles ``system`` (or ``developer``, its newer name), ``user``, ``assistant`` (with
+``tool_calls``, its ``content`` may be null) and ``tool`` (with ``tool_call_id``);
 ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined with
 newlines).  System turns come first (several are joined); the conversation ends with a user
 turn.  Multi-turn is rendered through the model's prompt format; a format that can't take it
@@ -50,6 +52,15 @@ samples on a runtime without seeds (CTranslate2) is a 400, never a seed silently
 ``presence_penalty`` / ``frequency_penalty`` reach the runtimes that have them; CTranslate2
 refuses a non-zero one (a 400 from its kind's ``decoding_rules``).
 
+Structured output and tools (issue 16): the model's kind says what it honours
+(``BackendKind.response_formats``, ``BackendKind.tools``; else 400 ``response_format_unsupported``
+/ ``tools_unsupported`` at admission, :func:`backends.structured.admit`).  A local model's
+answer is read for ``<tool_call>`` blocks when it was offered tools
+(:class:`~backends.structured.ToolCallSplitter`; streamed content is held back from the first
+``<tool_call>``, and each call is sent once, whole, before the ``finish_reason`` chunk); a
+remote model's calls arrive structured (``Job.tool_calls``).  ``finish_reason`` is
+``tool_calls`` when there are calls.
+
 ``GET /v1/models`` and ``/v1/responses`` speak OpenAI too; see :class:`pool.api.ModelsList`,
 :class:`pool.api.ResponseBody` and ``_stream_responses`` in :mod:`pool.http`.
 """
@@ -63,6 +74,8 @@ from typing import Any, Literal
 import msgspec
 from quart import Response, request
 
+from llm_pool.backends import kind_of
+from llm_pool.backends.structured import ToolCallSplitter, offers_tools, split_tool_calls
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
     FAIRNESS_KEY_HEADER,
@@ -72,8 +85,11 @@ from llm_pool.pool.api import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatFunctionCall,
     ChatMessageIn,
     ChatMessageOut,
+    ChatToolCall,
+    ChatToolCallDelta,
     ChatUsage,
     DecodingIn,
     Metrics,
@@ -81,10 +97,11 @@ from llm_pool.pool.api import (
     check_no_nul,
     fairness_key,
     resolve_decoding,
+    to_response_format,
     token_counts,
 )
 from llm_pool.pool.errors import PoolError, invalid_request
-from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message
+from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message, ToolCall, ToolSpec
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.serving import job_result, run_job, stream_job, unix_time_of
 from llm_pool.pool.web_io import json_response, read_json, sse_response
@@ -109,11 +126,8 @@ NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "logprobs": ((False,), "it returns no log probabilities"),
     "top_logprobs": ((0,), "it returns no log probabilities"),
     "logit_bias": (({},), "its samplers take no logit bias"),
-    "tools": (([],), "it does no tool calling"),
-    "tool_choice": (("none",), "it does no tool calling"),
     "functions": (([],), "it does no function calling"),
     "function_call": (("none",), "it does no function calling"),
-    "response_format": (({"type": "text"},), "it does not constrain the output's format"),
     "modalities": ((["text"],), "it generates text only"),
     "audio": ((), "it generates text only"),
     "reasoning_effort": ((), "it has no reasoning-effort setting"),
@@ -126,12 +140,11 @@ NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
 #: (``model_dump()``) sends them empty, which is accepted.
 _MESSAGE_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "refusal": ((), "a refusal is not a turn a prompt format can render"),
-    "tool_calls": (([],), "it does no tool calling"),
     "function_call": ((), "it does no function calling"),
     "audio": ((), "it generates text only"),
 }
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _encoder = msgspec.json.Encoder()
 
 
@@ -145,21 +158,40 @@ def register_openai(app: Any, manager: PoolManager) -> None:
         gen = to_chat_request(manager.settings, body, request.headers.get(FAIRNESS_KEY_HEADER))
         job = await run_job(manager, gen, allow_remote=body.allow_remote, request_id=new_chat_id(), decoding_at="$")
         created = unix_time_of(job.t_submitted)
+        parse_calls = parses_tool_calls(manager, gen)
         if not gen.stream:
             done, metrics = await job_result(job, t0)
             prompt, output = token_counts(job)
+            content: str | None = done.text
+            calls = job.tool_calls or []
+            if parse_calls:
+                content, calls = split_tool_calls(done.text)
+            message = ChatMessageOut(content=content or (None if calls else content))
+            if calls:
+                message.tool_calls = [_wire_call(c) for c in calls]
             return json_response(
                 ChatCompletion(
                     id=job.id,
                     created=created,
                     model=gen.model,
-                    choices=[ChatChoice(message=ChatMessageOut(content=done.text), finish_reason=finish_reason(job))],
+                    choices=[ChatChoice(message=message, finish_reason=finish_reason(job, calls))],
                     usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
                     metrics=metrics,
                 )
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(stream_job(job, t0, ChatFrames(job, created, include_usage=include_usage)))
+        frames = ChatFrames(job, created, include_usage=include_usage, parse_calls=parse_calls)
+        return sse_response(stream_job(job, t0, frames))
+
+
+def parses_tool_calls(manager: PoolManager, gen: GenerationRequest) -> bool:
+    """Whether the answer's text is read for tool calls here: a local model that was offered
+    tools (a remote model's calls arrive structured, in ``job.tool_calls``)."""
+    return offers_tools(gen) and not kind_of(manager.entry(gen.model).settings).remote
+
+
+def _wire_call(call: ToolCall) -> ChatToolCall:
+    return ChatToolCall(id=call.id, function=ChatFunctionCall(name=call.name, arguments=call.arguments))
 
 
 class ChatFrames:
@@ -167,8 +199,10 @@ class ChatFrames:
     ``role``, one per text delta, one with ``finish_reason`` (and ``metrics``), with
     ``include_usage`` a ``usage`` chunk whose ``choices`` is empty, then ``data: [DONE]``."""
 
-    def __init__(self, job: Job, created: int, *, include_usage: bool) -> None:
+    def __init__(self, job: Job, created: int, *, include_usage: bool, parse_calls: bool = False) -> None:
         self.job, self.created, self.include_usage = job, created, include_usage
+        #: Separates tool calls from content when the text is read for calls (issue 16).
+        self.splitter = ToolCallSplitter() if parse_calls else None
 
     def _chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> bytes:
         job = self.job
@@ -181,11 +215,24 @@ class ChatFrames:
         return self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
 
     def delta(self, event: Delta) -> bytes:
-        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=event.text))])
+        text = event.text if self.splitter is None else self.splitter.push(event.text)
+        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=text))]) if text else b""
 
     def done(self, event: Done, metrics: Metrics) -> bytes:
         job = self.job
-        out = self._chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics)
+        out = b""
+        calls = job.tool_calls or []
+        if self.splitter is not None:
+            rest, calls = self.splitter.finish()
+            if rest:
+                out += self._chunk([ChatChunkChoice(delta=ChatDelta(content=rest))])
+        if calls:
+            deltas = [
+                ChatToolCallDelta(index=i, id=c.id, function=ChatFunctionCall(name=c.name, arguments=c.arguments))
+                for i, c in enumerate(calls)
+            ]
+            out += self._chunk([ChatChunkChoice(delta=ChatDelta(tool_calls=deltas))])
+        out += self._chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=finish_reason(job, calls))], metrics=metrics)
         if self.include_usage:
             prompt, output = token_counts(job)
             out += self._chunk([], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
@@ -206,9 +253,12 @@ def new_chat_id() -> str:
     return "chatcmpl-" + secrets.token_hex(16)
 
 
-def finish_reason(job: Job) -> Literal["stop", "length"]:
-    """OpenAI's finish_reason: ``length`` when max_tokens cut the answer; else ``stop`` (EOS, a
-    stop string, or a stop flag the client never sees)."""
+def finish_reason(job: Job, calls: list[ToolCall] | None = None) -> Literal["stop", "length", "tool_calls"]:
+    """OpenAI's finish_reason: ``tool_calls`` when the answer calls tools; ``length`` when
+    max_tokens cut the answer; else ``stop`` (EOS, a stop string, or a stop flag the client
+    never sees)."""
+    if calls:
+        return "tool_calls"
     return "length" if job.stats is not None and job.stats.finish_reason == "length" else "stop"
 
 
@@ -220,6 +270,15 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         raise invalid_request(
             f"n={body.n} is not supported: llm-pool returns one choice; leave n out or send 1", param="$.n"
         )
+    tools = [
+        ToolSpec(name=t.function.name, description=t.function.description, parameters=t.function.parameters, strict=t.function.strict)
+        for t in body.tools or ()
+    ]
+    choice = body.tool_choice
+    if choice is not None and not isinstance(choice, str) and not tools:
+        raise invalid_request("tool_choice names a function, but tools is empty", param="$.tool_choice")
+    if choice == "required" and not tools:
+        raise invalid_request("tool_choice 'required' needs tools", param="$.tool_choice")
     return GenerationRequest(
         model=body.model,
         messages=to_messages(body.messages),
@@ -229,6 +288,10 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         stream=bool(body.stream),
         fairness_key=fairness_key(body.fairness_key, key_header, body.user),
         priority=body.priority,
+        response_format=to_response_format(body.response_format),
+        tools=tools,
+        tool_choice=(choice if isinstance(choice, str) else "auto") if choice is not None else "auto",
+        tool_name=choice.function.name if choice is not None and not isinstance(choice, str) else None,
     )
 
 
@@ -240,9 +303,16 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
     for i, m in enumerate(given):
         at = f"$.messages[{i}]"
         _check_neutral(m, _MESSAGE_NEUTRAL, at)
-        content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise invalid_request(f"{at[2:]}.content is missing; only an assistant message with tool_calls may omit it", param=f"{at}.content")
+        content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or ())
         check_no_nul(content, f"{at}.content")
         role = _ROLES[m.role]
+        if m.tool_calls and m.role != "assistant":
+            raise invalid_request(f"{at[2:]} is a {m.role} message; only assistant messages make tool calls", param=f"{at}.tool_calls")
+        if (m.role == "tool") != (m.tool_call_id is not None):
+            what = "a tool message needs tool_call_id" if m.role == "tool" else "only a tool message has a tool_call_id"
+            raise invalid_request(f"{at[2:]}: {what}", param=f"{at}.tool_call_id")
         if role == "system":
             if turns:
                 raise invalid_request(
@@ -252,10 +322,13 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
                 )
             system.append(content)
         else:
-            turns.append(Message(role=role, content=content))  # type: ignore[arg-type]
-    if not turns or turns[-1].role != "user":
+            calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or ()]
+            for j, c in enumerate(calls):
+                check_no_nul(c.arguments, f"{at}.tool_calls[{j}].function.arguments")
+            turns.append(Message(role=role, content=content, tool_calls=calls or None, tool_call_id=m.tool_call_id))  # type: ignore[arg-type]
+    if not turns or turns[-1].role not in ("user", "tool"):
         raise invalid_request(
-            "the last message must be a user message (llm-pool generates the next assistant turn)",
+            "the last message must be a user (or tool) message (llm-pool generates the next assistant turn)",
             param="$.messages",
         )
     head = [Message(role="system", content="\n\n".join(system))] if system else []

@@ -22,6 +22,7 @@ import trio
 from llm_pool.backends import kind_of
 from llm_pool.backends.decoding import check_decoding, check_seed
 from llm_pool.backends.prompts import check_request
+from llm_pool.backends.structured import admit as admit_structured
 from llm_pool.pool.api import Metrics, build_metrics
 from llm_pool.pool.errors import PoolError, queue_timeout
 from llm_pool.pool.jobs import Delta, Done, GenerationRequest, Job
@@ -231,5 +232,6 @@ def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callabl
         check_seed(kind.name, kind.seeded_sampling, gen.model, gen.decoding, at=decoding_at)
         if not kind.remote:
             check_request(model.prompt_format, gen)
+        admit_structured(kind, gen)  # structured output and tool calling (issue 16)
 
     return check
