@@ -183,6 +183,17 @@ def output_contract(request: GenerationRequest) -> dict[str, Any]:
     return out
 
 
+def priced_messages(request: GenerationRequest) -> list[Message]:
+    """What a request's cost is estimated from: its messages, plus the tools, response format
+    and earlier calls it sends as one more message's worth of text (they are prompt tokens too)."""
+    extra = output_contract(request)
+    calls = [c for m in request.messages for c in m.tool_calls or ()]
+    if calls:
+        extra["calls"] = [[c.name, c.arguments] for c in calls]
+    messages = messages_for(request)
+    return [*messages, Message(role="system", content=json.dumps(extra))] if extra else messages
+
+
 def parse_tool_calls(value: Any, model: str) -> list[ToolCall]:
     """An upstream answer's ``tool_calls`` (a list of ``{id, function: {name, arguments}}``)."""
     calls = []
@@ -577,7 +588,7 @@ class RemoteBackend:
     def _reserve(self, job: Job) -> None:
         assert self.account is not None
         try:
-            self.account.reserve(job.id, messages_for(job.request), job.request.decoding.max_tokens)
+            self.account.reserve(job.id, priced_messages(job.request), job.request.decoding.max_tokens)
         except OSError as e:
             raise _ledger_unavailable(self.name, e) from None
 
@@ -613,7 +624,7 @@ class RemoteBackend:
             if job.should_stop():
                 return
             if self.account is not None:
-                call.amount = self.account.estimate(messages_for(job.request), job.request.decoding.max_tokens)[0]
+                call.amount = self.account.estimate(priced_messages(job.request), job.request.decoding.max_tokens)[0]
                 if not self.account.holds(job.id):  # admitted without the manager's hook
                     self._reserve(job)
             job.begin()

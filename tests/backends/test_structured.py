@@ -212,3 +212,16 @@ def test_tool_definitions_count_against_the_input_bound() -> None:
     )
     r.tool_choice = "none"  # not shown to the model, so not counted
     check_input_size(r, 100, 5)
+
+
+def test_qwen3_lists_tools_and_keeps_its_no_think_markup() -> None:
+    r = req(
+        Message(role="user", content="Paris?"),
+        Message(role="assistant", content="Looking.", tool_calls=[ToolCall(id="c1", name="get_weather", arguments="not json")]),
+        Message(role="tool", content="sunny", tool_call_id="c1"),
+        tools=[WEATHER],
+    )
+    text = render_prompt("qwen3_template", r).text
+    assert "# Tools" in text and text.count("/no_think") == 1  # the user's turn only, not the tool result's
+    assert 'Looking.\n<tool_call>\n{"name": "get_weather", "arguments": "not json"}\n</tool_call>' in text
+    assert text.endswith("<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")

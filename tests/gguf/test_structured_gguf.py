@@ -112,3 +112,27 @@ async def test_the_openai_sdk_gets_parsed_json_and_tool_calls(base: str) -> None
     call = called.choices[0].message.tool_calls[0]
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time")
     assert isinstance(json.loads(call.function.arguments), dict)
+
+
+#: A Qwen-like chat template that lists ``tools`` with ``tojson`` (prompt_format ``native``).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
+async def test_a_native_template_renders_the_tools_and_the_call_is_forced(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "tools.gguf", chat_template=TOOLS_TEMPLATE)
+    with trio.fail_after(LIMIT_S):
+        async with running_server(settings(path, prompt_format="native")) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=LIMIT_S) as client:
+                assert (await client.post("/v1/admin/models/tiny/load", json={})).status_code == 200
+                named = {"type": "function", "function": {"name": "get_weather"}}
+                r = await client.post(CHAT, json=chat_body("tiny", tools=TOOLS, tool_choice=named))
+                assert r.status_code == 200, r.text
+                [call] = r.json()["choices"][0]["message"]["tool_calls"]
+                assert call["function"]["name"] == "get_weather"
+                # the prompt holds both tools' JSON: far more tokens than the question alone
+                assert r.json()["usage"]["prompt_tokens"] > len(json.dumps(TOOLS))

@@ -83,3 +83,17 @@ async def test_the_upstreams_tool_calls_come_back_whole_and_streamed(start: Star
         ]
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
         assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_tools_and_formats_are_priced_as_prompt_text() -> None:
+    from llm_pool.backends.ledger import estimate_prompt_tokens
+    from llm_pool.backends.openai_compatible import priced_messages
+    from llm_pool.pool.jobs import GenerationRequest, Message, ResponseFormat, ToolSpec
+
+    plain = GenerationRequest(model=MODEL, messages=[Message(role="user", content="hi")])
+    bare = estimate_prompt_tokens(priced_messages(plain))
+    plain.tools = [ToolSpec(name="f", description="x" * 400)]
+    with_tools = estimate_prompt_tokens(priced_messages(plain))
+    assert with_tools >= bare + 100  # 400 characters are at least 100 estimated tokens
+    plain.tools, plain.response_format = [], ResponseFormat(type="json_schema", schema={"enum": ["y" * 400]})
+    assert estimate_prompt_tokens(priced_messages(plain)) >= bare + 100
