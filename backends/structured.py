@@ -33,6 +33,16 @@ from llm_pool.pool.jobs import GenerationRequest, ToolCall, ToolSpec
 MAX_SCHEMA_BYTES = 64 * 1024
 #: Deepest nesting of objects and arrays in a schema (the converter recurses over it).
 MAX_SCHEMA_DEPTH = 32
+#: Most repetitions one bound may ask for (``maxLength``, ``maxItems``..., a pattern's ``{m,n}``):
+#: llama.cpp's converter writes each bounded repetition out in full, so ``maxLength: 10**9``
+#: would be a grammar of gigabytes.
+MAX_REPEAT = 1000
+#: Most repetitions a whole schema may ask for, all bounds together (keeps the grammar < ~1 MB).
+MAX_REPEAT_TOTAL = 20_000
+#: Largest grammar handed to a runtime (a last guard; the bounds above keep grammars far smaller).
+MAX_GRAMMAR_BYTES = 2 * 1024 * 1024
+_REPEAT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 #: JSON schema ``type`` names (a schema naming another cannot be enforced).
 JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 
@@ -65,6 +75,7 @@ def check_schema(schema: Any, where: str) -> None:
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         raise invalid_request(f"{where} is nested more than {MAX_SCHEMA_DEPTH} levels deep", param=param)
     stack: list[Any] = [schema]
+    total = 0
     while stack:
         v = stack.pop()
         if isinstance(v, dict):
@@ -72,9 +83,30 @@ def check_schema(schema: Any, where: str) -> None:
             for name in t if isinstance(t, list) else [t]:
                 if name is not None and (not isinstance(name, str) or name not in JSON_TYPES):
                     raise invalid_request(f"{where} has a type {name!r} that JSON does not have", param=param)
+            counts = [(k, v[k]) for k in _REPEAT_KEYS if isinstance(v.get(k), int) and not isinstance(v.get(k), bool)]
+            if isinstance(v.get("pattern"), str):
+                product = 1
+                for low, high in _QUANTIFIER.findall(v["pattern"]):
+                    product *= max(int(low), int(high or 0), 1)  # nested or not: counted as nested
+                    product = min(product, MAX_REPEAT + 1)
+                counts.append(("pattern", product))
+            for key, n in counts:
+                if n > MAX_REPEAT:
+                    raise invalid_request(
+                        f"{where} asks for {'more than ' + str(MAX_REPEAT) if key == 'pattern' else n} repetitions"
+                        f" ({key}); at most {MAX_REPEAT} can be enforced",
+                        param=param,
+                    )
+                total += n
             stack.extend(v.values())
         elif isinstance(v, list):
             stack.extend(v)
+    if total > MAX_REPEAT_TOTAL:
+        raise invalid_request(
+            f"{where} asks for {total} repetitions in all (length, item and pattern bounds); at most {MAX_REPEAT_TOTAL}"
+            " can be enforced",
+            param=param,
+        )
 
 
 def schema_grammar(schema: dict[str, Any], where: str) -> str:
@@ -84,12 +116,15 @@ def schema_grammar(schema: dict[str, Any], where: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except RecursionError:
         raise invalid_request(f"{where} refers to itself too deeply to become a grammar", param=param) from None
     except Exception as e:  # the converter asserts and raises freely on schemas it cannot take
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise invalid_request(f"{where} cannot be enforced as a grammar: {reason}", param=param) from None
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise invalid_request(f"{where} gives a grammar of {len(grammar)} bytes; at most {MAX_GRAMMAR_BYTES} are enforced", param=param)
+    return grammar
 
 
 def json_object_grammar() -> str:

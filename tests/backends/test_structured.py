@@ -71,6 +71,13 @@ def test_response_format_with_tools_left_to_the_model_is_refused() -> None:
             json.loads('{"items":' * (MAX_SCHEMA_DEPTH + 1) + "{}" + "}" * (MAX_SCHEMA_DEPTH + 1)),
             f"s is nested more than {MAX_SCHEMA_DEPTH} levels deep",
         ),
+        # llama.cpp's converter writes bounded repetitions out: these would be gigabytes of grammar
+        ({"type": "string", "maxLength": 10**9}, "s asks for 1000000000 repetitions (maxLength); at most 1000 can be enforced"),
+        ({"type": "string", "pattern": "^(a{40}){40}$"}, "s asks for more than 1000 repetitions (pattern); at most 1000 can be enforced"),
+        (
+            {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(21)}},
+            "s asks for 21000 repetitions in all (length, item and pattern bounds); at most 20000 can be enforced",
+        ),
     ],
 )
 def test_bad_schemas_are_400s_naming_the_problem(schema: object, message: str) -> None:
