@@ -83,21 +83,25 @@ def check_schema(schema: Any, where: str) -> None:
             for name in t if isinstance(t, list) else [t]:
                 if name is not None and (not isinstance(name, str) or name not in JSON_TYPES):
                     raise invalid_request(f"{where} has a type {name!r} that JSON does not have", param=param)
-            counts = [(k, v[k]) for k in _REPEAT_KEYS if isinstance(v.get(k), int) and not isinstance(v.get(k), bool)]
+            # (key, how to name the count, the count): floats too, the converter takes 1e9 as well
+            counts = [
+                (k, f"{v[k]:g}" if isinstance(v[k], float) else str(v[k]), min(v[k], MAX_REPEAT_TOTAL + 1))
+                for k in _REPEAT_KEYS
+                if isinstance(v.get(k), int | float) and not isinstance(v.get(k), bool) and v[k] == v[k]
+            ]
             if isinstance(v.get("pattern"), str):
                 product = 1
                 for low, high in _QUANTIFIER.findall(v["pattern"]):
                     product *= max(int(low), int(high or 0), 1)  # nested or not: counted as nested
                     product = min(product, MAX_REPEAT + 1)
-                counts.append(("pattern", product))
-            for key, n in counts:
+                counts.append(("pattern", f"more than {MAX_REPEAT}", product))
+            for key, shown, n in counts:
                 if n > MAX_REPEAT:
                     raise invalid_request(
-                        f"{where} asks for {'more than ' + str(MAX_REPEAT) if key == 'pattern' else n} repetitions"
-                        f" ({key}); at most {MAX_REPEAT} can be enforced",
+                        f"{where} asks for {shown} repetitions ({key}); at most {MAX_REPEAT} can be enforced",
                         param=param,
                     )
-                total += n
+                total += int(n)
             stack.extend(v.values())
         elif isinstance(v, list):
             stack.extend(v)
