@@ -124,9 +124,13 @@ class BackendKind:
     load_constraint_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).
     cost_summary: Callable[[Settings, Any, str], dict[str, Any] | None] | None = None
-    # capabilities (issue 16; :mod:`llm_pool.backends.capabilities`)
-    #: Output formats this runtime holds a model to (``text``; ``json_schema`` where enforced).
+    # structured output and tool calling (issue 16)
+    #: The ``response_format`` types this runtime honours (``text``, ``json_object``,
+    #: ``json_schema``); a request for another is a 400, never unconstrained text.
     response_formats: tuple[str, ...] = ("text",)
+    #: Whether it does tool calling (``tools`` on ``/v1/chat/completions``); else a 400.
+    tools: bool = False
+    # capabilities (issue 16; :mod:`llm_pool.backends.capabilities`)
     #: The ``thinking`` values a model of this kind takes; None: its prompt format's (the pool
     #: renders the prompt: ``qwen3_template`` and ``gemma4_template`` toggle it).
     thinking_modes: tuple[str, ...] | None = None

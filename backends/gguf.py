@@ -21,6 +21,7 @@ from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.llama_common import (
     LLAMA_QUIET_LOAD_LOCK,
     ggml_type,
+    grammar_sampler,
     pool_embedding,
     set_prompt_model,
     token_logprob,
@@ -86,6 +87,7 @@ class GGUFBackend(SequentialBackend):
     def generate(self, job: Job) -> GenerationStats:
         import llama_cpp
         import numpy as np
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         llm = self.llm
         req = job.request
@@ -110,6 +112,10 @@ class GGUFBackend(SequentialBackend):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish = "length"
         history = list(tokens)
+        grammar = None
+        if req.grammar is not None:  # structured output / forced tool call (issue 16)
+            llama_cpp.llama_sampler_free(grammar_sampler(llm._model.vocab, req.grammar, req.model))  # 400 if unparsable
+            grammar = LlamaGrammar.from_string(req.grammar, verbose=False)
         generator = llm.generate(
             tokens,
             top_k=1 if greedy else d.top_k,
@@ -120,6 +126,7 @@ class GGUFBackend(SequentialBackend):
             frequency_penalty=d.frequency_penalty,
             presence_penalty=d.presence_penalty,
             reset=True,
+            grammar=grammar,
         )
         try:
             for token in generator:
@@ -223,6 +230,8 @@ KIND = BackendKind(
     seeded_sampling=True,
     token_logprobs=lambda m: True,
     embeddings=True,
+    response_formats=("text", "json_object", "json_schema"),
+    tools=True,
     load_recommendations={
         "gguf_cache_type_pairs": {
             "kind": "pair_presets",

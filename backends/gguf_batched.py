@@ -54,7 +54,13 @@ from typing import TYPE_CHECKING, Any
 
 from llm_pool.backends.base import Inbox, StreamTimer
 from llm_pool.backends.decoding import engine_seed
-from llm_pool.backends.llama_common import LLAMA_QUIET_LOAD_LOCK, ggml_type, set_prompt_model, token_logprob
+from llm_pool.backends.llama_common import (
+    LLAMA_QUIET_LOAD_LOCK,
+    ggml_type,
+    grammar_sampler,
+    set_prompt_model,
+    token_logprob,
+)
 from llm_pool.backends.prompts import PromptPrep, StopMatcher
 from llm_pool.pool.jobs import Decoding, GenerationStats, Job, TokenLogprob
 
@@ -314,7 +320,7 @@ class BatchedGGUFBackend:
         n_ctx = self._n_ctx_seq
         _, tokens, stops = self.prompts.prepare(job, n_ctx)
         timer.prompt_ready()
-        sampler = self._new_sampler(d)
+        sampler = self._new_sampler(d, req.grammar, req.model)
         slot, reused = self._take_slot(tokens)
         return _Sequence(
             job=job,
@@ -328,13 +334,16 @@ class BatchedGGUFBackend:
             n_past=reused,
         )
 
-    def _new_sampler(self, d: Decoding) -> Any:
+    def _new_sampler(self, d: Decoding, grammar: str | None = None, model: str = "") -> Any:
         """The chain ``Llama.generate`` builds for the sequential backend's arguments.  Each
         sequence has its own chain, so a seeded request's random state is its own: the same seed
         gives the same draws whatever else is in the batch (the logits themselves can still
-        differ by batch size, see the module docstring)."""
+        differ by batch size, see the module docstring).  A request's grammar (issue 16) is the
+        chain's own grammar sampler, so each sequence follows its own grammar; sampling through
+        the chain accepts each token into it."""
         import llama_cpp
 
+        constrain = grammar_sampler(self._vocab, grammar, model) if grammar is not None else None
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         add(
@@ -342,6 +351,8 @@ class BatchedGGUFBackend:
                 self._n_vocab, PENALTY_LAST_N, d.repetition_penalty, d.frequency_penalty, d.presence_penalty
             )
         )
+        if constrain is not None:
+            add(constrain)
         if d.greedy:
             add(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -75,6 +75,19 @@ def set_prompt_model(prompts: PromptPrep[int], model: Any) -> None:
     prompts.add_bos = bool(model.add_bos_token())
 
 
+def grammar_sampler(vocab: Any, grammar: str, model: str) -> Any:
+    """A llama.cpp grammar sampler for ``grammar`` (GBNF, root rule ``root``; issue 16), or a 400
+    if llama.cpp cannot parse it (it then returns NULL, and a NULL in a sampler chain crashes)."""
+    import llama_cpp
+
+    from llm_pool.pool.errors import invalid_request
+
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise invalid_request("the requested output format gives a grammar llama.cpp cannot parse", model=model)
+    return sampler
+
+
 def open_vocab(path: Path) -> Any:
     """A GGUF file's tokenizer and metadata alone (llama.cpp ``vocab_only``: no weights, no
     context; SmolLM2: ~0.1 s), for a backend whose weights live in another process."""

@@ -278,6 +278,8 @@ class LlamaServerBackend(EngineBackend):
             body["seed"] = engine_seed(d.seed)
         if req.logprobs is not None:  # the engine reports at least one candidate per token
             body["n_probs"] = max(1, req.logprobs)
+        if req.grammar is not None:  # structured output / forced tool call (issue 16)
+            body["grammar"] = req.grammar
         assert self._client is not None, "not loaded"
         request = self._client.build_request("POST", f"{self.base_url}/completion", json=body)
         finish = "length"
@@ -437,4 +439,6 @@ KIND = BackendKind(
     seeded_sampling=True,
     token_logprobs=lambda m: True,
     embeddings=True,
+    response_formats=("text", "json_object", "json_schema"),
+    tools=True,
 )

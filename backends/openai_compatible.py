@@ -17,7 +17,13 @@ Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorizati
      "seed" (only if the caller sent one), "presence_penalty" / "frequency_penalty" (only if not 0),
      "thinking": {"type": "enabled"|"disabled"} (the request's ``thinking``, else
                   remote_thinking; only if one is set),
-     "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
+     "stream": true, "stream_options": {"include_usage": true} (stream requests only),
+     "response_format", "tools", "tool_choice" (only if the request has them; issue 16)}
+
+Assistant turns keep their ``tool_calls`` and tool turns their ``tool_call_id``.  When the
+request offered tools, an answer's ``tool_calls`` (whole, or stream deltas joined by ``index``)
+become ``Job.tool_calls`` and a null content is an empty text; without tools they are a parse
+failure as before.
 
 A raw prompt (``/v1/completions``) goes to ``POST {remote_base_url}/completions`` instead, with
 ``prompt`` as sent (no system turn) and the answer's ``choices[0].text`` kept as the upstream
@@ -85,9 +91,10 @@ import trio
 from llm_pool.backends.base import BackendKind, cancel_when_stopped
 from llm_pool.backends.decoding import AT_MOST_4_STOPS
 from llm_pool.backends.ledger import Account, Prices, check_ledger_path, ledger_for, summarize
+from llm_pool.backends.structured import new_call_id, offers_tools
 from llm_pool.config import DEFAULT_SYSTEM_PROMPT, ModelSettings, Settings
 from llm_pool.pool.errors import PoolError, request_cancelled
-from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, Message
+from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, Message, ToolCall
 from llm_pool.pool.tracing import bind
 
 if TYPE_CHECKING:
@@ -152,7 +159,7 @@ def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool
     prompt: dict[str, Any] = (
         {"prompt": request.raw_prompt}
         if request.raw_prompt is not None
-        else {"messages": [{"role": m.role, "content": wire_content(m)} for m in messages_for(request)]}
+        else {"messages": [wire_message(m) for m in messages_for(request)]}
     )
     body: dict[str, Any] = {
         "model": model.remote_model,
@@ -175,6 +182,7 @@ def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    body.update(output_contract(request))
     return body
 
 
@@ -207,6 +215,72 @@ def parse_embeddings(raw: bytes, count: int, *, model: str, key: str) -> tuple[l
             usage=usage,
         )
     return [vectors[i] for i in range(count)], usage
+
+
+# structured output and tool calling (issue 16): passed on as Chat Completions fields
+def wire_message(m: Message) -> dict[str, Any]:
+    """A message as Chat Completions takes it (an assistant turn's calls, a tool turn's id)."""
+    out: dict[str, Any] = {"role": m.role, "content": wire_content(m)}
+    if m.tool_calls:
+        out["content"] = m.content or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def output_contract(request: GenerationRequest) -> dict[str, Any]:
+    """``response_format``, ``tools`` and ``tool_choice`` for the upstream, where set."""
+    out: dict[str, Any] = {}
+    rf = request.response_format
+    if rf is not None and rf.type == "json_object":
+        out["response_format"] = {"type": "json_object"}
+    elif rf is not None:
+        spec: dict[str, Any] = {"name": rf.name or "response"}
+        for key in ("description", "schema", "strict"):
+            if getattr(rf, key) is not None:
+                spec[key] = getattr(rf, key)
+        out["response_format"] = {"type": "json_schema", "json_schema": spec}
+    if request.tools:
+        out["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    k: v
+                    for k, v in (("name", t.name), ("description", t.description), ("parameters", t.parameters), ("strict", t.strict))
+                    if v is not None
+                },
+            }
+            for t in request.tools
+        ]
+        out["tool_choice"] = (
+            {"type": "function", "function": {"name": request.tool_name}} if request.tool_name else request.tool_choice
+        )
+    return out
+
+
+def priced_messages(request: GenerationRequest) -> list[Message]:
+    """What a request's cost is estimated from: its messages, plus the tools, response format
+    and earlier calls it sends as one more message's worth of text (they are prompt tokens too)."""
+    extra = output_contract(request)
+    calls = [c for m in request.messages for c in m.tool_calls or ()]
+    if calls:
+        extra["calls"] = [[c.name, c.arguments] for c in calls]
+    messages = cost_messages(request)
+    return [*messages, Message(role="system", content=json.dumps(extra))] if extra else messages
+
+
+def parse_tool_calls(value: Any, model: str) -> list[ToolCall]:
+    """An upstream answer's ``tool_calls`` (a list of ``{id, function: {name, arguments}}``)."""
+    calls = []
+    for c in value if isinstance(value, list) else ():
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments", ""), str):
+            raise parse_failure(model, "the upstream returned a tool call that is not a function call")
+        calls.append(ToolCall(id=str(c.get("id") or new_call_id()), name=f["name"], arguments=f.get("arguments", "")))
+    return calls
 
 
 @dataclass(frozen=True)
@@ -601,7 +675,7 @@ class RemoteBackend:
     def _reserve(self, job: Job) -> None:
         assert self.account is not None
         try:
-            self.account.reserve(job.id, cost_messages(job.request), cost_max_tokens(job.request))
+            self.account.reserve(job.id, priced_messages(job.request), cost_max_tokens(job.request))
         except OSError as e:
             raise _ledger_unavailable(self.name, e) from None
 
@@ -637,7 +711,7 @@ class RemoteBackend:
             if job.should_stop():
                 return
             if self.account is not None:
-                call.amount = self.account.estimate(cost_messages(job.request), cost_max_tokens(job.request))[0]
+                call.amount = self.account.estimate(priced_messages(job.request), cost_max_tokens(job.request))[0]
                 if not self.account.holds(job.id):  # admitted without the manager's hook
                     self._reserve(job)
             job.begin()
@@ -868,12 +942,37 @@ class RemoteBackend:
             call.t_first = time.perf_counter()
             return "stop"
         legacy = job.request.raw_prompt is not None
-        text, finish, call.usage = parse_completion(raw, model=self.name, key=self._key, legacy=legacy)
+        if offers_tools(job.request) and not legacy:  # an answer that only calls tools has no text (issue 16)
+            text, finish, call.usage = self._calls_answer(job, raw)
+        else:
+            text, finish, call.usage = parse_completion(raw, model=self.name, key=self._key, legacy=legacy)
         call.t_first = time.perf_counter()
         if text:
             job.emit(text)
             call.emitted = True
         return finish
+
+    def _calls_answer(self, job: Job, raw: bytes) -> tuple[str, str | None, Usage | None]:
+        """:func:`parse_completion` for a request that offered tools: ``tool_calls`` go to
+        ``job.tool_calls``, and a null content is then an empty text."""
+        try:
+            data = json.loads(raw)
+            message = data["choices"][0]["message"]
+            calls = parse_tool_calls(message.get("tool_calls"), self.name) if message.get("tool_calls") else []
+        except PoolError as e:
+            raise UpstreamFailure(e, submitted=True) from None
+        except (ValueError, LookupError, TypeError, AttributeError):
+            calls = []
+        if not calls:
+            return parse_completion(raw, model=self.name, key=self._key)
+        job.tool_calls = calls
+        content = message.get("content")
+        finish = data["choices"][0].get("finish_reason")
+        return (
+            (content.strip() if isinstance(content, str) else ""),
+            finish if isinstance(finish, str) else None,
+            parse_usage(data.get("usage")),
+        )
 
     async def _stream_once(self, job: Job, call: _Call, body: dict[str, Any], deadline: float) -> str | None:
         response = await self._send(call, body, deadline, UPSTREAM_PATHS[job.request.kind])
@@ -960,6 +1059,9 @@ class RemoteBackend:
         delta = choice.get("delta")
         delta = delta if isinstance(delta, dict) else {}
         content = delta.get("content")
+        if delta.get("tool_calls") and offers_tools(job.request):  # issue 16: gathered by index
+            self._gather_calls(job, delta["tool_calls"])
+            delta = {k: v for k, v in delta.items() if k != "tool_calls"}
         no_text = content is None and any(delta.get(k) for k in ("tool_calls", "function_call"))
         if no_text or (content is not None and not isinstance(content, str)):
             raise UpstreamFailure(parse_failure(self.name, _non_text(content, delta)), submitted=True, usage=call.usage)
@@ -967,6 +1069,26 @@ class RemoteBackend:
             self._emit(job, call, content)
         finish = choice.get("finish_reason")
         return (finish if isinstance(finish, str) else None), True
+
+    def _gather_calls(self, job: Job, deltas: Any) -> None:
+        """Stream deltas of tool calls, joined by ``index`` into ``job.tool_calls`` (the id and
+        name come first, the arguments in pieces)."""
+        calls = job.tool_calls if job.tool_calls is not None else []
+        for d in deltas if isinstance(deltas, list) else ():
+            f = d.get("function") if isinstance(d, dict) else None
+            index = d.get("index", len(calls)) if isinstance(d, dict) else None
+            if not isinstance(f, dict) or not isinstance(index, int) or not 0 <= index <= len(calls):
+                raise UpstreamFailure(
+                    parse_failure(self.name, "the upstream streamed a tool call that is not a function call"), submitted=True
+                )
+            if index == len(calls):
+                calls.append(ToolCall(id=str(d.get("id") or new_call_id()), name="", arguments=""))
+            c = calls[index]
+            if isinstance(f.get("name"), str):
+                c.name += f["name"]
+            if isinstance(f.get("arguments"), str):
+                c.arguments += f["arguments"]
+        job.tool_calls = calls
 
     @staticmethod
     def _emit(job: Job, call: _Call, text: str) -> None:
@@ -1005,6 +1127,8 @@ KIND = BackendKind(
     remote=True,
     decoding_rules=(AT_MOST_4_STOPS,),
     seeded_sampling=True,  # passed on: reproducible as far as the upstream makes it
+    response_formats=("text", "json_object", "json_schema"),  # passed on (issue 16)
+    tools=True,
     cost_summary=cost_summary,
     # the upstream renders the conversation; thinking is sent as {"thinking": {"type": ...}}
     thinking_modes=("default", "enabled", "disabled"),

@@ -31,6 +31,7 @@ the context has positions, is refused with a 400.  Tokenizing is then bounded by
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -38,9 +39,17 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from llm_pool.backends.structured import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    arguments_value,
+    call_json,
+    offers_tools,
+    tool_json,
+)
 from llm_pool.config import DEFAULT_SYSTEM_PROMPT
-from llm_pool.pool.errors import invalid_request
-from llm_pool.pool.jobs import GenerationRequest, Job, Message
+from llm_pool.pool.errors import invalid_request, tools_unsupported
+from llm_pool.pool.jobs import GenerationRequest, Job, Message, ToolSpec
 
 if TYPE_CHECKING:
     from llm_pool.config import ModelSettings
@@ -131,15 +140,48 @@ def _content(out: _Segments, m: Message, marker: str | None) -> _Segments:
     return out
 
 
+# Tool calling in ChatML (issue 16): Hermes / Qwen2.5's system prompt, calls and tool results.
+HERMES_TOOLS_HEAD = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+HERMES_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    f"{TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} XML tags:\n{TOOL_CALL_OPEN}\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n' + TOOL_CALL_CLOSE
+)
+
+
 def _chatml(
-    messages: list[Message], *, prefix_user: str = "", open_answer: str = "", marker: str | None = None
+    messages: list[Message],
+    *,
+    prefix_user: str = "",
+    open_answer: str = "",
+    marker: str | None = None,
+    tools: list[ToolSpec] | None = None,
 ) -> list[Segment]:
     out = _Segments()
-    for m in messages:
+    for i, m in enumerate(messages):
+        if m.role == "tool":  # consecutive tool results share one user turn, as in Qwen's template
+            if i == 0 or messages[i - 1].role != "tool":
+                out.markup("<|im_start|>user")
+            out.markup("\n<tool_response>\n").caller(m.content).markup("\n</tool_response>")
+            if i + 1 == len(messages) or messages[i + 1].role != "tool":
+                out.markup("<|im_end|>\n")
+            continue
         out.markup(f"<|im_start|>{m.role}\n")
         if m.role == "user":
             out.markup(prefix_user)
-        _content(out, m, marker).markup("<|im_end|>\n")
+        _content(out, m, marker)
+        if m.role == "system" and tools:
+            out.markup(HERMES_TOOLS_HEAD)
+            for tool in tools:
+                out.markup("\n").caller(tool_json(tool))
+            out.markup(HERMES_TOOLS_TAIL)
+        for j, call in enumerate(m.tool_calls or ()):
+            out.markup(("\n" if m.content or j else "") + TOOL_CALL_OPEN + "\n")
+            out.caller(call_json(call)).markup("\n" + TOOL_CALL_CLOSE)
+        out.markup("<|im_end|>\n")
     return out.markup("<|im_start|>assistant\n" + open_answer).out
 
 
@@ -170,7 +212,15 @@ def _compile(template: str) -> Any:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = _tojson
     return env.from_string(template)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    """Hugging Face's ``tojson`` (``json.dumps``, not jinja's HTML-safe one), keeping caller
+    strings' placeholders (:class:`_StandIns`) as JSON-escaped placeholders (issue 16: tools)."""
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return _JSON_PLACEHOLDER.sub("\x00\\1\x02", text)
 
 
 def render_chat_template(
@@ -180,6 +230,7 @@ def render_chat_template(
     bos_token: str = "",
     eos_token: str = "",
     enable_thinking: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render a model's own (Hugging Face style) chat template with a generation prompt."""
     from jinja2.exceptions import TemplateError
@@ -192,6 +243,7 @@ def render_chat_template(
                 bos_token=bos_token,
                 eos_token=eos_token,
                 enable_thinking=enable_thinking,
+                tools=tools,
             )
         )
     except TemplateError as e:
@@ -201,7 +253,9 @@ def render_chat_template(
 #: A caller string's stand-in while a chat template renders: NUL is refused in every caller
 #: string at the HTTP edge (400), so no caller can write one, and templates pass it through.
 #: Open and close differ, so pieces of two cut placeholders never make a whole one.
-_PLACEHOLDER = re.compile("\x00([0-9]+)\x01")
+_PLACEHOLDER = re.compile("\x00([0-9]+)([\x01\x02])")
+#: A placeholder as ``json.dumps`` writes it; turned into ``\x00N\x02``: the string, JSON-escaped.
+_JSON_PLACEHOLDER = re.compile(r"\\u0000([0-9]+)\\u0001")
 
 
 class _StandIns:
@@ -224,12 +278,25 @@ class _StandIns:
         self.strings.append((lead, core, trail))
         return f"{lead}\x00{len(self.strings) - 1}\x01{trail}"
 
+    def deep(self, value: Any) -> Any:
+        """``value`` (JSON: tools, call arguments) with every string and key stood in."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {self(k) if isinstance(k, str) else k: self.deep(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.deep(v) for v in value]
+        return value
+
     def segments(self, rendered: str) -> list[Segment]:
         out = _Segments()
         parts = _PLACEHOLDER.split(rendered)
         for i, part in enumerate(parts):
-            if i % 2:
-                out.caller(self.strings[int(part)][1])
+            if i % 3 == 1:
+                core = self.strings[int(part)][1]
+                out.caller(json.dumps(core, ensure_ascii=False)[1:-1] if parts[i + 1] == "\x02" else core)
+            elif i % 3 == 2:
+                continue
             elif "\x00" in part:
                 raise ValueError("the model's chat template cut a message apart; llm-pool cannot tell its markup")
             else:
@@ -284,12 +351,15 @@ def render_prompt(
             f"{image.at[2:] or 'an image item'}: this model's runtime is given no images", param=image.at or None, model=request.model
         )
     marker = media_marker
+    tools = request.tools if offers_tools(request) else None
     if fmt == "generic":
-        return Prompt(_chatml(_with_system(request), marker=marker), stops)
+        return Prompt(_chatml(_with_system(request), marker=marker, tools=tools), stops)
     if fmt == "qwen3_template":
         if enable_thinking:
-            return Prompt(_chatml(_with_system(request), marker=marker), stops)
-        segments = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK, marker=marker)
+            return Prompt(_chatml(_with_system(request), marker=marker, tools=tools), stops)
+        segments = _chatml(
+            _with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK, marker=marker, tools=tools
+        )
         return Prompt(segments, stops, suppress=["<think>", "</think>"])
     if fmt == "mistral_template":
         return Prompt(_mistral(_with_system(request), marker), stops)
@@ -315,9 +385,19 @@ def render_prompt(
         content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": text}]
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     else:
-        messages = [{"role": m.role, "content": _template_content(m, stand_in, marker)} for m in _with_system(request)]
+        messages = [_template_message(m, stand_in, marker) for m in _with_system(request)]
+    template_tools = None
+    if tools:  # issue 16: tools reach a template that reads them, as OpenAI-style dicts
+        if "tools" not in chat_template:
+            raise tools_unsupported(request.model, "its chat template does not render tools")
+        template_tools = [stand_in.deep(json.loads(tool_json(t))) for t in tools]
     text = render_chat_template(
-        chat_template, messages, bos_token=bos_token, eos_token=eos_token, enable_thinking=enable_thinking
+        chat_template,
+        messages,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        enable_thinking=enable_thinking,
+        tools=template_tools,
     )
     return Prompt(stand_in.segments(text), stops)
 
@@ -357,6 +437,28 @@ def _template_content(m: Message, stand_in: _StandIns, marker: str | None) -> st
     return "\n".join(stand_in(p) if isinstance(p, str) else marker for p in m.parts)
 
 
+def _template_message(m: Message, stand_in: _StandIns, marker: str | None) -> dict[str, Any]:
+    """A message for a chat template, caller strings stood in; calls and tool results in Hugging
+    Face's shape (``tool_calls[].function.arguments`` a JSON value, ``tool_call_id``)."""
+    out: dict[str, Any] = {"role": m.role, "content": _template_content(m, stand_in, marker)}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": stand_in(c.id),
+                "type": "function",
+                "function": {"name": stand_in(c.name), "arguments": stand_in.deep(arguments_value(c.arguments))},
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = stand_in(m.tool_call_id)
+    return out
+
+
+#: Prompt formats that render tools (issue 16): ChatML with Hermes calls, or the model's template.
+TOOL_FORMATS = ("generic", "qwen3_template", "native")
+
+
 def check_request(fmt: str, request: GenerationRequest) -> None:
     """Admission-time checks that need no model (raise 400 before the queue)."""
     for key in ("source_lang_code", "target_lang_code"):
@@ -372,6 +474,8 @@ def check_request(fmt: str, request: GenerationRequest) -> None:
         raise invalid_request(
             "translategemma models need target_lang_code", param="target_lang_code", model=request.model
         )
+    if (offers_tools(request) or any(m.role == "tool" or m.tool_calls for m in request.messages)) and fmt not in TOOL_FORMATS:
+        raise tools_unsupported(request.model, f"prompt_format {fmt!r} has no tool calls; {', '.join(TOOL_FORMATS)} do")
     if fmt in ("generic", "qwen3_template", "native"):
         return
     roles = [m.role for m in request.messages if m.role != "system"]
@@ -416,6 +520,9 @@ def check_input_size(request: GenerationRequest, n_ctx: int | None, max_token_ch
             model=request.model,
         )
     chars = sum(len(m.content) for m in request.messages) + len(request.raw_prompt or "")
+    # tool calling (issue 16): tool definitions and earlier calls are caller text too
+    chars += sum(len(tool_json(t)) for t in request.tools) if offers_tools(request) else 0
+    chars += sum(len(c.name) + len(c.arguments) for m in request.messages for c in m.tool_calls or ())
     limit = n_ctx * max(1, max_token_chars)
     if chars > limit:
         raise invalid_request(

@@ -28,7 +28,7 @@ from llm_pool.config.settings import (
 )
 from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.errors import PoolError, invalid_request
-from llm_pool.pool.jobs import Decoding, GenerationRequest, ImagePart, Message
+from llm_pool.pool.jobs import Decoding, GenerationRequest, ImagePart, Message, ResponseFormat
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -105,6 +105,69 @@ class ResponsesMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     content: str | Annotated[list[ContentItem], msgspec.Meta(min_length=1)]
 
 
+# ---------------------------------------------------------------- structured output (issue 16)
+#: A schema's or function's name, as OpenAI restricts it.
+FormatName = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+
+
+class JsonSchemaSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``response_format.json_schema``: the schema the answer must match."""
+
+    name: FormatName
+    description: str | None = None
+    #: A JSON schema (bounded: 64 KiB, 32 levels); omitted: any JSON object.
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FormatText(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="text"):
+    """``{"type": "text"}``: free text (the default)."""
+
+
+class FormatJsonObject(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="json_object"):
+    """``{"type": "json_object"}``: one JSON object."""
+
+
+class FormatJsonSchema(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="json_schema"):
+    """``{"type": "json_schema", "json_schema": {name, description, schema, strict}}``."""
+
+    json_schema: JsonSchemaSpec
+
+
+#: ``response_format`` on both routes (Chat Completions' shape).
+ResponseFormatIn = FormatText | FormatJsonObject | FormatJsonSchema
+
+
+class TextFormatJsonSchema(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="json_schema"):
+    """OpenAI Responses' ``text.format`` for a schema (its fields flat)."""
+
+    name: FormatName
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesText(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """OpenAI Responses' ``text``: ``{"format": {...}}`` (another spelling of ``response_format``)."""
+
+    format: FormatText | FormatJsonObject | TextFormatJsonSchema | None = None
+    #: Accepted and ignored (llm-pool has no verbosity setting other than ``medium``).
+    verbosity: Literal["medium"] | None = None
+
+
+def to_response_format(given: Any) -> ResponseFormat | None:
+    """The engine's :class:`~pool.jobs.ResponseFormat` of a decoded ``response_format`` or
+    ``text.format``; None for text."""
+    if given is None or isinstance(given, FormatText):
+        return None
+    if isinstance(given, FormatJsonObject):
+        return ResponseFormat(type="json_object")
+    spec = given.json_schema if isinstance(given, FormatJsonSchema) else given
+    return ResponseFormat(
+        type="json_schema", schema=spec.schema, name=spec.name, description=spec.description, strict=spec.strict
+    )
+
+
 class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``POST /v1/responses``."""
 
@@ -125,6 +188,9 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     messages: list[ResponsesMessage] | None = None
     #: Thinking for this request, among the model's ``capabilities.thinking_modes``.
     thinking: Thinking = "default"
+    # structured output (issue 16): either spelling, not both
+    response_format: ResponseFormatIn | None = None
+    text: ResponsesText | None = None
 
 
 class Metrics(msgspec.Struct, kw_only=True):
@@ -243,18 +309,61 @@ class ModelsList(msgspec.Struct, kw_only=True):
 # pool.openai_compat; these are only the shapes.
 
 
+class ChatFunctionCall(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    #: The arguments, as JSON text.
+    arguments: str
+
+
+class ChatToolCall(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A call in an assistant message (sent back by the client, or in an answer)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ChatFunctionCall
+
+
 class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ChatTextPart | ImageUrlItem]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    #: Null only in an assistant message that makes tool calls.
+    content: str | list[ChatTextPart | ImageUrlItem] | None = None
     #: Accepted and ignored (a participant's name).
     name: str | None = None
     # What an SDK-made assistant message carries when a client sends it back (``model_dump()``);
     # accepted only when empty (checked by pool.openai_compat).
     refusal: Any = None
-    tool_calls: Any = None
     function_call: Any = None
     audio: Any = None
     annotations: Any = None
+    # tool calling (issue 16): an assistant turn's calls; a tool turn's answered call
+    tool_calls: list[ChatToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatFunctionDef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: FormatName
+    description: str | None = None
+    #: The JSON schema of the arguments (bounded like ``response_format``'s); omitted: any object.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: ChatFunctionDef
+
+
+class ChatToolChoiceFunction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+
+
+class ChatToolChoice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``tool_choice`` naming a function: ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: ChatToolChoiceFunction
 
 
 class ChatStreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -302,11 +411,8 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     top_logprobs: TopLogprobs | None = None
     # OpenAI fields accepted only at their neutral value
     logit_bias: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     modalities: Any = None
     reasoning_effort: Any = None
     verbosity: Any = None
@@ -315,17 +421,24 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     web_search_options: Any = None
     # thinking (issue 16), an llm-pool extension: as on /v1/responses
     thinking: Thinking = "default"
+    # structured output and tool calling (issue 16)
+    response_format: ResponseFormatIn | None = None
+    tools: Annotated[list[ChatTool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ChatToolChoice | None = None
 
 
 class ChatMessageOut(msgspec.Struct, kw_only=True):
     role: str = "assistant"
-    content: str
+    #: Null when the answer is only tool calls.
+    content: str | None
+    #: The answer's tool calls (issue 16); absent when there are none.
+    tool_calls: list[ChatToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChatLogprobs | None = None
 
 
@@ -347,15 +460,26 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     metrics: Metrics
 
 
+class ChatToolCallDelta(msgspec.Struct, kw_only=True):
+    """A tool call in a stream delta (OpenAI's shape; llm-pool sends each call whole, once)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: ChatFunctionCall
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    # tool calling (issue 16)
+    tool_calls: list[ChatToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 
@@ -609,9 +733,14 @@ def to_generation_request(settings: Settings, body: ResponsesRequest, key_header
     if body.instructions is not None:
         messages.append(Message(role="system", content=body.instructions))
     messages += conversation_of(body)
+    if body.response_format is not None and body.text is not None and body.text.format is not None:
+        raise invalid_request("send response_format or text.format, not both", param="$.text.format")
     return GenerationRequest(
         model=body.model,
         messages=messages,
+        response_format=to_response_format(
+            body.response_format if body.response_format is not None else (body.text.format if body.text else None)
+        ),
         decoding=resolve_decoding(settings, body.decoding),
         source_lang_code=body.source_lang_code,
         target_lang_code=body.target_lang_code,

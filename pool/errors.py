@@ -9,6 +9,8 @@ PoolError                                   body: {"error": {type, code, message
 │       request_cost_exceeds_max remote request over remote_budget_request_max
 │       embeddings_unsupported   /v1/embeddings for a model without ``embeddings = true``
 │       generation_unsupported   a generation route for an embeddings model
+│       response_format_unsupported  the model's runtime cannot enforce that format
+│       tools_unsupported        the model's runtime or prompt format does no tool calling
 ├── 401 unauthorized             missing/wrong bearer token
 ├── 403 remote_execution_disallowed
 │       priority_not_allowed     a negative priority from a key not allowed it
@@ -239,3 +241,18 @@ def printable(text: str, limit: int = ERROR_TEXT_MAX) -> str:
     close_run()
     line = re.sub(" {2,}", " ", "".join(out)).strip()
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# structured output and tool calling (issue 16)
+def response_format_unsupported(model: str, given: str, offered: tuple[str, ...], runtime: str) -> PoolError:
+    return PoolError(
+        400,
+        "response_format_unsupported",
+        f"model {model!r} ({runtime}) cannot enforce response_format {given!r}; it offers: {', '.join(offered)}",
+        param="$.response_format",
+        model=model,
+    )
+
+
+def tools_unsupported(model: str, why: str) -> PoolError:
+    return PoolError(400, "tools_unsupported", f"model {model!r} does no tool calling: {why}", param="$.tools", model=model)

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -81,13 +81,46 @@ class ImagePart(msgspec.Struct, kw_only=True):
     at: str = ""
 
 
+# structured output and tool calling (issue 16): the shapes a backend needs
+class ResponseFormat(msgspec.Struct, kw_only=True, frozen=True):
+    """What the answer must be: ``json_object`` (any JSON object) or ``json_schema`` (JSON that
+    matches ``schema``; ``name``/``description``/``strict`` are passed on to remote models)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    name: str | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """A function the model may call (OpenAI's ``tools[].function``)."""
+
+    name: str
+    description: str | None = None
+    #: The JSON schema of the arguments object (None: any object).
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """A call the model made (or made earlier, in an assistant turn): ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class Message(msgspec.Struct, kw_only=True):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     #: The message's text (a content array's text items joined with newlines).
     content: str
     # conversations and content arrays (issue 16)
     #: The content's items in order (text, images) when it holds an image; None: text only.
     parts: list[str | ImagePart] | None = None
+    # tool calling (issue 16): an assistant turn's calls, and a tool turn's answered call
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @property
     def images(self) -> list[ImagePart]:
@@ -119,6 +152,7 @@ class GenerationRequest:
     def images(self) -> list[ImagePart]:
         """Every image of the conversation, in order."""
         return [i for m in self.messages for i in m.images]
+
     # --- raw completions, embeddings, logprobs (issue 16 §2: /v1/completions, /v1/embeddings)
     #: ``/v1/completions``: the caller's text is the whole prompt, no template around it (one
     #: caller segment: never a control token); ``messages`` is then empty.
@@ -135,6 +169,18 @@ class GenerationRequest:
         if self.embed_inputs is not None:
             return "embed"
         return "raw" if self.raw_prompt is not None else "chat"
+    # structured output and tool calling (issue 16)
+    #: The answer's format; None: free text.
+    response_format: ResponseFormat | None = None
+    #: Functions the model may call (Chat Completions' ``tools``).
+    tools: list[ToolSpec] = field(default_factory=list)
+    #: ``none`` (no call), ``auto`` (the model decides) or ``required`` (at least one call);
+    #: with :attr:`tool_name` a call of that function.
+    tool_choice: Literal["none", "auto", "required"] = "auto"
+    tool_name: str | None = None
+    #: The llama.cpp grammar (GBNF) that output must follow, set at admission for runtimes that
+    #: enforce one (:mod:`backends.structured`); None: unconstrained.
+    grammar: str | None = None
 
     @property
     def system(self) -> str | None:
@@ -266,6 +312,9 @@ class Job:
         #: its client receives, or None when it finished (``stats.finish_reason`` says how).
         #: For metrics and bookkeeping; a callback that raises is logged and the others still run.
         self.on_end: list[Callable[[Job, PoolError | None], None]] = []
+        #: Tool calls a backend returned structured (a remote model), set before it finishes the
+        #: job; None: the answer's text is all there is (issue 16).
+        self.tool_calls: list[ToolCall] | None = None
 
     # ---------------------------------------------------------------- runtime side (any thread)
     def should_stop(self) -> bool:

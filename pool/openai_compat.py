@@ -13,6 +13,7 @@ Request fields (``pool.api.ChatCompletionRequest``):
   ``stream``, ``stream_options.include_usage``, ``n`` (1..16: one job per choice, seed ``seed + i``
   for choice ``i``), ``logprobs`` / ``top_logprobs`` (runtimes whose kind has ``token_logprobs``),
   ``seed``, ``presence_penalty`` and ``frequency_penalty`` (see "Sampling" below);
+  ``response_format``, ``tools`` and ``tool_choice`` (see "Structured output and tools" below);
 * llm-pool extensions, sent with the SDK's ``extra_body``: ``top_k``, ``repetition_penalty``,
   ``allow_remote``, ``source_lang_code`` / ``target_lang_code`` (translategemma),
   ``fairness_key`` and ``priority`` (see :mod:`pool.fairness`);
@@ -24,7 +25,8 @@ Request fields (``pool.api.ChatCompletionRequest``):
   common clients send by default); anything else is a 400 naming the field and why;
 * any other field: a 400 naming it (``Object contains unknown field `x```, ``param: $.x``).
 
-Messages: roles ``system`` (or ``developer``, its newer name), ``user`` and ``assistant``;
+Messages: roles ``system`` (or ``developer``, its newer name), ``user``, ``assistant`` (with
+``tool_calls``, its ``content`` may be null) and ``tool`` (with ``tool_call_id``);
 ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined with
 newlines) and ``{"type": "image_url", "image_url": {"url", "detail"}}`` parts (for a model
 whose ``capabilities.modalities`` has ``image``; else 400 ``modality_unsupported``).
@@ -59,6 +61,15 @@ refuses a non-zero one (a 400 from its kind's ``decoding_rules``).
 :attr:`pool.jobs.GenerationRequest.embed_inputs`, for models with ``embeddings = true``) are
 here too, on the same skeleton (:func:`pool.serving.run_jobs`, :func:`pool.serving.stream_jobs`).
 
+Structured output and tools (issue 16): the model's kind says what it honours
+(``BackendKind.response_formats``, ``BackendKind.tools``; else 400 ``response_format_unsupported``
+/ ``tools_unsupported`` at admission, :func:`backends.structured.admit`).  A local model's
+answer is read for ``<tool_call>`` blocks when it was offered tools
+(:class:`~backends.structured.ToolCallSplitter`; streamed content is held back from the first
+``<tool_call>``, and each call is sent once, whole, before the ``finish_reason`` chunk); a
+remote model's calls arrive structured (``Job.tool_calls``).  ``finish_reason`` is
+``tool_calls`` when there are calls.
+
 ``GET /v1/models`` and ``/v1/responses`` speak OpenAI too; see :class:`pool.api.ModelsList`,
 :class:`pool.api.ResponseBody` and ``_stream_responses`` in :mod:`pool.http`.
 """
@@ -75,6 +86,8 @@ from typing import Any, Literal
 import msgspec
 from quart import Response, request
 
+from llm_pool.backends import kind_of
+from llm_pool.backends.structured import ToolCallSplitter, offers_tools, split_tool_calls
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
     FAIRNESS_KEY_HEADER,
@@ -85,10 +98,13 @@ from llm_pool.pool.api import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatFunctionCall,
     ChatLogprobs,
     ChatMessageIn,
     ChatMessageOut,
     ChatTokenLogprob,
+    ChatToolCall,
+    ChatToolCallDelta,
     ChatTopLogprob,
     ChatUsage,
     Completion,
@@ -106,10 +122,22 @@ from llm_pool.pool.api import (
     content_of,
     fairness_key,
     resolve_decoding,
+    to_response_format,
     token_counts,
 )
 from llm_pool.pool.errors import PoolError, invalid_request
-from llm_pool.pool.jobs import NO_TOP_K, Decoding, Delta, Done, GenerationRequest, Job, Message, TokenLogprob
+from llm_pool.pool.jobs import (
+    NO_TOP_K,
+    Decoding,
+    Delta,
+    Done,
+    GenerationRequest,
+    Job,
+    Message,
+    TokenLogprob,
+    ToolCall,
+    ToolSpec,
+)
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.serving import job_result, run_job, run_jobs, stream_job, stream_jobs, unix_time_of
 from llm_pool.pool.web_io import json_response, read_json, sse_response
@@ -132,11 +160,8 @@ IGNORED_FIELDS = (
 #: nothing); any other value is refused, never silently dropped: field → (accepted, why not).
 NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "logit_bias": (({},), "its samplers take no logit bias"),
-    "tools": (([],), "it does no tool calling"),
-    "tool_choice": (("none",), "it does no tool calling"),
     "functions": (([],), "it does no function calling"),
     "function_call": (("none",), "it does no function calling"),
-    "response_format": (({"type": "text"},), "it does not constrain the output's format"),
     "modalities": ((["text"],), "it generates text only"),
     "audio": ((), "it generates text only"),
     "reasoning_effort": ((), "it has no reasoning-effort setting"),
@@ -149,12 +174,11 @@ NEUTRAL_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
 #: (``model_dump()``) sends them empty, which is accepted.
 _MESSAGE_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "refusal": ((), "a refusal is not a turn a prompt format can render"),
-    "tool_calls": (([],), "it does no tool calling"),
     "function_call": ((), "it does no function calling"),
     "audio": ((), "it generates text only"),
 }
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _encoder = msgspec.json.Encoder()
 
 
@@ -171,17 +195,21 @@ def register_openai(app: Any, manager: PoolManager) -> None:
         jobs = await run_jobs(manager, gens, allow_remote=body.allow_remote, request_ids=ids, decoding_at="$")
         job = jobs[0]
         created = unix_time_of(job.t_submitted)
+        parse_calls = parses_tool_calls(manager, gen)
         if not gen.stream:
             choices, metrics = [], None
             for i, j in enumerate(jobs):
                 done, m = await job_result(j, t0)
                 metrics = metrics or m
                 lp = chat_logprobs(done.logprobs) if gen.logprobs is not None else None
-                choices.append(
-                    ChatChoice(
-                        index=i, message=ChatMessageOut(content=done.text), finish_reason=finish_reason(j), logprobs=lp
-                    )
-                )
+                content: str | None = done.text
+                calls = j.tool_calls or []
+                if parse_calls:
+                    content, calls = split_tool_calls(done.text)
+                message = ChatMessageOut(content=content or (None if calls else content))
+                if calls:
+                    message.tool_calls = [_wire_call(c) for c in calls]
+                choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason(j, calls), logprobs=lp))
             assert metrics is not None
             prompt, output = usage_of(jobs)
             return json_response(
@@ -195,7 +223,10 @@ def register_openai(app: Any, manager: PoolManager) -> None:
                 )
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = [ChatFrames(job, created, include_usage=include_usage, index=i, jobs=jobs) for i in range(len(jobs))]
+        frames = [
+            ChatFrames(job, created, include_usage=include_usage, index=i, jobs=jobs, parse_calls=parse_calls)
+            for i in range(len(jobs))
+        ]
         if len(jobs) == 1:
             return sse_response(stream_job(job, t0, frames[0]))
         return sse_response(stream_jobs(jobs, t0, list(frames)))
@@ -262,6 +293,16 @@ def register_openai(app: Any, manager: PoolManager) -> None:
         )
 
 
+def parses_tool_calls(manager: PoolManager, gen: GenerationRequest) -> bool:
+    """Whether the answer's text is read for tool calls here: a local model that was offered
+    tools (a remote model's calls arrive structured, in ``job.tool_calls``)."""
+    return offers_tools(gen) and not kind_of(manager.entry(gen.model).settings).remote
+
+
+def _wire_call(call: ToolCall) -> ChatToolCall:
+    return ChatToolCall(id=call.id, function=ChatFunctionCall(name=call.name, arguments=call.arguments))
+
+
 class ChatFrames:
     """``/v1/chat/completions``' stream (see the module docstring): a first chunk with
     ``role``, one per text delta, one with ``finish_reason`` (and ``metrics``), with
@@ -270,11 +311,20 @@ class ChatFrames:
     choice, and one usage chunk (every choice's tokens) after the last."""
 
     def __init__(
-        self, job: Job, created: int, *, include_usage: bool, index: int = 0, jobs: list[Job] | None = None
+        self,
+        job: Job,
+        created: int,
+        *,
+        include_usage: bool,
+        index: int = 0,
+        jobs: list[Job] | None = None,
+        parse_calls: bool = False,
     ) -> None:
         self.job, self.created, self.include_usage = job if jobs is None else jobs[index], created, include_usage
         self.index, self.jobs = index, jobs or [job]
         self.first = self.jobs[0]
+        #: Separates tool calls from content when the text is read for calls (issue 16).
+        self.splitter = ToolCallSplitter() if parse_calls else None
 
     def _chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> bytes:
         job = self.first  # one id for every chunk of the response
@@ -297,16 +347,30 @@ class ChatFrames:
     def delta(self, event: Delta) -> bytes:
         head = self._role() if self.index and not self._started else b""
         self._started = True
+        text = event.text if self.splitter is None else self.splitter.push(event.text)
         lp = chat_logprobs(event.logprobs or []) if self.job.request.logprobs is not None else None
-        return head + self._chunk([ChatChunkChoice(index=self.index, delta=ChatDelta(content=event.text), logprobs=lp)])
+        if not text and lp is None:
+            return head
+        return head + self._chunk([ChatChunkChoice(index=self.index, delta=ChatDelta(content=text), logprobs=lp)])
 
     _started = False
 
     def done(self, event: Done, metrics: Metrics) -> bytes:
         job = self.job
-        head = self._role() if self.index and not self._started else b""
-        out = head + self._chunk(
-            [ChatChunkChoice(index=self.index, delta=ChatDelta(), finish_reason=finish_reason(job))], metrics=metrics
+        out = self._role() if self.index and not self._started else b""
+        calls = job.tool_calls or []
+        if self.splitter is not None:
+            rest, calls = self.splitter.finish()
+            if rest:
+                out += self._chunk([ChatChunkChoice(index=self.index, delta=ChatDelta(content=rest))])
+        if calls:
+            deltas = [
+                ChatToolCallDelta(index=i, id=c.id, function=ChatFunctionCall(name=c.name, arguments=c.arguments))
+                for i, c in enumerate(calls)
+            ]
+            out += self._chunk([ChatChunkChoice(index=self.index, delta=ChatDelta(tool_calls=deltas))])
+        out += self._chunk(
+            [ChatChunkChoice(index=self.index, delta=ChatDelta(), finish_reason=finish_reason(job, calls))], metrics=metrics
         )
         if self.include_usage and self.index == len(self.jobs) - 1:
             prompt, output = usage_of(self.jobs)
@@ -393,9 +457,12 @@ def new_chat_id() -> str:
     return "chatcmpl-" + secrets.token_hex(16)
 
 
-def finish_reason(job: Job) -> Literal["stop", "length"]:
-    """OpenAI's finish_reason: ``length`` when max_tokens cut the answer; else ``stop`` (EOS, a
-    stop string, or a stop flag the client never sees)."""
+def finish_reason(job: Job, calls: list[ToolCall] | None = None) -> Literal["stop", "length", "tool_calls"]:
+    """OpenAI's finish_reason: ``tool_calls`` when the answer calls tools; ``length`` when
+    max_tokens cut the answer; else ``stop`` (EOS, a stop string, or a stop flag the client
+    never sees)."""
+    if calls:
+        return "tool_calls"
     return "length" if job.stats is not None and job.stats.finish_reason == "length" else "stop"
 
 
@@ -405,6 +472,15 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
     _check_neutral(body, NEUTRAL_FIELDS, "$")
     if body.top_logprobs and not body.logprobs:
         raise invalid_request("top_logprobs needs logprobs: true", param="$.top_logprobs")
+    tools = [
+        ToolSpec(name=t.function.name, description=t.function.description, parameters=t.function.parameters, strict=t.function.strict)
+        for t in body.tools or ()
+    ]
+    choice = body.tool_choice
+    if choice is not None and not isinstance(choice, str) and not tools:
+        raise invalid_request("tool_choice names a function, but tools is empty", param="$.tool_choice")
+    if choice == "required" and not tools:
+        raise invalid_request("tool_choice 'required' needs tools", param="$.tool_choice")
     return GenerationRequest(
         model=body.model,
         messages=to_messages(body.messages),
@@ -416,6 +492,10 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         priority=body.priority,
         thinking=body.thinking,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        response_format=to_response_format(body.response_format),
+        tools=tools,
+        tool_choice=(choice if isinstance(choice, str) else "auto") if choice is not None else "auto",
+        tool_name=choice.function.name if choice is not None and not isinstance(choice, str) else None,
     )
 
 
@@ -427,13 +507,22 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
     for i, m in enumerate(given):
         at = f"$.messages[{i}]"
         _check_neutral(m, _MESSAGE_NEUTRAL, at)
-        content, parts = content_of(m.content, f"{at}.content")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise invalid_request(
+                f"{at[2:]}.content is missing; only an assistant message with tool_calls may omit it", param=f"{at}.content"
+            )
+        content, parts = content_of(m.content, f"{at}.content") if m.content is not None else ("", None)
         role = _ROLES[m.role]
         if role != "user" and parts is not None:
             article = "an" if m.role[0] in "aeiou" else "a"
             raise invalid_request(
                 f"{at[2:]} is {article} {m.role} message with an image; images go in user messages", param=f"{at}.content"
             )
+        if m.tool_calls and m.role != "assistant":
+            raise invalid_request(f"{at[2:]} is a {m.role} message; only assistant messages make tool calls", param=f"{at}.tool_calls")
+        if (m.role == "tool") != (m.tool_call_id is not None):
+            what = "a tool message needs tool_call_id" if m.role == "tool" else "only a tool message has a tool_call_id"
+            raise invalid_request(f"{at[2:]}: {what}", param=f"{at}.tool_call_id")
         if role == "system":
             if turns:
                 raise invalid_request(
@@ -443,10 +532,15 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
                 )
             system.append(content)
         else:
-            turns.append(Message(role=role, content=content, parts=parts))  # type: ignore[arg-type]
-    if not turns or turns[-1].role != "user":
+            calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or ()]
+            for j, c in enumerate(calls):
+                check_no_nul(c.arguments, f"{at}.tool_calls[{j}].function.arguments")
+            turns.append(
+                Message(role=role, content=content, parts=parts, tool_calls=calls or None, tool_call_id=m.tool_call_id)  # type: ignore[arg-type]
+            )
+    if not turns or turns[-1].role not in ("user", "tool"):
         raise invalid_request(
-            "the last message must be a user message (llm-pool generates the next assistant turn)",
+            "the last message must be a user (or tool) message (llm-pool generates the next assistant turn)",
             param="$.messages",
         )
     head = [Message(role="system", content="\n\n".join(system))] if system else []

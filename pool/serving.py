@@ -23,6 +23,7 @@ from llm_pool.backends import kind_of
 from llm_pool.backends.capabilities import check_capabilities
 from llm_pool.backends.decoding import check_decoding, check_seed
 from llm_pool.backends.prompts import check_request
+from llm_pool.backends.structured import admit as admit_structured
 from llm_pool.pool.api import Metrics, build_metrics
 from llm_pool.pool.errors import (
     PoolError,
@@ -295,5 +296,6 @@ def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callabl
         if not kind.remote:
             check_request(model.prompt_format, gen)
         check_capabilities(model, gen)  # images, thinking, turns (issue 16)
+        admit_structured(kind, gen)  # structured output and tool calling (issue 16)
 
     return check

@@ -203,7 +203,7 @@ async def test_capabilities_on_models_and_admin_rows(autojump_clock: MockClock, 
         "file_inputs": False,
         "multi_turn": True,
         "thinking_modes": ["default"],
-        "response_formats": ["text"],
+        "response_formats": ["text", "json_object", "json_schema"],  # gguf enforces them with a grammar
     }
     assert cards["q"]["thinking_modes"] == ["default", "enabled", "disabled"]
     assert cards["tg"]["multi_turn"] is False

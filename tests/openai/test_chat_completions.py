@@ -233,9 +233,24 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.messages[0].content[0].type",
     ),
     (
-        {"messages": [{"role": "tool", "content": "x"}]},
-        'invalid request body: $.messages[0].role: expected one of "assistant", "developer", "system", "user"',
+        {"messages": [{"role": "critic", "content": "x"}]},
+        'invalid request body: $.messages[0].role: expected one of "assistant", "developer", "system", "tool", "user"',
         "$.messages[0].role",
+    ),
+    (
+        {"messages": [{"role": "tool", "content": "x"}]},
+        "messages[0]: a tool message needs tool_call_id",
+        "$.messages[0].tool_call_id",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},
+        "messages[0]: only a tool message has a tool_call_id",
+        "$.messages[0].tool_call_id",
+    ),
+    (
+        {"messages": [{"role": "user"}]},
+        "messages[0].content is missing; only an assistant message with tool_calls may omit it",
+        "$.messages[0].content",
     ),
     ({"messages": []}, "invalid request body: $.messages: expected a list of at least 1 item", "$.messages"),
     ({"n": 17}, "invalid request body: $.n: expected an integer from 1 to 16 or null", "$.n"),
@@ -255,14 +270,25 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.max_completion_tokens",
     ),
     (
-        {"tools": [{"type": "function", "function": {"name": "f"}}]},
-        "tools is not supported by llm-pool (it does no tool calling); leave it out or send []",
-        "$.tools",
+        {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+        "tool_choice names a function, but tools is empty",
+        "$.tool_choice",
+    ),
+    ({"tool_choice": "required"}, "tool_choice 'required' needs tools", "$.tool_choice"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        "tool_choice names function 'g', which is not in tools",
+        "$.tool_choice",
     ),
     (
-        {"tool_choice": "auto"},
-        'tool_choice is not supported by llm-pool (it does no tool calling); leave it out or send "none"',
-        "$.tool_choice",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "tuple"}}}]},
+        "tools[0].function.parameters has a type 'tuple' that JSON does not have",
+        "$.tools[0].function.parameters",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+        "invalid request body: $.tools[0].function.name: expected a string matching ^[A-Za-z0-9_-]{1,64}$",
+        "$.tools[0].function.name",
     ),
     (
         {"model": "c", "logprobs": True},
@@ -281,9 +307,19 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.seed",
     ),
     (
-        {"response_format": {"type": "json_object"}},
-        'response_format is not supported by llm-pool (it does not constrain the output\'s format); leave it out or send {"type":"text"}',
-        "$.response_format",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+        "response_format.json_schema.schema has a type 'nope' that JSON does not have",
+        "$.response_format.json_schema.schema",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"items": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}}},
+        "response_format.json_schema.schema is nested more than 32 levels deep",
+        "$.response_format.json_schema.schema",
+    ),
+    (
+        {"response_format": {"type": "xml"}},
+        'invalid request body: $.response_format.type: expected one of "text", "json_object", "json_schema"',
+        "$.response_format.type",
     ),
     (
         {"reasoning_effort": "high"},
@@ -293,11 +329,11 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     (
         {
             "messages": [
-                {"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]},
+                {"role": "user", "content": "x", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]},
                 {"role": "user", "content": "x"},
             ]
         },
-        "messages[0].tool_calls is not supported by llm-pool (it does no tool calling); leave it out or send []",
+        "messages[0] is a user message; only assistant messages make tool calls",
         "$.messages[0].tool_calls",
     ),
     (
@@ -307,12 +343,12 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ),
     (
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
-        "the last message must be a user message (llm-pool generates the next assistant turn)",
+        "the last message must be a user (or tool) message (llm-pool generates the next assistant turn)",
         "$.messages",
     ),
     (
         {"messages": [{"role": "system", "content": "s"}]},
-        "the last message must be a user message (llm-pool generates the next assistant turn)",
+        "the last message must be a user (or tool) message (llm-pool generates the next assistant turn)",
         "$.messages",
     ),
     (
@@ -353,11 +389,8 @@ async def test_ignored_and_neutral_fields_are_accepted(autojump_clock: MockClock
     }
     neutral = {
         "logit_bias": {},
-        "tools": [],
-        "tool_choice": "none",
         "functions": [],
         "function_call": "none",
-        "response_format": {"type": "text"},
         "modalities": ["text"],
         "audio": None,
         "reasoning_effort": None,
@@ -381,7 +414,9 @@ async def test_ignored_and_neutral_fields_are_accepted(autojump_clock: MockClock
         },
         {"role": "user", "content": "bye"},
     ]
-    r = await pool.post(CHAT, {**body(), **ignored, **neutral, "messages": messages})
+    # no tools and free text, as clients send them by default (issue 16 made them real fields)
+    defaults = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}}
+    r = await pool.post(CHAT, {**body(), **ignored, **neutral, **defaults, "messages": messages})
     assert r.status == 200, r.raw
     assert r.json["choices"][0]["message"]["content"] == "bye"
 

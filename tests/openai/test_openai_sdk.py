@@ -310,14 +310,16 @@ async def test_bad_requests_are_bad_request_errors(client: openai.OpenAI) -> Non
         )
     assert info.value.body["message"] == "invalid request body: $.best_of: unknown field"
     assert info.value.param == "$.best_of"
-    with pytest.raises(openai.BadRequestError, match=r"tools is not supported by llm-pool"):
+    with pytest.raises(openai.BadRequestError) as info:
         await in_thread(
             lambda: client.chat.completions.create(
                 model="m",
                 messages=user("x"),
                 tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
             )
         )
+    assert info.value.body["message"] == "tool_choice names function 'g', which is not in tools"
 
 
 # ------------------------------------------------------------------ allow_remote (extra_body)

@@ -267,12 +267,12 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
     ("chat", "logprobs", [1, "yes"], ("logprobs",)),
     ("chat", "top_logprobs", [3, 21, -1], ("top_logprobs",)),
     ("chat", "tools", [[{"type": "function"}]], ("tools",)),
-    ("chat", "tool_choice", ["auto", {"type": "function"}], ("tool_choice",)),
+    ("chat", "tool_choice", ["maybe", {"type": "function"}, "required"], ("tool_choice",)),
     # OpenAI's range, -2 to 2 (issue 16: the penalties reach the runtimes that have them)
     ("chat", "presence_penalty", [2.5, -2.01, "x"], ("presence_penalty",)),
     ("chat", "frequency_penalty", [3, []], ("frequency_penalty",)),
     ("chat", "logit_bias", [{"50256": -100}], ("logit_bias",)),
-    ("chat", "response_format", [{"type": "json_object"}], ("response_format",)),
+    ("chat", "response_format", [{"type": "xml"}, "json", {"type": "json_schema"}], ("response_format",)),
     ("chat", "reasoning_effort", ["high"], ("reasoning_effort",)),
     ("chat", "seed", ["x", 1.5, []], ("seed",)),
     ("chat", "metadata", [{"a": 1}, []], ("metadata",)),
@@ -280,8 +280,8 @@ BAD_FIELDS: list[tuple[str, str, list[Any], tuple[str, ...]]] = [
 #: Fields typed ``Any`` in ChatCompletionRequest: msgspec decodes whatever they hold, so JSON
 #: nested thousands deep there once hit Python's recursion limit (a 500; now a 400).
 CHAT_ANY_FIELDS = {
-    "logit_bias", "tools", "tool_choice",
-    "functions", "function_call", "response_format", "modalities", "reasoning_effort", "verbosity", "audio",
+    "logit_bias",
+    "functions", "function_call", "modalities", "reasoning_effort", "verbosity", "audio",
     "prediction", "web_search_options",
 }
 
