@@ -555,10 +555,8 @@ class RemoteBackend:
         if why is None:
             if self.ejected and trio.current_time() >= self._ejected_until:
                 self._reinstate()
-        else:
-            self.last_error = why
-            if not self.ejected:
-                self._eject(f"health probe failed: {why}")
+        elif not self.ejected:  # (while ejected, last_error keeps why it was ejected)
+            self._eject(f"health probe failed: {why}")
 
     async def _probe_forever(self) -> None:
         while True:
