@@ -570,7 +570,9 @@ class ModelRuntime:
         ``executor_queue_full`` (see :meth:`pool.fairness.FairQueue.admit`)."""
         if not self.admitting:
             raise model_unloading(self.name)
-        free = sum(r.free for r in self.replicas)
+        # free slots of the replicas in rotation (an ejected endpoint's count only in panic mode)
+        in_rotation = [r for r in self.replicas if r.state == "serving" and not r.ejected]
+        free = sum(r.free for r in (in_rotation or self.replicas))
         self.queue.admit(job, free=free, max_queue=self.max_queue)
         job.on_cancel_queued = self._cancel_queued
         self.queue.push(job)

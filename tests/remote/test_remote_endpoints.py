@@ -215,3 +215,45 @@ async def test_a_plain_upstream_gets_no_pool_fields(nursery: trio.Nursery, tmp_p
     assert r.status_code == 200, r.text
     sent = next(up.chat_requests[-1] for up in ups if up.chat_requests)
     assert "fairness_key" not in sent["json"] and "priority" not in sent["json"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "events"),
+    [
+        # refused before the upstream did any work: the reservation moves on with the job
+        ("500", ["reserved", "settled"]),
+        # the connection dropped after the request was sent: that attempt may be billed
+        ("disconnect", ["reserved", "failed_after_submit", "reserved", "settled"]),
+    ],
+)
+async def test_a_retry_elsewhere_keeps_the_ledger_exact(
+    nursery: trio.Nursery, tmp_path: Path, _close_clients: None, fault: str, events: list[str]
+) -> None:
+    with trio.fail_after(BOUND):
+        pool, ups = await three_behind_a_pool(
+            nursery, tmp_path, remote_price_input_per_1m=1.0, remote_price_output_per_1m=2.0,
+            remote_cost_ledger_path="ledger.jsonl",
+        )
+        ups[0].fault, ups[0].fail_times = fault, 1
+        r = await pool.respond()  # the first of three idle endpoints: ups[0]
+    assert r.status_code == 200, r.text
+    assert len(ups[0].chat_requests) == 1 and len(ups[1].chat_requests) == 1
+    ledger = pool.ledger()
+    assert [e["event"] for e in ledger] == events
+    assert {e["request_id"] for e in ledger} == {r.json()["id"]}
+    assert ledger[-1]["cost"] == pytest.approx((10 * 1.0 + 3 * 2.0) / 1e6)
+
+
+async def test_resizing_keeps_one_replica_per_endpoint(nursery: trio.Nursery, tmp_path: Path, _close_clients: None) -> None:
+    with trio.fail_after(BOUND):
+        pool, ups = await three_behind_a_pool(nursery, tmp_path)
+        urls = [up.base_url for up in ups]
+        r = await pool.client.post(f"/v1/admin/models/{MODEL}/replicas", json={"replicas": 2})
+        assert r.status_code == 200, r.text
+        assert [d["endpoint"]["base_url"] for d in r.json()["replica_details"]] == urls[:2]
+        r = await pool.client.post(f"/v1/admin/models/{MODEL}/replicas", json={"replicas": 3})
+        assert r.status_code == 200, r.text
+        # the new replica (#4) takes the endpoint no live replica serves
+        assert [(d["name"], d["endpoint"]["base_url"]) for d in r.json()["replica_details"]] == [
+            (f"{MODEL}#1", urls[0]), (f"{MODEL}#2", urls[1]), (f"{MODEL}#4", urls[2])
+        ]
