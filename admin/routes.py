@@ -1,4 +1,5 @@
-"""The runtime admin API: inspect, load, unload, resize, reload settings, GPU memory.
+"""The runtime admin API: inspect, load, unload, resize, reload settings, GPU memory, and the
+status page's data (the timeline of samples behind its charts, the tail of recent log lines).
 
 Routes decode and validate, call :class:`pool.manager.PoolManager`, and encode the model's row;
 they hold no scheduling logic.  Load overrides are runtime-only: they never touch the settings
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import types
 import typing
 from typing import Annotated, Any
@@ -28,16 +30,23 @@ from llm_pool.admin.rows import (
     GpuModelRow,
     GpuRow,
     LoadConstraint,
+    PairPresets,
     ReloadResult,
     ReplicaDetail,
+    TimelineGpu,
+    TimelineModel,
+    TimelineReport,
 )
 from llm_pool.backends import OverrideError, kind_of
+from llm_pool.backends.capabilities import capabilities
 from llm_pool.config import ModelSettings, resolve_model_path
 from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
-from llm_pool.pool.web_io import json_response
+from llm_pool.pool.observability import LogRing, Sample, Timeline, log_ring, process_rss_mib
+from llm_pool.pool.serving import sse_frame
+from llm_pool.pool.web_io import json_response, sse_response
 
 log = logging.getLogger("llm_pool.admin")
 
@@ -105,11 +114,16 @@ def load_constraints(model: ModelSettings) -> dict[str, LoadConstraint]:
     annotations that validate the override): ``replicas`` up to ``replica_max``, then each
     override field of its backend kind."""
     out = {
-        "replicas": LoadConstraint(kind="int", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
+        "replicas": LoadConstraint(kind="integer", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
     }
     hints = _hints(type(model))
-    for key in kind_of(model).overrides:
-        out[key] = _constraint(hints[key], getattr(model, key))
+    kind = kind_of(model)
+    for key in kind.overrides:
+        c = _constraint(hints[key], getattr(model, key))
+        notes = dict(kind.load_constraint_notes.get(key, {}))
+        if c.default is not None:  # a "default" note is the runtime's own value for null
+            notes.pop("default", None)
+        out[key] = msgspec.structs.replace(c, **notes)
     return out
 
 
@@ -125,14 +139,17 @@ def _constraint(hint: Any, default: Any) -> LoadConstraint:
     optional = type(None) in options
     (core,) = (o for o in options if o is not type(None))
     if typing.get_origin(core) is typing.Literal:
-        return LoadConstraint(kind="enum", allowed_values=[*typing.get_args(core), *([None] if optional else [])], default=default)
+        values = list(typing.get_args(core))
+        if optional:  # a set of strings or null (GGUF cache types)
+            return LoadConstraint(kind="string_or_null", allowed_values=values, default=default)
+        return LoadConstraint(kind="enum", allowed_values=values, default=default)
     annotated = typing.get_origin(core) is typing.Annotated
     base = typing.get_args(core)[0] if annotated else core
     meta = next((m for m in typing.get_args(core)[1:] if isinstance(m, msgspec.Meta)), msgspec.Meta()) if annotated else msgspec.Meta()
     if base is str:
         return LoadConstraint(kind="string_or_null" if optional else "string", pattern=meta.pattern, default=default)
     return LoadConstraint(
-        kind="int",
+        kind="integer_or_null" if optional else "integer",
         minimum=meta.ge if meta.ge is not None else None if meta.gt is None else meta.gt + 1,
         maximum=meta.le if meta.le is not None else None if meta.lt is None else meta.lt - 1,
         step=meta.multiple_of or 1,
@@ -170,7 +187,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         vram_estimate_replica_count=vram_n,
         vram_estimate_source=vram_src,  # type: ignore[arg-type]
         load_constraints=load_constraints(m),
-        load_recommendations=kind.load_recommendations,
+        load_recommendations=msgspec.convert(kind.load_recommendations, dict[str, PairPresets]),
         # the override active now: {} when none is (unloaded, failed, or loaded as configured)
         load_override=dict(entry.override or {}),
         replica_details=[
@@ -187,6 +204,7 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         load_on_demand=m.load_on_demand,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         remote_cost=_cost(manager, entry),
+        capabilities=capabilities(m),
     )
 
 
@@ -275,7 +293,76 @@ def _check_gpu_memory(manager: PoolManager, entry: ModelEntry, override: dict[st
         )
 
 
+# ------------------------------------------------------------- the status page's charts and tail
+def timeline_report(manager: PoolManager, timeline: Timeline, gpus: list[gpu.GpuInfo], gpu_error: str | None) -> TimelineReport:
+    """The timeline's samples as columns (what uPlot draws), times in Unix seconds; the last
+    one, the interval in progress, with the GPUs as read now."""
+    samples, now = timeline.snapshot(gpus)
+    offset = time.time() - now
+    models = {}
+    for name, entry in sorted(manager.entries.items()):
+        mine = [s.models.get(name) for s in samples]
+        codes = sorted({code for m in mine if m is not None for code in m.errors})
+        vram, _, source = manager.memory_estimate(entry)
+        models[name] = TimelineModel(
+            tokens_per_s=[m.tokens_per_s if m else 0.0 for m in mine],
+            running=[m.running if m else 0 for m in mine],
+            queued=[m.queued if m else 0 for m in mine],
+            ttft_p50_s=[m.ttft_p50_s if m else None for m in mine],
+            ttft_p95_s=[m.ttft_p95_s if m else None for m in mine],
+            requests=[m.requests if m else 0 for m in mine],
+            errors={code: [m.errors.get(code, 0) if m else 0 for m in mine] for code in codes},
+            memory_mib=vram,
+            memory_source=source,  # type: ignore[arg-type]
+        )
+    return TimelineReport(
+        interval_s=timeline.interval_s,
+        window_s=timeline.window_s,
+        t=[round(s.t + offset, 3) for s in samples],
+        models=models,
+        gpus=_gpu_columns(samples),
+        gpu_error=gpu_error,
+        process_rss_mib=process_rss_mib(),
+    )
+
+
+def _gpu_columns(samples: list[Sample]) -> list[TimelineGpu]:
+    seen: dict[int, tuple[str, int]] = {}
+    for s in samples:
+        for index, name, _, total in s.gpus:
+            seen[index] = (name, total)
+    out = []
+    for index, (name, total) in sorted(seen.items()):
+        used = [next((u for i, _, u, _ in s.gpus if i == index), None) for s in samples]
+        out.append(TimelineGpu(index=index, name=name, used_mib=used, total_mib=total))
+    return out
+
+
+#: Lines of the log ring a new tail starts with, unless ``backlog`` says otherwise.
+LOG_BACKLOG = 100
+
+
+def _log_events(batch: list[tuple[int, dict[str, Any]]]) -> bytes:
+    return b"".join(b"id: %d\n" % seq + sse_frame("log", {"seq": seq, **line}) for seq, line in batch)
+
+
+async def log_frames(ring: LogRing, after: int, model: str | None, follow: bool) -> Any:
+    """``GET /v1/admin/logs``' stream: one ``log`` event per line (``id:`` its number); with
+    ``follow``, new lines as they are written and a comment line as a keep-alive when nothing
+    was written for a while, until the client leaves; else the lines kept, then the end."""
+    if not follow:
+        yield _log_events(ring.since(after, model)) or b": no lines\n\n"
+        return
+    async for batch in ring.follow(after, model):
+        yield _log_events(batch) if batch else b": keep-alive\n\n"
+
+
 def register_admin(app: Any, manager: PoolManager) -> None:
+    timeline = Timeline(manager)
+    #: ``pool.server.serve`` runs its sampling task
+    app.extensions["llm_pool_timeline"] = timeline
+    ring = log_ring()
+
     def row_response(entry: ModelEntry) -> Response:
         return json_response(model_row(manager, entry))
 
@@ -344,3 +431,29 @@ def register_admin(app: Any, manager: PoolManager) -> None:
                 error=error,
             )
         )
+
+    @app.get("/v1/admin/timeline")
+    async def admin_timeline() -> Response:
+        gpus, error = await trio.to_thread.run_sync(gpu.read_gpus)
+        return json_response(timeline_report(manager, timeline, gpus, error))
+
+    @app.get("/v1/admin/logs")
+    async def admin_logs() -> Response:
+        model = request.args.get("model") or None
+        if model is not None:
+            manager.entry(model)  # 404 unknown_model
+        raw = request.args.get("backlog", str(LOG_BACKLOG))
+        if not raw.isdigit() or int(raw) > ring.lines.maxlen:  # type: ignore[operator]
+            raise PoolError(
+                400, "invalid_request", f"query parameter backlog must be an integer from 0 to {ring.lines.maxlen}",
+                param="backlog",
+            )
+        follow = bool(_query_flag("follow"))
+        after = ring.start_after(int(raw))
+        last_seen = request.headers.get("Last-Event-ID", "")  # a reconnecting EventSource
+        if last_seen.isdigit():
+            after = int(last_seen) if int(last_seen) <= ring.last else after
+        if follow:
+            ring.check_room()
+        frames = log_frames(ring, after, model, follow)
+        return sse_response(frames)

@@ -13,6 +13,7 @@ import msgspec
 
 from llm_pool.config import ModelSettings
 from llm_pool.config.settings import Backend
+from llm_pool.pool.api import ModelCapabilities
 
 
 class _Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -20,16 +21,39 @@ class _Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LoadConstraint(_Doc, omit_defaults=True):
-    """What a load override accepts (for a form): an int range, a set of values, or a string
-    matching a pattern; read from the settings Struct's annotations."""
+    """What a load override accepts (for a form), in the seed's ``runtime-admin-api.md`` shape:
+    an integer range (``integer``, or ``integer_or_null`` where null is allowed), a set of values
+    (``enum``), or a string (``string_or_null``; ``string`` where null is not allowed, which no
+    override field is today); read from the settings Struct's annotations, with the backend
+    kind's ``load_constraint_notes`` (``format``, ``examples``, ``null_means``).
 
-    kind: Literal["int", "enum", "string", "string_or_null"]
+    ``default`` is the value a load without this override gets: the configured one, or, where
+    that is null and the runtime has a concrete default (GGUF's ``f16`` cache), that default."""
+
+    kind: Literal["integer", "integer_or_null", "enum", "string_or_null", "string"]
     default: Any
     minimum: int | None = None
     maximum: int | None = None
     step: int | None = None
     allowed_values: list[Any] | None = None
+    examples: list[Any] | None = None
+    #: How the value is written (``ggml_type_name``, ``<bits>|<k_bits>,<v_bits>``).
+    format: str | None = None
+    #: What null asks for (``fp16``: an unquantised cache).
+    null_means: str | None = None
+    #: llm-pool's: the regular expression a string value must match.
     pattern: str | None = None
+
+
+class PairPresets(_Doc):
+    """A ``load_recommendations`` entry: presets that set several fields together (K and V
+    cache types), each ``{"label": ..., <field>: <value>, ...}``; convenience defaults, not every
+    combination the load accepts (``load_constraints`` says that)."""
+
+    kind: Literal["pair_presets"]
+    fields: list[str]
+    recommended_pairs: list[dict[str, Any]]
+    notes: list[str]
 
 
 class FairnessKeyRow(_Doc):
@@ -100,7 +124,7 @@ class AdminModel(_Doc):
     vram_estimate_replica_count: int | None
     vram_estimate_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
     load_constraints: dict[str, LoadConstraint]
-    load_recommendations: dict[str, Any]
+    load_recommendations: dict[str, PairPresets]
     #: The runtime-only override active on the loaded model; ``{}`` when none is.
     load_override: dict[str, Any]
     replica_details: list[ReplicaDetail]
@@ -115,6 +139,9 @@ class AdminModel(_Doc):
     #: Seconds until the idle timer unloads the model (null: not counting down).
     idle_unload_in_s: float | None
     load_on_demand: bool
+    # capabilities (issue 16)
+    #: What the model takes: modalities, file inputs, turns, thinking modes, response formats.
+    capabilities: ModelCapabilities
 
 
 class AdminModels(_Doc):
@@ -154,3 +181,61 @@ class GpuMemoryReport(_Doc):
     models: list[GpuModelRow]
     #: Why no GPU could be read (no NVIDIA GPU or driver), else null.
     error: str | None
+
+
+# ---------------------------------------------------------------- the status page's charts
+class TimelineModel(_Doc):
+    """One model's series in ``GET /v1/admin/timeline``, one value per time of ``t``."""
+
+    #: Output tokens of the requests that ended in each interval, over the interval.
+    tokens_per_s: list[float]
+    #: Requests on a replica / in the queue at each sample.
+    running: list[int]
+    queued: list[int]
+    #: Time to first token of the requests that ended in each interval (null: none did).
+    ttft_p50_s: list[float | None]
+    ttft_p95_s: list[float | None]
+    #: Requests that ended in each interval (refusals at admission included).
+    requests: list[int]
+    #: Requests that ended with an error, by llm-pool's error code (only codes seen in the window).
+    errors: dict[str, list[int]]
+    #: The model's memory now: its VRAM estimate (see ``vram_estimate_source``), else null.
+    memory_mib: float | None
+    memory_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
+
+
+class TimelineGpu(_Doc):
+    index: int
+    name: str
+    #: MiB in use at each time of ``t`` (null where it was not read).
+    used_mib: list[int | None]
+    total_mib: int
+
+
+class TimelineReport(_Doc):
+    """``GET /v1/admin/timeline``: the server's own ring of samples (the last ``window_s``,
+    one every ``interval_s``; the last one is the interval in progress)."""
+
+    interval_s: float
+    window_s: float
+    #: Unix time (seconds) of each sample, oldest first.
+    t: list[float]
+    models: dict[str, TimelineModel]
+    gpus: list[TimelineGpu]
+    #: Why no GPU could be read (no NVIDIA GPU or driver), else null.
+    gpu_error: str | None
+    #: This server process's resident memory (engine child processes not counted), else null.
+    process_rss_mib: float | None
+
+
+class LogLine(_Doc, forbid_unknown_fields=False):
+    """One ``data:`` of ``GET /v1/admin/logs``: a log line's keys as the JSON log writes them
+    (``fields`` of the line beside these; paths removed, long text cut)."""
+
+    seq: int
+    ts: str
+    level: str
+    logger: str
+    event: str
+    request_id: str | None = None
+    model: str | None = None

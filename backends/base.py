@@ -119,10 +119,23 @@ class BackendKind:
     #: Whether a request's ``seed`` makes its sampling reproducible (a remote kind: whether it is
     #: passed on).  Without it a seeded request that samples is a 400, never a seed ignored.
     seeded_sampling: bool = False
-    #: Presets the admin's load form offers (``load_recommendations``).
+    #: Presets the admin's load form offers (``load_recommendations``): name → ``{"kind":
+    #: "pair_presets", "fields", "recommended_pairs", "notes"}`` (``admin.rows.PairPresets``).
     load_recommendations: dict[str, Any] = field(default_factory=dict)
+    #: What an override field's type cannot say, for the admin's ``load_constraints``: field →
+    #: ``format``, ``examples``, ``null_means``, and ``default`` (the runtime's own value for
+    #: null, shown when the configured value is null).
+    load_constraint_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Today's spend and remaining budget, for kinds that cost money (``remote_cost``).
     cost_summary: Callable[[Settings, Any, str], dict[str, Any] | None] | None = None
+    # capabilities (issue 16; :mod:`llm_pool.backends.capabilities`)
+    #: Output formats this runtime holds a model to (``text``; ``json_schema`` where enforced).
+    response_formats: tuple[str, ...] = ("text",)
+    #: The ``thinking`` values a model of this kind takes; None: its prompt format's (the pool
+    #: renders the prompt: ``qwen3_template`` and ``gemma4_template`` toggle it).
+    thinking_modes: tuple[str, ...] | None = None
+    #: Whether a conversation may have several turns; None: as its prompt format allows.
+    multi_turn: bool | None = None
 
 
 class EngineCrashed(Exception):

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from llm_pool.backends.base import BackendKind, StreamTimer
 from llm_pool.backends.decoding import NO_OPENAI_PENALTIES, POSITIVE_PENALTY
 from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep, SpecialToken, StopMatcher, Vocab, check_prompt_length
+from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -484,6 +485,10 @@ class CT2Backend:
         else:
             # the source text is the caller's: plain text, with the tokenizer's own post-processing
             # (an end token, language tokens) but no special token parsed out of it
+            if len([m for m in req.messages if m.role != "system"]) > 1:
+                raise invalid_request(
+                    f"model {req.model!r} is a translator: it takes one text, not a conversation", param="messages", model=req.model
+                )
             self.prompts.check_size(req, self.n_ctx)
             self.prompts.note_beam(req)
             tokens = self._source_tokenizer.encode(req.input).tokens

@@ -379,10 +379,22 @@ KIND = BackendKind(
     decoding_rules=(POSITIVE_PENALTY,),
     seeded_sampling=True,
     load_recommendations={
-        "kv_cache_presets": [
-            {"label": "fp16", "exllama_cache_k_bits": None, "exllama_cache_v_bits": None},
-            {"label": "8/8", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 8},
-            {"label": "8/4", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 4},
-        ]
+        "exllama_cache_bit_pairs": {
+            "kind": "pair_presets",
+            "fields": ["exllama_cache_k_bits", "exllama_cache_v_bits"],
+            "recommended_pairs": [
+                {"label": "fp16", "exllama_cache_k_bits": None, "exllama_cache_v_bits": None},
+                {"label": "8/8", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 8},
+                {"label": "8/4", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 4},
+            ],
+            "notes": [
+                "Presets chosen by llm-pool; any K and V bits from 2 to 8 may be loaded.",
+            ],
+        }
+    },
+    load_constraint_notes={
+        "exllama_cache_k_bits": {"null_means": "fp16", "allowed_values": [2, 3, 4, 5, 6, 7, 8]},
+        "exllama_cache_v_bits": {"null_means": "fp16", "allowed_values": [2, 3, 4, 5, 6, 7, 8]},
+        "exllama_cache_quant": {"format": "<bits>|<k_bits>,<v_bits>", "null_means": "fp16", "examples": ["8", "8,4"]},
     },
 )

@@ -163,6 +163,22 @@ KIND = BackendKind(
     file_bounds=_file_bounds,
     seeded_sampling=True,
     load_recommendations={
-        "kv_cache_presets": [{"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")]
+        "gguf_cache_type_pairs": {
+            "kind": "pair_presets",
+            "fields": ["gguf_type_k", "gguf_type_v"],
+            "recommended_pairs": [
+                {"label": f"{t}/{t}", "gguf_type_k": t, "gguf_type_v": t} for t in ("f16", "q8_0", "q4_0")
+            ],
+            "notes": [
+                "Presets chosen by llm-pool; any pair of allowed cache types may be loaded.",
+                "Prefer the same type for K and V: llama.cpp may not offload a mixed pair to the GPU.",
+            ],
+        }
+    },
+    load_constraint_notes={
+        "gguf_flash_attn": {"examples": ["auto", "on", "off"]},
+        # null: llama.cpp's own cache type, f16
+        **{k: {"format": "ggml_type_name", "examples": ["f16", "q8_0", "q4_0"], "null_means": "f16", "default": "f16"}
+           for k in ("gguf_type_k", "gguf_type_v")},
     },
 )

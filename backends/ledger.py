@@ -21,8 +21,9 @@ adds ``cost`` (and ``prompt_tokens`` / ``output_tokens`` when known, ``error`` o
 
 Reservation (before the request is queued): ``estimated prompt tokens`` × input price +
 ``max_tokens`` × output price.  The prompt estimate is ``ceil(len(content) / 4) + 4`` per message
-sent (about four characters per token for English text, plus the chat template's framing); it is
-an estimate, the settle records what the upstream reports.
+sent (about four characters per token for English text, plus the chat template's framing), plus
+85 tokens per ``low``-detail image and 765 per other image (:data:`IMAGE_TOKENS`); it is an
+estimate, the settle records what the upstream reports.
 
 Budgets, per model and per UTC day: ``spent today`` (the costs of closing events written today)
 plus ``reserved now`` (open reservations younger than the stale limit) plus the new reservation
@@ -73,9 +74,18 @@ CLOSING_EVENTS = frozenset(
 )
 
 
+#: Prompt tokens reserved per image (issue 16): OpenAI's count for a ``low`` detail image, and
+#: for a 1024×1024 one at ``high``/``auto`` (85 + 170 per 512-pixel tile); the usage the upstream
+#: reports settles the real cost.
+IMAGE_TOKENS = {"low": 85, "high": 765, "auto": 765}
+
+
 def estimate_prompt_tokens(messages: list[Message]) -> int:
-    """``ceil(chars / 4) + 4`` per message: see the module docstring."""
-    return sum(math.ceil(len(m.content) / 4) + TOKENS_PER_MESSAGE for m in messages)
+    """``ceil(chars / 4) + 4`` per message, plus :data:`IMAGE_TOKENS` per image: see the module
+    docstring."""
+    return sum(
+        math.ceil(len(m.content) / 4) + TOKENS_PER_MESSAGE + sum(IMAGE_TOKENS[i.detail] for i in m.images) for m in messages
+    )
 
 
 def money(x: float) -> str:

@@ -29,6 +29,11 @@ One job (same rules as the in-process GGUF backend):
   (:func:`~backends.llama_common.open_vocab`), then sent as token ids to ``POST /completion``
   (``stream: true``): the engine never parses caller text for control tokens, and a prompt has
   the same tokens in both backends.
+* A request with images (a model with ``llama_server_mmproj_path`` and ``modalities = ["text",
+  "image"]``) is the one exception: llama-server takes images only as ``{"prompt_string",
+  "multimodal_data"}`` and parses that string for control tokens itself, so the prompt is
+  rendered with :data:`MEDIA_MARKER` where each image was and caller text that spells a
+  special token (or the marker) is refused with a 400 (:func:`multimodal_prompt`).
 * Stop strings are applied here (:class:`~backends.prompts.StopMatcher`), never emitting part of
   one; a hit closes the stream.  Greedy when ``temperature == 0`` or ``top_k == 1``; a
   request's ``seed`` is sent as the engine's ``seed`` (32 bits, :func:`~backends.decoding.engine_seed`),
@@ -46,6 +51,7 @@ slot.  ``close`` always stops the child (SIGTERM, SIGKILL after ``stop_timeout_s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -63,8 +69,9 @@ from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.engine_backend import EngineBackend, close_response, quote
 from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.llama_common import open_vocab, set_prompt_model
-from llm_pool.backends.prompts import PromptPrep
-from llm_pool.pool.jobs import GenerationStats, Job
+from llm_pool.backends.prompts import Prompt, PromptPrep, Vocab
+from llm_pool.pool.errors import invalid_request
+from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job
 
 if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
@@ -74,6 +81,8 @@ log = logging.getLogger("llm_pool.llama_server")
 #: Between two health probes while the engine starts.
 HEALTH_POLL_S = 0.05
 LISTENING = re.compile(r"listening on (https?://\S+?)/?$")
+#: llama-server's placeholder for one image in a multimodal prompt (mtmd's ``mtmd_default_marker()``).
+MEDIA_MARKER = "<__media__>"
 
 
 def default_binary() -> Path:
@@ -224,15 +233,28 @@ class LlamaServerBackend(EngineBackend):
             vocab.close()
 
     # ------------------------------------------------------------------ one job
+    def _multimodal_prompt(self, prompt: Prompt, request: GenerationRequest) -> dict[str, Any]:
+        assert self._vocab is not None and self.prompts.vocab is not None, "not loaded"
+        return multimodal_prompt(
+            prompt,
+            request,
+            self.prompts.vocab,
+            trust_caller=self.model.allow_special_tokens_in_input,
+            bos=self.prompts.bos,
+            engine_adds_bos=bool(self._vocab.add_bos_token()),
+        )
+
     async def _generate(self, job: Job, timer: StreamTimer) -> GenerationStats:
         req = job.request
         d = req.decoding
         # tokenizing is bounded by the size checks, but can take ~0.2 s: off the event loop
-        _, tokens, stops = await trio.to_thread.run_sync(self.prompts.prepare, job, self.n_ctx)
+        marker = MEDIA_MARKER if req.images else None
+        prepare = functools.partial(self.prompts.prepare, job, self.n_ctx, media_marker=marker)
+        prompt, tokens, stops = await trio.to_thread.run_sync(prepare)
         timer.prompt_ready()
         greedy = d.greedy
         body: dict[str, Any] = {
-            "prompt": tokens,
+            "prompt": tokens if marker is None else self._multimodal_prompt(prompt, req),
             "n_predict": min(d.max_tokens, self.n_ctx - len(tokens)),
             "stream": True,
             "cache_prompt": True,
@@ -288,6 +310,37 @@ class LlamaServerBackend(EngineBackend):
         if final is not None:
             _apply_timings(stats, final)
         return stats
+
+
+def multimodal_prompt(
+    prompt: Prompt, request: GenerationRequest, vocab: Vocab[int], *, trust_caller: bool, bos: str, engine_adds_bos: bool
+) -> dict[str, Any]:
+    """llama-server's multimodal ``prompt``: ``{"prompt_string", "multimodal_data"}``, the
+    rendered text with :data:`MEDIA_MARKER` where each image goes and the images' base64, in order.
+
+    llama-server tokenizes that string itself, special tokens parsed (``mtmd_tokenize``, no way
+    to turn it off) and a BOS added where the vocabulary asks for one.  So, unless the model sets
+    ``allow_special_tokens_in_input``, caller text holding a special token's text or the media
+    marker is refused (400): it would become a control token, or take an image's place.  Only
+    ``data:`` URLs reach here (``image_url_fetch`` is for remote models only)."""
+    if not trust_caller:
+        for text, trusted in prompt.segments:
+            if trusted:
+                continue
+            hit = MEDIA_MARKER if MEDIA_MARKER in text else None
+            if hit is None and vocab.pattern is not None and (found := vocab.pattern.search(text)):
+                hit = found.group(0)
+            if hit is not None:
+                raise invalid_request(
+                    f"model {request.model!r} is given images in a prompt its engine parses for control tokens;"
+                    f" text that spells one ({hit!r}) cannot be sent with an image",
+                    param="messages",
+                    model=request.model,
+                )
+    text = prompt.text
+    if engine_adds_bos and bos and text.startswith(bos):
+        text = text[len(bos) :]  # the engine adds it
+    return {"prompt_string": text, "multimodal_data": [image.url.partition(",")[2] for image in request.images]}
 
 
 def _apply_timings(stats: GenerationStats, final: dict[str, Any]) -> None:

@@ -9,11 +9,14 @@ Request → upstream (``POST {remote_base_url}/chat/completions``, ``Authorizati
 
     {"model": remote_model,
      "messages": [{"role": "system", "content": instructions or DEFAULT_SYSTEM_PROMPT},
-                  {"role": "user", "content": input}],   # /v1/responses; a chat's whole
-                                                          # conversation after its system turn
+                  {"role": "user", "content": input}],   # /v1/responses; a conversation's
+                                                          # turns after its system turn; a
+                                                          # content with images as text and
+                                                          # image_url parts
      "temperature", "top_p", "max_tokens", "stop" (only if non-empty),
      "seed" (only if the caller sent one), "presence_penalty" / "frequency_penalty" (only if not 0),
-     "thinking": {"type": remote_thinking} (only if set),
+     "thinking": {"type": "enabled"|"disabled"} (the request's ``thinking``, else
+                  remote_thinking; only if one is set),
      "stream": true, "stream_options": {"include_usage": true} (stream requests only)}
 
 ``beam_size``, ``top_k`` and ``repetition_penalty`` are accepted, logged (debug) and not sent.
@@ -133,12 +136,24 @@ def messages_for(request: GenerationRequest) -> list[Message]:
     ]
 
 
+def wire_content(m: Message) -> str | list[dict[str, Any]]:
+    """A message's Chat Completions ``content``: its text, or, when it holds images, its items
+    in order as ``text`` and ``image_url`` parts (``data:`` URLs, or ``http(s)://`` ones the
+    model's ``image_url_fetch`` let through: the upstream fetches them)."""
+    if m.parts is None:
+        return m.content
+    return [
+        {"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url", "image_url": {"url": p.url, "detail": p.detail}}
+        for p in m.parts
+    ]
+
+
 def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
     """The Chat Completions body for ``request`` (see the module docstring)."""
     d = request.decoding
     body: dict[str, Any] = {
         "model": model.remote_model,
-        "messages": [{"role": m.role, "content": m.content} for m in messages_for(request)],
+        "messages": [{"role": m.role, "content": wire_content(m)} for m in messages_for(request)],
         "temperature": d.temperature,
         "top_p": d.top_p,
         "max_tokens": d.max_tokens,
@@ -151,8 +166,9 @@ def build_body(model: ModelSettings, request: GenerationRequest, *, stream: bool
         body["presence_penalty"] = d.presence_penalty
     if d.frequency_penalty:
         body["frequency_penalty"] = d.frequency_penalty
-    if model.remote_thinking is not None:
-        body["thinking"] = {"type": model.remote_thinking}
+    thinking = model.remote_thinking if request.thinking == "default" else request.thinking
+    if thinking is not None:
+        body["thinking"] = {"type": thinking}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -1077,4 +1093,7 @@ KIND = BackendKind(
     decoding_rules=(AT_MOST_4_STOPS,),
     seeded_sampling=True,  # passed on: reproducible as far as the upstream makes it
     cost_summary=cost_summary,
+    # the upstream renders the conversation; thinking is sent as {"thinking": {"type": ...}}
+    thinking_modes=("default", "enabled", "disabled"),
+    multi_turn=True,
 )

@@ -58,6 +58,10 @@ NATIVE_STOPS: dict[str, tuple[str, ...]] = {
     "translategemma_template": ("<end_of_turn>",),
     "native": (),
 }
+#: Formats whose rendering turns thinking on or off (a request's ``thinking``).
+THINKING_FORMATS = ("qwen3_template", "gemma4_template")
+#: Formats that take one user message, no conversation.
+SINGLE_TURN_FORMATS = ("translategemma_template",)
 QWEN3_NO_THINK = "/no_think\n"
 QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
 #: What a language code may look like (``en``, ``zh-Hant``, ``fra_Latn``): codes reach the chat
@@ -112,17 +116,34 @@ def _with_system(request: GenerationRequest) -> list[Message]:
     return [Message(role="system", content=DEFAULT_SYSTEM_PROMPT), *request.messages]
 
 
-def _chatml(messages: list[Message], *, prefix_user: str = "", open_answer: str = "") -> list[Segment]:
+def _content(out: _Segments, m: Message, marker: str | None) -> _Segments:
+    """A message's content: its text as caller text, or, with images and a media ``marker``,
+    its items in order, newline-separated, each image as the marker (markup)."""
+    if m.parts is None or marker is None:
+        return out.caller(m.content)
+    for i, part in enumerate(m.parts):
+        if i:
+            out.markup("\n")
+        if isinstance(part, str):
+            out.caller(part)
+        else:
+            out.markup(marker)
+    return out
+
+
+def _chatml(
+    messages: list[Message], *, prefix_user: str = "", open_answer: str = "", marker: str | None = None
+) -> list[Segment]:
     out = _Segments()
     for m in messages:
         out.markup(f"<|im_start|>{m.role}\n")
         if m.role == "user":
             out.markup(prefix_user)
-        out.caller(m.content).markup("<|im_end|>\n")
+        _content(out, m, marker).markup("<|im_end|>\n")
     return out.markup("<|im_start|>assistant\n" + open_answer).out
 
 
-def _mistral(messages: list[Message]) -> list[Segment]:
+def _mistral(messages: list[Message], marker: str | None = None) -> list[Segment]:
     system = next((m.content for m in messages if m.role == "system"), "")
     turns = [m for m in messages if m.role != "system"]
     out, first = _Segments().markup("<s>"), True
@@ -131,10 +152,11 @@ def _mistral(messages: list[Message]) -> list[Segment]:
             out.markup("[INST] ")
             if first and system:
                 out.caller(system).markup("\n\n")
-            out.caller(m.content).markup(" [/INST]")
+            _content(out, m, marker).markup(" [/INST]")
             first = False
         else:
-            out.markup(" ").caller(m.content).markup("</s>")
+            out.markup(" ")
+            _content(out, m, marker).markup("</s>")
     return out.out
 
 
@@ -240,18 +262,29 @@ def render_prompt(
     bos_token: str = "",
     eos_token: str = "",
     enable_thinking: bool = False,
+    media_marker: str | None = None,
 ) -> Prompt:
-    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings."""
+    """The prompt for ``request`` in format ``fmt`` as segments, with the format's stop strings.
+
+    ``media_marker``: the runtime's placeholder for an image (llama-server's ``<__media__>``),
+    put (as markup) where each image item was; without one, a request with images is a 400
+    (this runtime is given no images, and none is dropped silently)."""
     stops = NATIVE_STOPS[fmt]
+    if request.images and (media_marker is None or fmt == "translategemma_template"):
+        image = request.images[0]
+        raise invalid_request(
+            f"{image.at[2:] or 'an image item'}: this model's runtime is given no images", param=image.at or None, model=request.model
+        )
+    marker = media_marker
     if fmt == "generic":
-        return Prompt(_chatml(_with_system(request)), stops)
+        return Prompt(_chatml(_with_system(request), marker=marker), stops)
     if fmt == "qwen3_template":
         if enable_thinking:
-            return Prompt(_chatml(_with_system(request)), stops)
-        segments = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK)
+            return Prompt(_chatml(_with_system(request), marker=marker), stops)
+        segments = _chatml(_with_system(request), prefix_user=QWEN3_NO_THINK, open_answer=QWEN3_EMPTY_THINK, marker=marker)
         return Prompt(segments, stops, suppress=["<think>", "</think>"])
     if fmt == "mistral_template":
-        return Prompt(_mistral(_with_system(request)), stops)
+        return Prompt(_mistral(_with_system(request), marker), stops)
     if not chat_template:
         raise invalid_request(
             f"prompt_format {fmt!r} needs the model's chat template, and this model has none",
@@ -260,22 +293,60 @@ def render_prompt(
     stand_in = _StandIns()
     if fmt == "translategemma_template":
         src, tgt = request.source_lang_code, request.target_lang_code
-        if not src or not tgt:
+        if not tgt:
             raise invalid_request(
-                "translategemma models need source_lang_code and target_lang_code",
-                param="source_lang_code" if not src else "target_lang_code",
-                model=request.model,
+                "translategemma models need target_lang_code", param="target_lang_code", model=request.model
             )
         # the codes go in as they are (the template maps them to language names); check_request
         # let through only codes of letters, digits, "-" and "_"
-        content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": stand_in(request.input)}]
+        text = stand_in(request.input)
+        if mixed_source(src):
+            # a source the template knows, and our instruction (markup) before the caller's text
+            src = translategemma_fallback_source(tgt)
+            text = MIXED_SOURCE_INSTRUCTION + text
+        content = [{"type": "text", "source_lang_code": src, "target_lang_code": tgt, "text": text}]
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     else:
-        messages = [{"role": m.role, "content": stand_in(m.content)} for m in _with_system(request)]
+        messages = [{"role": m.role, "content": _template_content(m, stand_in, marker)} for m in _with_system(request)]
     text = render_chat_template(
         chat_template, messages, bos_token=bos_token, eos_token=eos_token, enable_thinking=enable_thinking
     )
     return Prompt(stand_in.segments(text), stops)
+
+
+#: ``source_lang_code`` values that ask a translategemma model to detect the source itself.
+MIXED_SOURCE_CODES = ("auto", "mixed")
+#: Put before the caller's text when the source is mixed or unknown (the template still needs a
+#: source language: :func:`translategemma_fallback_source`).
+MIXED_SOURCE_INSTRUCTION = (
+    "The text below may mix several languages. Detect the language of each segment and translate every segment.\n\n"
+)
+
+
+def mixed_source(code: str | None) -> bool:
+    """Whether ``source_lang_code`` asks for detection: omitted, ``auto`` or ``mixed``."""
+    return not code or code.lower() in MIXED_SOURCE_CODES
+
+
+def translategemma_fallback_source(target: str) -> str:
+    """The source code a translategemma template is given for a mixed source: English, or
+    German when the target is English (a template has no "unknown" language, and a pair with the
+    same language on both sides reads as a request to copy)."""
+    return "de" if target.lower().split("-")[0].split("_")[0] == "en" else "en"
+
+
+def thinking_enabled(configured: bool, request: GenerationRequest) -> bool:
+    """Whether the prompt asks the model to think: the request's ``thinking`` (``enabled`` /
+    ``disabled``), else the model's ``enable_thinking``."""
+    return configured if request.thinking == "default" else request.thinking == "enabled"
+
+
+def _template_content(m: Message, stand_in: _StandIns, marker: str | None) -> str:
+    """A message's content for a chat template: its text's stand-in, or its items in order
+    (newline-separated) with each image as the media ``marker``."""
+    if m.parts is None or marker is None:
+        return stand_in(m.content)
+    return "\n".join(stand_in(p) if isinstance(p, str) else marker for p in m.parts)
 
 
 def check_request(fmt: str, request: GenerationRequest) -> None:
@@ -286,14 +357,11 @@ def check_request(fmt: str, request: GenerationRequest) -> None:
             raise invalid_request(
                 f"{key} may contain only letters, digits, '-' and '_'", param=key, model=request.model
             )
-    if fmt == "translategemma_template":
-        for key in ("source_lang_code", "target_lang_code"):
-            if not getattr(request, key):
-                raise invalid_request(
-                    f"translategemma models need source_lang_code and target_lang_code; {key} is missing",
-                    param=key,
-                    model=request.model,
-                )
+    if fmt == "translategemma_template" and not request.target_lang_code:
+        # source_lang_code may be left out ("auto", "mixed"): the model then detects each segment's
+        raise invalid_request(
+            "translategemma models need target_lang_code", param="target_lang_code", model=request.model
+        )
     if fmt in ("generic", "qwen3_template", "native"):
         return
     roles = [m.role for m in request.messages if m.role != "system"]
@@ -492,7 +560,7 @@ class PromptPrep(Generic[T]):
             log.info("beam_size is not supported by the %s backend; decoding without beams", self.backend)
             self._beam_warned = True
 
-    def render(self, request: GenerationRequest) -> Prompt:
+    def render(self, request: GenerationRequest, *, media_marker: str | None = None) -> Prompt:
         self.note_beam(request)
         return render_prompt(
             self.model.prompt_format,
@@ -500,7 +568,8 @@ class PromptPrep(Generic[T]):
             chat_template=self.chat_template,
             bos_token=self.bos,
             eos_token=self.eos,
-            enable_thinking=self.model.enable_thinking,
+            enable_thinking=thinking_enabled(self.model.enable_thinking, request),
+            media_marker=media_marker,
         )
 
     def check_size(self, request: GenerationRequest, n_ctx: int | None) -> None:
@@ -512,13 +581,16 @@ class PromptPrep(Generic[T]):
         assert self.vocab is not None, "set_model() first"
         return tokenize_segments(prompt.segments, self.vocab, trust_caller=self.model.allow_special_tokens_in_input)
 
-    def prepare(self, job: Job, n_ctx: int | None, *, reserve: int = 0) -> tuple[Prompt, list[T], StopMatcher]:
+    def prepare(
+        self, job: Job, n_ctx: int | None, *, reserve: int = 0, media_marker: str | None = None
+    ) -> tuple[Prompt, list[T], StopMatcher]:
         """The job's prompt, its tokens and its stop matcher (the format's stops and the
         request's); raises the 400 of :func:`check_input_size` before rendering, and that of
-        :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``."""
+        :func:`check_prompt_length` for a prompt that does not fit ``n_ctx``.  ``media_marker``:
+        see :func:`render_prompt` (the tokens then count each image as its marker's text)."""
         req = job.request
         self.check_size(req, n_ctx)
-        prompt = self.render(req)
+        prompt = self.render(req, media_marker=media_marker)
         tokens = self.tokenize(prompt)
         check_prompt_length(req.model, len(tokens), n_ctx, reserve=reserve)
         return prompt, tokens, StopMatcher([*prompt.stop, *req.decoding.stop])

@@ -33,6 +33,8 @@ PromptFormat = Literal[
     "native",
 ]
 FlashAttn = Literal["on", "off", "auto"]
+#: An input modality a model may take (``modalities``).
+Modality = Literal["text", "image"]
 #: K/V cache types a GGUF model may use, by GGML name (lower case).
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 #: ExLlamaV3's K/V cache quantisation: bits for both, or ``K,V`` bits, 2 to 8 each (``"8,4"``).
@@ -151,6 +153,35 @@ class _ModelBase(_Strict, tag_field="backend"):
     restart_max_attempts: NonNegative = 3
     #: Wait before the first restart; doubles per consecutive attempt.
     restart_backoff_s: NonNegativeFloat = 1.0
+    # content arrays and images (issue 16)
+    #: What a request may hold: ``["text"]``, or ``["text", "image"]`` for a model that takes
+    #: images (``openai_compatible``, whose upstream must; ``llama_server`` with
+    #: ``llama_server_mmproj_path``); a text-only model refuses an image item with 400
+    #: ``modality_unsupported``.
+    modalities: Annotated[list[Modality], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
+        default_factory=lambda: ["text"]
+    )
+    #: Let image items name ``http(s)://`` URLs (remote models only: the upstream fetches them,
+    #: llm-pool never does); off, only ``data:`` URLs are taken, so no request makes anyone fetch.
+    image_url_fetch: bool = False
+
+    def takes_images(self) -> bool:
+        """Whether this model's runtime can be given images (``modalities`` may hold ``image``)."""
+        return False
+
+    def modality_problem(self) -> tuple[str, str] | None:
+        """What is wrong with ``modalities`` / ``image_url_fetch`` for this backend, or None."""
+        if "text" not in self.modalities or len(set(self.modalities)) != len(self.modalities):
+            return "modalities", 'must be ["text"] or ["text", "image"]'
+        if "image" in self.modalities and not self.takes_images():
+            if self.backend == "llama_server":
+                return "modalities", "cannot take images without llama_server_mmproj_path (the model's projector)"
+            return "modalities", f"cannot take images: backend {self.backend} has no image input"
+        if self.image_url_fetch and self.backend != "openai_compatible":
+            return "image_url_fetch", (
+                "is only for openai_compatible models (their upstream fetches the URL); llm-pool fetches no URL itself"
+            )
+        return None
 
     @property
     def backend(self) -> str:
@@ -161,6 +192,8 @@ class _ModelBase(_Strict, tag_field="backend"):
         """What is wrong with this model beyond single fields: ``(field, message)`` or None."""
         if self.replicas > self.replica_max:
             return "replicas", f"has replicas={self.replicas} greater than replica_max={self.replica_max}"
+        if (problem := self.modality_problem()) is not None:
+            return problem
         if not self.model_path:
             return "model_path", f"needs model_path for backend {self.backend}"
         return None
@@ -265,6 +298,9 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
     llama_server_reasoning: Literal["on", "off", "auto"] | None = None
     #: Passed to llama-server last, as given (flags this backend sets itself are refused).
     llama_server_extra_args: list[str] = msgspec.field(default_factory=list)
+
+    def takes_images(self) -> bool:
+        return self.llama_server_mmproj_path is not None  # llama-server's multimodal prompts
 
     def problems(self) -> tuple[str, str] | None:
         if self.llama_server_port is not None and self.replica_max > 1:
@@ -422,6 +458,9 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
         if n and self.replicas == 1 and self.replica_max == 1:  # left unset: one replica per endpoint
             self.replicas = self.replica_max = n
 
+    def takes_images(self) -> bool:
+        return True  # as Chat Completions content parts; whether the upstream model can is its own
+
     def problems(self) -> tuple[str, str] | None:
         if self.replicas > self.replica_max:
             return super().problems()
@@ -444,7 +483,7 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
             return "remote_model", "needs remote_model for backend openai_compatible"
         if self.remote_eject_max_s < self.remote_eject_base_s:
             return "remote_eject_max_s", "is below remote_eject_base_s"
-        return None
+        return self.modality_problem()
 
     def endpoints(self) -> list[RemoteEndpoint]:
         """Every endpoint, the one-endpoint form (``remote_base_url``) included."""

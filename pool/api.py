@@ -8,6 +8,9 @@ schema.  Nothing here does I/O.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -25,7 +28,7 @@ from llm_pool.config.settings import (
 )
 from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.errors import PoolError, invalid_request
-from llm_pool.pool.jobs import Decoding, GenerationRequest, Message
+from llm_pool.pool.jobs import Decoding, GenerationRequest, ImagePart, Message
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -56,11 +59,58 @@ class DecodingIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop: StopList | msgspec.UnsetType = msgspec.UNSET
 
 
+# ---------------------------------------------------------------- content items (issue 16)
+class ChatTextPart(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="text"):
+    """A ``{"type": "text", "text": ...}`` content item."""
+
+    text: str
+
+
+class InputTextItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="input_text"):
+    """OpenAI Responses' ``{"type": "input_text", "text": ...}``."""
+
+    text: str
+
+
+ImageDetail = Literal["low", "high", "auto"]
+
+
+class ImageUrl(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: A ``data:image/...;base64,...`` URL, or ``http(s)://`` where the model allows it.
+    url: Annotated[str, msgspec.Meta(min_length=1)]
+    detail: ImageDetail = "auto"
+
+
+class ImageUrlItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="image_url"):
+    """``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` (Chat Completions')."""
+
+    image_url: ImageUrl
+
+
+class InputImageItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="input_image"):
+    """OpenAI Responses' ``{"type": "input_image", "image_url": ..., "detail": ...}``."""
+
+    image_url: Annotated[str, msgspec.Meta(min_length=1)]
+    detail: ImageDetail = "auto"
+
+
+ContentItem = ChatTextPart | InputTextItem | ImageUrlItem | InputImageItem
+Thinking = Literal["default", "enabled", "disabled"]
+
+
+class ResponsesMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One turn of a ``/v1/responses`` conversation (``instructions`` is the system prompt)."""
+
+    role: Literal["user", "assistant"]
+    content: str | Annotated[list[ContentItem], msgspec.Meta(min_length=1)]
+
+
 class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``POST /v1/responses``."""
 
     model: NonEmpty
-    input: str
+    #: The user's text, or a list of content items; exactly one of ``input`` and ``messages``.
+    input: str | Annotated[list[ContentItem], msgspec.Meta(min_length=1)] | None = None
     instructions: str | None = None
     source_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     target_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
@@ -70,6 +120,11 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Whose request this is, for fair sharing of the model (1..128 characters after trimming).
     fairness_key: str | None = None
     priority: Priority = 0
+    # conversations, content arrays, thinking (issue 16)
+    #: A conversation instead of ``input``: user and assistant turns, ending with a user turn.
+    messages: list[ResponsesMessage] | None = None
+    #: Thinking for this request, among the model's ``capabilities.thinking_modes``.
+    thinking: Thinking = "default"
 
 
 class Metrics(msgspec.Struct, kw_only=True):
@@ -145,6 +200,22 @@ class ResponseBody(msgspec.Struct, kw_only=True):
     metrics: Metrics | None = None
 
 
+class ModelCapabilities(msgspec.Struct, kw_only=True):
+    """What a model honestly takes, from its backend, prompt format and settings
+    (:func:`llm_pool.backends.capabilities.capabilities`): on ``/v1/models`` entries and admin rows."""
+
+    #: Input modalities: ``["text"]``, or ``["text", "image"]`` (image content items accepted).
+    modalities: list[str]
+    #: Whether file items (``input_file``) are accepted: never, today.
+    file_inputs: bool
+    #: Whether ``messages`` may hold more than one turn.
+    multi_turn: bool
+    #: The values ``thinking`` may take: ``["default"]``, or also ``enabled`` / ``disabled``.
+    thinking_modes: list[str]
+    #: Output formats the model can be held to (``text``; ``json_schema`` where enforced).
+    response_formats: list[str]
+
+
 class ModelCard(msgspec.Struct, kw_only=True):
     """One entry of ``GET /v1/models``'s OpenAI-style ``data`` list."""
 
@@ -153,6 +224,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     #: Unix time the model finished loading.
     created: int
     owned_by: str = "llm-pool"
+    # capabilities (issue 16)
+    capabilities: ModelCapabilities
 
 
 class ModelsList(msgspec.Struct, kw_only=True):
@@ -170,15 +243,9 @@ class ModelsList(msgspec.Struct, kw_only=True):
 # pool.openai_compat; these are only the shapes.
 
 
-class ChatTextPart(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="text"):
-    """A ``{"type": "text", "text": ...}`` content part (the only kind llm-pool reads)."""
-
-    text: str
-
-
 class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ChatTextPart]
+    content: str | list[ChatTextPart | ImageUrlItem]
     #: Accepted and ignored (a participant's name).
     name: str | None = None
     # What an SDK-made assistant message carries when a client sends it back (``model_dump()``);
@@ -246,6 +313,8 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     audio: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    # thinking (issue 16), an llm-pool extension: as on /v1/responses
+    thinking: Thinking = "default"
 
 
 class ChatMessageOut(msgspec.Struct, kw_only=True):
@@ -405,12 +474,11 @@ def fairness_key(given: str | None, header: str | None = None, user: str | None 
 
 
 def to_generation_request(settings: Settings, body: ResponsesRequest, key_header: str | None = None) -> GenerationRequest:
-    check_no_nul(body.input, "$.input")
     check_no_nul(body.instructions, "$.instructions")
     messages = []
     if body.instructions is not None:
         messages.append(Message(role="system", content=body.instructions))
-    messages.append(Message(role="user", content=body.input))
+    messages += conversation_of(body)
     return GenerationRequest(
         model=body.model,
         messages=messages,
@@ -420,7 +488,105 @@ def to_generation_request(settings: Settings, body: ResponsesRequest, key_header
         stream=body.stream,
         fairness_key=fairness_key(body.fairness_key, key_header),
         priority=body.priority,
+        thinking=body.thinking,
     )
+
+
+# ---------------------------------------------------------------- conversations and content (issue 16)
+#: Image media types a ``data:`` URL may carry, with the bytes their files start with.
+IMAGE_MAGIC: dict[str, tuple[bytes, ...]] = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),
+}
+#: Largest decoded image a ``data:`` URL may hold (the body limit, ``max_body_bytes``, applies first).
+IMAGE_MAX_BYTES = 20 * 1024 * 1024
+_DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.DOTALL | re.IGNORECASE)
+
+
+def conversation_of(body: ResponsesRequest) -> list[Message]:
+    """``/v1/responses``' turns: ``input`` as one user turn, or ``messages`` (exactly one of the
+    two; not empty; ending with a user turn), each content a string or a list of items."""
+    if (body.input is None) == (body.messages is None):
+        both = body.input is not None
+        raise invalid_request(
+            "send either input or messages, not both" if both else "the request needs input (or messages)",
+            param="$.messages" if both else "$.input",
+        )
+    if body.input is not None:
+        text, parts = content_of(body.input, "$.input")
+        return [Message(role="user", content=text, parts=parts)]
+    assert body.messages is not None
+    if not body.messages:
+        raise invalid_request("messages must hold at least one message", param="$.messages")
+    if body.messages[-1].role != "user":
+        raise invalid_request(
+            "the last message must be a user message (llm-pool generates the next assistant turn)",
+            param=f"$.messages[{len(body.messages) - 1}].role",
+        )
+    out = []
+    for i, m in enumerate(body.messages):
+        text, parts = content_of(m.content, f"$.messages[{i}].content")
+        if parts is not None and m.role != "user":
+            raise invalid_request(f"messages[{i}] is an {m.role} message with an image; images go in user messages", param=f"$.messages[{i}].content")
+        out.append(Message(role=m.role, content=text, parts=parts))
+    return out
+
+
+def content_of(content: str | list[Any], at: str) -> tuple[str, list[str | ImagePart] | None]:
+    """A message's text (text items joined with newlines) and, when it holds an image, its
+    items in order; 400 for NUL in text or an image URL llm-pool never takes (see
+    :func:`image_of`).  ``at``: the content's JSON path."""
+    if isinstance(content, str):
+        check_no_nul(content, at)
+        return content, None
+    texts: list[str] = []
+    parts: list[str | ImagePart] = []
+    for j, item in enumerate(content):
+        where = f"{at}[{j}]"
+        if isinstance(item, (ChatTextPart, InputTextItem)):
+            check_no_nul(item.text, f"{where}.text")
+            texts.append(item.text)
+            parts.append(item.text)
+        else:
+            parts.append(image_of(item, where))
+    text = "\n".join(texts)
+    return text, parts if any(isinstance(p, ImagePart) for p in parts) else None
+
+
+def image_of(item: ImageUrlItem | InputImageItem, at: str) -> ImagePart:
+    """An image item as the job's :class:`ImagePart`.  ``data:`` URLs must be base64 of a PNG,
+    JPEG, GIF or WebP image (checked by its first bytes) of at most :data:`IMAGE_MAX_BYTES`;
+    ``http(s)://`` URLs pass here (the model decides: ``image_url_fetch``); anything else
+    (``file://`` above all) is a 400."""
+    url, detail = (item.image_url.url, item.image_url.detail) if isinstance(item, ImageUrlItem) else (item.image_url, item.detail)
+    param = f"{at}.image_url.url" if isinstance(item, ImageUrlItem) else f"{at}.image_url"
+    scheme = url.partition(":")[0].lower()
+    if scheme in ("http", "https"):
+        return ImagePart(url=url, detail=detail, at=param)
+    if scheme != "data":
+        raise invalid_request(
+            f"{param[2:]}: llm-pool takes images as data: URLs (or http(s):// where the model allows it), never {scheme}: URLs",
+            param=param,
+        )
+    m = _DATA_URL.fullmatch(url)
+    if m is None:
+        raise invalid_request(f"{param[2:]}: a data: URL must be data:<image type>;base64,<data>", param=param)
+    media = m.group(1).lower()
+    if media not in IMAGE_MAGIC:
+        raise invalid_request(
+            f"{param[2:]}: media type {media!r} is not an image llm-pool takes ({', '.join(IMAGE_MAGIC)})", param=param
+        )
+    if len(m.group(2)) > IMAGE_MAX_BYTES * 4 // 3 + 4:
+        raise invalid_request(f"{param[2:]}: the image is larger than {IMAGE_MAX_BYTES} bytes", param=param)
+    try:
+        data = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_request(f"{param[2:]}: the data: URL's data is not valid base64", param=param) from None
+    if not data.startswith(IMAGE_MAGIC[media]) or (media == "image/webp" and data[8:12] != b"WEBP"):
+        raise invalid_request(f"{param[2:]}: the data is not a {media} image", param=param)
+    return ImagePart(url=f"data:{media};base64,{m.group(2)}", detail=detail, at=param)
 
 
 def build_metrics(job: Any, pool_total_ms: float | None) -> Metrics:

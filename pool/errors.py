@@ -3,6 +3,7 @@
 PoolError                                   body: {"error": {type, code, message, param},
 │                                                  "detail": {code, model, message}}
 ├── 400 invalid_request          malformed body, bad field (param = msgspec path)
+│       modality_unsupported     an image item for a text-only model (param = the item's path)
 │       invalid_load_request     admin load overrides rejected
 │       invalid_settings         admin settings reload rejected
 │       request_cost_exceeds_max remote request over remote_budget_request_max

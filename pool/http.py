@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from llm_pool.admin.routes import register_admin
+from llm_pool.backends.capabilities import capabilities
 from llm_pool.config import Settings
 from llm_pool.pool.api import (
     FAIRNESS_KEY_HEADER,
@@ -193,7 +194,8 @@ def _install_guards(app: QuartTrio, settings: Settings) -> None:
 def _register_inference(app: QuartTrio, manager: PoolManager) -> None:
     """``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/responses``."""
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=int(manager.entries[name].loaded_at or 0))
+        entry = manager.entries[name]
+        return ModelCard(id=name, created=int(entry.loaded_at or 0), capabilities=capabilities(entry.settings))
 
     @app.get("/v1/models")
     async def list_models() -> Response:

@@ -68,9 +68,30 @@ class Decoding(DecodingSettings):
         return self.temperature == 0 or self.top_k == 1
 
 
+class ImagePart(msgspec.Struct, kw_only=True):
+    """An image a caller put in a message (conversations and content arrays, issue 16).
+
+    ``url`` is a ``data:`` URL whose base64 and media type were checked at the HTTP edge, or an
+    ``http(s)://`` URL (sent on only to a model whose ``image_url_fetch`` allows it; llm-pool
+    never fetches one itself)."""
+
+    url: str
+    detail: Literal["low", "high", "auto"] = "auto"
+    #: Where the caller sent it (a JSON path such as ``$.messages[0].content[1]``), for a 400.
+    at: str = ""
+
+
 class Message(msgspec.Struct, kw_only=True):
     role: Literal["system", "user", "assistant"]
+    #: The message's text (a content array's text items joined with newlines).
     content: str
+    # conversations and content arrays (issue 16)
+    #: The content's items in order (text, images) when it holds an image; None: text only.
+    parts: list[str | ImagePart] | None = None
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.parts or () if isinstance(p, ImagePart)]
 
 
 @dataclass(kw_only=True)
@@ -89,6 +110,15 @@ class GenerationRequest:
     fairness_key: str | None = None
     #: Lower runs first within a model, before fairness (vLLM's priority scheduling).
     priority: int = 0
+    # conversations, content arrays, thinking (issue 16)
+    #: ``default``: the model's configured thinking; ``enabled``/``disabled``: this request's,
+    #: where the model's ``capabilities.thinking_modes`` offer it (checked at admission).
+    thinking: Literal["default", "enabled", "disabled"] = "default"
+
+    @property
+    def images(self) -> list[ImagePart]:
+        """Every image of the conversation, in order."""
+        return [i for m in self.messages for i in m.images]
 
     @property
     def system(self) -> str | None:

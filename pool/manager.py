@@ -19,11 +19,16 @@ Load on demand (``load_on_demand = true``): a request for the model while it is 
 failed or loading waits in the model's on-demand list (its ``max_queue`` and
 ``queue_timeout_s`` apply) and starts the load if none runs; once loaded, the list goes into the
 model's queue in arrival order, and a failed load fails it (502).  Several requests make one
-load.  Before such a load, the pool's budget is made to fit (``engine.max_loaded_models``,
-``engine.max_loaded_memory_mib`` against :meth:`PoolManager.memory_estimate`, and
-``engine.groups``) by unloading the least recently used *idle* loaded models (nothing queued or
-running, no resize); when idle models cannot make room the request gets 503
-``pool_capacity_exhausted`` at once.  With ``idle_unload_after_s`` this is Ollama's keep-alive:
+load.
+
+The budget (``engine.max_loaded_models``, ``engine.max_loaded_memory_mib`` against
+:meth:`PoolManager.memory_estimate`, and ``engine.groups``) holds for every load but the startup
+autoload of enabled models: before a load on demand or an admin load, the least recently used
+*idle* loaded models (nothing queued or running, no resize) are unloaded until the new one fits;
+when idle models cannot make room the request (or the admin call) gets 503
+``pool_capacity_exhausted`` at once, and the model stays unloaded.  A model that gets a request
+while a load waits to evict it is not evicted (victims are chosen again before each unload).
+With ``idle_unload_after_s`` this is Ollama's keep-alive:
 the admin row's ``idle_unload_in_s`` is the countdown.
 
 This module must not import quart.
@@ -105,6 +110,8 @@ class ModelEntry:
         #: Whether the model is meant to be serving now, what readiness counts: enabled models
         #: from the start; an admin load sets it, an admin or idle unload clears it.
         self.wanted = settings.enabled
+        #: Why the last load was refused before it began (the budget: 503), or None.
+        self.refused: PoolError | None = None
 
     @property
     def last_error(self) -> str | None:
@@ -274,12 +281,7 @@ class PoolManager:
         if len(entry.on_demand) >= entry.settings.max_queue:
             raise queue_full(entry.name, entry.settings.max_queue)
         if entry.state in ("unloaded", "failed"):
-            victims = self.evictions_for(entry)  # raises 503 when idle models cannot make room
-            entry.load_done = trio.Event()
-            entry.last_error = None
-            self._set_state(entry, "loading")
-            assert self._nursery is not None
-            self._nursery.start_soon(self._load_on_demand, entry, victims, name=f"load on demand {entry.name}")
+            self._begin_load(entry, None, entry.settings.replicas)
 
         def cancelled(job: Job) -> None:
             if job in entry.on_demand:
@@ -288,17 +290,36 @@ class PoolManager:
         job.on_cancel_queued = cancelled
         entry.on_demand.append(job)
 
-    async def _load_on_demand(self, entry: ModelEntry, victims: list[ModelEntry]) -> None:
-        """Unload ``victims`` (idle models), load ``entry``, then hand its waiting requests to
-        its queue (or fail them with the load's error)."""
+    def _begin_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
+        """Start loading ``entry`` within the pool's budget: 503 ``pool_capacity_exhausted`` now
+        when idle models cannot make room; else ``loading`` at once, and a task unloads what must
+        go, then loads.  Every load but the startup autoload comes this way (on demand and admin)."""
+        self.evictions_for(entry)  # raises 503 when idle models cannot make room
+        entry.load_done = trio.Event()
+        entry.last_error = None
+        entry.refused = None
+        self._set_state(entry, "loading")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._evict_then_load, entry, override, replicas, name=f"load {entry.name}")
+
+    async def _evict_then_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
+        """Unload idle models until ``entry`` fits the budget, then load it.  The victims are
+        chosen again before each unload, and :meth:`unload` marks its model ``unloading`` before
+        it yields: a model that got a request since the load began is never evicted under it
+        (another idle one goes, or the load is refused with 503)."""
         try:
-            for victim in victims:
-                log.info("evict", extra={"fields": {"action": "evict", "model": victim.name, "for": entry.name}})
-                await self.unload(victim.name)
-            self._start_load(entry, None, entry.settings.replicas)
+            while victims := self.evictions_for(entry):
+                log.info("evict", extra={"fields": {"action": "evict", "model": victims[0].name, "for": entry.name}})
+                await self.unload(victims[0].name)
+            self._start_load(entry, override, replicas)
+        except PoolError as e:  # nothing of this model was loaded: it stays unloaded, its waiters get the 503
+            entry.refused = e
+            self._set_state(entry, "unloaded")
+            entry.load_done.set()
+            self._flush_on_demand(entry)
         except BaseException:
             self._set_state(entry, "failed")
-            entry.last_error = entry.last_error or "the load on demand did not start"
+            entry.last_error = entry.last_error or "the load did not start"
             entry.load_done.set()
             self._flush_on_demand(entry)
             raise
@@ -311,6 +332,8 @@ class PoolManager:
             if job.state != "queued":
                 continue
             try:
+                if entry.refused is not None:
+                    raise entry.refused
                 if entry.state != "loaded" or entry.runtime is None:
                     raise backend_error(entry.name, f"load on demand failed: {entry.last_error}")
                 self._enqueue(entry, job)
@@ -471,10 +494,12 @@ class PoolManager:
                 f"model {name!r} is {entry.state}; overrides and replicas need the model unloaded first",
                 model=name,
             )
-        entry.wanted = True
         if entry.state in ("unloaded", "failed"):
-            self._start_load(entry, override, replicas or entry.settings.replicas)
+            self._begin_load(entry, override, replicas or entry.settings.replicas)  # 503 when no room
+        entry.wanted = True
         await entry.load_done.wait()
+        if entry.refused is not None and entry.state == "unloaded":
+            raise entry.refused
         # judge the load by "failed" only: by the time this task resumes, another admin call may
         # already be unloading the model this load did load
         if entry.state == "failed":

@@ -78,18 +78,26 @@ This module imports no quart and reads GPUs only through what its caller hands i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from llm_pool.pool.errors import PoolError
+from llm_pool.pool.errors import PoolError, without_paths
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.manager import PoolManager
+from llm_pool.pool.tracing import current_id
 
 PREFIX = "llm_pool:"
 #: Every per-model series carries the model twice: ``model`` (ours) and ``model_name`` (vLLM's
@@ -361,3 +369,284 @@ class PoolMetrics:
             return encoder(self.registry), content_type
         finally:
             self.state.gpus = ()
+
+
+# ------------------------------------------------------------------ the status page's timeline
+#: The status page's charts: one sample every :data:`TIMELINE_INTERVAL_S`, the last
+#: :data:`TIMELINE_WINDOW_S` of them kept (180 samples; no external Prometheus needed).
+TIMELINE_INTERVAL_S = 5.0
+TIMELINE_WINDOW_S = 900.0
+#: Times to first token kept per model and interval for its percentiles; more in one interval
+#: are not kept (bounded memory, whatever the traffic).
+TTFT_KEPT = 2048
+
+
+@dataclass
+class _Interval:
+    """What one model's requests did since the last sample (filled by :meth:`Timeline.observe`)."""
+
+    output_tokens: int = 0
+    requests: int = 0
+    ttfts: list[float] | None = None
+    errors: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSample:
+    tokens_per_s: float
+    running: int
+    queued: int
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    #: Requests that ended in the interval (refusals at admission included).
+    requests: int
+    #: Requests that ended with an error, by llm-pool's error code.
+    errors: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Sample:
+    #: trio time (:func:`trio.current_time`) at the end of the interval.
+    t: float
+    models: dict[str, ModelSample]
+    #: ``(index, name, used_mib, total_mib)`` per GPU read at that time (none without NVML).
+    gpus: tuple[tuple[int, str, int, int], ...]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of ``values`` by nearest rank; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered), max(1, math.ceil(q * len(ordered)))) - 1]
+
+
+class Timeline:
+    """A ring of the last :data:`TIMELINE_WINDOW_S` of per-model samples for the status page's
+    charts: output tokens/s (tokens of the requests that ended in the interval, over the
+    interval), requests running and queued at the sample, TTFT p50/p95 of the requests that ended
+    in the interval, errors by code; and each GPU's memory.
+
+    Memory is bounded: ``window_s / interval_s`` samples, each holding configured models only
+    (names come from the settings, never from a request), error codes from llm-pool's own fixed
+    set, and at most :data:`TTFT_KEPT` times per model between two samples.
+
+    :meth:`observe` is a ``manager.job_hooks`` hook; :meth:`run` samples every ``interval_s``
+    (``pool.server.serve`` runs it); :meth:`snapshot` adds the interval in progress, so a chart
+    shows a request at once."""
+
+    def __init__(self, manager: PoolManager, *, interval_s: float = TIMELINE_INTERVAL_S, window_s: float = TIMELINE_WINDOW_S) -> None:
+        self.manager = manager
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self.samples: deque[Sample] = deque(maxlen=max(1, int(window_s / interval_s)))
+        self._open: dict[str, _Interval] = {}
+        self._since: float | None = None
+        manager.job_hooks.append(self.observe)
+
+    def observe(self, job: Job, error: PoolError | None) -> None:
+        model = job.request.model
+        if model not in self.manager.entries:
+            return
+        acc = self._open.setdefault(model, _Interval())
+        acc.requests += 1
+        if error is not None:
+            acc.errors = acc.errors or {}
+            acc.errors[error.code] = acc.errors.get(error.code, 0) + 1
+        if job.stats is not None:
+            acc.output_tokens += job.stats.output_tokens or 0
+        if job.t_first_output is not None:
+            acc.ttfts = acc.ttfts if acc.ttfts is not None else []
+            if len(acc.ttfts) < TTFT_KEPT:
+                acc.ttfts.append(job.t_first_output - job.t_submitted)
+
+    def _current(self, now: float, gpus: Sequence[GpuMemory]) -> Sample:
+        since = self._since if self._since is not None else now - self.interval_s
+        span = max(now - since, 1.0)  # an interval just begun: no spike from one request
+        models = {}
+        for name, entry in sorted(self.manager.entries.items()):
+            acc = self._open.get(name) or _Interval()
+            rt = entry.runtime
+            ttfts = acc.ttfts or []
+            models[name] = ModelSample(
+                tokens_per_s=round(acc.output_tokens / span, 3),
+                running=rt.running if rt else 0,
+                queued=rt.waiting if rt else 0,
+                ttft_p50_s=percentile(ttfts, 0.5),
+                ttft_p95_s=percentile(ttfts, 0.95),
+                requests=acc.requests,
+                errors=dict(acc.errors or {}),
+            )
+        return Sample(now, models, tuple((g.index, g.name, g.used_mib, g.total_mib) for g in gpus))
+
+    def sample(self, gpus: Sequence[GpuMemory] = ()) -> Sample:
+        """Close the interval in progress: one sample into the ring (the oldest falls out)."""
+        now = trio.current_time()
+        sample = self._current(now, gpus)
+        self.samples.append(sample)
+        self._open.clear()
+        self._since = now
+        return sample
+
+    def snapshot(self, gpus: Sequence[GpuMemory] = ()) -> tuple[list[Sample], float]:
+        """The samples, oldest first, then the interval in progress (with ``gpus``, read now),
+        and the trio time now."""
+        now = trio.current_time()
+        out = list(self.samples)
+        if (self._since is not None or self._open) and (not out or now > out[-1].t):
+            out.append(self._current(now, gpus))
+        return out, now
+
+    async def run(self, read_gpus: Callable[[], tuple[Sequence[GpuMemory], str | None]] | None = None) -> None:
+        """Sample every ``interval_s`` until cancelled; ``read_gpus`` (``admin.gpu.read_gpus``)
+        runs on a worker thread."""
+        self._since = trio.current_time()
+        while True:
+            await trio.sleep(self.interval_s)
+            gpus: Sequence[GpuMemory] = ()
+            if read_gpus is not None:
+                gpus, _ = await trio.to_thread.run_sync(read_gpus)
+            self.sample(gpus)
+
+
+def process_rss_mib() -> float | None:
+    """This server process's resident memory (Linux ``/proc/self/statm``), else None.  Engine
+    child processes (llama-server, vLLM) are not counted."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB, 1)
+
+
+# ------------------------------------------------------------------ the status page's log tail
+#: Recent log lines kept for ``GET /v1/admin/logs`` and the longest text kept of each value.
+LOG_RING_LINES = 500
+LOG_VALUE_CHARS = 2000
+#: Concurrent followers of the log tail; one more gets 429.
+LOG_FOLLOWERS = 16
+
+
+def _shown_value(value: Any) -> Any:
+    """A log value as the tail shows it: text without filesystem paths, cut at
+    :data:`LOG_VALUE_CHARS`; containers value by value."""
+    if isinstance(value, str):
+        text = without_paths(value)
+        return text if len(text) <= LOG_VALUE_CHARS else text[:LOG_VALUE_CHARS] + "…"
+    if isinstance(value, dict):
+        return {str(k): _shown_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return _shown_value(str(value))
+
+
+class LogRing(logging.Handler):
+    """The last :data:`LOG_RING_LINES` log records of the ``llm_pool`` loggers, as the JSON log
+    line's keys (``ts``, ``level``, ``logger``, ``event``, ``request_id``, the line's fields;
+    an exception only by its type), each numbered, for the status page's live tail.  Access
+    lines are kept only for answers with an error status (the status page alone polls several
+    URLs every 2 s: its lines would push the inference lines out).
+
+    Records may come from any thread; a follower (:meth:`follow`, in a trio task) is woken
+    through its trio token.  Nothing here is written to disk; text values lose their paths."""
+
+    def __init__(self, capacity: int = LOG_RING_LINES) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: deque[tuple[int, dict[str, Any]]] = deque(maxlen=capacity)
+        self.last = 0
+        self._guard = threading.Lock()
+        self._followers: dict[object, tuple[Any, trio.Event]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None)
+        if record.name == "llm_pool.access" and isinstance(fields, dict) and isinstance(fields.get("status"), int) and fields["status"] < 400:
+            return  # a page that polls would push the inference lines out; errors stay
+        try:
+            line: dict[str, Any] = {
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "event": _shown_value(record.getMessage()),
+            }
+            request_id = getattr(record, "request_id", None) or current_id()
+            if request_id is not None:
+                line["request_id"] = request_id
+            if isinstance(fields, dict):
+                line.update(_shown_value(fields))
+            if record.exc_info and record.exc_info[0] is not None:
+                line["exception"] = record.exc_info[0].__name__
+        except Exception:  # noqa: BLE001 - a log line must never break its writer
+            self.handleError(record)
+            return
+        with self._guard:
+            self.last += 1
+            self.lines.append((self.last, line))
+            followers = list(self._followers.values())
+        for token, event in followers:
+            try:
+                token.run_sync_soon(event.set)
+            except trio.RunFinishedError:
+                pass
+
+    def since(self, after: int, model: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """The lines numbered above ``after`` (of ``model`` only, when given), oldest first."""
+        with self._guard:
+            lines = [item for item in self.lines if item[0] > after]
+        return [item for item in lines if model is None or item[1].get("model") == model]
+
+    def check_room(self) -> None:
+        """429 ``log_tail_busy`` when :data:`LOG_FOLLOWERS` tails are open."""
+        with self._guard:
+            if len(self._followers) >= LOG_FOLLOWERS:
+                raise PoolError(429, "log_tail_busy", f"at most {LOG_FOLLOWERS} log tails may be open at once")
+
+    def start_after(self, backlog: int) -> int:
+        """The number to follow from so that the last ``backlog`` lines come first."""
+        with self._guard:
+            return max(0, self.last - backlog) if self.lines else self.last
+
+    async def follow(self, after: int, model: str | None = None, *, idle_s: float = 15.0) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+        """Batches of new lines as they are written; an empty batch after ``idle_s`` without
+        one (a keep-alive).  Ends at once past :data:`LOG_FOLLOWERS` followers (the route
+        refuses those with :meth:`check_room` first)."""
+        key = object()
+        token = trio.lowlevel.current_trio_token()
+        with self._guard:
+            if len(self._followers) >= LOG_FOLLOWERS:
+                return
+            self._followers[key] = (token, trio.Event())
+        try:
+            while True:
+                event = trio.Event()
+                with self._guard:
+                    self._followers[key] = (token, event)
+                batch = self.since(after, model)
+                if not batch:
+                    with trio.move_on_after(idle_s):
+                        await event.wait()
+                    batch = self.since(after, model)
+                if batch:
+                    after = batch[-1][0]
+                else:
+                    with self._guard:
+                        after = max(after, self.last)
+                yield batch
+        finally:
+            with self._guard:
+                self._followers.pop(key, None)
+
+
+#: The process's one ring (the ``logging`` module's loggers are process-wide too), attached to
+#: the ``llm_pool`` logger by :func:`log_ring`.
+_LOG_RING = LogRing()
+
+
+def log_ring() -> LogRing:
+    """The process's :class:`LogRing`, attached to the ``llm_pool`` logger (once)."""
+    logger = logging.getLogger("llm_pool")
+    if _LOG_RING not in logger.handlers:
+        logger.addHandler(_LOG_RING)
+    return _LOG_RING

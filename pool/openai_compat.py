@@ -25,7 +25,10 @@ Request fields (``pool.api.ChatCompletionRequest``):
 
 Messages: roles ``system`` (or ``developer``, its newer name), ``user`` and ``assistant``;
 ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined with
-newlines).  System turns come first (several are joined); the conversation ends with a user
+newlines) and ``{"type": "image_url", "image_url": {"url", "detail"}}`` parts (for a model
+whose ``capabilities.modalities`` has ``image``; else 400 ``modality_unsupported``).
+``thinking`` (``default``/``enabled``/``disabled``) is an llm-pool extension, as on
+``/v1/responses``.  System turns come first (several are joined); the conversation ends with a user
 turn.  Multi-turn is rendered through the model's prompt format; a format that can't take it
 answers 400 from :func:`backends.prompts.check_request` (translategemma: one user message).
 A remote (``openai_compatible``) model is sent the whole conversation, behind one system message.
@@ -79,6 +82,7 @@ from llm_pool.pool.api import (
     Metrics,
     check_max_tokens,
     check_no_nul,
+    content_of,
     fairness_key,
     resolve_decoding,
     token_counts,
@@ -229,6 +233,7 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         stream=bool(body.stream),
         fairness_key=fairness_key(body.fairness_key, key_header, body.user),
         priority=body.priority,
+        thinking=body.thinking,
     )
 
 
@@ -240,9 +245,13 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
     for i, m in enumerate(given):
         at = f"$.messages[{i}]"
         _check_neutral(m, _MESSAGE_NEUTRAL, at)
-        content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)
-        check_no_nul(content, f"{at}.content")
+        content, parts = content_of(m.content, f"{at}.content")
         role = _ROLES[m.role]
+        if role != "user" and parts is not None:
+            article = "an" if m.role[0] in "aeiou" else "a"
+            raise invalid_request(
+                f"{at[2:]} is {article} {m.role} message with an image; images go in user messages", param=f"{at}.content"
+            )
         if role == "system":
             if turns:
                 raise invalid_request(
@@ -252,7 +261,7 @@ def to_messages(given: list[ChatMessageIn]) -> list[Message]:
                 )
             system.append(content)
         else:
-            turns.append(Message(role=role, content=content))  # type: ignore[arg-type]
+            turns.append(Message(role=role, content=content, parts=parts))  # type: ignore[arg-type]
     if not turns or turns[-1].role != "user":
         raise invalid_request(
             "the last message must be a user message (llm-pool generates the next assistant turn)",

@@ -27,7 +27,7 @@ import msgspec
 from quart import Response
 
 from llm_pool.admin.routes import LoadRequest, ResizeRequest, UnloadRequest
-from llm_pool.admin.rows import AdminModel, AdminModels, GpuMemoryReport, ReloadResult
+from llm_pool.admin.rows import AdminModel, AdminModels, GpuMemoryReport, LogLine, ReloadResult, TimelineReport
 from llm_pool.pool.api import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -38,7 +38,7 @@ from llm_pool.pool.api import (
     ResponseBody,
     ResponsesRequest,
 )
-from llm_pool.pool.ops import Live, ModelReadiness, Readiness
+from llm_pool.pool.ops import STATUS_ASSETS, Live, ModelReadiness, Readiness
 
 _RULE_PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
@@ -257,6 +257,32 @@ def operations() -> list[Operation]:
             responses={200: Body("Per GPU and per model.", {JSON: GpuMemoryReport}), **_errors(401)},
             auth="admin",
         ),
+        # the status page's charts and log tail (issue 19)
+        Operation(
+            "get", "/v1/admin/timeline", "The last 15 minutes of per-model samples (the status page's charts)", "admin",
+            responses={200: Body("Columns of samples, oldest first.", {JSON: TimelineReport}), **_errors(401)},
+            auth="admin",
+        ),
+        Operation(
+            "get", "/v1/admin/logs", "The server's recent log lines, and with follow=true new ones as written", "admin",
+            params=(
+                Param("model", "query", {"type": "string"}, "Only the lines of this configured model."),
+                Param("backlog", "query", {"type": "integer", "minimum": 0, "maximum": 500, "default": 100},
+                      "How many of the kept lines come first."),
+                Param("follow", "query", {"type": "boolean", "default": False},
+                      "Keep the stream open and send new lines as they are written."),
+            ),
+            responses={
+                200: Body(
+                    "Server-Sent Events: `id: <seq>`, `event: log`, `data: <the log line's JSON>`; comment lines "
+                    "as keep-alives.  A reconnecting client's `Last-Event-ID` resumes after that line.",
+                    {SSE: sse_event_schema("One log line.", {"type": "string", "enum": ["log"]})},
+                    sse_data=LogLine,
+                ),
+                **_errors(400, 401, 404, 429),
+            },
+            auth="admin",
+        ),
         Operation(
             "get", "/metrics", "Prometheus metrics", "operations",
             responses={
@@ -311,6 +337,14 @@ def operations() -> list[Operation]:
         Operation(
             "get", "/admin", "The status page (same as /)", "operations",
             responses={200: Body("HTML.", {"text/html": {"type": "string"}})},
+        ),
+        *(
+            Operation(
+                "get", f"/admin/{name}", f"uPlot's {name} for the status page (vendored, see admin/static/vendor/uplot)",
+                "operations",
+                responses={200: Body("The vendored file, unchanged.", {ctype: {"type": "string"}})},
+            )
+            for name, ctype in STATUS_ASSETS.items()
         ),
     ]
 

@@ -12,6 +12,7 @@ document is :mod:`llm_pool.pool.openapi`'s own route).
 ``GET /health/ready/{model}``  200 when that model is loaded (and the server not draining),
                                else 503; 404 ``unknown_model``
 ``GET /`` and ``GET /admin``   the status page (``admin/static/index.html``)
+``GET /admin/<uPlot file>``    the chart library it loads (vendored: ``admin/static/vendor/uplot``)
 =============================  ============================================================
 
 None of these is behind a bearer token (only ``/v1/...`` is): probes and scrapers carry no
@@ -106,6 +107,11 @@ def status_page_html() -> bytes:
     return importlib.resources.files("llm_pool.admin").joinpath("static/index.html").read_bytes()
 
 
+#: uPlot's files the status page loads, served from ``/admin/<name>`` (vendored, pinned:
+#: ``admin/static/vendor/uplot/VERSION``), and their types.
+STATUS_ASSETS = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
+
+
 def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
     """Add the routes of the module docstring to ``app`` (once, from ``create_app``); returns
     the app's metrics (also ``app.extensions["llm_pool_metrics"]``)."""
@@ -137,5 +143,18 @@ def register_ops(app: Any, manager: PoolManager) -> PoolMetrics:
     @app.get("/admin")
     async def status_page() -> Response:
         return Response(page, status=200, content_type=HTML, headers={"Cache-Control": "no-cache"})
+
+    admin_static = importlib.resources.files("llm_pool.admin").joinpath("static/vendor/uplot")
+    assets = {name: admin_static.joinpath(name).read_bytes() for name in STATUS_ASSETS}
+
+    def asset_route(name: str) -> None:
+        async def asset() -> Response:
+            # changes only with a release of llm-pool, as /docs' files
+            return Response(assets[name], status=200, content_type=STATUS_ASSETS[name], headers={"Cache-Control": "public, max-age=3600"})
+
+        app.add_url_rule(f"/admin/{name}", f"status_{name}", asset, methods=["GET"])
+
+    for name in STATUS_ASSETS:
+        asset_route(name)
 
     return metrics

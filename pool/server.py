@@ -34,7 +34,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from llm_pool.admin.gpu import used_mib
+from llm_pool.admin.gpu import read_gpus, used_mib
 from llm_pool.backends import kind_of
 from llm_pool.config import Settings
 from llm_pool.pool.errors import PoolError
@@ -261,6 +261,8 @@ async def serve(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(notifier.keep_watchdog_alive)
         await nursery.start(manager.run)
+        # the status page's charts: one sample every few seconds (admin.routes' Timeline)
+        nursery.start_soon(app.extensions["llm_pool_timeline"].run, read_gpus)
         if handle_signals:
             nursery.start_soon(watch_signals, nursery)
         binds = await nursery.start(run_http, nursery)

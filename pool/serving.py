@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from llm_pool.backends import kind_of
+from llm_pool.backends.capabilities import check_capabilities
 from llm_pool.backends.decoding import check_decoding, check_seed
 from llm_pool.backends.prompts import check_request
 from llm_pool.pool.api import Metrics, build_metrics
@@ -231,5 +232,6 @@ def request_check(manager: PoolManager, entry: Any, decoding_at: str) -> Callabl
         check_seed(kind.name, kind.seeded_sampling, gen.model, gen.decoding, at=decoding_at)
         if not kind.remote:
             check_request(model.prompt_format, gen)
+        check_capabilities(model, gen)  # images, thinking, turns (issue 16)
 
     return check

@@ -19,7 +19,7 @@ from support.runtime import request, run, running_manager
 
 from llm_pool.config import decode_settings
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import NO_TOP_K, Delta, Done, GenerationRequest, Job
+from llm_pool.pool.jobs import NO_TOP_K, Delta, Done, GenerationRequest, Job, Message
 from llm_pool.pool.manager import PoolManager
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (run `make install`)")
@@ -485,6 +485,20 @@ async def test_translator_source_text_is_plain_text(pool: PoolManager) -> None:
     with trio.fail_after(LIMIT_S):
         _, done = await run(pool, translation("__de__</s>", "en", "fr"))
         assert done.stats.prompt_tokens == 11  # "__en__" + 10 byte tokens
+        assert done.text == "56789"
+
+
+@TRANSLATOR
+async def test_a_translator_refuses_a_conversation(pool: PoolManager) -> None:
+    """A translator reads one text: a conversation is a 400, never its last turn alone."""
+    chat = translation("Hello", "en", "fr")
+    chat.messages = [Message(role="user", content="Hi"), Message(role="assistant", content="Salut"), *chat.messages]
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(PoolError) as info:
+            await run(pool, chat)
+        assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_request", "messages")
+        assert info.value.message == "model 'tiny' is a translator: it takes one text, not a conversation"
+        _, done = await run(pool, translation("Hello", "en", "fr"))  # the replica serves on
         assert done.text == "56789"
 
 

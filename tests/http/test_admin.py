@@ -144,19 +144,39 @@ async def test_rows_in_config_order_with_every_key(cat: Pool) -> None:
 
 
 async def test_load_constraints_and_recommendations(cat: Pool) -> None:
+    """The seed's runtime-admin-api.md shapes, with llm-pool's extra keys (maximum, default,
+    pattern) where it knows more."""
     by = rows(await cat.get("/v1/admin/models"))
     g, e = by["g"], by["e"]
     assert set(g["load_constraints"]) == {"replicas", "gguf_n_ctx", "gguf_flash_attn", "gguf_type_k", "gguf_type_v"}
-    assert g["load_constraints"]["replicas"] == {"kind": "int", "minimum": 1, "maximum": 3, "step": 1, "default": 2}
-    assert g["load_constraints"]["gguf_flash_attn"] == {"kind": "enum", "allowed_values": ["on", "off", "auto"], "default": "auto"}
-    assert g["load_constraints"]["gguf_n_ctx"]["default"] == 2048
-    assert g["load_recommendations"] == {
-        "kv_cache_presets": [
-            {"label": "f16/f16", "gguf_type_k": "f16", "gguf_type_v": "f16"},
-            {"label": "q8_0/q8_0", "gguf_type_k": "q8_0", "gguf_type_v": "q8_0"},
-            {"label": "q4_0/q4_0", "gguf_type_k": "q4_0", "gguf_type_v": "q4_0"},
-        ]
+    assert g["load_constraints"]["replicas"] == {"kind": "integer", "minimum": 1, "maximum": 3, "step": 1, "default": 2}
+    assert g["load_constraints"]["gguf_flash_attn"] == {
+        "kind": "enum",
+        "allowed_values": ["on", "off", "auto"],
+        "default": "auto",
+        "examples": ["auto", "on", "off"],
     }
+    assert g["load_constraints"]["gguf_n_ctx"] == {
+        "kind": "integer", "minimum": 1, "maximum": 2**32 - 1, "step": 1, "default": 2048
+    }
+    for key in ("gguf_type_k", "gguf_type_v"):
+        assert g["load_constraints"][key] == {
+            "kind": "string_or_null",
+            "format": "ggml_type_name",
+            "default": "f16",  # configured null: llama.cpp's own type
+            "null_means": "f16",
+            "allowed_values": ["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"],
+            "examples": ["f16", "q8_0", "q4_0"],
+        }
+    pairs = g["load_recommendations"]["gguf_cache_type_pairs"]
+    assert set(g["load_recommendations"]) == {"gguf_cache_type_pairs"}
+    assert (pairs["kind"], pairs["fields"]) == ("pair_presets", ["gguf_type_k", "gguf_type_v"])
+    assert pairs["recommended_pairs"] == [
+        {"label": "f16/f16", "gguf_type_k": "f16", "gguf_type_v": "f16"},
+        {"label": "q8_0/q8_0", "gguf_type_k": "q8_0", "gguf_type_v": "q8_0"},
+        {"label": "q4_0/q4_0", "gguf_type_k": "q4_0", "gguf_type_v": "q4_0"},
+    ]
+    assert pairs["notes"] and all(isinstance(n, str) for n in pairs["notes"])
     assert set(e["load_constraints"]) == {
         "replicas",
         "exllama_cache_size",
@@ -165,8 +185,24 @@ async def test_load_constraints_and_recommendations(cat: Pool) -> None:
         "exllama_cache_quant",
         "exllama_max_rq_tokens",
     }
-    assert e["load_constraints"]["exllama_cache_size"] == {"kind": "int", "minimum": 256, "step": 256, "default": 8192}
-    assert [p["label"] for p in e["load_recommendations"]["kv_cache_presets"]] == ["fp16", "8/8", "8/4"]
+    assert e["load_constraints"]["exllama_cache_size"] == {"kind": "integer", "minimum": 256, "step": 256, "default": 8192}
+    for key in ("exllama_cache_k_bits", "exllama_cache_v_bits"):
+        assert e["load_constraints"][key] == {
+            "kind": "integer_or_null",
+            "minimum": 2,
+            "maximum": 8,
+            "step": 1,
+            "default": None,
+            "null_means": "fp16",
+            "allowed_values": [2, 3, 4, 5, 6, 7, 8],
+        }
+    quant = e["load_constraints"]["exllama_cache_quant"]
+    assert (quant["kind"], quant["format"], quant["null_means"]) == ("string_or_null", "<bits>|<k_bits>,<v_bits>", "fp16")
+    assert e["load_constraints"]["exllama_max_rq_tokens"]["kind"] == "integer_or_null"
+    bits = e["load_recommendations"]["exllama_cache_bit_pairs"]
+    assert (bits["kind"], bits["fields"]) == ("pair_presets", ["exllama_cache_k_bits", "exllama_cache_v_bits"])
+    assert [p["label"] for p in bits["recommended_pairs"]] == ["fp16", "8/8", "8/4"]
+    assert bits["recommended_pairs"][2] == {"label": "8/4", "exllama_cache_k_bits": 8, "exllama_cache_v_bits": 4}
     for name in ("r", "c"):  # backends without load overrides
         assert by[name]["load_recommendations"] == {}
         assert set(by[name]["load_constraints"]) == {"replicas"}

@@ -231,11 +231,10 @@ def body(**decoding: Any) -> dict[str, Any]:
 INVALID = [
     ({"model": "m", "input": "x", "foo": 1}, "$.foo: unknown field", "$.foo"),
     (body(bar=1), "$.decoding.bar: unknown field", "$.decoding.bar"),
-    ({"model": "m"}, "$.input: required field is missing", "$.input"),
     ({"input": "x"}, "$.model: required field is missing", "$.model"),
     ({"model": "", "input": "x"}, "$.model: expected a string of 1 to 256 characters", "$.model"),
-    ({"model": "m", "input": 3}, "$.input: expected a string", "$.input"),
-    ({"model": "m", "input": None}, "$.input: expected a string", "$.input"),
+    ({"model": "m", "input": 3}, "$.input: expected a string or a list of at least 1 item or null", "$.input"),
+    ({"model": "m", "input": []}, "$.input: expected a string or a list of at least 1 item or null", "$.input"),
     ({"model": "m", "input": "x", "stream": "yes"}, "$.stream: expected true or false", "$.stream"),
     ({"model": "m", "input": "x", "allow_remote": 1}, "$.allow_remote: expected true or false", "$.allow_remote"),
     ({"model": "m", "input": "x", "decoding": []}, "$.decoding: expected an object or null", "$.decoding"),
@@ -340,11 +339,16 @@ async def test_translategemma_needs_its_language_codes(autojump_clock: MockClock
         await pool.respond({"model": "tg", "input": "Hallo", "source_lang_code": "de"}),
         400,
         "invalid_request",
-        "translategemma models need source_lang_code and target_lang_code; target_lang_code is missing",
+        "translategemma models need target_lang_code",
+        param="target_lang_code",
         model="tg",
     )
     ok = await pool.respond({"model": "tg", "input": "Hallo", "source_lang_code": "de", "target_lang_code": "en"})
     assert ok.status == 200
+    # a mixed or unknown source is the model's to detect (issue 16): omitted, "auto" or "mixed"
+    for source in ({}, {"source_lang_code": "auto"}, {"source_lang_code": "mixed"}):
+        ok = await pool.respond({"model": "tg", "input": "Hallo, world", "target_lang_code": "fr", **source})
+        assert ok.status == 200, ok.json
 
 
 # ------------------------------------------------------------------ 404 / 409 / 403

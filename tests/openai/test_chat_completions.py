@@ -228,8 +228,8 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "$.stream_options.extra",
     ),
     (
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-        'invalid request body: $.messages[0].content[0].type: expected "text"',
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        'invalid request body: $.messages[0].content[0].type: expected one of "text", "image_url"',
         "$.messages[0].content[0].type",
     ),
     (

@@ -340,3 +340,31 @@ async def test_allow_remote_through_extra_body(client: openai.OpenAI, control: F
     r = await in_thread(lambda: client.responses.create(model="r", input="hi again", extra_body={"allow_remote": True}))
     assert r.output_text == "hi again"
     assert [(s.model, s.input) for s in control.seen] == [("r", "hi remote"), ("r", "hi again")]
+
+
+# ------------------------------------------------------------------ conversations, images, capabilities (issue 16)
+async def test_sdk_conversations_images_and_capabilities(client: openai.OpenAI, control: FakeBackendFactory) -> None:
+    """A Responses conversation through ``extra_body``, content items as ``input``, an image on a
+    text-only model (``modality_unsupported``, which the SDK raises as BadRequestError), and the
+    capabilities the SDK keeps on each model card."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
+
+    def calls() -> tuple[Response, Response, openai.BadRequestError, dict[str, Any]]:
+        chat = client.responses.create(model="m", instructions="Be brief.", extra_body={"messages": conversation}, input=openai.NOT_GIVEN)
+        items = client.responses.create(model="m", input=[{"type": "input_text", "text": "two"}, {"type": "text", "text": "words"}])  # type: ignore[list-item]
+        try:
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAAA"}}]}],
+            )
+        except openai.BadRequestError as e:
+            refused = e
+        card = client.models.retrieve("m")
+        return chat, items, refused, card.model_extra or {}
+
+    chat, items, refused, extra = await in_thread(calls)
+    assert chat.output_text == "Again"  # the fake echoes the last user turn
+    assert [m.role for m in control.seen[-2].messages] == ["system", "user", "assistant", "user"]
+    assert items.output_text == "two\nwords"
+    assert refused.code == "modality_unsupported" and refused.param == "$.messages[0].content[0].image_url.url"
+    assert extra["capabilities"]["modalities"] == ["text"]

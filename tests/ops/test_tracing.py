@@ -210,7 +210,7 @@ async def test_every_refusal_is_logged_once_and_counted_by_status_and_code(
         ("request refused", "GET", "/v1/nope", 404, "not_found"),
         ("request refused", "POST", "/v1/responses", 413, "payload_too_large"),
     ]
-    assert refused[0]["message"] == "invalid request body: $.input: required field is missing"
+    assert refused[0]["message"] == "the request needs input (or messages)"
     assert [x["request_id"] for x in refused] == [replies[k].headers["X-Request-Id"] for k in ("invalid", "unauthorized", "no_route", "too_large")]
     inference = [(x["status"], x["error"]) for x in log_lines("llm_pool.inference")]
     assert inference == [(404, "unknown_model"), (429, "executor_queue_full"), (200, None)]

@@ -148,6 +148,68 @@ async def test_idle_countdown_is_visible(autojump_clock: Any, watchdog: None) ->
         check_ok(clients.outcome(again), 1)
 
 
+async def test_an_admin_load_keeps_the_budget_too(autojump_clock: Any, watchdog: None) -> None:
+    factory = FakeBackendFactory(token_delay=1.0)
+    settings = make_settings(
+        {"a": M, "b": M, "c": {**M, "enabled": False}, "d": {**M, "enabled": False}}, {"engine": {"max_loaded_models": 2}}
+    )
+    async with running_manager(settings, factory, autoload=True) as (manager, nursery):
+        for name in "ab":
+            await manager.entry(name).load_done.wait()
+        clients = Clients(nursery)
+        check_ok(await clients.request(_admitted(manager, "b", "x")), 1)
+        await trio.sleep(1)  # a was used least recently
+        await manager.load("c")
+        assert [manager.entry(n).state for n in "abc"] == ["unloaded", "loaded", "loaded"]
+        busy = [submit(manager, clients, n, "y", 5) for n in "bc"]
+        with pytest.raises(PoolError) as e:
+            await manager.load("d")  # b and c both have work: nothing to evict
+        assert (e.value.status, e.value.code) == (503, "pool_capacity_exhausted")
+        assert e.value.message == (
+            "model 'd' cannot be loaded now: engine.max_loaded_models=2 models are loaded and none of them is idle; "
+            "retry later"
+        )
+        assert (manager.entry("d").state, manager.entry("d").wanted) == ("unloaded", False)
+        await clients.wait_idle()
+        for job in busy:
+            check_ok(clients.outcome(job), 5)
+
+
+async def test_a_model_that_gets_a_request_before_its_eviction_is_not_evicted(autojump_clock: Any, watchdog: None) -> None:
+    factory = FakeBackendFactory(token_delay=1.0)
+    settings = make_settings({"a": M, "b": M, "c": {**M, "enabled": False}}, {"engine": {"max_loaded_models": 2}})
+    async with running_manager(settings, factory, autoload=True) as (manager, nursery):
+        for name in "ab":
+            await manager.entry(name).load_done.wait()
+        clients = Clients(nursery)
+        check_ok(await clients.request(_admitted(manager, "b", "x")), 1)
+        await trio.sleep(1)  # a is the least recently used: the victim when c's load begins...
+        cold = submit(manager, clients, "c", "y", 1)
+        late = submit(manager, clients, "a", "z", 3)  # ...but a request reaches a before the unload runs
+        await clients.wait_idle()
+        check_ok(clients.outcome(late), 3)
+        check_ok(clients.outcome(cold), 1)
+        assert [manager.entry(n).state for n in "abc"] == ["loaded", "unloaded", "loaded"]
+
+
+async def test_a_load_refused_after_it_began_answers_its_waiters_503(autojump_clock: Any, watchdog: None) -> None:
+    factory = FakeBackendFactory(token_delay=1.0)
+    settings = make_settings({"a": M, "c": {**M, "enabled": False}}, {"engine": {"max_loaded_models": 1}})
+    async with running_manager(settings, factory, autoload=True) as (manager, nursery):
+        await manager.entry("a").load_done.wait()
+        clients = Clients(nursery)
+        cold = submit(manager, clients, "c", "y", 1)  # a is idle now: c's load begins...
+        late = submit(manager, clients, "a", "z", 3)  # ...and a gets work before it could be evicted
+        await clients.wait_idle()
+        check_ok(clients.outcome(late), 3)
+        e = clients.outcome(cold).error
+        assert (e.status, e.code) == (503, "pool_capacity_exhausted")
+        assert [manager.entry(n).state for n in "ac"] == ["loaded", "unloaded"]
+        again = submit(manager, clients, "c", "w", 1)  # a is idle again: now c loads
+        await clients.wait_idle()
+        check_ok(clients.outcome(again), 1)
+
+
 def _admitted(manager: Any, model: str, text: str) -> Any:
     job = make_job(model, text, 1)
     manager.submit(job, allow_remote=False)

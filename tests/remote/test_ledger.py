@@ -17,7 +17,7 @@ from support.sse import parse_responses_sse
 from support.upstream import FakeUpstream
 
 from llm_pool.backends.ledger import estimate_prompt_tokens, money
-from llm_pool.pool.jobs import Message
+from llm_pool.pool.jobs import ImagePart, Message
 
 PRICED: dict[str, Any] = {
     "remote_price_input_per_1m": 1000.0,  # 0.001 per prompt token
@@ -39,6 +39,8 @@ def test_prompt_estimate_and_money() -> None:
     assert estimate_prompt_tokens(messages) == 12
     assert estimate_prompt_tokens([Message(role="user", content="")]) == 4
     assert estimate_prompt_tokens([Message(role="user", content="abcde")]) == 6
+    low, high = (ImagePart(url="data:image/png;base64,iVBORw0KGgo=", detail=d) for d in ("low", "auto"))
+    assert estimate_prompt_tokens([Message(role="user", content="abcde", parts=["abcde", low, high])]) == 6 + 85 + 765
     assert [money(x) for x in (0.028, 1.0, 0.0, 1e-9, 0.1 + 0.2)] == ["0.028", "1", "0", "0", "0.3"]
 
 

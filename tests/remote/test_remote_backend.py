@@ -451,3 +451,56 @@ async def test_target_inflight_is_the_number_of_concurrent_upstream_calls(start:
             up.gate.set()
     assert [r.status_code for r in replies] == [200] * 4
     assert up.max_in_flight == 2
+
+
+# ------------------------------------------------------------------ conversations, images, thinking (issue 16)
+PNG_URL = "data:image/png;base64,iVBORw0KGgoAAAAA"  # a PNG's signature and a few bytes
+
+
+async def test_a_conversation_with_an_image_goes_upstream_as_content_parts(start: StartPool, up: FakeUpstream) -> None:
+    """A /v1/responses conversation with an image item reaches the upstream as Chat Completions
+    content parts, in the caller's order; a text-only turn stays a string."""
+    up.reply_text = "A cat."
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "What is this?"},
+                {"type": "input_image", "image_url": PNG_URL, "detail": "low"},
+            ],
+        },
+    ]
+    with trio.fail_after(BOUND):
+        pool = await start(modalities=["text", "image"])
+        r = await pool.client.post(
+            "/v1/responses",
+            json={"model": MODEL, "allow_remote": True, "instructions": "Be brief.", "messages": messages, "thinking": "disabled"},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["output_text"] == "A cat."
+    sent = up.last_request["json"]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": PNG_URL, "detail": "low"}},
+            ],
+        },
+    ]
+    # the request's thinking wins over the model's remote_thinking (unset here)
+    assert sent["thinking"] == {"type": "disabled"}
+
+
+async def test_request_thinking_overrides_remote_thinking(start: StartPool, up: FakeUpstream) -> None:
+    with trio.fail_after(BOUND):
+        pool = await start(remote_thinking="disabled")
+        assert (await pool.respond(thinking="enabled")).status_code == 200
+        assert up.last_request["json"]["thinking"] == {"type": "enabled"}
+        assert (await pool.respond(thinking="default")).status_code == 200
+        assert up.last_request["json"]["thinking"] == {"type": "disabled"}

@@ -50,3 +50,19 @@ def parse_chat_sse(raw: bytes | str) -> list[Any]:
     out: list[Any] = [data if data == DONE else json.loads(data) for data in sse_data(raw)]
     assert out[-1] == DONE and out.count(DONE) == 1, out[-2:]
     return out
+
+
+def parse_log_sse(raw: bytes | str) -> list[dict[str, Any]]:
+    """``GET /v1/admin/logs`` lines: each frame is ``id: <seq>`` + ``event: log`` + ``data: <json>``
+    (``seq`` equal to the id, increasing), or one comment line (``: ...``, a keep-alive)."""
+    out: list[dict[str, Any]] = []
+    for lines in sse_frames(raw):
+        if len(lines) == 1 and lines[0].startswith(": "):
+            continue
+        assert len(lines) == 3 and lines[0].startswith("id: ") and lines[1] == "event: log", lines
+        assert lines[2].startswith("data: "), lines
+        data = json.loads(lines[2][len("data: ") :])
+        assert data["seq"] == int(lines[0][len("id: ") :]), lines
+        assert not out or data["seq"] > out[-1]["seq"], lines
+        out.append(data)
+    return out
