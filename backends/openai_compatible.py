@@ -534,7 +534,7 @@ class RemoteBackend:
         if failure is None:
             self.failures = 0
             return
-        if failure.error.code not in UNHEALTHY_CODES:
+        if failure.error.code not in UNHEALTHY_CODES or self.ejected:  # (ejected: keep why)
             return
         self.failures += 1
         self.last_error = failure.error.message

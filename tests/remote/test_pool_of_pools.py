@@ -117,7 +117,7 @@ class Outcome:
 
 async def one_stream(client: httpx.AsyncClient, key: str, i: int) -> Outcome:
     body = {"model": "tiny", "input": f"req {key}{i} abc", "stream": True, "allow_remote": True,
-            "decoding": {"max_tokens": 12}}
+            "decoding": {"max_tokens": 48}}
     t0 = time.monotonic()
     started, error, done = False, None, False
     async with client.stream("POST", "/v1/responses", json=body, headers={"X-Fairness-Key": key}) as r:
