@@ -16,6 +16,7 @@ import pytest
 import trio
 from remote_kit import BOUND, KEY, KEY_ENV, MODEL, RemotePool, start_remote_pool, start_upstream
 from support.settings import SOURCE, make_settings
+from support.sse import parse_responses_sse
 from support.upstream import FakeUpstream
 
 from llm_pool.config import SettingsError
@@ -257,3 +258,17 @@ async def test_resizing_keeps_one_replica_per_endpoint(nursery: trio.Nursery, tm
         assert [(d["name"], d["endpoint"]["base_url"]) for d in r.json()["replica_details"]] == [
             (f"{MODEL}#1", urls[0]), (f"{MODEL}#2", urls[1]), (f"{MODEL}#4", urls[2])
         ]
+
+
+async def test_a_stream_that_began_is_never_retried(nursery: trio.Nursery, tmp_path: Path, _close_clients: None) -> None:
+    """Text already reached the client: a lost stream ends with an error event, never a second
+    answer from another endpoint."""
+    with trio.fail_after(BOUND):
+        pool, ups = await three_behind_a_pool(nursery, tmp_path)
+        ups[0].fault, ups[0].fail_times = "disconnect", 1  # the first frame, then the connection drops
+        r = await pool.respond(stream=True)
+    events = parse_responses_sse(r.content)
+    kinds = [name for name, _ in events]
+    assert "response.output_text.delta" in kinds and kinds[-1] == "error", kinds
+    assert ups[0].base_url in events[-1][1]["message"], events[-1]
+    assert [len(up.chat_requests) for up in ups] == [1, 0, 0]
