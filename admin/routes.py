@@ -24,6 +24,7 @@ from llm_pool.admin import gpu
 from llm_pool.admin.rows import (
     AdminModel,
     AdminModels,
+    EndpointRow,
     FairnessRow,
     GpuMemoryReport,
     GpuModelRow,
@@ -190,7 +191,8 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         # the override active now: {} when none is (unloaded, failed, or loaded as configured)
         load_override=dict(entry.override or {}),
         replica_details=[
-            ReplicaDetail(name=r.name, state=r.state, active=r.active, capacity=r.capacity, error=r.error)
+            ReplicaDetail(name=r.name, state=r.state, active=r.active, capacity=r.capacity, error=r.error,
+                          endpoint=_endpoint(m, r.backend))
             for r in (rt.replicas if rt else [])
         ],
         definition=m,
@@ -204,6 +206,14 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         remote_cost=_cost(manager, entry),
         capabilities=capabilities(m),
     )
+
+
+def _endpoint(model: Any, backend: Any) -> EndpointRow | None:
+    """A remote endpoint's health for its replica's row (issue 18), else None."""
+    if not getattr(model, "remote_endpoints", None):
+        return None
+    state = backend.describe().get("endpoint")
+    return msgspec.convert(state, EndpointRow) if state is not None else None
 
 
 def _cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:

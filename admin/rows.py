@@ -75,12 +75,30 @@ class FairnessRow(_Doc):
     keys: list[FairnessKeyRow]
 
 
+class EndpointRow(_Doc):
+    """A remote endpoint's health (issue 18; ``backends/openai_compatible.py``): its URL (which
+    carries no credentials, by validation), never its key."""
+
+    base_url: str
+    weight: float
+    state: Literal["in_rotation", "ejected"]
+    #: Seconds of the ejection left (a passing probe then reinstates it); null in rotation.
+    ejected_for_s: float | None
+    #: Ejections in a row (each doubles the next one's length).
+    ejections: int
+    consecutive_failures: int
+    last_probe_ok: bool | None
+    last_error: str | None
+
+
 class ReplicaDetail(_Doc):
     name: str
     state: Literal["loading", "serving", "restarting", "retiring", "stopped", "dead"]
     active: int
     capacity: int
     error: str | None
+    #: A remote model's endpoint served by this replica (with ``remote_endpoints``), else null.
+    endpoint: EndpointRow | None = None
 
 
 class AdminModel(_Doc):

@@ -53,6 +53,10 @@ class BackendContext:
     model: ModelSettings
     settings: Settings
     kind: str
+    # -- issue 18 (remote endpoints): which of the model's replica positions this is, 0-based;
+    # reused once its replica is gone (a replica restarted keeps its own).  A remote model with
+    # ``remote_endpoints`` serves endpoint ``slot`` on it.
+    slot: int = 0
 
     def model_path(self) -> Path:
         """The resolved model file/folder; ``FileNotFoundError`` with a clear message if absent."""
@@ -181,6 +185,12 @@ class Backend(Protocol):
     def close(self) -> Any:
         """Release what ``load`` took; called once, also after a failed load."""
         ...
+
+    # Optional (issue 18, a replica that is a remote endpoint; read with getattr, default in
+    # brackets): ``ejected`` [False] takes the replica out of rotation while it lives (its
+    # health); ``weight`` [1.0] its share in the least-loaded choice; ``async
+    # rotation_changed()`` returns when ``ejected`` may have changed (the scheduler then places
+    # queued work again).
 
 
 @runtime_checkable

@@ -63,6 +63,29 @@ Costs: see :mod:`backends.ledger`.  :meth:`RemoteBackend.admit` reserves the req
 cost before it is queued (the manager calls it); the job's end writes the closing event and
 puts the cost in ``GenerationStats.cost`` (the response's ``request_cost``).
 
+Several endpoints (``remote_endpoints``; issue 18): each endpoint is one replica (the replica's
+``BackendContext.slot`` names it), so the scheduler's least-loaded choice (per unit of
+``weight``), queue, fairness, budgets, ledger and the ``allow_remote`` gate sit in front of all
+of them, and ``target_inflight`` is per endpoint.  Each such replica keeps its endpoint's
+health::
+
+    in rotation ──▶ ejected      remote_eject_after_failures consecutive connect errors, 5xx or
+         ▲              │        timeouts (passive, Envoy's outlier detection), or one failed probe;
+         │              │        for remote_eject_base_s × 2^(ejections in a row − 1), capped at
+         └──────────────┘        remote_eject_max_s; back with the first passing probe after that
+
+An active probe every ``remote_probe_interval_s``: ``GET {base}/models`` (``remote_upstream =
+"openai"``), or ``GET {origin}/health/ready/{remote_model}`` for another llm-pool
+(``remote_upstream = "llm_pool"``, which is also sent each request's ``fairness_key`` and
+``priority`` as body fields, beside ``X-Request-Id``).  The ejection count starts again once
+the endpoint stayed in rotation for ``remote_eject_max_s``.  An ejected replica takes no new job
+while another is in rotation (when all are ejected, all are tried: Envoy's panic mode).  A job
+whose attempt failed with a connect error, 5xx, 429 or timeout before any of its text reached
+the client is handed back to the scheduler once (``Job.retry_elsewhere``) and runs on another
+endpoint in rotation; one already sent upstream closes its reservation as
+``failed_after_submit`` first and reserves again there.  The one-endpoint form
+(``remote_base_url``) keeps no health: there is nowhere else to go.
+
 Cancellation: a small task waits for the job to be cancelled (:func:`~backends.base.cancel_when_stopped`,
 no polling) and cancels the job's scope: the upstream stream is closed at once and the job finishes ``cancelled`` (or fails with its cancel error).  When the replica's scope is
 cancelled (unload), every job still running or still in the inbox is ended the same way.  Every
@@ -80,6 +103,7 @@ import os
 import random
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +129,10 @@ log = logging.getLogger("llm_pool.remote")
 #: First retry backoff; doubles per retry (then jittered to 50-100 %), capped at RETRY_MAX_S.
 RETRY_BASE_S = 0.2
 RETRY_MAX_S = 8.0
+#: Failures that count against an endpoint's health and may be retried on another endpoint
+#: (``upstream_rate_limit`` is retried elsewhere but is no sign of a sick endpoint).
+UNHEALTHY_CODES = frozenset({"upstream_connection_error", "upstream_server_error", "upstream_timeout"})
+RETRY_ELSEWHERE_CODES = UNHEALTHY_CODES | {"upstream_rate_limit"}
 #: Upstream text quoted in an error message is cut to this many characters.
 QUOTE_MAX = 300
 REDACTED = "[redacted]"
@@ -566,11 +594,24 @@ class RemoteBackend:
         self.replica = f"{ctx.name}#{ctx.replica_index}"
         self.model = ctx.model
         self.capability = ctx.model.target_inflight
-        self.base_url = (ctx.model.remote_base_url or "").rstrip("/")
-        self.key_env = ctx.model.remote_api_key_env or ""
+        endpoints = ctx.model.endpoints()
+        endpoint = endpoints[ctx.slot % len(endpoints)]
+        self.base_url = endpoint.base_url.rstrip("/")
+        self.key_env = endpoint.api_key_env or ctx.model.remote_api_key_env or ""
         self.account: Account | None = None
         self._key = ""
         self._client: httpx.AsyncClient | None = None
+        # -- the endpoint's health (issue 18; module docstring); kept only with remote_endpoints
+        self.weight = endpoint.weight
+        self.tracks_health = bool(ctx.model.remote_endpoints)
+        self.ejected = False
+        self.ejections = 0  # in a row (see _eject)
+        self.failures = 0  # consecutive failed attempts
+        self.last_error: str | None = None
+        self.last_probe_ok: bool | None = None
+        self._ejected_until = 0.0
+        self._in_rotation_since = 0.0
+        self._rotation = trio.Event()
 
     def describe(self) -> dict[str, object]:
         return {
@@ -579,7 +620,109 @@ class RemoteBackend:
             "api_key_env": self.key_env,
             "health_check": self.model.remote_health_check,
             "max_retries": self.model.remote_max_retries,
+            "endpoint": self.endpoint_state(),
         }
+
+    def endpoint_state(self) -> dict[str, object]:
+        """The admin row's view of this endpoint (never the key; the URL carries none)."""
+        left = self._ejected_until - trio.current_time() if self.ejected else 0.0
+        return {
+            "base_url": self.base_url,
+            "weight": self.weight,
+            "state": "ejected" if self.ejected else "in_rotation",
+            "ejected_for_s": round(max(0.0, left), 1) if self.ejected else None,
+            "ejections": self.ejections,
+            "consecutive_failures": self.failures,
+            "last_probe_ok": self.last_probe_ok,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ health (issue 18)
+    async def rotation_changed(self) -> None:
+        """Return when :attr:`ejected` changed (or the backend closed)."""
+        await self._rotation.wait()
+
+    def _rotated(self) -> None:
+        self._rotation.set()
+        self._rotation = trio.Event()
+
+    def _eject(self, why: str) -> None:
+        now = trio.current_time()
+        if now - self._in_rotation_since >= self.model.remote_eject_max_s:
+            self.ejections = 0  # it served long enough: a new count
+        self.ejections += 1
+        duration = min(self.model.remote_eject_max_s, self.model.remote_eject_base_s * 2 ** (self.ejections - 1))
+        self._ejected_until = now + duration
+        self.ejected = True
+        self.failures = 0
+        self.last_error = why
+        log.warning(
+            "endpoint ejected",
+            extra={"fields": {"model": self.name, "replica": self.replica, "endpoint": self.base_url,
+                              "ejected_for_s": duration, "ejections": self.ejections, "error": why}},
+        )
+        self._rotated()
+
+    def _reinstate(self) -> None:
+        self.ejected = False
+        self._in_rotation_since = trio.current_time()
+        log.info(
+            "endpoint reinstated",
+            extra={"fields": {"model": self.name, "replica": self.replica, "endpoint": self.base_url}},
+        )
+        self._rotated()
+
+    def _note_attempt(self, failure: UpstreamFailure | None) -> None:
+        """Passive health: a success clears the count; connect errors, 5xx and timeouts add up."""
+        if not self.tracks_health:
+            return
+        if failure is None:
+            self.failures = 0
+            return
+        if failure.error.code not in UNHEALTHY_CODES or self.ejected:  # (ejected: keep why)
+            return
+        self.failures += 1
+        self.last_error = failure.error.message
+        n = self.model.remote_eject_after_failures
+        if self.failures >= n and not self.ejected:
+            self._eject(f"{n} consecutive failures; last: {failure.error.message}")
+
+    def probe_url(self) -> str:
+        if self.model.remote_upstream == "llm_pool":
+            parts = urllib.parse.urlsplit(self.base_url)
+            model = urllib.parse.quote(self.model.remote_model or "", safe="")
+            return f"{parts.scheme}://{parts.netloc}/health/ready/{model}"
+        return f"{self.base_url}/models"
+
+    async def _probe(self) -> str | None:
+        """One active probe: None if it passed, else why not."""
+        assert self._client is not None, "not loaded"
+        url = self.probe_url()
+        timeout = min(self.model.remote_timeout_s, max(1.0, self.model.remote_probe_interval_s))
+        try:
+            with trio.fail_after(timeout):
+                r = await self._client.get(url, headers=self._headers())
+        except (trio.TooSlowError, httpx.TimeoutException):
+            return f"probe GET {url}: no answer within {timeout:g}s"
+        except httpx.TransportError as e:
+            return f"probe GET {url}: {type(e).__name__}: {redact(str(e), self._key) or 'no detail'}"
+        if r.status_code != 200:
+            return f"probe GET {url}: HTTP {r.status_code}"
+        return None
+
+    async def _probe_once(self) -> None:
+        why = await self._probe()
+        self.last_probe_ok = why is None
+        if why is None:
+            if self.ejected and trio.current_time() >= self._ejected_until:
+                self._reinstate()
+        elif not self.ejected:  # (while ejected, last_error keeps why it was ejected)
+            self._eject(f"health probe failed: {why}")
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await trio.sleep(self.model.remote_probe_interval_s)
+            await self._probe_once()
 
     # ------------------------------------------------------------------ lifetime
     async def load(self) -> None:
@@ -592,7 +735,7 @@ class RemoteBackend:
         if not key:
             raise RuntimeError(f"missing API key environment variable: {self.key_env}")
         if not self.base_url.startswith(("http://", "https://")):
-            raise RuntimeError(f"remote_base_url must start with http:// or https://, got {m.remote_base_url!r}")
+            raise RuntimeError(f"remote_base_url must start with http:// or https://, got {self.base_url!r}")
         try:
             self.account = make_account(self.name, m, self.ctx.settings.base_dir)
         except ValueError as e:
@@ -602,13 +745,16 @@ class RemoteBackend:
             timeout=httpx.Timeout(m.remote_timeout_s), verify=_tls_context(), follow_redirects=False
         )
         try:
-            if m.remote_health_check == "models_endpoint":
+            if m.remote_health_check == "models_endpoint" and not self.tracks_health:
                 await self._check_models(client)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await client.aclose()
             raise
         self._client = client
+        if self.tracks_health:  # one endpoint down never fails the load: it starts ejected
+            self._in_rotation_since = trio.current_time()
+            await self._probe_once()
 
     async def _check_models(self, client: httpx.AsyncClient) -> None:
         url = f"{self.base_url}/models"
@@ -638,6 +784,7 @@ class RemoteBackend:
             )
 
     async def close(self) -> None:
+        self._rotated()  # wakes the scheduler's watcher (it then follows a new backend)
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -683,10 +830,14 @@ class RemoteBackend:
     async def serve(self, inbox: trio.MemoryReceiveChannel[Job | None]) -> None:
         """Run each job in its own task until ``inbox`` is closed and every job has ended."""
         try:
-            async with trio.open_nursery() as nursery:
-                async for job in inbox:
-                    if job is not None:
-                        nursery.start_soon(self._run_job, job, name=f"{self.replica} {job.id}")
+            async with trio.open_nursery() as probes:
+                if self.tracks_health:
+                    probes.start_soon(self._probe_forever, name=f"{self.replica} probe")
+                async with trio.open_nursery() as nursery:
+                    async for job in inbox:
+                        if job is not None:
+                            nursery.start_soon(self._run_job, job, name=f"{self.replica} {job.id}")
+                probes.cancel_scope.cancel()
         finally:
             self._end_undelivered(inbox)
 
@@ -733,6 +884,8 @@ class RemoteBackend:
         if isinstance(error, PoolError):  # the reservation itself was refused: nothing to close
             job.fail(error)
             return
+        if isinstance(error, UpstreamFailure) and self._hand_back(job, call, error):
+            return
         if isinstance(error, UpstreamFailure):
             log.warning(
                 "upstream call failed",
@@ -758,6 +911,20 @@ class RemoteBackend:
             job.fail(job.cancel_error)
         else:  # cancelled: the client went away
             job.finish(GenerationStats(finish_reason="cancelled", cost=cost))
+
+    def _hand_back(self, job: Job, call: _Call, error: UpstreamFailure) -> bool:
+        """Retry ``job`` on another endpoint if nothing of it reached the client (module
+        docstring); True when the scheduler took it back."""
+        if call.emitted or error.error.code not in RETRY_ELSEWHERE_CODES or not job.retry_elsewhere(error.error):
+            return False
+        log.warning(
+            "upstream call failed; retrying on another endpoint",
+            extra={"fields": {"model": self.name, "replica": self.replica, "request_id": job.trace_id,
+                              "code": error.error.code, "message": error.error.message}},
+        )
+        if self.account is not None and error.submitted:  # the upstream may have worked on it
+            self._close_reservation(job, call, None, error)
+        return True
 
     def _close_reservation(
         self, job: Job, call: _Call, stats: GenerationStats | None, error: Exception | None
@@ -795,6 +962,11 @@ class RemoteBackend:
     async def _generate(self, job: Job, call: _Call) -> GenerationStats:
         request = job.request
         body = build_body(self.model, request, stream=request.stream)
+        if self.model.remote_upstream == "llm_pool":  # pool of pools: one policy front and back
+            if request.fairness_key is not None:
+                body["fairness_key"] = request.fairness_key
+            if request.priority:
+                body["priority"] = request.priority
         d = request.decoding
         log.debug(
             "decoding settings not sent upstream",
@@ -817,6 +989,7 @@ class RemoteBackend:
                 else:
                     finish = await self._json_once(job, call, body, deadline)
             except UpstreamFailure as f:
+                self._note_attempt(f)
                 if not f.submitted:
                     call.in_flight = False
                 delay = self._retry_delay(f, call, deadline)
@@ -836,6 +1009,7 @@ class RemoteBackend:
                 )
                 await trio.sleep(delay)
                 continue
+            self._note_attempt(None)
             return self._stats(call, t0, finish)
 
     def _retry_delay(self, failure: UpstreamFailure, call: _Call, deadline: float) -> float | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-MODULES = ["bench.gguf_pool", "bench.gguf_batching", "bench.ct2_batching", "bench.vs_llama_server", "bench.p5_cancel_memory", "bench.fairness"]
+MODULES = ["bench.gguf_pool", "bench.gguf_batching", "bench.ct2_batching", "bench.vs_llama_server", "bench.p5_cancel_memory", "bench.fairness",
+           "bench.pool_of_pools"]
 
 if __name__ == "__main__":
     for name in MODULES:

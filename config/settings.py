@@ -393,6 +393,38 @@ class VllmServeModel(_EngineProcessModel, tag="vllm_serve"):
         return super().problems()
 
 
+class RemoteEndpoint(_Strict):
+    """One upstream of a remote model with several (``remote_endpoints``): a replica of its own.
+
+    ``base_url`` is shown by the admin API, so it may carry no credentials (no ``user:pass@``,
+    no query string): a key goes in the variable ``api_key_env`` names."""
+
+    base_url: Annotated[str, msgspec.Meta(min_length=1)]
+    #: The variable holding this endpoint's key; default: the model's ``remote_api_key_env``.
+    api_key_env: str | None = None
+    #: Its share of the traffic: the scheduler picks the replica with the fewest running
+    #: requests per unit of weight (Envoy's weighted least-request).
+    weight: PositiveFloat = 1.0
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is no upstream base URL (not http(s), or credentials or a query in it), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must start with http:// or https:// and name a host"
+    if parts.username is not None or parts.password is not None:
+        return "may not carry credentials (user:password@); put the key in the variable remote_api_key_env names"
+    if parts.query or parts.fragment:
+        return "may not carry a query string or fragment (the pool appends /chat/completions)"
+    return None
+
+
 class RemoteModel(_ModelBase, tag="openai_compatible"):
     """An OpenAI-compatible Chat Completions API elsewhere (no ``model_path``)."""
 
@@ -414,6 +446,28 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
     # --- embeddings (issue 16 §2): this model serves /v1/embeddings and no generation
     #: An embedding model: ``/v1/embeddings`` only; generation routes refuse it.
     embeddings: bool = False
+    # -- several endpoints, health and pool of pools (issue 18; backends/openai_compatible.py)
+    #: The model's upstreams, one replica each (instead of ``remote_base_url``); ``replicas`` and
+    #: ``replica_max`` default to their number.
+    remote_endpoints: list[RemoteEndpoint] = msgspec.field(default_factory=list)
+    #: ``openai``: any Chat Completions API, probed with ``GET {base}/models``; ``llm_pool``:
+    #: another llm-pool, probed with ``GET /health/ready/{remote_model}`` and sent each request's
+    #: ``fairness_key`` and ``priority``, so the front pool and its hosts keep one policy.
+    remote_upstream: Literal["openai", "llm_pool"] = "openai"
+    #: Active health probe of each endpoint, this often (seconds).
+    remote_probe_interval_s: PositiveFloat = 5.0
+    #: Passive outlier ejection (Envoy's): this many consecutive connect errors, 5xx or timeouts
+    #: take an endpoint out of rotation (a failed probe does at once) ...
+    remote_eject_after_failures: Positive = 3
+    #: ... for this long, doubled on each ejection in a row, capped by ``remote_eject_max_s``;
+    #: then the next passing probe puts it back.
+    remote_eject_base_s: PositiveFloat = 5.0
+    remote_eject_max_s: PositiveFloat = 300.0
+
+    def __post_init__(self) -> None:
+        n = len(self.remote_endpoints)
+        if n and self.replicas == 1 and self.replica_max == 1:  # left unset: one replica per endpoint
+            self.replicas = self.replica_max = n
 
     def takes_images(self) -> bool:
         return True  # as Chat Completions content parts; whether the upstream model can is its own
@@ -421,10 +475,32 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
     def problems(self) -> tuple[str, str] | None:
         if self.replicas > self.replica_max:
             return super().problems()
-        for key in ("remote_base_url", "remote_model"):
-            if not getattr(self, key):
-                return key, f"needs {key} for backend openai_compatible"
+        if self.remote_endpoints and self.remote_base_url:
+            return "remote_endpoints", "sets both remote_base_url and remote_endpoints; use one of them"
+        n = len(self.remote_endpoints)
+        if n and (self.replicas != n or self.replica_max != n):
+            return "replicas", (
+                f"has {n} remote_endpoints, one replica each: leave replicas and replica_max unset "
+                f"(or set both to {n})"
+            )
+        if not n and not self.remote_base_url:
+            return "remote_base_url", "needs remote_base_url for backend openai_compatible"
+        for i, endpoint in enumerate(self.remote_endpoints):
+            if (why := url_problem(endpoint.base_url)) is not None:
+                return f"remote_endpoints[{i}].base_url", f"{endpoint.base_url!r} {why}"
+        if self.remote_base_url and (why := url_problem(self.remote_base_url)) is not None:
+            return "remote_base_url", f"{self.remote_base_url!r} {why}"
+        if not self.remote_model:
+            return "remote_model", "needs remote_model for backend openai_compatible"
+        if self.remote_eject_max_s < self.remote_eject_base_s:
+            return "remote_eject_max_s", "is below remote_eject_base_s"
         return self.modality_problem()
+
+    def endpoints(self) -> list[RemoteEndpoint]:
+        """Every endpoint, the one-endpoint form (``remote_base_url``) included."""
+        if self.remote_endpoints:
+            return self.remote_endpoints
+        return [RemoteEndpoint(base_url=self.remote_base_url or "")]
 
 
 #: One model's settings: a tagged union on ``backend``, one Struct per backend kind.

@@ -522,6 +522,21 @@ class Job:
                 raise event.error
         raise backend_error(self.request.model, "job ended without a result")  # pragma: no cover
 
+    # ---------------------------------------------------------------- another replica (issue 18)
+    #: Set by the scheduler at the job's first dispatch: ``retry(job, error)`` takes the job back
+    #: from its replica to run it once more on another one; True when it did.
+    retry: Callable[[Job, PoolError], bool] | None = None
+
+    def retry_elsewhere(self, error: PoolError) -> bool:
+        """The backend's attempt failed before any output reached the client: hand the job back
+        to its scheduler for one more attempt on another replica (a remote model's other
+        endpoint).  True: taken back, and the backend must not end it; False (already retried,
+        output already sent, cancelled, no other replica): end it as usual.  Trio thread only."""
+        retry, self.retry = self.retry, None
+        if retry is None or self.output or self._held or self._ended or self._stop:
+            return False
+        return retry(self, error)
+
     def timings(self) -> dict[str, float | None]:
         """Engine-side timers in ms (queue wait, inference, total), from the timestamps."""
         end = self.t_done or time.perf_counter()

@@ -393,8 +393,12 @@ class PoolManager:
     # ------------------------------------------------------------------ load
     def _make_runtime(self, entry: ModelEntry, model: ModelSettings, replicas: int) -> ModelRuntime:
         kind = model.backend
+        slots: dict[int, int] = {}  # replica index -> its slot (BackendContext.slot)
 
         def make_backend(index: int) -> Backend:
+            if index not in slots:  # the lowest slot no live replica holds (a restart keeps its own)
+                held = {slots.get(r.index) for r in runtime.replicas if r.state not in ("stopped", "dead")}
+                slots[index] = next(n for n in range(len(held) + 1) if n not in held)
             ctx = BackendContext(
                 name=entry.name,
                 replica_index=index,
@@ -402,10 +406,11 @@ class PoolManager:
                 model=model,
                 settings=self.settings,
                 kind=kind,
+                slot=slots[index],
             )
             return self.backend_factory(ctx)
 
-        return ModelRuntime(
+        runtime = ModelRuntime(
             entry.name,
             make_backend=make_backend,
             target_inflight=model.target_inflight,
@@ -415,6 +420,7 @@ class PoolManager:
             restart_backoff_s=model.restart_backoff_s,
             on_restart=entry.count_restart,
         )
+        return runtime
 
     def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
         assert self._nursery is not None

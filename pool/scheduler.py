@@ -119,6 +119,16 @@ class Replica:
         self._error = None if text is None else printable(text)
 
     @property
+    def ejected(self) -> bool:
+        """Out of rotation by its health (a remote endpoint's; see :meth:`ModelRuntime._pick`)."""
+        return bool(getattr(self.backend, "ejected", False))
+
+    @property
+    def weight(self) -> float:
+        """Its share in the least-loaded choice (a remote endpoint's ``weight``)."""
+        return float(getattr(self.backend, "weight", 1.0))
+
+    @property
     def free(self) -> int:
         # ``crashed``: an engine process that died takes no job even before serve() returned
         if self.state != "serving" or self.stopping or self.backend.crashed:
@@ -181,6 +191,9 @@ class ModelRuntime:
         self._stop_error: PoolError | None = None
         #: What jobs that never reached a replica get once admission stopped (409 on unload).
         self._queued_error: PoolError | None = None
+        #: Jobs handed back by a replica for their one retry elsewhere (issue 18): (job, the
+        #: replica it failed on, its error), placed before the queue.
+        self._retrying: list[tuple[Job, Replica, PoolError]] = []
 
     # ------------------------------------------------------------------ figures
     @property
@@ -291,6 +304,7 @@ class ModelRuntime:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stop_on_cancel)
+                nursery.start_soon(self._follow_rotation, replica)
                 try:
                     if replica.backend.threaded:
                         await self._run_threaded_replica(replica, loaded)
@@ -556,7 +570,9 @@ class ModelRuntime:
         ``executor_queue_full`` (see :meth:`pool.fairness.FairQueue.admit`)."""
         if not self.admitting:
             raise model_unloading(self.name)
-        free = sum(r.free for r in self.replicas)
+        # free slots of the replicas in rotation (an ejected endpoint's count only in panic mode)
+        in_rotation = [r for r in self.replicas if r.state == "serving" and not r.ejected]
+        free = sum(r.free for r in (in_rotation or self.replicas))
         self.queue.admit(job, free=free, max_queue=self.max_queue)
         job.on_cancel_queued = self._cancel_queued
         self.queue.push(job)
@@ -566,18 +582,29 @@ class ModelRuntime:
         self.queue.cancel(job)
         self._notify()
 
-    def _pick(self) -> Replica | None:
-        candidates = [r for r in self.replicas if r.free > 0]
+    def _pick(self, avoid: Replica | None = None) -> Replica | None:
+        """The replica with a free slot and the fewest running jobs per unit of weight (ties
+        round-robin), never ``avoid``.  Ejected replicas (a remote endpoint's health) are passed
+        over while another serving replica is in rotation; when every one is ejected, none is
+        (Envoy's panic mode: better to try than to refuse everything)."""
+        candidates = [r for r in self.replicas if r.free > 0 and r is not avoid]
         if not candidates:
             return None
+        in_rotation = [r for r in candidates if not r.ejected]
+        if in_rotation:
+            candidates = in_rotation
+        elif any(self._eligible(r, avoid) for r in self.replicas):
+            return None  # the replicas in rotation are busy: wait for them
         n = len(self.replicas)
         order = {r.name: (i - self._rr) % n for i, r in enumerate(self.replicas)}
-        best = min(candidates, key=lambda r: (r.active, order[r.name]))
+        best = min(candidates, key=lambda r: (r.active / r.weight, order[r.name]))
         self._rr = (self.replicas.index(best) + 1) % n
         return best
 
     def _pump(self) -> None:
         """Place queued jobs, in the queue's order, while a replica has a free slot."""
+        if self._retrying:
+            self._place_retries()
         queue_ = self.queue
         while queue_.pending and self.admitting:
             replica = self._pick()
@@ -586,10 +613,82 @@ class ModelRuntime:
             job = queue_.pop()
             assert job is not None
             job.on_cancel_queued = None
-            replica.active += 1
-            replica.jobs.add(job)
-            job.mark_dispatched(replica.name, functools.partial(self._release, replica))
-            replica.put(job)
+            job.retry = self._retry_elsewhere
+            self._dispatch(job, replica)
+
+    def _dispatch(self, job: Job, replica: Replica) -> None:
+        replica.active += 1
+        replica.jobs.add(job)
+        job.mark_dispatched(replica.name, functools.partial(self._release, replica))
+        replica.put(job)
+
+    # ------------------------------------------------------------------ one retry elsewhere (issue 18)
+    @staticmethod
+    def _eligible(replica: Replica, avoid: Replica | None) -> bool:
+        """Serving, in rotation, not ``avoid``: may run a retry (now or once a slot frees)."""
+        return (
+            replica is not avoid
+            and replica.state == "serving"
+            and not replica.stopping
+            and not replica.backend.crashed
+            and not replica.ejected
+        )
+
+    def _retry_elsewhere(self, job: Job, error: PoolError) -> bool:
+        """``Job.retry``: take ``job`` back from the replica it failed on (nothing reached its
+        client) and run it on another replica in rotation, before anything queued; False when
+        there is none (the job then fails with ``error`` as it would have)."""
+        replica = next((r for r in self.replicas if r.name == job.replica), None)
+        if replica is None or job not in replica.jobs or not self.admitting:
+            return False
+        if not any(self._eligible(r, replica) for r in self.replicas):
+            return False
+        replica.jobs.discard(job)
+        replica.active -= 1
+        job.state = "queued"  # cancellable as a queued job again (below), until placed
+        job.on_cancel_queued = self._cancel_retry
+        self._retrying.append((job, replica, error))
+        log.info(
+            "retrying on another replica",
+            extra={"fields": {"model": self.name, "replica": replica.name, "request_id": job.trace_id,
+                              "code": error.code}},
+        )
+        self._notify()
+        self._pump()
+        return True
+
+    def _cancel_retry(self, job: Job) -> None:
+        self._retrying = [item for item in self._retrying if item[0] is not job]
+        self._notify()
+
+    def _place_retries(self) -> None:
+        """Place the jobs waiting for their retry; fail those no replica in rotation is left for."""
+        give_up: list[tuple[Job, PoolError]] = []
+        for item in list(self._retrying):
+            job, avoid, error = item
+            if not self.admitting or not any(self._eligible(r, avoid) for r in self.replicas):
+                self._retrying.remove(item)
+                give_up.append((job, error))
+                continue
+            replica = self._pick(avoid)
+            if replica is None or replica.ejected:
+                continue
+            self._retrying.remove(item)
+            job.on_cancel_queued = None
+            self._dispatch(job, replica)
+        for job, error in give_up:
+            job.on_cancel_queued = None
+            job.fail_nowait(job.cancel_error or error)
+
+    async def _follow_rotation(self, replica: Replica) -> None:
+        """Place queued work whenever the replica's backend says it went in or out of rotation."""
+        while True:
+            wait = getattr(replica.backend, "rotation_changed", None)
+            if wait is None:
+                return
+            await wait()
+            self._notify()
+            self._pump()
 
     def _release(self, replica: Replica, job: Job) -> None:
         if job in replica.jobs:
@@ -600,7 +699,8 @@ class ModelRuntime:
         self._pump()
 
     def _fail_queued(self, error: PoolError) -> None:
-        for job in self.queue.drain():
+        retrying, self._retrying = self._retrying, []
+        for job in [*self.queue.drain(), *(item[0] for item in retrying)]:
             job.on_cancel_queued = None
             job.cancel(error)
         self._notify()
