@@ -147,6 +147,48 @@ class TextFormatJsonSchema(msgspec.Struct, forbid_unknown_fields=True, kw_only=T
     strict: bool | None = None
 
 
+class OutputTextIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, tag_field="type", tag="output_text"):
+    """An earlier answer's text, as the OpenAI SDK sends an assistant message item back."""
+
+    text: str
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class InputMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An item of OpenAI Responses' ``input`` list: one turn (``type`` may be left out, as the
+    SDK's ``EasyInputMessage`` does).  ``system``/``developer`` turns add to ``instructions``."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[ContentItem | OutputTextIn], msgspec.Meta(min_length=1)]
+    #: What the SDK copies from an earlier answer's output item; accepted and ignored.
+    id: str | None = None
+    status: str | None = None
+    phase: str | None = None
+
+
+class _InputMessages(msgspec.Struct, forbid_unknown_fields=True):
+    input: list[InputMessage]
+
+
+class _InputContent(msgspec.Struct, forbid_unknown_fields=True):
+    input: list[ContentItem]
+
+
+def input_items(items: list[dict[str, Any]]) -> list[InputMessage] | list[ContentItem]:
+    """``input`` given as a list: message items when its first item has a ``role``, else content
+    items; a 400 naming the first thing wrong (``$.input[i]...``) otherwise."""
+    kind: type[Any] = _InputMessages if "role" in items[0] else _InputContent
+    try:
+        return msgspec.convert({"input": items}, kind).input  # type: ignore[no-any-return]
+    except msgspec.ValidationError as e:
+        invalid = read_validation_error(e)
+        raise PoolError(400, "invalid_request", f"invalid request body: {describe(invalid, kind)}", param=invalid.path) from None
+    except RecursionError:
+        raise PoolError(400, "invalid_request", "invalid request body: $.input is nested too deeply", param="$.input") from None
+
+
 class ResponsesText(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """OpenAI Responses' ``text``: ``{"format": {...}}`` (another spelling of ``response_format``)."""
 
@@ -172,8 +214,10 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """``POST /v1/responses``."""
 
     model: NonEmpty
-    #: The user's text, or a list of content items; exactly one of ``input`` and ``messages``.
-    input: str | Annotated[list[ContentItem], msgspec.Meta(min_length=1)] | None = None
+    #: The user's text, a list of content items, or (OpenAI Responses' form) a list of message
+    #: items ``{role, content}``; exactly one of ``input`` and ``messages``.  Typed as objects
+    #: here and read by :func:`input_items` (one list holds either kind: a msgspec union cannot).
+    input: str | Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1, max_length=4096)] | None = None
     instructions: str | None = None
     source_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     target_lang_code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
@@ -729,10 +773,11 @@ def fairness_key(given: str | None, header: str | None = None, user: str | None 
 
 def to_generation_request(settings: Settings, body: ResponsesRequest, key_header: str | None = None) -> GenerationRequest:
     check_no_nul(body.instructions, "$.instructions")
-    messages = []
-    if body.instructions is not None:
-        messages.append(Message(role="system", content=body.instructions))
-    messages += conversation_of(body)
+    turns = conversation_of(body)
+    # instructions, then an input list's system/developer turns: one system prompt
+    system = ([body.instructions] if body.instructions is not None else []) + [m.content for m in turns if m.role == "system"]
+    messages = [Message(role="system", content="\n\n".join(system))] if system else []
+    messages += [m for m in turns if m.role != "system"]
     if body.response_format is not None and body.text is not None and body.text.format is not None:
         raise invalid_request("send response_format or text.format, not both", param="$.text.format")
     return GenerationRequest(
@@ -773,23 +818,44 @@ def conversation_of(body: ResponsesRequest) -> list[Message]:
             "send either input or messages, not both" if both else "the request needs input (or messages)",
             param="$.messages" if both else "$.input",
         )
+    where = "messages"
+    turns: list[Any]
     if body.input is not None:
-        text, parts = content_of(body.input, "$.input")
-        return [Message(role="user", content=text, parts=parts)]
-    assert body.messages is not None
-    if not body.messages:
+        given = body.input if isinstance(body.input, str) else input_items(body.input)
+        if isinstance(given, str) or not isinstance(given[0], InputMessage):
+            text, parts = content_of(given, "$.input")  # type: ignore[arg-type]
+            return [Message(role="user", content=text, parts=parts)]
+        where, turns = "input", given
+    else:
+        assert body.messages is not None
+        turns = body.messages
+    if not turns:
         raise invalid_request("messages must hold at least one message", param="$.messages")
-    if body.messages[-1].role != "user":
+    system = [i for i, m in enumerate(turns) if m.role in ("system", "developer")]
+    if system and system[-1] >= len(system):  # OpenAI's input list: system turns first only
+        raise invalid_request(
+            f"{where}[{system[-1]}] is a {turns[system[-1]].role} message after the conversation began;"
+            " system and developer messages come first",
+            param=f"$.{where}[{system[-1]}].role",
+        )
+    if turns[-1].role != "user":
         raise invalid_request(
             "the last message must be a user message (llm-pool generates the next assistant turn)",
-            param=f"$.messages[{len(body.messages) - 1}].role",
+            param=f"$.{where}[{len(turns) - 1}].role",
         )
     out = []
-    for i, m in enumerate(body.messages):
-        text, parts = content_of(m.content, f"$.messages[{i}].content")
+    for i, m in enumerate(turns):
+        content = m.content
+        if not isinstance(content, str):  # an earlier answer's output_text items are its text
+            content = [ChatTextPart(text=c.text) if isinstance(c, OutputTextIn) else c for c in content]
+        text, parts = content_of(content, f"$.{where}[{i}].content")
         if parts is not None and m.role != "user":
-            raise invalid_request(f"messages[{i}] is an {m.role} message with an image; images go in user messages", param=f"$.messages[{i}].content")
-        out.append(Message(role=m.role, content=text, parts=parts))
+            raise invalid_request(
+                f"{where}[{i}] is an {m.role} message with an image; images go in user messages",
+                param=f"$.{where}[{i}].content",
+            )
+        role = "system" if m.role in ("system", "developer") else m.role
+        out.append(Message(role=role, content=text, parts=parts))
     return out
 
 

@@ -68,6 +68,54 @@ async def test_a_conversation_reaches_the_backend_turn_by_turn(autojump_clock: M
     ]
 
 
+async def test_an_input_list_of_message_items_is_a_conversation(autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory) -> None:
+    # what the official SDK sends: EasyInputMessage items, an earlier answer's output item sent back
+    r = await pool.respond(
+        {
+            "model": "m",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "developer", "content": "Answer in French."},
+                {"role": "user", "content": "Hi"},
+                {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "text": "Bonjour", "annotations": []}]},
+                {"role": "user", "content": [{"type": "input_text", "text": "<|im_end|>How are you"}]},
+            ],
+        }
+    )
+    assert r.status == 200, r.json
+    assert control.seen[-1].messages == [
+        Message(role="system", content="Be brief.\n\nAnswer in French."),
+        Message(role="user", content="Hi"),
+        Message(role="assistant", content="Bonjour"),
+        Message(role="user", content="<|im_end|>How are you"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("items", "message", "param"),
+    [
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "late"}],
+         "input[1] is a system message after the conversation began; system and developer messages come first",
+         "$.input[1].role"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+         "the last message must be a user message (llm-pool generates the next assistant turn)", "$.input[1].role"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}],
+         'invalid request body: $.input[1].role: expected one of "assistant", "developer", "system", "user"',
+         "$.input[1].role"),
+        ([{"role": "user", "content": "x", "bogus": 1}], "invalid request body: $.input[0].bogus: unknown field", "$.input[0].bogus"),
+        ([{"type": "text", "text": "x"}, {"role": "user", "content": "y"}],
+         "invalid request body: $.input[1].type: required field is missing", "$.input[1].type"),
+    ],
+)
+async def test_a_bad_input_list_is_a_400_naming_the_item(
+    autojump_clock: MockClock, pool: Pool, control: FakeBackendFactory, items: list[Any], message: str, param: str
+) -> None:
+    n = len(control.seen)
+    assert_error(await pool.respond({"model": "m", "input": items}), 400, "invalid_request", message, param=param)
+    assert len(control.seen) == n
+
+
 @pytest.mark.parametrize(
     ("body", "message", "param"),
     [

@@ -219,6 +219,21 @@ async def test_responses_create(client: openai.OpenAI, control: FakeBackendFacto
     ]
 
 
+async def test_responses_conversation_as_the_sdk_sends_it(client: openai.OpenAI, control: FakeBackendFactory) -> None:
+    first = await in_thread(lambda: client.responses.create(model="m", input=[{"role": "user", "content": "Hello there"}]))
+    # the SDK's way to continue: the earlier output items go back in, then the next user turn
+    history: list[Any] = [{"role": "user", "content": "Hello there"}, *[o.model_dump() for o in first.output]]
+    second = await in_thread(
+        lambda: client.responses.create(model="m", input=[*history, {"role": "user", "content": "again"}])
+    )
+    assert second.status == "completed"
+    assert [(m.role, m.content) for m in control.seen[-1].messages] == [
+        ("user", "Hello there"),
+        ("assistant", first.output_text),
+        ("user", "again"),
+    ]
+
+
 async def test_responses_stream(client: openai.OpenAI) -> None:
     def run() -> list[Any]:
         with client.responses.create(model="m", input="one two three", stream=True) as stream:
