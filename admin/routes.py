@@ -104,7 +104,8 @@ def load_constraints(model: ModelSettings) -> dict[str, LoadConstraint]:
     annotations that validate the override): ``replicas`` up to ``replica_max``, then each
     override field of its backend kind."""
     out = {
-        "replicas": LoadConstraint(kind="int", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
+        "replicas": LoadConstraint(kind="int", minimum=1, maximum=model.replica_max, step=1,
+                                   default=model.replicas if isinstance(model.replicas, int) else 1)
     }
     hints = _hints(type(model))
     for key in kind_of(model).overrides:
@@ -156,8 +157,8 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         configured_enabled=m.enabled,
         runtime_state=entry.state,
         is_loaded=loaded,
-        replicas=len(live) if loaded else m.replicas,
-        replica_max=m.replica_max,
+        replicas=len(live) if loaded else _replicas_shown(entry),
+        replica_max=(entry.loaded_settings if loaded and entry.loaded_settings else m).replica_max,
         loaded_replicas=len(live),
         inflight_requests=running + waiting,
         queue_depth=waiting,
@@ -185,7 +186,18 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         load_on_demand=m.load_on_demand,
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         remote_cost=_cost(manager, entry),
+        # tuning (issue 21): where the layout came from (replicas = "auto": the tuning cache)
+        replicas_source=entry.replicas_source,
     )
+
+
+def _replicas_shown(entry: ModelEntry) -> int:
+    """An unloaded model's replica count: the configured one, or for ``replicas = "auto"`` the
+    last load's (1 before the first)."""
+    if isinstance(entry.settings.replicas, int):
+        return entry.settings.replicas
+    last = entry.loaded_settings.replicas if entry.loaded_settings is not None else 1
+    return last if isinstance(last, int) else 1
 
 
 def _cost(manager: PoolManager, entry: ModelEntry) -> dict[str, Any] | None:
@@ -290,7 +302,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
         await check_file_bounds(manager, entry, override)
         if entry.state in ("unloaded", "failed") and not body.force:
             gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
-            _check_gpu_memory(manager, entry, override, replicas or entry.settings.replicas, gpus)
+            _check_gpu_memory(manager, entry, override, replicas or _replicas_shown(entry), gpus)
         log.info("admin load", extra={"fields": {"action": "load", "model": name, "override": override, "replicas": replicas}})
         entry = await manager.load(name, override=override or None, replicas=replicas)
         return row_response(entry)

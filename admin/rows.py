@@ -97,6 +97,13 @@ class AdminModel(_Doc):
     #: Seconds until the idle timer unloads the model (null: not counting down).
     idle_unload_in_s: float | None
     load_on_demand: bool
+    # -- tuning (issue 21)
+    #: Where the replica layout of the current (or last) load came from: ``configured`` (the
+    #: settings' count), ``override`` (an admin load's ``replicas``), ``tuned`` (``replicas =
+    #: "auto"``: the last ``llm-pool tune`` result for this file, backend, cores and build),
+    #: ``default`` (``"auto"`` with no such result: one replica on every core), ``auto`` (not
+    #: loaded since the settings asked for ``"auto"``).
+    replicas_source: Literal["configured", "override", "tuned", "default", "auto"]
 
 
 class AdminModels(_Doc):

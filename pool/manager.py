@@ -57,6 +57,7 @@ from llm_pool.pool.errors import (
 )
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
+from llm_pool.pool.tuning import ReplicasSource, resolve_auto
 
 log = logging.getLogger("llm_pool.manager")
 
@@ -105,6 +106,12 @@ class ModelEntry:
         #: Whether the model is meant to be serving now, what readiness counts: enabled models
         #: from the start; an admin load sets it, an admin or idle unload clears it.
         self.wanted = settings.enabled
+        # -- tuning (issue 21)
+        #: Where the current (or last) load's replica layout came from: the settings
+        #: (``configured``), an admin load's ``replicas`` (``override``), or for ``replicas =
+        #: "auto"`` the tuning cache (``tuned``) or the safe default (``default``); ``auto`` until
+        #: such a model was first loaded.
+        self.replicas_source: ReplicasSource = "auto" if settings.replicas == "auto" else "configured"
 
     @property
     def last_error(self) -> str | None:
@@ -393,20 +400,30 @@ class PoolManager:
             on_restart=entry.count_restart,
         )
 
-    def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
+    def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int | str) -> None:
         assert self._nursery is not None
         model = msgspec.structs.replace(entry.settings, **(override or {}))
-        runtime = self._make_runtime(entry, model, replicas)
         entry.override = override
         entry.loaded_settings = model
         entry.last_error = None
         if entry.load_done.is_set():  # a load on demand made its event already (callers may wait on it)
             entry.load_done = trio.Event()
         self._set_state(entry, "loading")
-        self._nursery.start_soon(self._model_lifetime, entry, runtime, replicas, name=f"model {entry.name}")
+        if replicas == "auto":  # the layout is read from the tuning cache in the model's task
+            self._nursery.start_soon(self._model_lifetime, entry, None, model, name=f"model {entry.name}")
+            return
+        assert isinstance(replicas, int)
+        entry.replicas_source = "configured" if replicas == entry.settings.replicas else "override"
+        model = msgspec.structs.replace(model, replicas=replicas)
+        entry.loaded_settings = model
+        runtime = self._make_runtime(entry, model, replicas)
+        self._nursery.start_soon(self._model_lifetime, entry, runtime, model, name=f"model {entry.name}")
 
-    async def _model_lifetime(self, entry: ModelEntry, runtime: ModelRuntime, replicas: int) -> None:
+    async def _model_lifetime(self, entry: ModelEntry, runtime: ModelRuntime | None, model: ModelSettings) -> None:
+        """One load's life.  ``runtime`` None: a ``replicas = "auto"`` model, whose layout is
+        read first (:func:`pool.tuning.resolve_auto`, on a worker thread)."""
         vram_before = self.gpu_used_mib()
+        replicas = model.replicas if isinstance(model.replicas, int) else 1
 
         def on_loaded() -> None:
             entry.runtime = runtime
@@ -424,6 +441,14 @@ class PoolManager:
                 self._nursery.start_soon(self._unload_when_idle, entry, runtime, idle_s, name=f"idle unload {entry.name}")
 
         try:
+            if runtime is None:
+                fields, entry.replicas_source = await trio.to_thread.run_sync(resolve_auto, self.settings, model)
+                model = msgspec.structs.replace(model, **fields)
+                entry.loaded_settings = model
+                assert isinstance(model.replicas, int)
+                replicas = model.replicas
+                log.info("model %s: replicas auto -> %s layout, %d replica(s)", entry.name, entry.replicas_source, replicas)
+                runtime = self._make_runtime(entry, model, replicas)
             await runtime.run(replicas, on_loaded=on_loaded)
         except LoadFailed as e:
             entry.last_error = str(e)
@@ -434,7 +459,7 @@ class PoolManager:
         finally:
             entry.runtime = None
             entry.override = None  # this load's override ends with it
-            if entry.last_error is None and runtime.last_error is not None:
+            if entry.last_error is None and runtime is not None and runtime.last_error is not None:
                 entry.last_error = runtime.last_error
             if entry.state == "unloading" or (entry.state == "loaded" and entry.last_error is None):
                 self._set_state(entry, "unloaded")
@@ -508,12 +533,14 @@ class PoolManager:
             return entry.runtime
 
         check_loaded()
-        if not 1 <= replicas <= entry.settings.replica_max:
+        # the load's own ceiling: a replicas = "auto" load raises it to the tuned count
+        replica_max = (entry.loaded_settings or entry.settings).replica_max
+        if not 1 <= replicas <= replica_max:
             raise PoolError(
                 400,
                 "invalid_request",
-                f"replica count {replicas} exceeds replica_max {entry.settings.replica_max} for model {name!r}"
-                if replicas > entry.settings.replica_max
+                f"replica count {replicas} exceeds replica_max {replica_max} for model {name!r}"
+                if replicas > replica_max
                 else "replicas must be at least 1",
                 model=name,
                 param="replicas",
