@@ -92,6 +92,7 @@ class GGUFBackend(SequentialBackend):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish = "length"
         history = list(tokens)
+        cached = _cached_prefix(llm, tokens)
         generator = llm.generate(
             tokens,
             top_k=1 if greedy else d.top_k,
@@ -125,7 +126,22 @@ class GGUFBackend(SequentialBackend):
             generator.close()
         if finish != "stop":
             job.emit(stops.push(utf8.decode(b"", final=True))[0] + stops.flush())
-        return timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
+        stats = timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
+        stats.cached_prompt_tokens = cached
+        return stats
+
+
+def _cached_prefix(llm: Any, tokens: list[int]) -> int:
+    """The prompt tokens ``Llama.generate(reset=True)`` will not decode again: the prefix they
+    share with what the context holds (it decodes at least the last prompt token), as
+    llama-cpp-python computes it."""
+    held = llm._input_ids[: llm.n_tokens]
+    n = 0
+    for a, b in zip(held, tokens[:-1], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _create(ctx: BackendContext) -> Any:

@@ -96,7 +96,6 @@ IGNORED_FIELDS = (
     "store",
     "service_tier",
     "safety_identifier",
-    "prompt_cache_key",
     "parallel_tool_calls",
     "stream_options.include_obfuscation",
     "messages[].name",
@@ -229,6 +228,7 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         stream=bool(body.stream),
         fairness_key=fairness_key(body.fairness_key, key_header, body.user),
         priority=body.priority,
+        prompt_cache_key=body.prompt_cache_key,
     )
 
 
