@@ -29,6 +29,10 @@ from llm_pool.admin.rows import (
     LoadConstraint,
     ReloadResult,
     ReplicaDetail,
+    TuneBest,
+    TuneCell,
+    TuneLayoutRow,
+    TuneStatus,
 )
 from llm_pool.backends import OverrideError, kind_of
 from llm_pool.config import ModelSettings, resolve_model_path
@@ -36,6 +40,15 @@ from llm_pool.config.validation import describe, read_validation_error
 from llm_pool.pool.api import decode_body
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
+from llm_pool.pool.tuning import (
+    DEFAULT_CONCURRENCIES,
+    DEFAULT_MAX_S,
+    DEFAULT_TOKENS,
+    ENGINES,
+    Engine,
+    TuneJob,
+    format_table,
+)
 from llm_pool.pool.web_io import json_response
 
 log = logging.getLogger("llm_pool.admin")
@@ -57,6 +70,53 @@ class UnloadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ResizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)]
+
+
+# -- tuning (issue 21)
+class TuneRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/admin/models/{name}/tune``: what ``llm-pool tune`` takes, bounded so that one
+    call cannot hold the machine for long (``max_s`` at most 30 minutes)."""
+
+    #: Cores to cut into layouts (default: ``engine.cpu_cores``, else all); more than exist: 400.
+    cores: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    concurrency: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=64)]], msgspec.Meta(min_length=1, max_length=4)] = (
+        msgspec.field(default_factory=lambda: list(DEFAULT_CONCURRENCIES))
+    )
+    engines: Annotated[list[Engine], msgspec.Meta(min_length=1, max_length=3)] = msgspec.field(
+        default_factory=lambda: list(ENGINES)
+    )
+    tokens: Annotated[int, msgspec.Meta(ge=1, le=512)] = DEFAULT_TOKENS
+    max_s: Annotated[float, msgspec.Meta(gt=0, le=1800)] = DEFAULT_MAX_S
+
+
+def tune_status(job: TuneJob) -> TuneStatus:
+    """A server-side tune as the admin API shows it."""
+    result = job.result
+    rows = []
+    best = []
+    if result is not None:
+        for row in result.rows:
+            lay = row.layout
+            cells = [
+                TuneCell(concurrency=c, tokens_per_s=round(cell.tokens_per_s, 1), ttft_p50_ms=round(cell.ttft_p50_s * 1000, 1),
+                         requests=cell.requests, zero_token_answers=cell.zero_token_answers)
+                for c, cell in sorted(row.cells.items())
+            ]  # fmt: skip
+            rows.append(TuneLayoutRow(engine=lay.engine, replicas=lay.replicas, threads=lay.threads, slots=lay.slots,
+                                      cells=cells, error=row.error, skipped=row.skipped))
+        for c in result.concurrencies:
+            top = result.best(c)
+            if top is not None:
+                lay = top.layout
+                best.append(TuneBest(concurrency=c, engine=lay.engine, replicas=lay.replicas, threads=lay.threads,
+                                     slots=lay.slots, tokens_per_s=round(top.cells[c].tokens_per_s, 1)))
+    return TuneStatus(
+        model=job.model, state=job.state, error=job.error, cores=result.cores if result else job.cores,
+        concurrencies=list(job.concurrencies), tokens=job.tokens, max_s=job.max_s, started_at=job.started_at,
+        finished_at=job.finished_at, progress=list(job.progress), rows=rows, best=best,
+        report=format_table(result) if result is not None and job.state != "running" else [],
+        partial=bool(result and (result.partial or job.state == "cancelled")),
+    )  # fmt: skip
 
 
 def _bad_load(message: str, model: str, param: str | None = None) -> PoolError:
@@ -327,6 +387,29 @@ def register_admin(app: Any, manager: PoolManager) -> None:
         body: ResizeRequest = await _body(ResizeRequest)
         log.info("admin resize", extra={"fields": {"action": "resize", "model": name, "replicas": body.replicas}})
         return row_response(await manager.resize(name, body.replicas))
+
+    # tuning (issue 21): one background sweep at a time, read and cancelled here
+    @app.post("/v1/admin/models/<path:name>/tune")
+    async def admin_tune(name: str) -> Response:
+        manager.entry(name)
+        body: TuneRequest = await _body(TuneRequest)
+        job = manager.start_tune(name, cores=body.cores, concurrencies=tuple(body.concurrency),
+                                 engines=tuple(body.engines), tokens=body.tokens, max_s=body.max_s)  # fmt: skip
+        return json_response(tune_status(job), status=202)
+
+    @app.get("/v1/admin/models/<path:name>/tune")
+    async def admin_tune_status(name: str) -> Response:
+        return json_response(tune_status(manager.tune_of(name)))
+
+    @app.delete("/v1/admin/models/<path:name>/tune")
+    async def admin_tune_cancel(name: str) -> Response:
+        job = manager.tune_of(name)
+        if job.state == "running":
+            log.info("admin tune cancel", extra={"fields": {"action": "tune_cancel", "model": name}})
+            job.cancel()
+            with trio.CancelScope(shield=True):  # the layout being measured unloads first
+                await job.finished.wait()
+        return json_response(tune_status(job))
 
     @app.post("/v1/admin/settings/reload")
     async def admin_reload() -> Response:

@@ -57,7 +57,7 @@ from llm_pool.pool.errors import (
 )
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
-from llm_pool.pool.tuning import ReplicasSource, resolve_auto
+from llm_pool.pool.tuning import Engine, ReplicasSource, TuneError, TuneJob, cores_for, resolve_auto, tunable
 
 log = logging.getLogger("llm_pool.manager")
 
@@ -161,6 +161,9 @@ class PoolManager:
         self.job_hooks: list[Callable[[Job, PoolError | None], None]] = []
         #: Measures GPU memory for load deltas; None where no GPU is visible.
         self.gpu_used_mib: Callable[[], float | None] = lambda: None
+        # -- tuning (issue 21)
+        #: The last tune of each model run by this server (one runs at a time).
+        self.tunes: dict[str, TuneJob] = {}
 
     # ------------------------------------------------------------------ lifetime
     async def run(self, *, autoload: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -593,6 +596,47 @@ class PoolManager:
                 )
                 await self.unload(entry.name)
                 return
+
+    # ------------------------------------------------------------------ tuning (issue 21)
+    def start_tune(
+        self, name: str, *, cores: int | None, concurrencies: tuple[int, ...], engines: tuple[Engine, ...],
+        tokens: int, max_s: float,
+    ) -> TuneJob:  # fmt: skip
+        """Start a tune of ``name`` (:mod:`llm_pool.pool.tuning`) in the background: its layouts
+        load privately (the model itself, loaded or not, is untouched) within ``cores``.
+
+        Raises 404 ``unknown_model``, 400 ``invalid_request`` (not a GGUF model, more cores
+        than exist), 409 ``tune_running`` while any tune runs (two would measure each other),
+        503 ``shutting_down``."""
+        entry = self.entry(name)
+        if self.shutting_down:
+            raise shutting_down()
+        running = next((t for t in self.tunes.values() if t.state == "running"), None)
+        if running is not None:
+            raise PoolError(409, "tune_running", f"a tune of model {running.model!r} is running; cancel it or wait for its end",
+                            model=name)
+        try:
+            tunable(entry.settings, name)
+        except TuneError as e:
+            raise PoolError(400, "invalid_request", str(e), model=name) from None
+        try:
+            cores_for(self.settings, cores)
+        except TuneError as e:
+            raise PoolError(400, "invalid_request", str(e), model=name, param="$.cores" if cores else None) from None
+        job = TuneJob(name, cores=cores, concurrencies=concurrencies, engines=engines, tokens=tokens, max_s=max_s)
+        self.tunes[name] = job
+        assert self._nursery is not None
+        self._nursery.start_soon(job.run, self.settings, self.backend_factory, name=f"tune {name}")
+        log.info("tune started", extra={"fields": {"action": "tune", "model": name, "cores": cores}})
+        return job
+
+    def tune_of(self, name: str) -> TuneJob:
+        """The last tune of ``name`` run by this server; 404 ``not_found`` when none ran."""
+        self.entry(name)
+        job = self.tunes.get(name)
+        if job is None:
+            raise PoolError(404, "not_found", f"model {name!r} has not been tuned by this server", model=name)
+        return job
 
     async def reload_from_files(self) -> dict[str, Any]:
         """Re-read the settings files (``config_path``, else the default lookup) and adopt them

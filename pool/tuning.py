@@ -26,6 +26,7 @@ This module must not import quart.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -180,8 +181,8 @@ class TuneResult:
             return None
         return max(measured, key=lambda r: (r.cells[concurrency].tokens_per_s, -r.cells[concurrency].ttft_p50_s))
 
-    def recommended(self, family: str) -> Row | None:
-        """The one layout of ``family`` to serve every concurrency with: the highest mean, over
+    def recommended(self, family: str | None) -> Row | None:
+        """The one layout of ``family`` (None: any) to serve every concurrency with: the highest mean, over
         the concurrencies, of its tokens/s as a share of that concurrency's best (a layout
         that is best at c=8 but poor at c=1 loses to one that is close at every c).  Only
         layouts measured at every concurrency count."""
@@ -190,7 +191,7 @@ class TuneResult:
             return None
         rows = [
             r for r in self.rows
-            if FAMILY[r.layout.engine] == family and all(c in r.cells for c in self.concurrencies)
+            if family in (None, FAMILY[r.layout.engine]) and all(c in r.cells for c in self.concurrencies)
         ]  # fmt: skip
 
         def score(r: Row) -> float:
@@ -294,14 +295,14 @@ async def _one(runtime: ModelRuntime, name: str, tokens: int) -> Answer:
 
 async def _measure_layout(
     settings: Settings, name: str, model: ModelSettings, row: Row, concurrencies: tuple[int, ...], tokens: int,
-    progress: Progress,
+    progress: Progress, backend_factory: Callable[[BackendContext], Any] = create_backend,
 ) -> None:  # fmt: skip
     layout = row.layout
 
     def make_backend(index: int) -> Any:
         ctx = BackendContext(name=name, replica_index=index, replicas=layout.replicas, model=model, settings=settings,
                              kind=model.backend)
-        return create_backend(ctx)
+        return backend_factory(ctx)
 
     runtime = ModelRuntime(f"tune:{name}", make_backend=make_backend, target_inflight=layout.slots, max_queue=4096)
     loaded = trio.Event()
@@ -350,6 +351,7 @@ async def sweep(
     progress: Progress = lambda line: None,
     record: bool = True,
     on_row: Callable[[TuneResult], None] = lambda result: None,
+    backend_factory: Callable[[BackendContext], Any] = create_backend,
 ) -> TuneResult:
     """Measure every layout of ``name`` within ``cores`` (see the module docstring); the
     result, also recorded in the tuning cache when ``record`` (per family, when the sweep
@@ -372,6 +374,7 @@ async def sweep(
         raise TuneError(f"model {name!r}: its model file does not exist") from None
     result = TuneResult(model=name, backend=model.backend, cores=n_cores, concurrencies=concurrencies, tokens=tokens)
     result.rows = [Row(layout) for layout in layouts(engines, n_cores, concurrencies)]
+    on_row(result)
     deadline = trio.current_time() + max_s
     progress(f"tuning {name}: {len(result.rows)} layouts within {n_cores} cores, concurrency {','.join(map(str, concurrencies))}, "
              f"at most {max_s:g} s")
@@ -382,7 +385,9 @@ async def sweep(
             continue
         progress(f"[{i}/{len(result.rows)}] {row.layout.label}")
         with trio.move_on_at(deadline):
-            await _measure_layout(settings, name, settings_for(model, row.layout), row, concurrencies, tokens, progress)
+            await _measure_layout(
+                settings, name, settings_for(model, row.layout), row, concurrencies, tokens, progress, backend_factory
+            )
         if len(row.cells) < len(concurrencies) and row.error is None:
             row.skipped = "time budget spent"
             result.partial = True
@@ -390,6 +395,69 @@ async def sweep(
     if record:
         await trio.to_thread.run_sync(record_result, result, path, settings)
     return result
+
+
+# ---------------------------------------------------------------------------- a tune in the server
+TuneState = Literal["running", "done", "cancelled", "failed"]
+#: Progress lines a server-side tune keeps (the newest).
+PROGRESS_LINES = 200
+
+
+class TuneJob:
+    """One tune run by the server (``POST /v1/admin/models/{name}/tune``): :meth:`run` is a task
+    in the pool manager's nursery; the admin API reads its state, progress and (partial)
+    result, and :meth:`cancel` stops it (the layout being measured is unloaded at once)."""
+
+    def __init__(
+        self, model: str, *, cores: int | None, concurrencies: tuple[int, ...], engines: tuple[Engine, ...],
+        tokens: int, max_s: float,
+    ) -> None:  # fmt: skip
+        self.model = model
+        self.cores = cores
+        self.concurrencies = concurrencies
+        self.engines = engines
+        self.tokens = tokens
+        self.max_s = max_s
+        self.state: TuneState = "running"
+        self.error: str | None = None
+        self.progress: collections.deque[str] = collections.deque(maxlen=PROGRESS_LINES)
+        self.result: TuneResult | None = None
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        #: Set when :meth:`run` ended, however.
+        self.finished = trio.Event()
+        self._scope = trio.CancelScope()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def run(self, settings: Settings, backend_factory: Callable[[BackendContext], Any] = create_backend) -> None:
+        """The sweep; never raises (its end is :attr:`state`, and :attr:`error` says why it failed).
+
+        Cancellation: :meth:`cancel`, or the manager's nursery (shutdown): state ``cancelled``,
+        nothing recorded."""
+
+        def keep(result: TuneResult) -> None:
+            self.result = result
+
+        try:
+            with self._scope:
+                await sweep(
+                    settings, self.model, cores=self.cores, concurrencies=self.concurrencies, engines=self.engines,
+                    tokens=self.tokens, max_s=self.max_s, progress=self.progress.append, on_row=keep,
+                    backend_factory=backend_factory,
+                )  # fmt: skip
+                self.state = "done"
+        except TuneError as e:
+            self.state, self.error = "failed", str(e)
+        except Exception as e:  # a bug: the tune ends, the pool goes on
+            log.exception("tune of %s failed", self.model)
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            if self.state == "running":
+                self.state = "cancelled"
+            self.finished_at = time.time()
+            self.finished.set()
 
 
 # ---------------------------------------------------------------------------- the cache
