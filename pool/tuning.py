@@ -578,6 +578,8 @@ def resolve_auto(settings: Settings, model: ModelSettings) -> tuple[dict[str, An
     on every core, the model's own ``target_inflight``).  Reads files: call it on a worker
     thread."""
     layout = lookup(settings, model) if isinstance(model, (GGUFModel, LlamaServerModel)) else None
+    if layout is not None and layout.replicas > 1 and getattr(model, "llama_server_port", None) is not None:
+        layout = None  # a fixed port holds one engine: the tuned count cannot load
     if layout is None:
         return {"replicas": 1}, "default"
     fields = layout.fields()

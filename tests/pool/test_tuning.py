@@ -200,3 +200,17 @@ def test_the_cli_prints_progress_then_the_table(tiny_gguf: Path, tmp_path: Path,
     assert out.splitlines()[0] == "# tune tiny: 1 cores, 4 tokens per request, greedy, streaming"
     assert 'backend = "gguf"' in out.splitlines()
     assert not cache.exists()
+
+
+def test_a_fixed_llama_server_port_keeps_auto_at_one_replica(tiny_gguf: Path) -> None:
+    settings = make_settings({"tiny": {"model_path": str(tiny_gguf), "backend": "llama_server", "replicas": "auto"}})
+    result = TuneResult(model="tiny", backend="llama_server", cores=tuning.cores_for(settings), concurrencies=(1,), tokens=4)
+    result.rows = [Row(Layout("llama_server", 2, 1, 4), cells={1: Cell(50.0, 0.1, 0, 2, 1.0)})]
+    assert tuning.record_result(result, tiny_gguf, settings) == ["llama_server"]
+    model = settings.engine.models["tiny"]
+    assert tuning.resolve_auto(settings, model) == (
+        {"replicas": 2, "replica_max": 2, "n_threads": 1, "target_inflight": 4}, "tuned"
+    )
+    fixed = make_settings({"tiny": {"model_path": str(tiny_gguf), "backend": "llama_server", "replicas": "auto",
+                                    "llama_server_port": 8999}})  # fmt: skip
+    assert tuning.resolve_auto(fixed, fixed.engine.models["tiny"]) == ({"replicas": 1}, "default")
