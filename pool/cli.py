@@ -139,11 +139,21 @@ def _tune(args: argparse.Namespace) -> int:
     except tuning.TuneError as e:
         print(f"llm-pool: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C: trio may deliver it wrapped in a nursery's group
+        if not _interrupted(e):
+            raise
         print("llm-pool: tune stopped; nothing recorded", file=sys.stderr)
         return 130
     print("\n".join(tuning.format_table(result)))
     return 0
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is Ctrl-C: a KeyboardInterrupt, alone or in an exception group."""
+    if isinstance(e, BaseExceptionGroup):
+        match, rest = e.split(KeyboardInterrupt)
+        return match is not None and rest is None
+    return isinstance(e, KeyboardInterrupt)
 
 
 def _positive(text: str) -> int:

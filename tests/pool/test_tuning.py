@@ -214,3 +214,32 @@ def test_a_fixed_llama_server_port_keeps_auto_at_one_replica(tiny_gguf: Path) ->
     fixed = make_settings({"tiny": {"model_path": str(tiny_gguf), "backend": "llama_server", "replicas": "auto",
                                     "llama_server_port": 8999}})  # fmt: skip
     assert tuning.resolve_auto(fixed, fixed.engine.models["tiny"]) == ({"replicas": 1}, "default")
+
+
+def test_ctrl_c_stops_the_cli_tune_and_records_nothing(tiny_gguf: Path, tmp_path: Path, cache: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "pool.toml"
+    config.write_text(f'[engine.models.tiny]\nmodel_path = "{tiny_gguf}"\nprompt_format = "native"\ngguf_n_ctx = 256\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_pool.pool.cli", "tune", "tiny", "--config", str(config), "--cores", "1",
+         "--concurrency", "64", "--tokens", "200", "--engines", "gguf,gguf_batched"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LLM_POOL_TUNE_CACHE_DIR": str(cache)},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + LIMIT_S
+        while not (line := proc.stderr.readline()).startswith("[2/2]"):  # the first one measured
+            assert line and time.monotonic() < deadline, "the tune never reached its second layout"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LIMIT_S)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "llm-pool: tune stopped; nothing recorded"
+    assert out == "" and _records(cache) == []
