@@ -267,7 +267,8 @@ def settings_for(model: ModelSettings, layout: Layout) -> ModelSettings:
 Progress = Callable[[str], None]
 
 
-async def _one(runtime: ModelRuntime, name: str, tokens: int) -> Answer:
+async def _one(runtime: ModelRuntime, name: str, tokens: int, errors: list[str]) -> Answer:
+    """One request of the workload; a failed one adds its message to ``errors``."""
     request = GenerationRequest(
         model=name,
         messages=[Message(role="system", content=SYSTEM), Message(role="user", content=PROMPT)],
@@ -286,7 +287,7 @@ async def _one(runtime: ModelRuntime, name: str, tokens: int) -> Answer:
             elif isinstance(event, Done):
                 n = event.stats.output_tokens or 0
             elif isinstance(event, Failed):
-                raise LoadFailed(event.error.message)
+                errors.append(event.error.message)
     finally:
         if not job.ended:
             job.cancel()
@@ -325,13 +326,16 @@ async def _measure_layout(
                 row.error = f"load failed: {failed[0] if failed else 'no replica left'}"
                 return
             row.load_s = time.perf_counter() - t0
-            await drive(functools.partial(_one, runtime, f"tune:{name}", tokens), 1, 1)  # warm-up
+            errors: list[str] = []
+            one = functools.partial(_one, runtime, f"tune:{name}", tokens, errors)
+            await drive(one, 1, 1)  # warm-up
             for c in concurrencies:
-                cell = await drive(functools.partial(_one, runtime, f"tune:{name}", tokens), c, requests_for(c))
+                cell = await drive(one, c, requests_for(c))
+                if errors:  # the layout does not serve: no figures from it
+                    row.error = f"a request failed: {errors[0]}"
+                    return
                 row.cells[c] = cell
                 progress(f"  {layout.label} c={c}: {cell.tokens_per_s:.1f} tok/s, TTFT p50 {cell.ttft_p50_s * 1000:.0f} ms")
-        except LoadFailed as e:  # a request failed: the layout does not serve
-            row.error = f"a request failed: {e}"
         finally:
             with trio.CancelScope(shield=True):
                 if runtime.admitting or runtime.alive:

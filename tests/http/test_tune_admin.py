@@ -95,3 +95,22 @@ async def test_tune_refusals_name_what_is_wrong(
         assert_error(await pool.get(TUNE), 404, "not_found", "model 'm' has not been tuned by this server")
         assert_error(await pool.get("/v1/admin/models/nope/tune"), 404, "unknown_model")
     assert pool.manager.tunes == {}
+
+
+async def test_a_layout_that_fails_to_load_is_a_row_with_its_error_and_nothing_is_recorded(
+    nursery: trio.Nursery, control: FakeBackendFactory, models: dict[str, dict[str, object]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_POOL_TUNE_CACHE_DIR", str(tmp_path / "cache"))
+    with trio.fail_after(LIMIT_S):
+        pool = await start_pool(nursery, control, models=models)
+        control.configure("m", fail_load="no room for it")  # every layout's load fails
+        assert (await pool.post(TUNE, {"cores": 1, "concurrency": [1], "engines": ["gguf", "llama_server"]})).status == 202
+        await pool.manager.tunes["m"].finished.wait()
+        r = await pool.get(TUNE)
+    assert r.json["state"] == "done"
+    assert [(x["engine"], x["error"], x["cells"]) for x in r.json["rows"]] == [
+        ("gguf", "load failed: no room for it", []), ("llama_server", "load failed: no room for it", [])
+    ]  # fmt: skip
+    assert r.json["best"] == [] and not (tmp_path / "cache").exists()
+    assert pool.manager.entries["m"].state == "loaded"
