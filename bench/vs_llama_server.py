@@ -239,9 +239,9 @@ def best_by_mean_share(results: dict[Any, dict[tuple[int, int], Cell]], cells: l
     return max(results, key=lambda name: sum(results[name][k].tokens_per_s / tops[k] for k in cells) / len(cells))
 
 
-def tuned_comparison(cells: list[tuple[int, int]], tokens: int, cores: int) -> None:
+def tuned_comparison(cells: list[tuple[int, int]], tokens: int, cores: int, parallels: tuple[int, ...] = (1, 2, 4, 8)) -> None:
     """Issue 21, side by side in one run: llama-server's best single process (every
-    ``--threads`` 1..cores × ``--parallel`` 1/2/4/8, the one with the best mean share over the
+    ``--threads`` 1..cores × ``--parallel`` in ``parallels``, the one with the best mean share over the
     concurrencies; also its best per concurrency), and the pool's tuned layout: ``llm-pool
     tune`` run here (in-process, recorded in a temporary cache), then ``llm-pool serve`` with
     ``replicas = "auto"`` reading that record, measured over HTTP like the engine."""
@@ -255,7 +255,7 @@ def tuned_comparison(cells: list[tuple[int, int]], tokens: int, cores: int) -> N
     concurrencies = tuple(c for c, _ in cells)
     native: dict[tuple[int, int], dict[tuple[int, int], Cell]] = {}
     for threads in range(1, cores + 1):
-        for parallel in (1, 2, 4, 8):
+        for parallel in parallels:
             print(f"... llama-server --threads {threads} --parallel {parallel}", file=sys.stderr, flush=True)
             native[(threads, parallel)] = run_native_llama_server(threads, parallel, cells, tokens)
             print("    " + "; ".join(f"c={k[0]} {v.tokens_per_s:.1f} tok/s, TTFT p50 {v.ttft_p50_s * 1000:.0f} ms"
@@ -316,11 +316,12 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true",
                         help="issue 21: llama-server's best single process vs the pool's tuned layout (replicas = auto)")
     parser.add_argument("--cores", type=int, default=0, help="--tuned: the cores both sides get (default: all)")
+    parser.add_argument("--parallel", default="1,2,4,8", help="--tuned: llama-server's --parallel values to try")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     cells = [(c, requests_for(c, args.waves)) for c in map(int, args.concurrency.split(","))]
     if args.tuned:
-        tuned_comparison(cells, args.tokens, args.cores or cores)
+        tuned_comparison(cells, args.tokens, args.cores or cores, tuple(int(p) for p in args.parallel.split(",")))
         return
     configs: dict[str, Any] = {
         "llama_cpp.server default": lambda: run_llama_server("default", cores, cells, args.tokens),
