@@ -270,9 +270,11 @@ def tuned_comparison(cells: list[tuple[int, int]], tokens: int, cores: int, para
             tuning.sweep, settings, "smollm2", cores=cores, concurrencies=concurrencies, tokens=tokens,
             progress=lambda line: print(line, file=sys.stderr, flush=True)))  # fmt: skip
         tune_s = time.perf_counter() - t0
-        best = result.recommended(None)
-        assert best is not None, "the tune measured nothing"
-        family = tuning.FAMILY[best.layout.engine]
+        overall = result.recommended(None)
+        assert overall is not None, "the tune measured nothing"
+        family = tuning.FAMILY[overall.layout.engine]  # the family of the best layout overall...
+        best = result.recommended(family)  # ...whose own record replicas = "auto" loads
+        assert best is not None
         fields: dict[str, Any] = {"backend": family, "replicas": "auto"}
         if family == "llama_server":
             fields["llama_server_n_ctx"] = 2048
