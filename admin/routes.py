@@ -36,6 +36,10 @@ from llm_pool.admin.rows import (
     TimelineGpu,
     TimelineModel,
     TimelineReport,
+    TuneBest,
+    TuneCell,
+    TuneLayoutRow,
+    TuneStatus,
 )
 from llm_pool.backends import OverrideError, kind_of
 from llm_pool.backends.capabilities import capabilities
@@ -46,6 +50,15 @@ from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry, PoolManager
 from llm_pool.pool.observability import LogRing, Sample, Timeline, log_ring, process_rss_mib
 from llm_pool.pool.serving import sse_frame
+from llm_pool.pool.tuning import (
+    DEFAULT_CONCURRENCIES,
+    DEFAULT_MAX_S,
+    DEFAULT_TOKENS,
+    ENGINES,
+    Engine,
+    TuneJob,
+    format_table,
+)
 from llm_pool.pool.web_io import json_response, sse_response
 
 log = logging.getLogger("llm_pool.admin")
@@ -67,6 +80,53 @@ class UnloadRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ResizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)]
+
+
+# -- tuning (issue 21)
+class TuneRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/admin/models/{name}/tune``: what ``llm-pool tune`` takes, bounded so that one
+    call cannot hold the machine for long (``max_s`` at most 30 minutes)."""
+
+    #: Cores to cut into layouts (default: ``engine.cpu_cores``, else all); more than exist: 400.
+    cores: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    concurrency: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=64)]], msgspec.Meta(min_length=1, max_length=4)] = (
+        msgspec.field(default_factory=lambda: list(DEFAULT_CONCURRENCIES))
+    )
+    engines: Annotated[list[Engine], msgspec.Meta(min_length=1, max_length=3)] = msgspec.field(
+        default_factory=lambda: list(ENGINES)
+    )
+    tokens: Annotated[int, msgspec.Meta(ge=1, le=512)] = DEFAULT_TOKENS
+    max_s: Annotated[float, msgspec.Meta(gt=0, le=1800)] = DEFAULT_MAX_S
+
+
+def tune_status(job: TuneJob) -> TuneStatus:
+    """A server-side tune as the admin API shows it."""
+    result = job.result
+    rows = []
+    best = []
+    if result is not None:
+        for row in result.rows:
+            lay = row.layout
+            cells = [
+                TuneCell(concurrency=c, tokens_per_s=round(cell.tokens_per_s, 1), ttft_p50_ms=round(cell.ttft_p50_s * 1000, 1),
+                         requests=cell.requests, zero_token_answers=cell.zero_token_answers)
+                for c, cell in sorted(row.cells.items())
+            ]  # fmt: skip
+            rows.append(TuneLayoutRow(engine=lay.engine, replicas=lay.replicas, threads=lay.threads, slots=lay.slots,
+                                      cells=cells, error=row.error, skipped=row.skipped))
+        for c in result.concurrencies:
+            top = result.best(c)
+            if top is not None:
+                lay = top.layout
+                best.append(TuneBest(concurrency=c, engine=lay.engine, replicas=lay.replicas, threads=lay.threads,
+                                     slots=lay.slots, tokens_per_s=round(top.cells[c].tokens_per_s, 1)))
+    return TuneStatus(
+        model=job.model, state=job.state, error=job.error, cores=result.cores if result else job.cores,
+        concurrencies=list(job.concurrencies), tokens=job.tokens, max_s=job.max_s, started_at=job.started_at,
+        finished_at=job.finished_at, progress=list(job.progress), rows=rows, best=best,
+        report=format_table(result) if result is not None and job.state != "running" else [],
+        partial=bool(result and (result.partial or job.state == "cancelled")),
+    )  # fmt: skip
 
 
 def _bad_load(message: str, model: str, param: str | None = None) -> PoolError:
@@ -114,7 +174,8 @@ def load_constraints(model: ModelSettings) -> dict[str, LoadConstraint]:
     annotations that validate the override): ``replicas`` up to ``replica_max``, then each
     override field of its backend kind."""
     out = {
-        "replicas": LoadConstraint(kind="integer", minimum=1, maximum=model.replica_max, step=1, default=model.replicas)
+        "replicas": LoadConstraint(kind="integer", minimum=1, maximum=model.replica_max, step=1,
+                                   default=model.replicas if isinstance(model.replicas, int) else 1)
     }
     hints = _hints(type(model))
     kind = kind_of(model)
@@ -174,8 +235,8 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         configured_enabled=m.enabled,
         runtime_state=entry.state,
         is_loaded=loaded,
-        replicas=len(live) if loaded else m.replicas,
-        replica_max=m.replica_max,
+        replicas=len(live) if loaded else _replicas_shown(entry),
+        replica_max=(entry.loaded_settings if loaded and entry.loaded_settings else m).replica_max,
         loaded_replicas=len(live),
         inflight_requests=running + waiting,
         queue_depth=waiting,
@@ -205,7 +266,18 @@ def model_row(manager: PoolManager, entry: ModelEntry) -> AdminModel:
         # remote models with prices: today's spend and remaining budget (from the cost ledger)
         remote_cost=_cost(manager, entry),
         capabilities=capabilities(m),
+        # tuning (issue 21): where the layout came from (replicas = "auto": the tuning cache)
+        replicas_source=entry.replicas_source,
     )
+
+
+def _replicas_shown(entry: ModelEntry) -> int:
+    """An unloaded model's replica count: the configured one, or for ``replicas = "auto"`` the
+    last load's (1 before the first)."""
+    if isinstance(entry.settings.replicas, int):
+        return entry.settings.replicas
+    last = entry.loaded_settings.replicas if entry.loaded_settings is not None else 1
+    return last if isinstance(last, int) else 1
 
 
 def _endpoint(model: Any, backend: Any) -> EndpointRow | None:
@@ -387,7 +459,7 @@ def register_admin(app: Any, manager: PoolManager) -> None:
         await check_file_bounds(manager, entry, override)
         if entry.state in ("unloaded", "failed") and not body.force:
             gpus, _ = await trio.to_thread.run_sync(gpu.read_gpus)
-            _check_gpu_memory(manager, entry, override, replicas or entry.settings.replicas, gpus)
+            _check_gpu_memory(manager, entry, override, replicas or _replicas_shown(entry), gpus)
         log.info("admin load", extra={"fields": {"action": "load", "model": name, "override": override, "replicas": replicas}})
         entry = await manager.load(name, override=override or None, replicas=replicas)
         return row_response(entry)
@@ -412,6 +484,29 @@ def register_admin(app: Any, manager: PoolManager) -> None:
         body: ResizeRequest = await _body(ResizeRequest)
         log.info("admin resize", extra={"fields": {"action": "resize", "model": name, "replicas": body.replicas}})
         return row_response(await manager.resize(name, body.replicas))
+
+    # tuning (issue 21): one background sweep at a time, read and cancelled here
+    @app.post("/v1/admin/models/<path:name>/tune")
+    async def admin_tune(name: str) -> Response:
+        manager.entry(name)
+        body: TuneRequest = await _body(TuneRequest)
+        job = manager.start_tune(name, cores=body.cores, concurrencies=tuple(body.concurrency),
+                                 engines=tuple(body.engines), tokens=body.tokens, max_s=body.max_s)  # fmt: skip
+        return json_response(tune_status(job), status=202)
+
+    @app.get("/v1/admin/models/<path:name>/tune")
+    async def admin_tune_status(name: str) -> Response:
+        return json_response(tune_status(manager.tune_of(name)))
+
+    @app.delete("/v1/admin/models/<path:name>/tune")
+    async def admin_tune_cancel(name: str) -> Response:
+        job = manager.tune_of(name)
+        if job.state == "running":
+            log.info("admin tune cancel", extra={"fields": {"action": "tune_cancel", "model": name}})
+            job.cancel()
+            with trio.CancelScope(shield=True):  # the layout being measured unloads first
+                await job.finished.wait()
+        return json_response(tune_status(job))
 
     @app.post("/v1/admin/settings/reload")
     async def admin_reload() -> Response:

@@ -142,6 +142,13 @@ class AdminModel(_Doc):
     # capabilities (issue 16)
     #: What the model takes: modalities, file inputs, turns, thinking modes, response formats.
     capabilities: ModelCapabilities
+    # -- tuning (issue 21)
+    #: Where the replica layout of the current (or last) load came from: ``configured`` (the
+    #: settings' count), ``override`` (an admin load's ``replicas``), ``tuned`` (``replicas =
+    #: "auto"``: the last ``llm-pool tune`` result for this file, backend, cores and build),
+    #: ``default`` (``"auto"`` with no such result: one replica on every core), ``auto`` (not
+    #: loaded since the settings asked for ``"auto"``).
+    replicas_source: Literal["configured", "override", "tuned", "default", "auto"]
 
 
 class AdminModels(_Doc):
@@ -239,3 +246,61 @@ class LogLine(_Doc, forbid_unknown_fields=False):
     event: str
     request_id: str | None = None
     model: str | None = None
+
+
+# -- tuning (issue 21): POST/GET/DELETE /v1/admin/models/{name}/tune
+class TuneCell(_Doc):
+    """One layout at one concurrency."""
+
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50_ms: float
+    requests: int
+    zero_token_answers: int
+
+
+class TuneLayoutRow(_Doc):
+    """One layout: ``replicas`` × ``threads`` per replica × ``slots`` per replica on ``engine``."""
+
+    engine: Literal["gguf", "gguf_batched", "llama_server"]
+    replicas: int
+    threads: int
+    slots: int
+    cells: list[TuneCell]
+    #: Why it has no figures: its load or a request failed, or the time bound came first.
+    error: str | None
+    skipped: str | None
+
+
+class TuneBest(_Doc):
+    concurrency: int
+    engine: Literal["gguf", "gguf_batched", "llama_server"]
+    replicas: int
+    threads: int
+    slots: int
+    tokens_per_s: float
+
+
+class TuneStatus(_Doc):
+    """A tune run by the server: its progress, then its table, the best layout per
+    concurrency, and the ``pool.toml`` lines to paste (what ``llm-pool tune`` prints)."""
+
+    model: str
+    state: Literal["running", "done", "cancelled", "failed"]
+    #: Why it failed (its model file is missing...); null otherwise.
+    error: str | None
+    #: The cores it cuts into layouts (null until it started).
+    cores: int | None
+    concurrencies: list[int]
+    tokens: int
+    max_s: float
+    started_at: float
+    finished_at: float | None
+    #: The newest progress lines, oldest first.
+    progress: list[str]
+    rows: list[TuneLayoutRow]
+    best: list[TuneBest]
+    #: The table and the lines to paste, as ``llm-pool tune`` prints them.
+    report: list[str]
+    #: Cut short by its time bound (or a cancel): the figures so far.
+    partial: bool

@@ -64,10 +64,12 @@ class BackendContext:
 
     @property
     def n_threads(self) -> int:
-        """Compute threads for this replica: configured, else cores / replicas (at least 1)."""
+        """Compute threads for this replica: configured, else cores (``engine.cpu_cores``, or
+        the machine's) / replicas (at least 1)."""
         if self.model.n_threads:
             return self.model.n_threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.replicas))
+        cores = self.settings.engine.cpu_cores or os.cpu_count() or 1
+        return max(1, cores // max(1, self.replicas))
 
 
 class OverrideError(ValueError):

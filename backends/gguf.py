@@ -116,6 +116,7 @@ class GGUFBackend(SequentialBackend):
         if req.grammar is not None:  # structured output / forced tool call (issue 16)
             llama_cpp.llama_sampler_free(grammar_sampler(llm._model.vocab, req.grammar, req.model))  # 400 if unparsable
             grammar = LlamaGrammar.from_string(req.grammar, verbose=False)
+        cached = _cached_prefix(llm, tokens)
         generator = llm.generate(
             tokens,
             top_k=1 if greedy else d.top_k,
@@ -154,7 +155,22 @@ class GGUFBackend(SequentialBackend):
             generator.close()
         if finish != "stop":
             job.emit(stops.push(utf8.decode(b"", final=True))[0] + stops.flush())
-        return timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
+        stats = timer.stats(finish_reason=finish, prompt_tokens=len(tokens))
+        stats.cached_prompt_tokens = cached
+        return stats
+
+
+def _cached_prefix(llm: Any, tokens: list[int]) -> int:
+    """The prompt tokens ``Llama.generate(reset=True)`` will not decode again: the prefix they
+    share with what the context holds (it decodes at least the last prompt token), as
+    llama-cpp-python computes it."""
+    held = llm._input_ids[: llm.n_tokens]
+    n = 0
+    for a, b in zip(held, tokens[:-1], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
     def embed(self, job: Job) -> GenerationStats:
         """An embeddings job: one vector per input (:func:`~backends.llama_common.pool_embedding`),

@@ -102,6 +102,8 @@ class _Sequence:
     next_token: int | None = None
     #: Index of this sequence's output row in the current batch (-1: none this step).
     out: int = -1
+    #: Prompt tokens its slot's cache already held (prefix reuse): not decoded again.
+    cached: int = 0
 
 
 class BatchedGGUFBackend:
@@ -332,6 +334,7 @@ class BatchedGGUFBackend:
             timer=timer,
             prefilled=reused,
             n_past=reused,
+            cached=reused,
         )
 
     def _new_sampler(self, d: Decoding, grammar: str | None = None, model: str = "") -> Any:
@@ -546,4 +549,6 @@ class BatchedGGUFBackend:
             if finish != "stop":
                 seq.job.emit(seq.stops.push(seq.utf8.decode(b"", final=True))[0] + seq.stops.flush())
         finally:
-            seq.job.finish(seq.timer.stats(finish_reason=finish, prompt_tokens=len(seq.prompt)))
+            stats = seq.timer.stats(finish_reason=finish, prompt_tokens=len(seq.prompt))
+            stats.cached_prompt_tokens = seq.cached
+            seq.job.finish(stats)

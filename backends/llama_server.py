@@ -430,6 +430,9 @@ def _apply_timings(stats: GenerationStats, final: dict[str, Any]) -> None:
         stats.output_tokens = t["predicted_n"] - (final.get("stop_type") == "eos")
     if isinstance(final.get("tokens_evaluated"), int):
         stats.prompt_tokens = final["tokens_evaluated"]
+    # prompt cache (issue 16): the prompt tokens its slot's cache already held
+    if isinstance(t.get("cache_n"), int):
+        stats.cached_prompt_tokens = t["cache_n"]
 
 
 KIND = BackendKind(

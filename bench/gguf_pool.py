@@ -35,8 +35,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-PROMPT = "Write a long story about a dragon who learns to read."
-SYSTEM = "You are a helpful assistant. Return only the response."
+from llm_pool.pool.workload import PROMPT, SYSTEM  # noqa: E402  (the one synthetic workload, with llm-pool tune)
 
 
 def smollm2_path() -> Path:
@@ -50,8 +49,9 @@ def chatml(system: str, user: str) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def write_config(directory: Path, models: dict[str, dict[str, Any]], port: int) -> Path:
+def write_config(directory: Path, models: dict[str, dict[str, Any]], port: int, engine: dict[str, Any] | None = None) -> Path:
     lines = ["[service]", 'host = "127.0.0.1"', f"port = {port}", 'log_level = "warning"', "[engine]", 'backend = "gguf"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in (engine or {}).items()]
     for name, fields in models.items():
         lines.append(f'[engine.models."{name}"]')
         lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]

@@ -24,6 +24,7 @@ from crashing here); ``make bench-deps LLAMA_SERVER_OPENMP=OFF`` gives it llm-po
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -31,14 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from bench.gguf_pool import PROMPT, ROOT, SYSTEM, free_port, smollm2_path, write_config
+from bench.gguf_pool import ROOT, free_port, smollm2_path, write_config
+from llm_pool.pool.workload import PROMPT, SYSTEM, Answer, Cell, drive, requests_for
 
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 
@@ -52,18 +53,9 @@ def build_of(python: str) -> str:
     return {"True": "OpenMP", "False": "GGML_OPENMP=OFF"}.get(out, "unknown")
 
 
-@dataclass
-class Cell:
-    tokens_per_s: float
-    ttft_p50_s: float
-    zero_token_answers: int
-    requests: int
-
-
 async def _measure(url: str, kind: str, concurrency: int, requests: int, tokens: int, model: str) -> Cell:
-    ttfts: list[float] = []
-    counts: list[int] = []
-    sem = trio.Semaphore(concurrency)
+    """One cell over HTTP: the workload of :mod:`llm_pool.pool.workload` (the one ``llm-pool
+    tune`` drives in-process), each request a stream to ``url``."""
     limits = httpx.Limits(max_connections=concurrency + 2)
     if kind == "pool":
         path = "/v1/responses"
@@ -79,37 +71,30 @@ async def _measure(url: str, kind: str, concurrency: int, requests: int, tokens:
         }
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
-        async def one() -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                first: float | None = None
-                n = 0
-                try:
-                    async with client.stream("POST", path, json=body) as r:
-                        async for line in r.aiter_lines():
-                            if not line.startswith("data: ") or line == "data: [DONE]":
-                                continue
-                            data = json.loads(line[6:])
-                            if kind == "pool":
-                                if data.get("type") == "response.output_text.delta" and first is None:
-                                    first = time.perf_counter() - t0
-                                if data.get("type") == "response.metrics":
-                                    n = data["metrics"]["engine_output_tokens"] or 0
-                            elif (data.get("choices") or [{}])[0].get("delta", {}).get("content"):
-                                n += 1
-                                if first is None:
-                                    first = time.perf_counter() - t0
-                except (httpx.HTTPError, ValueError):
-                    pass  # a cut stream counts as what it delivered
-                ttfts.append(first if first is not None else time.perf_counter() - t0)
-                counts.append(n)
+        async def one() -> Answer:
+            t0 = time.perf_counter()
+            first: float | None = None
+            n = 0
+            try:
+                async with client.stream("POST", path, json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        data = json.loads(line[6:])
+                        if kind == "pool":
+                            if data.get("type") == "response.output_text.delta" and first is None:
+                                first = time.perf_counter() - t0
+                            if data.get("type") == "response.metrics":
+                                n = data["metrics"]["engine_output_tokens"] or 0
+                        elif (data.get("choices") or [{}])[0].get("delta", {}).get("content"):
+                            n += 1
+                            if first is None:
+                                first = time.perf_counter() - t0
+            except (httpx.HTTPError, ValueError):
+                pass  # a cut stream counts as what it delivered
+            return Answer(ttft_s=first if first is not None else time.perf_counter() - t0, tokens=n)
 
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(requests):
-                nursery.start_soon(one)
-        wall = time.perf_counter() - t0
-    return Cell(sum(counts) / wall, statistics.median(ttfts), sum(1 for c in counts if c == 0), requests)
+        return await drive(one, concurrency, requests)
 
 
 def wait_ready(url: str, path: str, proc: subprocess.Popen[bytes], model: str | None) -> None:
@@ -223,23 +208,104 @@ async def crash_recovery(rounds: int, threads: int) -> tuple[list[float], list[f
     return to_serving, to_token
 
 
-def run_pool(model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
+def run_pool(
+    model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int, on_ready: Any = None,
+    engine: dict[str, Any] | None = None,
+) -> dict[tuple[int, int], Cell]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         # a model's fields belong to its backend: gguf_n_ctx only where the backend is gguf
         context = {} if model_fields.get("backend", "gguf") != "gguf" else {"gguf_n_ctx": 2048}
         fields = {"model_path": str(smollm2_path()), "prompt_format": "generic", "max_queue": 1024, **context, **model_fields}
-        config = write_config(Path(tmp), {"smollm2": fields}, port)
+        config = write_config(Path(tmp), {"smollm2": fields}, port, engine)
         proc = subprocess.Popen([sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, "/v1/models", proc, "smollm2")
+            if on_ready is not None:
+                on_ready(url)
             trio.run(_measure, url, "pool", 1, 1, 8, "smollm2")
             return {(c, n): trio.run(_measure, url, "pool", c, n, tokens, "smollm2") for c, n in cells}
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def best_by_mean_share(results: dict[Any, dict[tuple[int, int], Cell]], cells: list[tuple[int, int]]) -> Any:
+    """The configuration to serve every concurrency with: the highest mean of its tokens/s as a
+    share of each concurrency's best (the rule ``llm-pool tune`` records its choice by)."""
+    tops = {k: max(r[k].tokens_per_s for r in results.values()) for k in cells}
+    return max(results, key=lambda name: sum(results[name][k].tokens_per_s / tops[k] for k in cells) / len(cells))
+
+
+def tuned_comparison(cells: list[tuple[int, int]], tokens: int, cores: int, parallels: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+    """Issue 21, side by side in one run: llama-server's best single process (every
+    ``--threads`` 1..cores × ``--parallel`` in ``parallels``, the one with the best mean share over the
+    concurrencies; also its best per concurrency), and the pool's tuned layout: ``llm-pool
+    tune`` run here (in-process, recorded in a temporary cache), then ``llm-pool serve`` with
+    ``replicas = "auto"`` reading that record, measured over HTTP like the engine."""
+    import logging
+
+    from llm_pool.config import decode_settings
+    from llm_pool.pool import tuning
+
+    logging.basicConfig(level=logging.ERROR)  # the engines' own lines would drown the progress
+
+    concurrencies = tuple(c for c, _ in cells)
+    native: dict[tuple[int, int], dict[tuple[int, int], Cell]] = {}
+    for threads in range(1, cores + 1):
+        for parallel in parallels:
+            print(f"... llama-server --threads {threads} --parallel {parallel}", file=sys.stderr, flush=True)
+            native[(threads, parallel)] = run_native_llama_server(threads, parallel, cells, tokens)
+            print("    " + "; ".join(f"c={k[0]} {v.tokens_per_s:.1f} tok/s, TTFT p50 {v.ttft_p50_s * 1000:.0f} ms"
+                                     for k, v in native[(threads, parallel)].items()), file=sys.stderr, flush=True)
+    single = best_by_mean_share(native, cells)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["LLM_POOL_TUNE_CACHE_DIR"] = cache  # the serve child inherits it
+        settings = decode_settings({"engine": {"cpu_cores": cores, "models": {"smollm2": {
+            "model_path": str(smollm2_path()), "prompt_format": "generic", "gguf_n_ctx": 2048}}}}, source="bench")  # fmt: skip
+        t0 = time.perf_counter()
+        result = trio.run(functools.partial(
+            tuning.sweep, settings, "smollm2", cores=cores, concurrencies=concurrencies, tokens=tokens,
+            progress=lambda line: print(line, file=sys.stderr, flush=True)))  # fmt: skip
+        tune_s = time.perf_counter() - t0
+        overall = result.recommended(None)
+        assert overall is not None, "the tune measured nothing"
+        family = tuning.FAMILY[overall.layout.engine]  # the family of the best layout overall...
+        best = result.recommended(family)  # ...whose own record replicas = "auto" loads
+        assert best is not None
+        fields: dict[str, Any] = {"backend": family, "replicas": "auto"}
+        if family == "llama_server":
+            fields["llama_server_n_ctx"] = 2048
+        pooled, source = run_pool_auto(fields, cells, tokens, cores)
+    print("\n".join(tuning.format_table(result)))
+    print(f"# tune took {tune_s:.0f} s; {os.cpu_count()} cores on the machine, {cores} given to each side")
+    print(f"# the pool's tuned layout: {best.layout.label} (replicas = \"auto\", backend \"{family}\": replicas_source {source})")
+    t, p = single
+    print(f"# llama-server's best single process: --threads {t} --parallel {p} (best mean share over c)")
+    print("| c | llm-pool tuned: tok/s, TTFT p50 ms | llama-server best single: tok/s, TTFT p50 ms | ratio | "
+          "llama-server best at this c |")
+    print("| --- | --- | --- | --- | --- |")
+    for k in cells:
+        ours, theirs = pooled[k], native[single][k]
+        top = max(native, key=lambda n: native[n][k].tokens_per_s)
+        print(f"| {k[0]} | {ours.tokens_per_s:.1f}, {ours.ttft_p50_s * 1000:.0f} | {theirs.tokens_per_s:.1f}, "
+              f"{theirs.ttft_p50_s * 1000:.0f} | {ours.tokens_per_s / theirs.tokens_per_s:.2f}x | "
+              f"-t {top[0]} --parallel {top[1]}: {native[top][k].tokens_per_s:.1f}, {native[top][k].ttft_p50_s * 1000:.0f} ms |")
+
+
+def run_pool_auto(
+    model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int, cores: int
+) -> tuple[dict[tuple[int, int], Cell], str]:
+    """:func:`run_pool` for a ``replicas = "auto"`` model; also its admin row's ``replicas_source``."""
+    sources: list[str] = []
+
+    def check(url: str) -> None:
+        sources.append(httpx.get(url + "/v1/admin/models/smollm2").json()["replicas_source"])
+
+    measured = run_pool(model_fields, cells, tokens, on_ready=check, engine={"cpu_cores": cores})
+    return measured, (sources[0] if sources else "unknown")
 
 
 def main() -> None:
@@ -249,9 +315,16 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--only", default="", help="comma list of configurations to run (default: all)")
     parser.add_argument("--crash-rounds", type=int, default=0, help="time crash recovery over this many SIGKILLs")
+    parser.add_argument("--tuned", action="store_true",
+                        help="issue 21: llama-server's best single process vs the pool's tuned layout (replicas = auto)")
+    parser.add_argument("--cores", type=int, default=0, help="--tuned: the cores both sides get (default: all)")
+    parser.add_argument("--parallel", default="1,2,4,8", help="--tuned: llama-server's --parallel values to try")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    cells = [(c, max(c * args.waves, 2 if c == 1 else c)) for c in map(int, args.concurrency.split(","))]
+    cells = [(c, requests_for(c, args.waves)) for c in map(int, args.concurrency.split(","))]
+    if args.tuned:
+        tuned_comparison(cells, args.tokens, args.cores or cores, tuple(int(p) for p in args.parallel.split(",")))
+        return
     configs: dict[str, Any] = {
         "llama_cpp.server default": lambda: run_llama_server("default", cores, cells, args.tokens),
         "llama_cpp.server interrupt_requests=false": lambda: run_llama_server("no-interrupt", cores, cells, args.tokens),

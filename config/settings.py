@@ -133,7 +133,10 @@ class _ModelBase(_Strict, tag_field="backend"):
     #: token and can forge a turn).  Only for models whose every caller is trusted.
     allow_special_tokens_in_input: bool = False
     enabled: bool = True
-    replicas: Positive = 1
+    #: A count, or ``"auto"``: at load, the layout the last ``llm-pool tune`` recorded for this
+    #: model file, backend, cores and build (replicas, threads, slots), else a safe default
+    #: (see :mod:`llm_pool.pool.tuning`).
+    replicas: Positive | Literal["auto"] = 1
     replica_max: Positive = 1
     target_inflight: Positive = 1
     #: Waiting jobs (not running ones) beyond which requests get 429 ``executor_queue_full``.
@@ -190,7 +193,7 @@ class _ModelBase(_Strict, tag_field="backend"):
 
     def problems(self) -> tuple[str, str] | None:
         """What is wrong with this model beyond single fields: ``(field, message)`` or None."""
-        if self.replicas > self.replica_max:
+        if self.replicas != "auto" and self.replicas > self.replica_max:
             return "replicas", f"has replicas={self.replicas} greater than replica_max={self.replica_max}"
         if (problem := self.modality_problem()) is not None:
             return problem
@@ -473,6 +476,8 @@ class RemoteModel(_ModelBase, tag="openai_compatible"):
         return True  # as Chat Completions content parts; whether the upstream model can is its own
 
     def problems(self) -> tuple[str, str] | None:
+        if self.replicas == "auto":  # tuning measures local engines only
+            return "replicas", 'may not be "auto" for backend openai_compatible (set a count)'
         if self.replicas > self.replica_max:
             return super().problems()
         if self.remote_endpoints and self.remote_base_url:
@@ -557,6 +562,10 @@ class EngineSettings(_Strict):
     max_tokens_limit: Positive = 4096
     decoding: DecodingSettings = msgspec.field(default_factory=DecodingSettings)
     models: dict[str, ModelSettings] = msgspec.field(default_factory=dict)
+    # -- tuning (issue 21): the cores the pool's local engines may use
+    #: CPU cores the local models may use: a model's default ``n_threads`` divides these among
+    #: its replicas, and ``llm-pool tune`` sweeps layouts within them (None: every core).
+    cpu_cores: Positive | None = None
 
 
 class Settings(_Strict):

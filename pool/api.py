@@ -47,6 +47,9 @@ Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
 FAIRNESS_KEY_MAX = 128
 #: The header that names a request's fairness key when its body does not.
 FAIRNESS_KEY_HEADER = "X-Fairness-Key"
+#: OpenAI's ``prompt_cache_key`` (issue 16): any non-empty string, bounded (the scheduler keeps
+#: a bounded map of them).
+PromptCacheKey = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
 
 class DecodingIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -235,6 +238,9 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     # structured output (issue 16): either spelling, not both
     response_format: ResponseFormatIn | None = None
     text: ResponsesText | None = None
+    # -- prompt cache (issue 16)
+    #: Requests with the same key go to the replica that last served it (its prompt cache).
+    prompt_cache_key: PromptCacheKey | None = None
 
 
 class Metrics(msgspec.Struct, kw_only=True):
@@ -253,6 +259,8 @@ class Metrics(msgspec.Struct, kw_only=True):
     engine_output_tokens: int | None = None
     engine_tokens_per_second: float | None = None
     request_cost: float | None = None
+    # -- prompt cache (issue 16): prompt tokens the engine's cache already held
+    engine_cached_prompt_tokens: int | None = None
 
 
 class OutputText(msgspec.Struct, kw_only=True):
@@ -449,7 +457,8 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     store: bool | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
+    #: Routes requests with the same key to the same replica (issue 16; no longer ignored).
+    prompt_cache_key: PromptCacheKey | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
@@ -793,6 +802,7 @@ def to_generation_request(settings: Settings, body: ResponsesRequest, key_header
         fairness_key=fairness_key(body.fairness_key, key_header),
         priority=body.priority,
         thinking=body.thinking,
+        prompt_cache_key=body.prompt_cache_key,
     )
 
 
@@ -932,6 +942,7 @@ def build_metrics(job: Any, pool_total_ms: float | None) -> Metrics:
         engine_output_tokens=s.output_tokens if s else None,
         engine_tokens_per_second=tps,
         request_cost=s.cost if s else None,
+        engine_cached_prompt_tokens=s.cached_prompt_tokens if s else None,
     )
 
 

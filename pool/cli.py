@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from importlib import metadata
@@ -99,6 +100,72 @@ class ConvertProgress:
             print(f"{self.WORDS[stage]}... ({took})", file=self.stream, flush=True)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """``llm-pool tune MODEL``: sweep the model's layouts here (see :mod:`llm_pool.pool.tuning`);
+    progress on stderr, the table and the lines to paste on stdout.  Ctrl-C stops it: the
+    layout being measured is unloaded and nothing is recorded."""
+    import logging
+
+    from llm_pool.config import SettingsError, load_settings
+    from llm_pool.pool import tuning
+
+    try:
+        settings = load_settings(args.config)
+        concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+        if not concurrencies or min(concurrencies) < 1:
+            raise ValueError
+    except SettingsError as e:
+        print(f"llm-pool: {e}", file=sys.stderr)
+        return 2
+    except ValueError:
+        print(f"llm-pool: --concurrency must be a comma list of integers >= 1, not {args.concurrency!r}", file=sys.stderr)
+        return 2
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    if not engines or any(e not in tuning.ENGINES for e in engines):
+        print(f"llm-pool: --engines must be a comma list of {', '.join(tuning.ENGINES)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.ERROR)  # the engines' own chatter would drown the progress
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = trio.run(
+            functools.partial(
+                tuning.sweep, settings, args.model, cores=args.cores, concurrencies=concurrencies,
+                engines=engines, tokens=args.tokens, max_s=args.max_s, progress=progress, record=not args.no_record,
+            )  # type: ignore[arg-type]
+        )  # fmt: skip
+    except tuning.TuneError as e:
+        print(f"llm-pool: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:  # Ctrl-C: trio may deliver it wrapped in a nursery's group
+        if not _interrupted(e):
+            raise
+        print("llm-pool: tune stopped; nothing recorded", file=sys.stderr)
+        return 130
+    print("\n".join(tuning.format_table(result)))
+    return 0
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is Ctrl-C: a KeyboardInterrupt, alone or in an exception group."""
+    if isinstance(e, BaseExceptionGroup):
+        match, rest = e.split(KeyboardInterrupt)
+        return match is not None and rest is None
+    return isinstance(e, KeyboardInterrupt)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text!r}")
+    return value
+
+
 def version() -> str:
     try:
         return metadata.version("llm-pool")
@@ -121,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="int8", help="CT2 weight type (default int8)")
     p.add_argument("--force", action="store_true", help="replace the folder if it exists")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("tune", help="measure a GGUF model's replica layouts on this machine and record the best")
+    p.add_argument("model", help="the model's name in pool.toml")
+    p.add_argument("--config", help="settings file (default: $LLM_POOL_SETTINGS_PATH or ./pool.toml)")
+    p.add_argument("--cores", type=_positive, help="cores to cut into layouts (default: engine.cpu_cores, else all)")
+    p.add_argument("--concurrency", default="1,4,8", help="comma list of concurrencies (default 1,4,8)")
+    p.add_argument("--engines", default="gguf,gguf_batched,llama_server", help="comma list of engines to try")
+    p.add_argument("--tokens", type=_positive, default=64, help="tokens per request (default 64)")
+    p.add_argument("--max-s", type=float, default=600.0, help="the whole sweep's time bound in seconds (default 600)")
+    p.add_argument("--no-record", action="store_true", help="print only; leave the tuning cache as it is")
+    p.set_defaults(func=_tune)
     from llm_pool.pool.client import add_client_commands
 
     add_client_commands(sub)

@@ -182,6 +182,12 @@ class GenerationRequest:
     #: enforce one (:mod:`backends.structured`); None: unconstrained.
     grammar: str | None = None
 
+    # -- prompt cache (issue 16)
+    #: OpenAI's ``prompt_cache_key``: requests with the same key go to the replica that last
+    #: served it while it has room (:meth:`pool.scheduler.ModelRuntime._pick`); None: routed by
+    #: the longest prompt prefix a replica served recently.
+    prompt_cache_key: str | None = None
+
     @property
     def system(self) -> str | None:
         return next((m.content for m in self.messages if m.role == "system"), None)
@@ -204,6 +210,10 @@ class GenerationStats(msgspec.Struct, kw_only=True):
     generate_total_ms: float | None = None
     decode_after_first_token_ms: float | None = None
     cost: float | None = None
+    # -- prompt cache (issue 16)
+    #: Prompt tokens not computed again: the engine's KV cache already held them (a prefix
+    #: shared with the prompt that slot served last).  None where the runtime does not say.
+    cached_prompt_tokens: int | None = None
 
 
 class TopLogprob(msgspec.Struct, kw_only=True):

@@ -62,6 +62,7 @@ from llm_pool.pool.errors import (
 )
 from llm_pool.pool.jobs import Job
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
+from llm_pool.pool.tuning import Engine, ReplicasSource, TuneError, TuneJob, cores_for, resolve_auto, tunable
 
 log = logging.getLogger("llm_pool.manager")
 
@@ -112,6 +113,12 @@ class ModelEntry:
         self.wanted = settings.enabled
         #: Why the last load was refused before it began (the budget: 503), or None.
         self.refused: PoolError | None = None
+        # -- tuning (issue 21)
+        #: Where the current (or last) load's replica layout came from: the settings
+        #: (``configured``), an admin load's ``replicas`` (``override``), or for ``replicas =
+        #: "auto"`` the tuning cache (``tuned``) or the safe default (``default``); ``auto`` until
+        #: such a model was first loaded.
+        self.replicas_source: ReplicasSource = "auto" if settings.replicas == "auto" else "configured"
 
     @property
     def last_error(self) -> str | None:
@@ -161,6 +168,9 @@ class PoolManager:
         self.job_hooks: list[Callable[[Job, PoolError | None], None]] = []
         #: Measures GPU memory for load deltas; None where no GPU is visible.
         self.gpu_used_mib: Callable[[], float | None] = lambda: None
+        # -- tuning (issue 21)
+        #: The last tune of each model run by this server (one runs at a time).
+        self.tunes: dict[str, TuneJob] = {}
 
     # ------------------------------------------------------------------ lifetime
     async def run(self, *, autoload: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -422,20 +432,30 @@ class PoolManager:
         )
         return runtime
 
-    def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int) -> None:
+    def _start_load(self, entry: ModelEntry, override: dict[str, Any] | None, replicas: int | str) -> None:
         assert self._nursery is not None
         model = msgspec.structs.replace(entry.settings, **(override or {}))
-        runtime = self._make_runtime(entry, model, replicas)
         entry.override = override
         entry.loaded_settings = model
         entry.last_error = None
         if entry.load_done.is_set():  # a load on demand made its event already (callers may wait on it)
             entry.load_done = trio.Event()
         self._set_state(entry, "loading")
-        self._nursery.start_soon(self._model_lifetime, entry, runtime, replicas, name=f"model {entry.name}")
+        if replicas == "auto":  # the layout is read from the tuning cache in the model's task
+            self._nursery.start_soon(self._model_lifetime, entry, None, model, name=f"model {entry.name}")
+            return
+        assert isinstance(replicas, int)
+        entry.replicas_source = "configured" if replicas == entry.settings.replicas else "override"
+        model = msgspec.structs.replace(model, replicas=replicas)
+        entry.loaded_settings = model
+        runtime = self._make_runtime(entry, model, replicas)
+        self._nursery.start_soon(self._model_lifetime, entry, runtime, model, name=f"model {entry.name}")
 
-    async def _model_lifetime(self, entry: ModelEntry, runtime: ModelRuntime, replicas: int) -> None:
+    async def _model_lifetime(self, entry: ModelEntry, runtime: ModelRuntime | None, model: ModelSettings) -> None:
+        """One load's life.  ``runtime`` None: a ``replicas = "auto"`` model, whose layout is
+        read first (:func:`pool.tuning.resolve_auto`, on a worker thread)."""
         vram_before = self.gpu_used_mib()
+        replicas = model.replicas if isinstance(model.replicas, int) else 1
 
         def on_loaded() -> None:
             entry.runtime = runtime
@@ -453,6 +473,14 @@ class PoolManager:
                 self._nursery.start_soon(self._unload_when_idle, entry, runtime, idle_s, name=f"idle unload {entry.name}")
 
         try:
+            if runtime is None:
+                fields, entry.replicas_source = await trio.to_thread.run_sync(resolve_auto, self.settings, model)
+                model = msgspec.structs.replace(model, **fields)
+                entry.loaded_settings = model
+                assert isinstance(model.replicas, int)
+                replicas = model.replicas
+                log.info("model %s: replicas auto -> %s layout, %d replica(s)", entry.name, entry.replicas_source, replicas)
+                runtime = self._make_runtime(entry, model, replicas)
             await runtime.run(replicas, on_loaded=on_loaded)
         except LoadFailed as e:
             entry.last_error = str(e)
@@ -463,7 +491,7 @@ class PoolManager:
         finally:
             entry.runtime = None
             entry.override = None  # this load's override ends with it
-            if entry.last_error is None and runtime.last_error is not None:
+            if entry.last_error is None and runtime is not None and runtime.last_error is not None:
                 entry.last_error = runtime.last_error
             if entry.state == "unloading" or (entry.state == "loaded" and entry.last_error is None):
                 self._set_state(entry, "unloaded")
@@ -539,12 +567,14 @@ class PoolManager:
             return entry.runtime
 
         check_loaded()
-        if not 1 <= replicas <= entry.settings.replica_max:
+        # the load's own ceiling: a replicas = "auto" load raises it to the tuned count
+        replica_max = (entry.loaded_settings or entry.settings).replica_max
+        if not 1 <= replicas <= replica_max:
             raise PoolError(
                 400,
                 "invalid_request",
-                f"replica count {replicas} exceeds replica_max {entry.settings.replica_max} for model {name!r}"
-                if replicas > entry.settings.replica_max
+                f"replica count {replicas} exceeds replica_max {replica_max} for model {name!r}"
+                if replicas > replica_max
                 else "replicas must be at least 1",
                 model=name,
                 param="replicas",
@@ -597,6 +627,47 @@ class PoolManager:
                 )
                 await self.unload(entry.name)
                 return
+
+    # ------------------------------------------------------------------ tuning (issue 21)
+    def start_tune(
+        self, name: str, *, cores: int | None, concurrencies: tuple[int, ...], engines: tuple[Engine, ...],
+        tokens: int, max_s: float,
+    ) -> TuneJob:  # fmt: skip
+        """Start a tune of ``name`` (:mod:`llm_pool.pool.tuning`) in the background: its layouts
+        load privately (the model itself, loaded or not, is untouched) within ``cores``.
+
+        Raises 404 ``unknown_model``, 400 ``invalid_request`` (not a GGUF model, more cores
+        than exist), 409 ``tune_running`` while any tune runs (two would measure each other),
+        503 ``shutting_down``."""
+        entry = self.entry(name)
+        if self.shutting_down:
+            raise shutting_down()
+        running = next((t for t in self.tunes.values() if t.state == "running"), None)
+        if running is not None:
+            raise PoolError(409, "tune_running", f"a tune of model {running.model!r} is running; cancel it or wait for its end",
+                            model=name)
+        try:
+            tunable(entry.settings, name)
+        except TuneError as e:
+            raise PoolError(400, "invalid_request", str(e), model=name) from None
+        try:
+            cores_for(self.settings, cores)
+        except TuneError as e:
+            raise PoolError(400, "invalid_request", str(e), model=name, param="$.cores" if cores else None) from None
+        job = TuneJob(name, cores=cores, concurrencies=concurrencies, engines=engines, tokens=tokens, max_s=max_s)
+        self.tunes[name] = job
+        assert self._nursery is not None
+        self._nursery.start_soon(job.run, self.settings, self.backend_factory, name=f"tune {name}")
+        log.info("tune started", extra={"fields": {"action": "tune", "model": name, "cores": cores}})
+        return job
+
+    def tune_of(self, name: str) -> TuneJob:
+        """The last tune of ``name`` run by this server; 404 ``not_found`` when none ran."""
+        self.entry(name)
+        job = self.tunes.get(name)
+        if job is None:
+            raise PoolError(404, "not_found", f"model {name!r} has not been tuned by this server", model=name)
+        return job
 
     async def reload_from_files(self) -> dict[str, Any]:
         """Re-read the settings files (``config_path``, else the default lookup) and adopt them

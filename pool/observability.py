@@ -42,6 +42,8 @@ Observed once per request, when it ends (:attr:`pool.manager.PoolManager.job_hoo
                                                            cancelled (vLLM's abort)
 ``llm_pool:prompt_tokens_total``                counter    as the backend counted them
 ``llm_pool:generation_tokens_total``            counter    as the backend counted them
+``llm_pool:prompt_tokens_cached_total``         counter    prompt tokens the engine's cache already
+                                                           held (vLLM's prefix_cache_hits; issue 16)
 ``llm_pool:fairness_queue_time_seconds``        histogram  submitted → dispatched, ``{model,fairness_key}``
 ==============================================  =========  ============================================
 
@@ -239,6 +241,7 @@ class _ModelSeries:
     prompt_tokens: Any
     generation_tokens: Any
     itl: Any
+    cached_prompt_tokens: Any = None  # prompt cache (issue 16)
 
 
 class PoolMetrics:
@@ -284,6 +287,10 @@ class PoolMetrics:
         )
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", M, registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", M, registry=r)
+        # prompt cache (issue 16)
+        self.cached_prompt_tokens = Counter(
+            PREFIX + "prompt_tokens_cached", "Prompt tokens the engine's cache already held.", M, registry=r
+        )
         self.refusals = Counter(
             PREFIX + "http_refusals", "Error answers with a 4xx status, by status and code.", ["status", "code"], registry=r
         )
@@ -309,6 +316,7 @@ class PoolMetrics:
                 prompt_tokens=self.prompt_tokens.labels(model, model),
                 generation_tokens=self.generation_tokens.labels(model, model),
                 itl=self.itl.labels(model, model),
+                cached_prompt_tokens=self.cached_prompt_tokens.labels(model, model),
             )
         return series
 
@@ -333,6 +341,7 @@ class PoolMetrics:
         if stats is not None:
             series.prompt_tokens.inc(stats.prompt_tokens or 0)
             series.generation_tokens.inc(stats.output_tokens or 0)
+            series.cached_prompt_tokens.inc(stats.cached_prompt_tokens or 0)
             if error is None:
                 self.finished.labels(model, model, stats.finish_reason).inc()
             n, decode_ms = stats.output_tokens, stats.decode_after_first_token_ms
@@ -354,7 +363,8 @@ class PoolMetrics:
         for model in models:
             for reason in REASONS:
                 self.outcomes.labels(model, model, reason)
-            for metric in (self.queue_time, self.ttft, self.inference, self.e2e, self.prompt_tokens, self.generation_tokens, self.itl):
+            for metric in (self.queue_time, self.ttft, self.inference, self.e2e, self.prompt_tokens, self.generation_tokens, self.itl,
+                           self.cached_prompt_tokens):
                 metric.labels(model, model)
             for reason in FINISH_REASONS:
                 self.finished.labels(model, model, reason)

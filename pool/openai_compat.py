@@ -149,7 +149,6 @@ IGNORED_FIELDS = (
     "store",
     "service_tier",
     "safety_identifier",
-    "prompt_cache_key",
     "parallel_tool_calls",
     "stream_options.include_obfuscation",
     "messages[].name",
@@ -496,6 +495,7 @@ def to_chat_request(settings: Settings, body: ChatCompletionRequest, key_header:
         tools=tools,
         tool_choice=(choice if isinstance(choice, str) else "auto") if choice is not None else "auto",
         tool_name=choice.function.name if choice is not None and not isinstance(choice, str) else None,
+        prompt_cache_key=body.prompt_cache_key,
     )
 
 

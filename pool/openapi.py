@@ -26,8 +26,16 @@ from typing import Any, Literal
 import msgspec
 from quart import Response
 
-from llm_pool.admin.routes import LoadRequest, ResizeRequest, UnloadRequest
-from llm_pool.admin.rows import AdminModel, AdminModels, GpuMemoryReport, LogLine, ReloadResult, TimelineReport
+from llm_pool.admin.routes import LoadRequest, ResizeRequest, TuneRequest, UnloadRequest
+from llm_pool.admin.rows import (
+    AdminModel,
+    AdminModels,
+    GpuMemoryReport,
+    LogLine,
+    ReloadResult,
+    TimelineReport,
+    TuneStatus,
+)
 from llm_pool.pool.api import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -278,6 +286,28 @@ def operations() -> list[Operation]:
             params=(NAME,), request=ResizeRequest,
             responses={**admin_row, **_errors(400, 401, 404, 409, 500)},
             auth="admin",
+        ),
+        # tuning (issue 21)
+        Operation(
+            "post", "/v1/admin/models/{name}/tune", "Start measuring a GGUF model's replica layouts", "admin",
+            params=(NAME,), request=TuneRequest, body_required=False,
+            responses={202: Body("The tune, started.", {JSON: TuneStatus}), **_errors(400, 401, 404, 409, 503)},
+            auth="admin",
+            description="Runs in the background (one tune at a time: 409 `tune_running`), bounded by `max_s`; "
+                        "read it with GET, stop it with DELETE. The best layout is recorded for `replicas = \"auto\"`.",
+        ),
+        Operation(
+            "get", "/v1/admin/models/{name}/tune", "The model's last tune: progress, table, best layouts", "admin",
+            params=(NAME,),
+            responses={200: Body("The tune.", {JSON: TuneStatus}), **_errors(401, 404)},
+            auth="admin",
+        ),
+        Operation(
+            "delete", "/v1/admin/models/{name}/tune", "Cancel the model's running tune", "admin",
+            params=(NAME,),
+            responses={200: Body("The tune, ended.", {JSON: TuneStatus}), **_errors(401, 404)},
+            auth="admin",
+            description="Returns once the layout being measured was unloaded; nothing is recorded.",
         ),
         Operation(
             "post", "/v1/admin/settings/reload", "Re-read the settings files (never loads or unloads)", "admin",

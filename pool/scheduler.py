@@ -31,6 +31,15 @@ engine process, a new one from ``make_backend`` (on a new worker thread) otherwi
 was the last); a replica that served ``RESTART_RESET_AFTER_S`` starts a new count.  Each attempt
 calls ``on_restart`` (``llm_pool:replica_restarts_total``) and is logged.
 
+Prompt-cache affinity (issue 16): a replica's engine keeps the KV cache of the prompts it served
+last, so a request that shares a prefix with one of them decodes only the rest.  A job with a
+``prompt_cache_key`` goes to the replica that last served that key (a bounded LRU map, key →
+replica); one without goes to the replica whose recent prompts share the longest prefix with its
+own (at least :data:`PREFIX_MIN_CHARS`).  Either only while that replica has a free slot and runs
+at most :data:`AFFINITY_SLACK` jobs more than the least-loaded replica with a free slot: past
+that, least-loaded wins (a busy replica's cache is not worth a queue, and one key cannot pin its
+traffic to one replica while others idle).
+
 Cancellation: cancelling the model's scope (``stop``, after the drain) sets the stop flag of every
 running job with a ``request_cancelled`` error and asks each backend to return; backends stop at
 their next token.  A replica's slot is released when its job ends, whatever happened, and a replica
@@ -41,6 +50,7 @@ This module must not import quart.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -71,6 +81,46 @@ ReplicaState = Literal["loading", "serving", "restarting", "retiring", "stopped"
 #: attempts: ``restart_max_attempts`` bounds a crash loop, not a replica's whole life.
 RESTART_RESET_AFTER_S = 60.0
 
+# -- prompt-cache affinity (issue 16; see the module docstring)
+#: ``prompt_cache_key`` → replica entries kept per model (least recently used dropped first):
+#: keys come from clients, so the map must not grow without bound.
+AFFINITY_KEYS = 4096
+#: How many more running jobs than the least-loaded free replica an affine replica may have.
+AFFINITY_SLACK = 1
+#: Prompts remembered per replica for prefix affinity, and how much of each.
+PREFIXES_PER_REPLICA = 8
+PREFIX_CHARS = 2048
+#: A shared prefix shorter than this is no reason to prefer a replica.
+PREFIX_MIN_CHARS = 64
+
+
+def prompt_prefix(job: Job) -> str:
+    """The start of ``job``'s prompt as the caller wrote it (every turn, in order): what
+    prefix affinity compares.  Rendering adds the same markup for the same turns."""
+    out: list[str] = []
+    size = 0
+    for m in job.request.messages:
+        out.append(f"{m.role}\x00{m.content}\x00")
+        size += len(out[-1])
+        if size >= PREFIX_CHARS:
+            break
+    return "".join(out)[:PREFIX_CHARS]
+
+
+def shared_prefix(a: str, b: str) -> int:
+    """Length of the common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
 
 def _cancelled() -> bool:
     """Whether the current task's scope is cancelled (an unload past its drain, a resize)."""
@@ -97,6 +147,8 @@ class Replica:
         self.stopping = False
         self.ready = trio.Event()
         self.done = trio.Event()
+        #: The starts of the prompts it served last (prefix affinity), newest last.
+        self.prefixes: collections.deque[str] = collections.deque(maxlen=PREFIXES_PER_REPLICA)
         self.inbox: Any = None  # queue.SimpleQueue for threaded backends, trio channel otherwise
         self._inbox_recv: Any = None
         self.new_inbox()
@@ -184,6 +236,8 @@ class ModelRuntime:
         self.queue = FairQueue(fairness)
         self._changed = trio.Event()
         self._rr = 0
+        #: ``prompt_cache_key`` → the replica that last served it (LRU, :data:`AFFINITY_KEYS`).
+        self._affinity: collections.OrderedDict[str, Replica] = collections.OrderedDict()
         #: Replica numbers are never reused, so a name always means one replica.
         self._replica_counter = 0
         self._nursery: trio.Nursery | None = None
@@ -582,24 +636,58 @@ class ModelRuntime:
         self.queue.cancel(job)
         self._notify()
 
-    def _pick(self, avoid: Replica | None = None) -> Replica | None:
-        """The replica with a free slot and the fewest running jobs per unit of weight (ties
-        round-robin), never ``avoid``.  Ejected replicas (a remote endpoint's health) are passed
-        over while another serving replica is in rotation; when every one is ejected, none is
-        (Envoy's panic mode: better to try than to refuse everything)."""
+    def _candidates(self, avoid: Replica | None = None) -> list[Replica]:
+        """The replicas a job may be placed on now: a free slot, never ``avoid``.  Ejected
+        replicas (a remote endpoint's health) are passed over while another serving replica is in
+        rotation; when every one is ejected, none is (Envoy's panic mode: better to try than to
+        refuse everything).  Empty: wait."""
         candidates = [r for r in self.replicas if r.free > 0 and r is not avoid]
         if not candidates:
-            return None
+            return []
         in_rotation = [r for r in candidates if not r.ejected]
         if in_rotation:
-            candidates = in_rotation
-        elif any(self._eligible(r, avoid) for r in self.replicas):
-            return None  # the replicas in rotation are busy: wait for them
+            return in_rotation
+        if any(self._eligible(r, avoid) for r in self.replicas):
+            return []  # the replicas in rotation are busy: wait for them
+        return candidates
+
+    def _pick(self, job: Job | None = None, avoid: Replica | None = None) -> Replica | None:
+        """The replica for ``job`` among :meth:`_candidates`: its affine replica (module
+        docstring) while that one is within :data:`AFFINITY_SLACK` of the least loaded, else
+        the one with the fewest running jobs per unit of weight (ties round-robin); None: wait."""
+        candidates = self._candidates(avoid)
+        if not candidates:
+            return None
         n = len(self.replicas)
         order = {r.name: (i - self._rr) % n for i, r in enumerate(self.replicas)}
         best = min(candidates, key=lambda r: (r.active / r.weight, order[r.name]))
+        if job is not None and len(candidates) > 1:
+            best = self._affine(job, [r for r in candidates if r.active <= best.active + AFFINITY_SLACK], order) or best
         self._rr = (self.replicas.index(best) + 1) % n
         return best
+
+    def _affine(self, job: Job, eligible: list[Replica], order: dict[str, int]) -> Replica | None:
+        key = job.request.prompt_cache_key
+        if key is not None:
+            replica = self._affinity.get(key)
+            return replica if replica in eligible else None
+        prefix = prompt_prefix(job)
+        scored = [(max((shared_prefix(prefix, p) for p in r.prefixes), default=0), r) for r in eligible]
+        top = max(score for score, _ in scored)
+        if top < PREFIX_MIN_CHARS:
+            return None
+        return min((r for score, r in scored if score == top), key=lambda r: (r.active, order[r.name]))
+
+    def _remember(self, job: Job, replica: Replica) -> None:
+        """What affinity needs of ``job``, placed on ``replica``."""
+        key = job.request.prompt_cache_key
+        if key is not None:
+            self._affinity[key] = replica
+            self._affinity.move_to_end(key)
+            if len(self._affinity) > AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
+        elif len(self.replicas) > 1:
+            replica.prefixes.append(prompt_prefix(job))
 
     def _pump(self) -> None:
         """Place queued jobs, in the queue's order, while a replica has a free slot."""
@@ -607,11 +695,13 @@ class ModelRuntime:
             self._place_retries()
         queue_ = self.queue
         while queue_.pending and self.admitting:
-            replica = self._pick()
-            if replica is None:
+            if not self._candidates():
                 return
             job = queue_.pop()
             assert job is not None
+            replica = self._pick(job)
+            assert replica is not None
+            self._remember(job, replica)
             job.on_cancel_queued = None
             job.retry = self._retry_elsewhere
             self._dispatch(job, replica)
@@ -670,7 +760,7 @@ class ModelRuntime:
                 self._retrying.remove(item)
                 give_up.append((job, error))
                 continue
-            replica = self._pick(avoid)
+            replica = self._pick(avoid=avoid)
             if replica is None or replica.ejected:
                 continue
             self._retrying.remove(item)

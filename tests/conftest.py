@@ -28,10 +28,12 @@ def pytest_addoption(parser):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No settings path from the developer's shell leaks into a test."""
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No settings path from the developer's shell leaks into a test, nor the user's tuning cache."""
     for var in ("LLM_POOL_SETTINGS_PATH", "LLM_POOL_LOCAL_SETTINGS_PATH"):
         monkeypatch.delenv(var, raising=False)
+    # tuning (issue 21): no test reads or writes the user's tuning cache
+    monkeypatch.setenv("LLM_POOL_TUNE_CACHE_DIR", str(tmp_path_factory.mktemp("tune-cache")))
 
 
 @pytest.fixture

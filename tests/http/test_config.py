@@ -78,12 +78,12 @@ def test_wrong_types_and_values(tmp_path: Path, toml: str, message: str) -> None
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("replicas = '2'", "$.engine.models.m.replicas: expected an integer >= 1"),
+        ("replicas = '2'", "$.engine.models.m.replicas: expected \"auto\" or an integer >= 1"),
         ("enabled = 'yes'", "$.engine.models.m.enabled: expected true or false"),
         ("gguf_flash_attn = 'maybe'", "$.engine.models.m.gguf_flash_attn: expected one of \"auto\", \"off\", \"on\""),
         ("backend = 'exllamav3'\nexllama_cache_size = 300", "$.engine.models.m.exllama_cache_size: expected an integer >= 256 (a multiple of 256)"),
         ("exllama_cache_size = 512", "$.engine.models.m.exllama_cache_size: unknown field"),  # not a gguf field
-        ("replicas = 0", "$.engine.models.m.replicas: expected an integer >= 1"),
+        ("replicas = 0", "$.engine.models.m.replicas: expected \"auto\" or an integer >= 1"),
     ],
 )
 def test_wrong_model_values_name_the_model(tmp_path: Path, line: str, message: str) -> None:

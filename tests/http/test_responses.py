@@ -254,6 +254,9 @@ INVALID = [
     (body(stop="x"), "$.decoding.stop: expected a list of at most 16 items", "$.decoding.stop"),
     (body(stop=["a", ""]), "$.decoding.stop[1]: expected a string of at least 1 character", "$.decoding.stop[1]"),
     (body(stop=[str(i) for i in range(17)]), "$.decoding.stop: expected a list of at most 16 items", "$.decoding.stop"),
+    # prompt cache (issue 16)
+    ({"model": "m", "input": "x", "prompt_cache_key": ""}, "$.prompt_cache_key: expected a string of 1 to 1024 characters or null", "$.prompt_cache_key"),
+    ({"model": "m", "input": "x", "prompt_cache_key": 7}, "$.prompt_cache_key: expected a string of 1 to 1024 characters or null", "$.prompt_cache_key"),
 ]
 
 

@@ -47,6 +47,7 @@ async def test_every_series_exists_at_zero_before_any_request(autojump_clock: Mo
             assert s(f"llm_pool:{hist}_count", model=model, model_name=model) == 0
         assert s("llm_pool:prompt_tokens_total", model=model, model_name=model) == 0
         assert s("llm_pool:generation_tokens_total", model=model, model_name=model) == 0
+        assert s("llm_pool:prompt_tokens_cached_total", model=model, model_name=model) == 0  # issue 16
         # what vLLM's dashboards read, under our prefix and with its model_name label
         assert s("llm_pool:inter_token_latency_seconds_count", model=model, model_name=model) == 0
         for reason in ("stop", "length", "cancelled"):

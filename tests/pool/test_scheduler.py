@@ -15,7 +15,7 @@ from support.runtime import collect, make_job
 from trio.testing import wait_all_tasks_blocked
 
 from llm_pool.pool.errors import PoolError
-from llm_pool.pool.jobs import Job
+from llm_pool.pool.jobs import Job, Message
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
 from llm_pool.pool.serving import wait_for_dispatch
 
@@ -444,3 +444,73 @@ async def test_load_is_all_or_nothing(autojump_clock: Any, watchdog: None) -> No
     assert not b2.loaded and not b2.closed
     assert runtime.replicas == []
     assert trio.current_time() - t0 == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- prompt-cache affinity
+def _keyed(s: Served, key: str | None, text: str = "a", system: str | None = None) -> Job:
+    job = make_job("m", text, 100)
+    job.request.prompt_cache_key = key
+    if system is not None:
+        job.request.messages.insert(0, Message(role="system", content=system))
+    s.runtime.submit_nowait(job)
+    return s.clients.start(job)
+
+
+async def test_a_prompt_cache_key_returns_to_its_replica_while_it_has_room(autojump_clock: Any, watchdog: None) -> None:
+    async with serving(2, target_inflight=3, capability=3) as s:
+        first = _keyed(s, "team-a")
+        await wait_all_tasks_blocked()
+        home = first.replica
+        # its replica runs one more job than the other (AFFINITY_SLACK): the key still wins
+        second = _keyed(s, "team-a")
+        await wait_all_tasks_blocked()
+        assert second.replica == home
+        # now two more: least-loaded wins over the key's replica
+        third = _keyed(s, "team-a")
+        await wait_all_tasks_blocked()
+        assert third.replica != home
+        # and the key follows the replica that served it last
+        fourth = _keyed(s, "team-a")
+        await wait_all_tasks_blocked()
+        assert fourth.replica == third.replica
+        # another key is placed least-loaded, as a request without affinity
+        other = _keyed(s, "team-b")
+        await wait_all_tasks_blocked()
+        assert other.replica == home
+        for job in (first, second, third, fourth, other):
+            job.cancel()
+
+
+async def test_without_a_key_the_longest_shared_prompt_prefix_picks_the_replica(
+    autojump_clock: Any, watchdog: None
+) -> None:
+    async with serving(2, target_inflight=2, capability=2) as s:
+        system_a, system_b = "A" * 200, "B" * 200
+        a1 = _keyed(s, None, "x", system_a)
+        b1 = _keyed(s, None, "x", system_b)
+        await wait_all_tasks_blocked()
+        assert a1.replica != b1.replica
+        # both replicas run one job; each new prompt joins the replica that saw its system prompt
+        b2 = _keyed(s, None, "y", system_b)
+        a2 = _keyed(s, None, "y", system_a)
+        await wait_all_tasks_blocked()
+        assert (a2.replica, b2.replica) == (a1.replica, b1.replica)
+        for job in (a1, b1, a2, b2):
+            job.cancel()
+
+
+async def test_the_key_map_is_bounded_least_recently_used_first(
+    autojump_clock: Any, watchdog: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_pool.pool import scheduler
+
+    monkeypatch.setattr(scheduler, "AFFINITY_KEYS", 2)
+    async with serving(2, target_inflight=4, capability=4) as s:
+        jobs = [_keyed(s, key) for key in ("k1", "k2", "k1", "k3")]
+        await wait_all_tasks_blocked()
+        assert list(s.runtime._affinity) == ["k1", "k3"]  # k2 was the least recently used
+        for job in jobs:
+            job.cancel()
+    assert scheduler.shared_prefix("abcdef", "abcxyz") == 3
+    assert scheduler.shared_prefix("abc", "abc") == 3
+    assert scheduler.shared_prefix("", "abc") == 0

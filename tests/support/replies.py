@@ -26,6 +26,7 @@ METRIC_KEYS = {
     "engine_prompt_tokens",
     "engine_output_tokens",
     "engine_tokens_per_second",
+    "engine_cached_prompt_tokens",  # prompt cache (issue 16)
 }
 RESP_ID = re.compile(r"^resp_[0-9a-f]{32}$")
 
