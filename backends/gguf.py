@@ -160,18 +160,6 @@ class GGUFBackend(SequentialBackend):
         return stats
 
 
-def _cached_prefix(llm: Any, tokens: list[int]) -> int:
-    """The prompt tokens ``Llama.generate(reset=True)`` will not decode again: the prefix they
-    share with what the context holds (it decodes at least the last prompt token), as
-    llama-cpp-python computes it."""
-    held = llm._input_ids[: llm.n_tokens]
-    n = 0
-    for a, b in zip(held, tokens[:-1], strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
-
     def embed(self, job: Job) -> GenerationStats:
         """An embeddings job: one vector per input (:func:`~backends.llama_common.pool_embedding`),
         each input tokenized as plain text with the model's own BOS/EOS, and refused (400) when it
@@ -208,6 +196,19 @@ def _cached_prefix(llm: Any, tokens: list[int]) -> int:
         stats = timer.stats(finish_reason="stop", prompt_tokens=total)
         stats.output_tokens = 0
         return stats
+
+def _cached_prefix(llm: Any, tokens: list[int]) -> int:
+    """The prompt tokens ``Llama.generate(reset=True)`` will not decode again: the prefix they
+    share with what the context holds (it decodes at least the last prompt token), as
+    llama-cpp-python computes it."""
+    held = llm._input_ids[: llm.n_tokens]
+    n = 0
+    for a, b in zip(held, tokens[:-1], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
 
 
 def _create(ctx: BackendContext) -> Any:
