@@ -20,6 +20,7 @@ from llm_pool.backends.base import BackendKind, SequentialBackend, StreamTimer
 from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.llama_common import (
     LLAMA_QUIET_LOAD_LOCK,
+    embedding_inputs,
     ggml_type,
     grammar_sampler,
     pool_embedding,
@@ -27,7 +28,6 @@ from llm_pool.backends.llama_common import (
     token_logprob,
 )
 from llm_pool.backends.prompts import PromptPrep
-from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -170,21 +170,11 @@ class GGUFBackend(SequentialBackend):
         timer = StreamTimer()
         limit = min(llm.n_batch, llm.context_params.n_ubatch)
         assert self.prompts.vocab is not None
-        total = 0
-        most_chars = limit * max(1, self.prompts.vocab.max_token_chars)
-        for i, text in enumerate(inputs):
-            if len(text) > most_chars:  # bound the tokenizer's work before it runs
-                raise invalid_request(
-                    f"input[{i}] has {len(text)} characters; model {req.model!r} embeds at most {limit} tokens"
-                    f" at once, which hold at most {most_chars}",
-                    param=f"$.input[{i}]",
-                    model=req.model,
-                )
-            n = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n == 0 or n > limit:
-                why = "is empty" if n == 0 else f"has {n} tokens; model {req.model!r} embeds at most {limit} at once"
-                raise invalid_request(f"input[{i}] {why}", param=f"$.input[{i}]", model=req.model)
-            total += n
+        ids = embedding_inputs(
+            req.model, inputs, limit, self.prompts.vocab.max_token_chars,
+            lambda b: llm.tokenize(b, add_bos=True, special=False),
+        )
+        total = sum(map(len, ids))
         timer.prompt_ready()
         # one input per call: llama-cpp-python's multi-sequence batches read per-token outputs
         # (pooling "none") at the wrong rows, so an input's vector would depend on its neighbours

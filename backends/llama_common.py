@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from llm_pool.backends.prompts import PromptPrep, SpecialToken, Vocab
 from llm_pool.config.settings import KvCacheType
+from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
@@ -128,6 +129,31 @@ def token_logprob(logits: Any, token: int, k: int, piece: Callable[[int], bytes]
         best = sorted((int(t) for t in candidates), key=lambda t: (-logprobs[t], t))
     chosen = entry(token)
     return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top=[entry(t) for t in best])
+
+
+def embedding_inputs(
+    model: str, inputs: list[str], limit: int, max_token_chars: int, tokenize: Callable[[bytes], list[int]]
+) -> list[list[int]]:
+    """Each input of an embeddings job as token ids (``tokenize``: plain text, the model's own
+    BOS/EOS, never a control token), or a 400 naming the input that is empty or longer than the
+    ``limit`` tokens an embedding sees at once; characters are bounded first (``limit`` tokens of
+    at most ``max_token_chars`` each), so the tokenizer's work is too."""
+    most_chars = limit * max(1, max_token_chars)
+    out: list[list[int]] = []
+    for i, text in enumerate(inputs):
+        if len(text) > most_chars:
+            raise invalid_request(
+                f"input[{i}] has {len(text)} characters; model {model!r} embeds at most {limit} tokens"
+                f" at once, which hold at most {most_chars}",
+                param=f"$.input[{i}]",
+                model=model,
+            )
+        tokens = tokenize(text.encode("utf-8"))
+        if not tokens or len(tokens) > limit:
+            why = "is empty" if not tokens else f"has {len(tokens)} tokens; model {model!r} embeds at most {limit} at once"
+            raise invalid_request(f"input[{i}] {why}", param=f"$.input[{i}]", model=model)
+        out.append(tokens)
+    return out
 
 
 def pool_embedding(rows: Any) -> list[float]:

@@ -72,7 +72,7 @@ from llm_pool.backends.base import BackendKind, StreamTimer
 from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.engine_backend import EngineBackend, close_response, quote
 from llm_pool.backends.engine_process import EngineProcess, engine_env
-from llm_pool.backends.llama_common import open_vocab, pool_embedding, set_prompt_model
+from llm_pool.backends.llama_common import embedding_inputs, open_vocab, pool_embedding, set_prompt_model
 from llm_pool.backends.prompts import Prompt, PromptPrep, Vocab
 from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, TokenLogprob, TopLogprob
@@ -333,21 +333,10 @@ class LlamaServerBackend(EngineBackend):
         inputs = req.embed_inputs or []
         vocab = self._vocab
         assert vocab is not None and self.prompts.vocab is not None and self._client is not None, "not loaded"
-        most_chars = self.n_ctx * max(1, self.prompts.vocab.max_token_chars)
-        ids: list[list[int]] = []
-        for i, text in enumerate(inputs):
-            if len(text) > most_chars:  # bound the tokenizer's work before it runs
-                raise invalid_request(
-                    f"input[{i}] has {len(text)} characters; model {req.model!r} embeds at most {self.n_ctx} tokens"
-                    f" at once, which hold at most {most_chars}",
-                    param=f"$.input[{i}]",
-                    model=req.model,
-                )
-            tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-            if not tokens or len(tokens) > self.n_ctx:
-                why = "is empty" if not tokens else f"has {len(tokens)} tokens; model {req.model!r} embeds at most {self.n_ctx} at once"
-                raise invalid_request(f"input[{i}] {why}", param=f"$.input[{i}]", model=req.model)
-            ids.append(tokens)
+        ids = embedding_inputs(
+            req.model, inputs, self.n_ctx, self.prompts.vocab.max_token_chars,
+            lambda b: vocab.tokenize(b, add_bos=True, special=False),
+        )
         timer.prompt_ready()
         try:
             r = await self._client.post(f"{self.base_url}/embedding", json={"content": ids, "embd_normalize": -1})

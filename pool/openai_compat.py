@@ -302,7 +302,32 @@ def _wire_call(call: ToolCall) -> ChatToolCall:
     return ChatToolCall(id=call.id, function=ChatFunctionCall(name=call.name, arguments=call.arguments))
 
 
-class ChatFrames:
+class _OpenAIStream:
+    """What both OpenAI streams share: after the last choice, with ``include_usage``, a chunk
+    whose ``choices`` is empty and whose ``usage`` counts every choice; an error as OpenAI's
+    error object; ``data: [DONE]`` last."""
+
+    jobs: list[Job]
+    index: int
+    include_usage: bool
+
+    def _chunk(self, choices: list[Any], **extra: Any) -> bytes:  # pragma: no cover - each stream's own
+        raise NotImplementedError
+
+    def _usage(self) -> bytes:
+        if not (self.include_usage and self.index == len(self.jobs) - 1):
+            return b""
+        prompt, output = usage_of(self.jobs)
+        return self._chunk([], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
+
+    def failed(self, error: PoolError) -> bytes:
+        return data_frame(error.body())
+
+    def closing(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+
+class ChatFrames(_OpenAIStream):
     """``/v1/chat/completions``' stream (see the module docstring): a first chunk with
     ``role``, one per text delta, one with ``finish_reason`` (and ``metrics``), with
     ``include_usage`` a ``usage`` chunk whose ``choices`` is empty, then ``data: [DONE]``.
@@ -371,21 +396,10 @@ class ChatFrames:
         out += self._chunk(
             [ChatChunkChoice(index=self.index, delta=ChatDelta(), finish_reason=finish_reason(job, calls))], metrics=metrics
         )
-        if self.include_usage and self.index == len(self.jobs) - 1:
-            prompt, output = usage_of(self.jobs)
-            out += self._chunk(
-                [], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
-            )
-        return out
-
-    def failed(self, error: PoolError) -> bytes:
-        return data_frame(error.body())
-
-    def closing(self) -> bytes:
-        return b"data: [DONE]\n\n"
+        return out + self._usage()
 
 
-class CompletionFrames:
+class CompletionFrames(_OpenAIStream):
     """``/v1/completions``' stream: ``text_completion`` chunks (OpenAI's shape), one per text
     delta of choice ``index`` (the prompt first with ``echo``), one with ``finish_reason`` (and
     ``metrics``), after the last choice with ``include_usage`` a ``usage`` chunk whose
@@ -434,18 +448,7 @@ class CompletionFrames:
         out = head + self._chunk(
             [CompletionChoice(text="", index=self.index, finish_reason=finish_reason(self.job))], metrics=metrics
         )
-        if self.include_usage and self.index == len(self.jobs) - 1:
-            prompt, output = usage_of(self.jobs)
-            out += self._chunk(
-                [], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
-            )
-        return out
-
-    def failed(self, error: PoolError) -> bytes:
-        return data_frame(error.body())
-
-    def closing(self) -> bytes:
-        return b"data: [DONE]\n\n"
+        return out + self._usage()
 
 
 def data_frame(payload: Any) -> bytes:
