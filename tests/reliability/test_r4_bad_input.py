@@ -494,7 +494,9 @@ def route_case(draw: st.DrawFn, rules: list[tuple[str, frozenset[str]]]) -> Case
         if f"<path:{arg}>" in path:
             path = path.replace(f"<path:{arg}>", urllib.parse.quote(draw(strategy), safe="/"))
     if draw(st.integers(0, 5)) == 5:
-        path = "/" + urllib.parse.quote(draw(st.text(max_size=60)), safe=draw(st.sampled_from(["", "/", "/?&="])))
+        raw = urllib.parse.quote(draw(st.text(max_size=60)), safe=draw(st.sampled_from(["", "/", "/?&="])))
+        # not "//...": the test client reads that as a host (its idna encoding raised on "//%C2%80")
+        path = "/" + raw.lstrip("/")
     method = draw(METHODS)
     body = draw(st.none() | st.binary(max_size=64) | st.builds(dumps, JSON_VALUES))
     expect: set[int] | None = None
