@@ -58,7 +58,15 @@ async def test_stop_terminates_the_group_and_reaps_it() -> None:
     # the engine starts a grandchild; the group signal ends both
     e = engine(["sh", "-c", "sleep 600 & echo started $!; wait"])
     started = trio.Event()
-    e.on_line = lambda line: started.set() if line.startswith("started") else None
+    said: set[str] = set()
+
+    def on_line(line: str) -> None:  # two pipes: the guard's pid line may come after "started"
+        said.update({"started"} if line.startswith("started") else set())
+        said.update({"pid"} if e.engine_pid is not None else set())
+        if said == {"started", "pid"}:
+            started.set()
+
+    e.on_line = on_line
     with trio.fail_after(LIMIT_S):
         await e.start()
         async with trio.open_nursery() as nursery:
