@@ -29,6 +29,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,14 @@ class Host:
     proc: trio.Process | None = None
     log: ServerLog = field(default_factory=ServerLog)
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery) -> float:
+        """Start the host; returns when (Unix time, from its own log) its model was loaded."""
         self.log = ServerLog()
         self.proc = await open_serve(self.config)
         nursery.start_soon(self.log.read, self.proc)
         await self.log.wait_for("serving")
-        await self.log.wait_for("model tiny loaded with 1 replica(s)")
+        loaded = await self.log.wait_for("model tiny loaded with 1 replica(s)")
+        return datetime.fromisoformat(loaded["ts"].replace("Z", "+00:00")).timestamp()
 
     async def kill(self) -> None:
         assert self.proc is not None
@@ -229,8 +232,9 @@ async def test_three_hosts_one_killed_and_restarted(
                     ejected_row = (await row())["replica_details"][1]["endpoint"]
                     while len([o for o in outcomes if o.t0 > t_kill_mono]) < 24:  # noqa: ASYNC110
                         await trio.sleep(0.05)  # the two others carry the load
-                    await hosts[1].start(nursery)
-                    t_back = time.time()
+                    # the host's own "loaded" time: the front pool's probe may reinstate it before
+                    # this test has read that line from the host's log
+                    t_back = await hosts[1].start(nursery)
                     await wait_state(1, "in_rotation")
                     figures["reinstate_s"] = logged("endpoint reinstated", t_back) - t_back
                     served_before = len(outcomes)
