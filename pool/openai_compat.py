@@ -139,7 +139,7 @@ from llm_pool.pool.jobs import (
     ToolSpec,
 )
 from llm_pool.pool.manager import PoolManager
-from llm_pool.pool.serving import job_result, run_job, run_jobs, stream_job, stream_jobs, unix_time_of
+from llm_pool.pool.serving import job_result, run_job, run_jobs, stream_jobs, unix_time_of
 from llm_pool.pool.web_io import json_response, read_json, sse_response
 
 #: OpenAI request fields accepted with any value and ignored: identifiers, bookkeeping and
@@ -210,14 +210,13 @@ def register_openai(app: Any, manager: PoolManager) -> None:
                     message.tool_calls = [_wire_call(c) for c in calls]
                 choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason(j, calls), logprobs=lp))
             assert metrics is not None
-            prompt, output = usage_of(jobs)
             return json_response(
                 ChatCompletion(
                     id=job.id,
                     created=created,
                     model=gen.model,
                     choices=choices,
-                    usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
+                    usage=usage_of(jobs),
                     metrics=metrics,
                 )
             )
@@ -226,8 +225,6 @@ def register_openai(app: Any, manager: PoolManager) -> None:
             ChatFrames(job, created, include_usage=include_usage, index=i, jobs=jobs, parse_calls=parse_calls)
             for i in range(len(jobs))
         ]
-        if len(jobs) == 1:
-            return sse_response(stream_job(job, t0, frames[0]))
         return sse_response(stream_jobs(jobs, t0, list(frames)))
 
     # issue 16 §2: legacy text completions and embeddings
@@ -251,7 +248,6 @@ def register_openai(app: Any, manager: PoolManager) -> None:
                 choices.append(
                     CompletionChoice(text=head + done.text, index=i, logprobs=lp, finish_reason=finish_reason(j))
                 )
-            prompt, output = usage_of(jobs)
             return json_response(
                 Completion(
                     id=job.id,
@@ -259,14 +255,12 @@ def register_openai(app: Any, manager: PoolManager) -> None:
                     created=created,
                     model=body.model,
                     choices=choices,
-                    usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output),
+                    usage=usage_of(jobs),
                     metrics=metrics,
                 )
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         cframes = [CompletionFrames(jobs, i, created, echo=echo, include_usage=include_usage) for i in range(len(jobs))]
-        if len(jobs) == 1:
-            return sse_response(stream_job(job, t0, cframes[0]))
         return sse_response(stream_jobs(jobs, t0, list(cframes)))
 
     @app.post("/v1/embeddings")
@@ -317,8 +311,7 @@ class _OpenAIStream:
     def _usage(self) -> bytes:
         if not (self.include_usage and self.index == len(self.jobs) - 1):
             return b""
-        prompt, output = usage_of(self.jobs)
-        return self._chunk([], usage=ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
+        return self._chunk([], usage=usage_of(self.jobs))
 
     def failed(self, error: PoolError) -> bytes:
         return data_frame(error.body())
@@ -677,16 +670,17 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
     return vector
 
 
-def usage_of(jobs: list[Job]) -> tuple[int, int]:
-    """``(prompt_tokens, completion_tokens)`` of a request's choices: OpenAI counts a prompt
-    once per distinct prompt, and every choice's output."""
+def usage_of(jobs: list[Job]) -> ChatUsage:
+    """The ``usage`` of a request's choices: OpenAI counts a prompt once per distinct prompt, and
+    every choice's output."""
     prompts: dict[str, int] = {}
     output = 0
     for job in jobs:
         p, o = token_counts(job)
         prompts.setdefault(job.request.input if job.request.raw_prompt is not None else "", p)
         output += o
-    return sum(prompts.values()), output
+    prompt = sum(prompts.values())
+    return ChatUsage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
 
 
 def chat_logprobs(tokens: list[TokenLogprob] | None) -> ChatLogprobs:
