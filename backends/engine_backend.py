@@ -16,7 +16,8 @@ for one job); this module owns the lifetime rules, so both engines keep them ali
   :class:`EngineCrashed`.
 * A cancelled job (client gone, unload) has its scope cancelled at once
   (:func:`~backends.base.cancel_when_stopped`); the stream to the engine is then closed
-  (shielded), which is what makes the engine abort that sequence and free its slot.
+  (shielded, :func:`~backends.engine_http.post_stream`), which is what makes the engine abort
+  that sequence and free its slot.
 
 Failures of one job::
 
@@ -29,6 +30,7 @@ This module imports no quart and no engine library.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -40,12 +42,15 @@ import httpx
 import trio
 
 from llm_pool.backends.base import EngineCrashed, StreamTimer, cancel_when_stopped
+from llm_pool.backends.engine_http import EngineConnectionLost
 from llm_pool.backends.engine_process import EngineProcess, describe_exit
+from llm_pool.backends.prompts import input_chars
 from llm_pool.pool.errors import PoolError, backend_error, engine_crashed, request_cancelled
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
     from llm_pool.backends.base import BackendContext
+    from llm_pool.backends.prompts import Prompt, PromptPrep, StopMatcher
 
 log = logging.getLogger("llm_pool.engine")
 
@@ -53,6 +58,9 @@ log = logging.getLogger("llm_pool.engine")
 CRASH_CONFIRM_S = 1.0
 #: How long a crash report waits for the child's last output lines.
 LAST_WORDS_S = 0.5
+#: Prompts of at most this many caller characters are rendered and tokenized on the event loop:
+#: that takes ≈0.5 ms, the hop to a worker thread and back ≈1 ms more of time to first token.
+INLINE_PREPARE_CHARS = 4096
 #: Engine error text quoted in a message is cut to this many characters.
 QUOTE_MAX = 300
 
@@ -71,10 +79,14 @@ class EngineBackend:
         self.replica = f"{ctx.name}#{ctx.replica_index}"
         self.model = ctx.model
         self.capability = ctx.model.target_inflight
+        #: Set by each engine: its prompt preparation and the context its prompts must fit.
+        self.prompts: PromptPrep[Any]
+        self.n_ctx: int | None = None
         self.engine: EngineProcess | None = None
         self.base_url = ""
         self.starts = 0
         self._client: httpx.AsyncClient | None = None
+        self._api_key = ""
         self._started_at = 0.0
         self._running: dict[Job, trio.CancelScope] = {}
         self._crash: str | None = None
@@ -160,6 +172,7 @@ class EngineBackend:
                 await engine.stop()
             raise
         self._client = client
+        self._api_key = api_key
         self.starts += 1
         self._started_at = time.monotonic()
 
@@ -251,6 +264,15 @@ class EngineBackend:
     async def _generate(self, job: Job, timer: StreamTimer) -> GenerationStats:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    async def _prepare(self, job: Job, **kwargs: Any) -> tuple[Prompt, list[Any], StopMatcher]:
+        """The job's prompt, tokens and stop matcher (``self.prompts.prepare``): on the event loop
+        for a prompt of at most :data:`INLINE_PREPARE_CHARS` caller characters, on a worker
+        thread otherwise (bounded by the size checks, but a long one can take ~0.2 s)."""
+        prepare = functools.partial(self.prompts.prepare, job, self.n_ctx, **kwargs)
+        if input_chars(job.request) <= INLINE_PREPARE_CHARS:
+            return prepare()
+        return await trio.to_thread.run_sync(prepare)
+
     # ------------------------------------------------------------------ errors
     async def _lost(self, e: Exception) -> PoolError:
         """A connection error: ``engine_crashed`` if the child is dying, else a backend error."""
@@ -260,7 +282,8 @@ class EngineBackend:
                 await engine.exited.wait()
             if engine.exited.is_set():
                 return self._crash_error()
-        return backend_error(self.name, f"lost the connection to {self.engine_name} at {self.base_url}: {type(e).__name__}")
+        what = str(e) if isinstance(e, EngineConnectionLost) else type(e).__name__
+        return backend_error(self.name, f"lost the connection to {self.engine_name} at {self.base_url}: {what}")
 
     def _crash_error(self) -> PoolError:
         code = self.engine.returncode if self.engine is not None else None
@@ -288,12 +311,3 @@ def quote(text: str) -> str:
     """Engine text for one of our messages: whitespace folded, cut to :data:`QUOTE_MAX`."""
     text = " ".join(text.split())
     return text if len(text) <= QUOTE_MAX else text[: QUOTE_MAX - 1] + "…"
-
-
-async def close_response(response: httpx.Response) -> None:
-    """Close a response even while cancelled: closing the stream is what aborts the engine's
-    sequence and frees its slot."""
-    with trio.CancelScope(shield=True), trio.move_on_after(5):
-        await response.aclose()
-
-

@@ -55,7 +55,6 @@ slot.  ``close`` always stops the child (SIGTERM, SIGKILL after ``stop_timeout_s
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -70,7 +69,8 @@ import trio
 
 from llm_pool.backends.base import BackendKind, StreamTimer
 from llm_pool.backends.decoding import engine_seed
-from llm_pool.backends.engine_backend import EngineBackend, close_response, quote
+from llm_pool.backends.engine_backend import EngineBackend, quote
+from llm_pool.backends.engine_http import EngineConnectionLost, post_stream
 from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.llama_common import embedding_inputs, open_vocab, pool_embedding, set_prompt_model
 from llm_pool.backends.prompts import Prompt, PromptPrep, Vocab
@@ -255,10 +255,8 @@ class LlamaServerBackend(EngineBackend):
         if req.embed_inputs is not None:
             return await self._embed(job, timer)
         d = req.decoding
-        # tokenizing is bounded by the size checks, but can take ~0.2 s: off the event loop
         marker = MEDIA_MARKER if req.images else None
-        prepare = functools.partial(self.prompts.prepare, job, self.n_ctx, media_marker=marker)
-        prompt, tokens, stops = await trio.to_thread.run_sync(prepare)
+        prompt, tokens, stops = await self._prepare(job, media_marker=marker)
         timer.prompt_ready()
         greedy = d.greedy
         body: dict[str, Any] = {
@@ -280,42 +278,33 @@ class LlamaServerBackend(EngineBackend):
             body["n_probs"] = max(1, req.logprobs)
         if req.grammar is not None:  # structured output / forced tool call (issue 16)
             body["grammar"] = req.grammar
-        assert self._client is not None, "not loaded"
-        request = self._client.build_request("POST", f"{self.base_url}/completion", json=body)
         finish = "length"
         final: dict[str, Any] | None = None
         predicted = 0
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TransportError as e:
-            raise await self._lost(e) from None
-        try:
-            if response.status_code != 200:
-                raise self._status_error(response.status_code, await response.aread())
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, ":" keep-alive pings
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise self._engine_error(chunk["error"])
-                predicted = chunk.get("tokens_predicted", predicted)
-                text = chunk.get("content") or ""
-                lp = _logprobs(chunk, req.logprobs) if req.logprobs is not None else None
-                if text:
-                    timer.token()
-                    out, hit = stops.push(text)
-                    job.emit(out, lp)
-                    if hit:
-                        finish = "stop"
+            async with post_stream(f"{self.base_url}/completion", json.dumps(body).encode(), api_key=self._api_key) as reply:
+                if reply.status != 200:
+                    raise self._status_error(reply.status, await reply.read())
+                async for data in reply:
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise self._engine_error(chunk["error"])
+                    predicted = chunk.get("tokens_predicted", predicted)
+                    text = chunk.get("content") or ""
+                    lp = _logprobs(chunk, req.logprobs) if req.logprobs is not None else None
+                    if text:
+                        timer.token()
+                        out, hit = stops.push(text)
+                        job.emit(out, lp)
+                        if hit:
+                            finish = "stop"
+                            break
+                    if chunk.get("stop"):
+                        final = chunk
+                        finish = "stop" if chunk.get("stop_type") in ("eos", "word") else "length"
                         break
-                if chunk.get("stop"):
-                    final = chunk
-                    finish = "stop" if chunk.get("stop_type") in ("eos", "word") else "length"
-                    break
-        except httpx.TransportError as e:
+        except EngineConnectionLost as e:
             raise await self._lost(e) from None
-        finally:
-            await close_response(response)
         if finish != "stop":
             job.emit(stops.flush())
         stats = timer.stats(finish_reason=finish, prompt_tokens=len(tokens))

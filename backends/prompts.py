@@ -498,6 +498,14 @@ def check_prompt_length(model: str, n_tokens: int, n_ctx: int | None, *, reserve
         )
 
 
+def input_chars(request: GenerationRequest) -> int:
+    """How many characters of caller text ``request`` carries: its turns, raw prompt, and (tool
+    calling, issue 16) tool definitions and earlier calls."""
+    chars = sum(len(m.content) for m in request.messages) + len(request.raw_prompt or "")
+    chars += sum(len(tool_json(t)) for t in request.tools) if offers_tools(request) else 0
+    return chars + sum(len(c.name) + len(c.arguments) for m in request.messages for c in m.tool_calls or ())
+
+
 def check_input_size(request: GenerationRequest, n_ctx: int | None, max_token_chars: int) -> None:
     """Refuse (400), before anything is rendered or tokenized, a request that cannot fit the
     context whatever its tokens: more turns than the context has positions (in the formats
@@ -519,10 +527,7 @@ def check_input_size(request: GenerationRequest, n_ctx: int | None, max_token_ch
             param="messages",
             model=request.model,
         )
-    chars = sum(len(m.content) for m in request.messages) + len(request.raw_prompt or "")
-    # tool calling (issue 16): tool definitions and earlier calls are caller text too
-    chars += sum(len(tool_json(t)) for t in request.tools) if offers_tools(request) else 0
-    chars += sum(len(c.name) + len(c.arguments) for m in request.messages for c in m.tool_calls or ())
+    chars = input_chars(request)
     limit = n_ctx * max(1, max_token_chars)
     if chars > limit:
         raise invalid_request(

@@ -75,7 +75,8 @@ import trio
 
 from llm_pool.backends.base import BackendKind, OverrideError, StreamTimer
 from llm_pool.backends.decoding import POSITIVE_PENALTY, engine_seed
-from llm_pool.backends.engine_backend import CRASH_CONFIRM_S, EngineBackend, close_response
+from llm_pool.backends.engine_backend import CRASH_CONFIRM_S, EngineBackend
+from llm_pool.backends.engine_http import EngineConnectionLost, post_stream
 from llm_pool.backends.engine_process import EngineProcess, engine_env
 from llm_pool.backends.prompts import NATIVE_STOPS, PromptPrep
 from llm_pool.pool.errors import PoolError
@@ -267,8 +268,7 @@ class VllmServeBackend(EngineBackend):
     async def _generate(self, job: Job, timer: StreamTimer) -> GenerationStats:
         req = job.request
         d = req.decoding
-        # tokenizing is bounded by the size checks, but can take ~0.2 s: off the event loop
-        _, tokens, stops = await trio.to_thread.run_sync(self.prompts.prepare, job, self.n_ctx)
+        _, tokens, stops = await self._prepare(job)
         timer.prompt_ready()
         greedy = d.temperature == 0 or d.top_k == 1
         max_tokens = d.max_tokens if self.n_ctx is None else min(d.max_tokens, self.n_ctx - len(tokens))
@@ -291,47 +291,37 @@ class VllmServeBackend(EngineBackend):
         }
         if d.seed is not None:  # per request in vLLM's SamplingParams
             body["seed"] = engine_seed(d.seed)
-        assert self._client is not None, "not loaded"
-        request = self._client.build_request("POST", f"{self.base_url}/v1/completions", json=body)
         finish = "length"
         end_token = False
         usage: dict[str, Any] = {}
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TransportError as e:
+            async with post_stream(f"{self.base_url}/v1/completions", json.dumps(body).encode(), api_key=self._api_key) as reply:
+                if reply.status != 200:
+                    error = self._status_error(reply.status, await reply.read())
+                    raise await self._dead_or(error) if reply.status >= 500 else error
+                async for data in reply:
+                    if data == b"[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise await self._dead_or(self._engine_error(chunk["error"]))
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        text = choice.get("text") or ""
+                        if text:
+                            timer.token()
+                            out, hit = stops.push(text)
+                            job.emit(out)
+                            if hit:
+                                finish = "stop"
+                                return self._stats(timer, finish, tokens, usage, end_token)
+                        if choice.get("finish_reason") is not None:
+                            finish = "stop" if choice["finish_reason"] == "stop" else "length"
+                            # an end token (EOS, stop_token_ids) is in vLLM's count; a stop string is not
+                            end_token = finish == "stop" and not isinstance(choice.get("stop_reason"), str)
+        except EngineConnectionLost as e:
             raise await self._lost(e) from None
-        try:
-            if response.status_code != 200:
-                error = self._status_error(response.status_code, await response.aread())
-                raise await self._dead_or(error) if response.status_code >= 500 else error
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise await self._dead_or(self._engine_error(chunk["error"]))
-                if isinstance(chunk.get("usage"), dict):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    text = choice.get("text") or ""
-                    if text:
-                        timer.token()
-                        out, hit = stops.push(text)
-                        job.emit(out)
-                        if hit:
-                            finish = "stop"
-                            return self._stats(timer, finish, tokens, usage, end_token)
-                    if choice.get("finish_reason") is not None:
-                        finish = "stop" if choice["finish_reason"] == "stop" else "length"
-                        # an end token (EOS, stop_token_ids) is in vLLM's count; a stop string is not
-                        end_token = finish == "stop" and not isinstance(choice.get("stop_reason"), str)
-        except httpx.TransportError as e:
-            raise await self._lost(e) from None
-        finally:
-            await close_response(response)
         job.emit(stops.flush())
         return self._stats(timer, finish, tokens, usage, end_token)
 

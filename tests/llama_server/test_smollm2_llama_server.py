@@ -75,12 +75,16 @@ async def test_text_streaming_disconnect_and_a_crash_over_http() -> None:
                         "decoding": {"max_tokens": 400, "temperature": 0}}
                 async with client.stream("POST", "/v1/responses", json=body) as stream:
                     events: list[str] = []
-                    async for line in stream.aiter_lines():
+                    # the line iterator stays referenced: an abandoned one is finalized soon after,
+                    # and finalizing it closes the connection (a disconnect, before the check below)
+                    lines = stream.aiter_lines()
+                    async for line in lines:
                         if line.startswith("event: "):
                             events.append(line[7:])
                         if events[-2:] == ["response.output_text.delta"] * 2:
                             break
                     assert await busy_slots(b) == 1
+                    del lines
                 # the client went away: the engine aborts the sequence (bounded by fail_after)
                 while await busy_slots(b):
                     pass
