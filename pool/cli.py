@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import trio
+
+T = TypeVar("T")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -129,31 +133,46 @@ def _tune(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    sweep = functools.partial(
+        tuning.sweep, settings, args.model, cores=args.cores, concurrencies=concurrencies,
+        engines=engines, tokens=args.tokens, max_s=args.max_s, progress=progress, record=not args.no_record,
+    )  # fmt: skip
     try:
-        result = trio.run(
-            functools.partial(
-                tuning.sweep, settings, args.model, cores=args.cores, concurrencies=concurrencies,
-                engines=engines, tokens=args.tokens, max_s=args.max_s, progress=progress, record=not args.no_record,
-            )  # type: ignore[arg-type]
-        )  # fmt: skip
+        result = trio.run(_until_ctrl_c, sweep)
     except tuning.TuneError as e:
         print(f"llm-pool: {e}", file=sys.stderr)
         return 2
-    except BaseException as e:  # Ctrl-C: trio may deliver it wrapped in a nursery's group
-        if not _interrupted(e):
-            raise
+    if result is None:
         print("llm-pool: tune stopped; nothing recorded", file=sys.stderr)
         return 130
     print("\n".join(tuning.format_table(result)))
     return 0
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether ``e`` is Ctrl-C: a KeyboardInterrupt, alone or in an exception group."""
-    if isinstance(e, BaseExceptionGroup):
-        match, rest = e.split(KeyboardInterrupt)
-        return match is not None and rest is None
-    return isinstance(e, KeyboardInterrupt)
+async def _until_ctrl_c(work: Callable[[], Awaitable[T]]) -> T | None:
+    """``work()``'s result, or None once Ctrl-C (SIGINT) cancelled it.  The signal is received
+    as a message, so the cancellation unwinds ``work`` through its own cleanup (a layout being
+    measured is unloaded); a KeyboardInterrupt raised at an arbitrary point could leave a
+    coroutine half made."""
+    result: list[T] = []
+    failed: list[Exception] = []
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                try:
+                    result.append(await work())
+                except Exception as e:  # raised below as itself, not in the nursery's group
+                    failed.append(e)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    if failed:
+        raise failed[0]
+    return result[0] if result else None
 
 
 def _positive(text: str) -> int:
