@@ -69,7 +69,11 @@ async def _measure(url: str, kind: str, concurrency: int, requests: int, tokens:
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
             "stream": True, "temperature": 0, "top_k": 1, "max_tokens": tokens,
         }
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    # llama-server may close a kept-alive connection right after a stream ends; a request sent
+    # on it then fails before reaching the server (≈1 in 3 back to back, measured 2026-12-04)
+    # and would count as a 0-token answer: each request to an engine gets a connection of its own
+    headers = {} if kind == "pool" else {"Connection": "close"}
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as client:
 
         async def one() -> Answer:
             t0 = time.perf_counter()
@@ -232,6 +236,17 @@ def run_pool(
             proc.wait(30)
 
 
+def median_cell(cells: list[Cell]) -> Cell:
+    """One cell from several rounds of it: the median tokens/s and TTFT p50, answers summed."""
+    return Cell(
+        tokens_per_s=statistics.median(c.tokens_per_s for c in cells),
+        ttft_p50_s=statistics.median(c.ttft_p50_s for c in cells),
+        zero_token_answers=sum(c.zero_token_answers for c in cells),
+        requests=sum(c.requests for c in cells),
+        wall_s=sum(c.wall_s for c in cells),
+    )
+
+
 def best_by_mean_share(results: dict[Any, dict[tuple[int, int], Cell]], cells: list[tuple[int, int]]) -> Any:
     """The configuration to serve every concurrency with: the highest mean of its tokens/s as a
     share of each concurrency's best (the rule ``llm-pool tune`` records its choice by)."""
@@ -319,6 +334,8 @@ def main() -> None:
                         help="issue 21: llama-server's best single process vs the pool's tuned layout (replicas = auto)")
     parser.add_argument("--cores", type=int, default=0, help="--tuned: the cores both sides get (default: all)")
     parser.add_argument("--parallel", default="1,2,4,8", help="--tuned: llama-server's --parallel values to try")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the configurations this many times, alternating; each cell is the median")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     cells = [(c, requests_for(c, args.waves)) for c in map(int, args.concurrency.split(","))]
@@ -339,17 +356,23 @@ def main() -> None:
              "llama_server_n_ctx": 2048}, cells, args.tokens),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
-    results: dict[str, dict[tuple[int, int], Cell]] = {}
-    for name, fn in configs.items():
-        if only and not any(o in name for o in only):
-            continue
-        print(f"... {name}", file=sys.stderr, flush=True)
-        try:
-            results[name] = fn()
+    runs: dict[str, list[dict[tuple[int, int], Cell]]] = {}
+    for r in range(args.rounds):  # rounds alternate the configurations: drift hits each alike
+        for name, fn in configs.items():
+            if (only and not any(o in name for o in only)) or (r and name not in runs):
+                continue
+            print(f"... {name}" + (f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""), file=sys.stderr, flush=True)
+            try:
+                measured = fn()
+            except Exception as e:  # a configuration the build does not support: say so, go on
+                print(f"    skipped: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            runs.setdefault(name, []).append(measured)
             print(f"    {name}: " + "; ".join(f"c={k[0]} {v.tokens_per_s:.1f} tok/s, TTFT p50 {v.ttft_p50_s:.3f} s"
-                                              for k, v in results[name].items()), file=sys.stderr, flush=True)
-        except Exception as e:  # a configuration the build does not support: say so, go on
-            print(f"    skipped: {type(e).__name__}: {e}", file=sys.stderr)
+                                              for k, v in measured.items()), file=sys.stderr, flush=True)
+    results = {name: {k: median_cell([m[k] for m in measured]) for k in measured[0]} for name, measured in runs.items()}
+    if args.rounds > 1:
+        print(f"# each cell: the median of {args.rounds} rounds (tok/s and TTFT p50 each), configurations alternating")
     print(f"# P3: llm-pool vs llama_cpp.server — SmolLM2-135M Q4_1, {args.tokens} tokens, greedy, streaming, {cores} cores")
     print(f"# llama.cpp builds: llm-pool {build_of(sys.executable)}, llama_cpp.server {build_of(str(BENCH_PY))}")
     print("| configuration | " + " | ".join(f"c={c}: tok/s, TTFT p50 s, 0-token" for c, _ in cells) + " |")
