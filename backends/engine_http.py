@@ -15,8 +15,11 @@ kept-alive connection right after a stream ends, which a reused one would only f
 sending.  Everything else to the engine (health, ``/props``, tokenize, embeddings) stays on
 httpx: it is not per token.
 
-Errors: a connection that cannot be made, breaks, or speaks broken HTTP raises
-:class:`EngineConnectionLost`; the backend decides whether that was a crash.
+Errors: a connection that cannot be made (5 s), breaks, speaks broken HTTP, or whose engine
+stops reading the request (:data:`WRITE_TIMEOUT_S`, as httpx's write timeout did) raises
+:class:`EngineConnectionLost`; the backend decides whether that was a crash.  Waiting for the
+answer has no limit: under load an engine may take long to its first token, and a client that
+gives up, or an unload, cancels the job.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import trio
 
 #: Bytes asked of the socket per read.
 READ_BYTES = 65536
-#: Longest response head or error body read (an engine's error JSON is small).
+#: How long sending a request may take (a body with images is up to ~27 MB of JSON).
+WRITE_TIMEOUT_S = 30.0
+#: Longest error body read (an engine's error JSON is small).
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -151,8 +156,9 @@ async def post_stream(
         )
         out = conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())  # type: ignore[operator]
         try:
-            await stream.send_all(out)
-        except (OSError, trio.BrokenResourceError) as e:
+            with trio.fail_after(WRITE_TIMEOUT_S):  # an engine that stops reading is lost, not waited on
+                await stream.send_all(out)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
             raise EngineConnectionLost(f"sending: {type(e).__name__}") from None
         reply = EngineReply(conn, stream)
         await reply._head()

@@ -185,3 +185,26 @@ async def test_leaving_the_stream_closes_the_connection(how: str) -> None:
                         break
             await closed.wait()
             nursery.cancel_scope.cancel()
+
+
+async def test_an_engine_that_stops_reading_the_request_is_a_lost_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_pool.backends import engine_http
+
+    monkeypatch.setattr(engine_http, "WRITE_TIMEOUT_S", 0.2)
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/completion"
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+
+            async def never_reads() -> None:
+                stream = await listener.accept()
+                async with stream:
+                    await trio.sleep_forever()
+
+            nursery.start_soon(never_reads)
+            # far more than the two socket buffers hold
+            with pytest.raises(EngineConnectionLost, match=r"^sending: TooSlowError$"):
+                async with post_stream(url, b"x" * (64 << 20), api_key="k"):
+                    pass
+            nursery.cancel_scope.cancel()
+    await listener.aclose()
