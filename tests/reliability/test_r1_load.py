@@ -87,8 +87,20 @@ async def test_r1_load_mixed_stream_and_json(tiny_gguf: Path, long: bool, short_
                 # the pool served, not only refused (how much depends on the machine: the 256
                 # clients share this process's event loop with the server)
                 assert len(served) >= max(20, requests // 50), report.summary()
+                # every route and mode is served under load, not only refused.  ~27 of 600 are
+                # served and a streamed /v1/responses is ~15 % of the asks, so one round misses a
+                # kind about 1 time in 50: up to two more rounds of the same load may fill it in
+                wanted = {(route, stream) for route in routes for stream in (True, False)}
+                for seed in (3, 4):
+                    if {(r.ask.route, r.ask.stream) for r in served} == wanted:
+                        break
+                    more = await run_load(
+                        clients, requests=requests, concurrency=CONNECTIONS, routes=routes, seed=seed, long_share=0.5
+                    )
+                    assert more.problems() == [], more.problems()[:5]
+                    served += [r for r in more.results if r.status == 200]
                 kinds = {(r.ask.route, r.ask.stream) for r in served}
-                assert kinds == {(route, stream) for route in routes for stream in (True, False)}, kinds
+                assert kinds == wanted, kinds
                 assert len({r.job_id for r in served}) == len(served)
 
                 row = await admin_row(clients[0])
