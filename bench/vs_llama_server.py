@@ -15,6 +15,9 @@ the engine it supervises.  ``--crash-rounds N`` then times crash recovery: the e
 ``llama_server`` replica is SIGKILLed mid-stream N times, and each time the bench measures the
 time to the replica's state ``serving`` again and to the first token of a request queued at
 the kill (p50 and max).  ``--only native,backend`` runs just those two (no ``.venv-bench``).
+``--pool-core`` gives both sides the same split: the engine (llama-server alone, or the pool's
+child) on every core but core 0 with one thread per core, the pool and the load generator on
+core 0, so the relay's own cost shows apart from the CPU it would take from the engine's threads.
 
 Each server runs alone on the machine while it is measured.  Not a test.  ``make bench-deps`` gives
 llama_cpp.server the wheel a user's ``pip install`` builds (OpenMP on, plus the flags that keep it
@@ -138,13 +141,16 @@ def run_llama_server(variant: str, threads: int, cells: list[tuple[int, int]], t
         proc.wait(30)
 
 
-def run_native_llama_server(threads: int, parallel: int, cells: list[tuple[int, int]], tokens: int) -> dict[tuple[int, int], Cell]:
+def run_native_llama_server(
+    threads: int, parallel: int, cells: list[tuple[int, int]], tokens: int, engine_cpus: str | None = None
+) -> dict[tuple[int, int], Cell]:
     """llama.cpp's own server, as a user would start it: ``--parallel`` slots, each with the
-    2048-token context the pool's replicas get."""
+    2048-token context the pool's replicas get; on ``engine_cpus`` (a taskset list) if given."""
     from llm_pool.backends.llama_server import default_binary
 
     port = free_port()
-    args = [str(default_binary()), "--model", str(smollm2_path()), "--host", "127.0.0.1", "--port", str(port),
+    pin = ["taskset", "-c", engine_cpus] if engine_cpus else []
+    args = [*pin, str(default_binary()), "--model", str(smollm2_path()), "--host", "127.0.0.1", "--port", str(port),
             "--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(parallel),
             "--ctx-size", str(2048 * parallel), "--no-webui"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -212,9 +218,30 @@ async def crash_recovery(rounds: int, threads: int) -> tuple[list[float], list[f
     return to_serving, to_token
 
 
+def pin_engines(pool_pid: int, cpus: str) -> int:
+    """Move every process below the pool (guards, engines: all their threads) to ``cpus``;
+    how many were moved."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    below, todo = [], list(children.get(pool_pid, []))
+    while todo:
+        pid = todo.pop()
+        below.append(pid)
+        todo += children.get(pid, [])
+    for pid in below:
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, check=False)
+    return len(below)
+
+
 def run_pool(
     model_fields: dict[str, Any], cells: list[tuple[int, int]], tokens: int, on_ready: Any = None,
-    engine: dict[str, Any] | None = None,
+    engine: dict[str, Any] | None = None, pool_cpus: str | None = None, engine_cpus: str | None = None,
 ) -> dict[tuple[int, int], Cell]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,11 +249,14 @@ def run_pool(
         context = {} if model_fields.get("backend", "gguf") != "gguf" else {"gguf_n_ctx": 2048}
         fields = {"model_path": str(smollm2_path()), "prompt_format": "generic", "max_queue": 1024, **context, **model_fields}
         config = write_config(Path(tmp), {"smollm2": fields}, port, engine)
-        proc = subprocess.Popen([sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)], cwd=ROOT,
+        pin = ["taskset", "-c", pool_cpus] if pool_cpus else []
+        proc = subprocess.Popen([*pin, sys.executable, "-m", "llm_pool.pool.cli", "serve", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, "/v1/models", proc, "smollm2")
+            if engine_cpus and not pin_engines(proc.pid, engine_cpus):
+                raise SystemExit("--pool-core: no engine process found below the pool")
             if on_ready is not None:
                 on_ready(url)
             trio.run(_measure, url, "pool", 1, 1, 8, "smollm2")
@@ -334,6 +364,8 @@ def main() -> None:
                         help="issue 21: llama-server's best single process vs the pool's tuned layout (replicas = auto)")
     parser.add_argument("--cores", type=int, default=0, help="--tuned: the cores both sides get (default: all)")
     parser.add_argument("--parallel", default="1,2,4,8", help="--tuned: llama-server's --parallel values to try")
+    parser.add_argument("--pool-core", action="store_true",
+                        help="core 0 for the pool and the load generator, the other cores for the engine (both sides)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the configurations this many times, alternating; each cell is the median")
     args = parser.parse_args()
@@ -342,6 +374,14 @@ def main() -> None:
     if args.tuned:
         tuned_comparison(cells, args.tokens, args.cores or cores, tuple(int(p) for p in args.parallel.split(",")))
         return
+    # --pool-core: the engine (native, or the pool's child) on cores 1.., the pool and this
+    # process's load generator on core 0, so that the relay takes no time from the engine's threads
+    engine_threads, pool_cpus, engine_cpus = cores, None, None
+    if args.pool_core:
+        if cores < 2:
+            raise SystemExit("--pool-core needs at least 2 cores")
+        engine_threads, pool_cpus, engine_cpus = cores - 1, "0", f"1-{cores - 1}"
+        os.sched_setaffinity(0, {0})
     configs: dict[str, Any] = {
         "llama_cpp.server default": lambda: run_llama_server("default", cores, cells, args.tokens),
         "llama_cpp.server interrupt_requests=false": lambda: run_llama_server("no-interrupt", cores, cells, args.tokens),
@@ -350,10 +390,11 @@ def main() -> None:
         f"llm-pool {cores} replicas x 1 thread": lambda: run_pool({"replicas": cores, "replica_max": cores, "n_threads": 1}, cells, args.tokens),
         "llm-pool 1 batched replica (gguf_batching, target_inflight 8)": lambda: run_pool(
             {"replicas": 1, "n_threads": cores, "gguf_batching": True, "target_inflight": 8}, cells, args.tokens),
-        f"llama-server --parallel 8 -t {cores} (native)": lambda: run_native_llama_server(cores, 8, cells, args.tokens),
+        f"llama-server --parallel 8 -t {engine_threads} (native)": lambda: run_native_llama_server(
+            engine_threads, 8, cells, args.tokens, engine_cpus=engine_cpus),
         "llm-pool llama_server backend (1 replica, target_inflight 8)": lambda: run_pool(
-            {"backend": "llama_server", "replicas": 1, "n_threads": cores, "target_inflight": 8,
-             "llama_server_n_ctx": 2048}, cells, args.tokens),
+            {"backend": "llama_server", "replicas": 1, "n_threads": engine_threads, "target_inflight": 8,
+             "llama_server_n_ctx": 2048}, cells, args.tokens, pool_cpus=pool_cpus, engine_cpus=engine_cpus),
     }
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     runs: dict[str, list[dict[tuple[int, int], Cell]]] = {}
@@ -373,6 +414,8 @@ def main() -> None:
     results = {name: {k: median_cell([m[k] for m in measured]) for k in measured[0]} for name, measured in runs.items()}
     if args.rounds > 1:
         print(f"# each cell: the median of {args.rounds} rounds (tok/s and TTFT p50 each), configurations alternating")
+    if args.pool_core:
+        print(f"# --pool-core: engines on cores {engine_cpus} ({engine_threads} threads), the pool and the load generator on core 0")
     print(f"# P3: llm-pool vs llama_cpp.server — SmolLM2-135M Q4_1, {args.tokens} tokens, greedy, streaming, {cores} cores")
     print(f"# llama.cpp builds: llm-pool {build_of(sys.executable)}, llama_cpp.server {build_of(str(BENCH_PY))}")
     print("| configuration | " + " | ".join(f"c={c}: tok/s, TTFT p50 s, 0-token" for c, _ in cells) + " |")
