@@ -605,25 +605,7 @@ def to_completion_requests(
     for i, p in enumerate(prompts):
         check_no_nul(p, "$.prompt" if isinstance(body.prompt, str) else f"$.prompt[{i}]")
     check_max_tokens(settings, body.max_tokens, "$.max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    for i, s in enumerate(stop or ()):
-        check_no_nul(s, "$.stop" if isinstance(body.stop, str) else f"$.stop[{i}]")
-    given: dict[str, Any] = {
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": body.top_k,
-        "repetition_penalty": body.repetition_penalty,
-        "max_tokens": body.max_tokens or COMPLETION_MAX_TOKENS,
-        "stop": stop,
-    }
-    decoding = openai_sampling(
-        resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None})),
-        temperature=body.temperature,
-        top_k=body.top_k,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-    )
+    decoding = openai_decoding(settings, body, body.max_tokens or COMPLETION_MAX_TOKENS)
     key = fairness_key(body.fairness_key, key_header, body.user)
     out: list[GenerationRequest] = []
     for p in prompts:
@@ -721,6 +703,18 @@ def _resolve_decoding(settings: Settings, body: ChatCompletionRequest) -> Decodi
             param="$.max_completion_tokens",
         )
     check_max_tokens(settings, max_tokens, f"$.{param}")
+    return openai_decoding(settings, body, max_tokens)
+
+
+def openai_decoding(
+    settings: Settings, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> Decoding:
+    """The decoding of an OpenAI-style request (chat or legacy completions, ``max_tokens``
+    already checked): its ``stop`` (a string or a list; no NUL), the server's defaults under
+    the caller's values, and OpenAI's sampling meaning: a caller who sent ``temperature`` and no
+    ``top_k`` samples over the whole vocabulary (OpenAI's API has no top-k, so the server's
+    ``top_k`` default, 1 in the shipped pool.toml, would make every such request greedy); and the
+    caller's seed and penalties."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     for i, s in enumerate(stop or ()):
         check_no_nul(s, "$.stop" if isinstance(body.stop, str) else f"$.stop[{i}]")
@@ -732,35 +726,13 @@ def _resolve_decoding(settings: Settings, body: ChatCompletionRequest) -> Decodi
         "max_tokens": max_tokens,
         "stop": stop,
     }
-    return openai_sampling(
-        resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None})),
-        temperature=body.temperature,
-        top_k=body.top_k,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-    )
-
-
-def openai_sampling(
-    decoding: Decoding,
-    *,
-    temperature: float | None,
-    top_k: int | None,
-    seed: int | None,
-    presence_penalty: float | None,
-    frequency_penalty: float | None,
-) -> Decoding:
-    """``decoding`` (the server's defaults under the caller's values) with OpenAI's sampling
-    meaning: a caller who sent ``temperature`` and no ``top_k`` samples over the whole vocabulary
-    (OpenAI's API has no top-k, so the server's ``top_k`` default, 1 in the shipped pool.toml,
-    would make every such request greedy); and the caller's seed and penalties."""
+    decoding = resolve_decoding(settings, DecodingIn(**{k: v for k, v in given.items() if v is not None}))
     return msgspec.structs.replace(
         decoding,
-        top_k=NO_TOP_K if temperature is not None and top_k is None else decoding.top_k,
-        seed=seed,
-        presence_penalty=presence_penalty or 0.0,
-        frequency_penalty=frequency_penalty or 0.0,
+        top_k=NO_TOP_K if body.temperature is not None and body.top_k is None else decoding.top_k,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
     )
 
 
