@@ -26,6 +26,7 @@ from llm_pool.backends.llama_common import (
     pool_embedding,
     set_prompt_model,
     token_logprob,
+    tokenize,
 )
 from llm_pool.backends.prompts import PromptPrep
 from llm_pool.pool.jobs import GenerationStats, Job
@@ -172,7 +173,7 @@ class GGUFBackend(SequentialBackend):
         assert self.prompts.vocab is not None
         ids = embedding_inputs(
             req.model, inputs, limit, self.prompts.vocab.max_token_chars,
-            lambda b: llm.tokenize(b, add_bos=True, special=False),
+            lambda b: tokenize(llm._model.vocab, b, add_bos=True, special=False),
         )
         total = sum(map(len, ids))
         timer.prompt_ready()

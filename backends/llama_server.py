@@ -72,7 +72,7 @@ from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.engine_backend import EngineBackend, quote
 from llm_pool.backends.engine_http import EngineConnectionLost, post_stream
 from llm_pool.backends.engine_process import EngineProcess, engine_env
-from llm_pool.backends.llama_common import embedding_inputs, open_vocab, pool_embedding, set_prompt_model
+from llm_pool.backends.llama_common import embedding_inputs, open_vocab, pool_embedding, set_prompt_model, tokenize
 from llm_pool.backends.prompts import Prompt, PromptPrep, Vocab
 from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, TokenLogprob, TopLogprob
@@ -324,7 +324,7 @@ class LlamaServerBackend(EngineBackend):
         assert vocab is not None and self.prompts.vocab is not None and self._client is not None, "not loaded"
         ids = embedding_inputs(
             req.model, inputs, self.n_ctx, self.prompts.vocab.max_token_chars,
-            lambda b: vocab.tokenize(b, add_bos=True, special=False),
+            lambda b: tokenize(vocab.vocab, b, add_bos=True, special=False),
         )
         timer.prompt_ready()
         try:
