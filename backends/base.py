@@ -188,6 +188,9 @@ class Backend(Protocol):
         """Release what ``load`` took; called once, also after a failed load."""
         ...
 
+    # Optional (read with getattr, default in brackets): ``reports_handover`` [False] says the
+    # backend calls ``job.hand_over()`` once its engine has a job's request (engine children:
+    # the handler's response start then waits for that, see ``Job.handed_over``).
     # Optional (issue 18, a replica that is a remote endpoint; read with getattr, default in
     # brackets): ``ejected`` [False] takes the replica out of rotation while it lives (its
     # health); ``weight`` [1.0] its share in the least-loaded choice; ``async

@@ -70,6 +70,10 @@ class EngineBackend:
     :attr:`engine_name` and write ``_generate``."""
 
     threaded = False
+    #: Each job's request is sent before its handler starts the response (``Job.hand_over``,
+    #: via ``post_stream(sent=...)``): that start is ≈1 ms of the event loop, on the critical
+    #: path of time to first token when it runs first.
+    reports_handover = True
     #: How messages name the engine (``llama-server``, ``vllm serve``).
     engine_name: ClassVar[str] = "engine"
 

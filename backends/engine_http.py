@@ -24,8 +24,9 @@ gives up, or an unload, cancels the job.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -128,17 +129,36 @@ class EngineReply:
                 self._lines.extend(lines)
 
 
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host:port``.  An engine listens on one address we know, usually an
+    IP literal: that is one socket and one ``connect`` (trio's ``open_tcp_stream`` races the
+    addresses a name resolves to in a nursery of its own: ≈0.5 ms more of the event loop, on
+    the way to a first token); a host name still goes through it."""
+    try:
+        family = trio.socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else trio.socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 @asynccontextmanager
 async def post_stream(
-    url: str, body: bytes, *, api_key: str, connect_timeout_s: float = 5.0
+    url: str, body: bytes, *, api_key: str, connect_timeout_s: float = 5.0, sent: Callable[[], None] | None = None
 ) -> AsyncIterator[EngineReply]:
     """``POST`` ``body`` (JSON) to ``url`` (``http://host:port/path``) and yield the reply once
-    its head arrived; the connection is closed on exit, also when cancelled."""
+    its head arrived; ``sent()`` is called as soon as the request is out (``Job.hand_over``).
+    The connection is closed on exit, also when cancelled."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     try:
         with trio.fail_after(connect_timeout_s):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await _connect(host, port)
     except (OSError, trio.TooSlowError) as e:
         raise EngineConnectionLost(f"connecting: {type(e).__name__}") from None
     try:
@@ -160,6 +180,8 @@ async def post_stream(
                 await stream.send_all(out)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as e:
             raise EngineConnectionLost(f"sending: {type(e).__name__}") from None
+        if sent is not None:
+            sent()
         reply = EngineReply(conn, stream)
         await reply._head()
         yield reply

@@ -282,7 +282,9 @@ class LlamaServerBackend(EngineBackend):
         final: dict[str, Any] | None = None
         predicted = 0
         try:
-            async with post_stream(f"{self.base_url}/completion", json.dumps(body).encode(), api_key=self._api_key) as reply:
+            async with post_stream(
+                f"{self.base_url}/completion", json.dumps(body).encode(), api_key=self._api_key, sent=job.hand_over
+            ) as reply:
                 if reply.status != 200:
                     raise self._status_error(reply.status, await reply.read())
                 async for data in reply:
@@ -327,6 +329,7 @@ class LlamaServerBackend(EngineBackend):
             lambda b: tokenize(vocab.vocab, b, add_bos=True, special=False),
         )
         timer.prompt_ready()
+        job.hand_over()  # not a stream: its handler only waits for the result from here
         try:
             r = await self._client.post(f"{self.base_url}/embedding", json={"content": ids, "embd_normalize": -1})
         except httpx.TransportError as e:

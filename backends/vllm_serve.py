@@ -295,7 +295,9 @@ class VllmServeBackend(EngineBackend):
         end_token = False
         usage: dict[str, Any] = {}
         try:
-            async with post_stream(f"{self.base_url}/v1/completions", json.dumps(body).encode(), api_key=self._api_key) as reply:
+            async with post_stream(
+                f"{self.base_url}/v1/completions", json.dumps(body).encode(), api_key=self._api_key, sent=job.hand_over
+            ) as reply:
                 if reply.status != 200:
                     error = self._status_error(reply.status, await reply.read())
                     raise await self._dead_or(error) if reply.status >= 500 else error

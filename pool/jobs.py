@@ -277,6 +277,14 @@ class Job:
         self.cancel_error: PoolError | None = None
         #: Set when the job leaves the queue: dispatched to a replica, or ended while queued.
         self.started = trio.Event()
+        #: Set once the job's runtime has its request: at dispatch for in-process backends, once
+        #: the request was sent for an engine child (a backend with ``reports_handover``; see
+        #: :meth:`hand_over`), and when the job ends.  A handler waits for it before it starts
+        #: its response, so that work does not delay the request on its way to the engine.
+        self.handed_over = trio.Event()
+        #: True when the job ended before its backend handed it over (a prompt its engine
+        #: backend refused, an engine gone): its handler answers with the error's status.
+        self.ended_before_handover = False
         # perf_counter timestamps: submitted ≤ dispatched ≤ backend_begin ≤ backend_end ≤ done
         self.t_submitted = time.perf_counter()
         self.t_dispatched: float | None = None
@@ -439,6 +447,9 @@ class Job:
         try:
             self.t_done = time.perf_counter()
             self.started.set()  # wakes anyone waiting for the job to leave the queue
+            if not self.handed_over.is_set():
+                self.ended_before_handover = self.t_dispatched is not None
+                self.handed_over.set()
             if error is not None:
                 self._deliver(Failed(error))
             else:
@@ -457,12 +468,20 @@ class Job:
                 except Exception:
                     log.exception("job %s: an on_end callback failed", self.id)
 
-    def mark_dispatched(self, replica: str, on_release: Callable[[Job], None]) -> None:
+    def mark_dispatched(self, replica: str, on_release: Callable[[Job], None], *, handover_later: bool = False) -> None:
+        """The job goes to ``replica``; ``handover_later``: its backend calls :meth:`hand_over`."""
         self.state = "running"
         self.replica = replica
         self.t_dispatched = time.perf_counter()
         self._on_release = on_release
         self.started.set()
+        if not handover_later:
+            self.handed_over.set()
+
+    def hand_over(self) -> None:
+        """An engine backend sent this job's request to its engine (trio side): its handler may
+        start the response now, while the engine works (:attr:`handed_over`)."""
+        self.handed_over.set()
 
     def fail_nowait(self, error: PoolError) -> None:
         """Fail a job that no backend holds (queued, or refused at dispatch)."""

@@ -709,7 +709,11 @@ class ModelRuntime:
     def _dispatch(self, job: Job, replica: Replica) -> None:
         replica.active += 1
         replica.jobs.add(job)
-        job.mark_dispatched(replica.name, functools.partial(self._release, replica))
+        job.mark_dispatched(
+            replica.name,
+            functools.partial(self._release, replica),
+            handover_later=getattr(replica.backend, "reports_handover", False),
+        )
         replica.put(job)
 
     # ------------------------------------------------------------------ one retry elsewhere (issue 18)

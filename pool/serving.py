@@ -68,8 +68,11 @@ async def run_job(
     ``param`` is under ``decoding_at``, where the route's body keeps those fields), submits the job (404 unknown model, 403 without
     ``allow_remote`` for a remote model, 409/429 from admission; each refusal writes its inference
     log line) and waits at most the model's ``queue_timeout_s``
-    (503 ``queue_timeout``).  Returns a job that runs on a replica (or already ended there);
-    a job that ended in its queue raises its error here, so a stream never starts for it.
+    (503 ``queue_timeout``).  Returns a job that runs on a replica (or already ended there),
+    once its runtime has its request (:attr:`Job.handed_over`: an engine child's request goes
+    out before the handler spends ≈1 ms of the event loop on its response head); a job that
+    ended in its queue, or before its backend handed it over (an engine backend refused its
+    prompt, or its engine is gone), raises its error here, so a stream never starts for it.
 
     Cancellation: if the caller is cancelled (client gone) or anything raises, the job is
     cancelled: a queued job never runs, a running one stops at its next token.
@@ -86,7 +89,8 @@ async def run_job(
         raise
     try:
         await wait_for_dispatch(job, entry.settings.queue_timeout_s)
-        if job.t_dispatched is None:  # ended in the queue: a status, not a stream
+        await job.handed_over.wait()
+        if job.t_dispatched is None or job.ended_before_handover:  # a status, not a stream
             await job.result()
     except PoolError as e:
         log_inference(job, stream=gen.stream, status=e.status, error=e.code)

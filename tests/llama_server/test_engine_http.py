@@ -6,6 +6,7 @@ is what makes an engine free the slot).  Real clock, bounded by ``fail_after``."
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -30,16 +31,27 @@ async def read_request(stream: trio.SocketStream) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-async def serving(nursery: trio.Nursery, handler: Handler) -> str:
-    """A one-connection-at-a-time server running ``handler``; its URL."""
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+async def serving(nursery: trio.Nursery, handler: Handler, host: str = "127.0.0.1") -> str:
+    """A one-connection-at-a-time server running ``handler``; its URL (``host`` as given: an
+    address, or ``localhost``, which listens on 127.0.0.1)."""
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1" if host == "localhost" else host)
 
     async def one(stream: trio.SocketStream) -> None:
         async with stream:
             await handler(stream, await read_request(stream))
 
     nursery.start_soon(trio.serve_listeners, one, [listener])
-    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}/completion"
+    netloc = f"[{host}]" if ":" in host else host
+    return f"http://{netloc}:{listener.socket.getsockname()[1]}/completion"
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def chunked(*pieces: bytes) -> list[bytes]:
@@ -79,6 +91,25 @@ async def test_it_sends_one_authorised_post_and_yields_each_data_payload() -> No
     assert headers[b"content-type"] == b"application/json"
     assert headers[b"connection"] == b"close"
     assert json.loads(sent_body) == {"prompt": [1, 2]}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_it_reaches_an_address_or_a_name_and_says_the_request_is_out_before_the_answer(host: str) -> None:
+    if host == "::1" and not has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    out = trio.Event()
+
+    async def handler(stream: trio.SocketStream, request: bytes) -> None:
+        await out.wait()  # answers only once the caller was told its request is out
+        await stream.send_all(SSE_WIRE)
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await serving(nursery, handler, host)
+            async with post_stream(url, b"{}", api_key="k", sent=out.set) as reply:
+                payloads = [data async for data in reply]
+            nursery.cancel_scope.cancel()
+    assert payloads == SSE_PAYLOADS
 
 
 class Reads:

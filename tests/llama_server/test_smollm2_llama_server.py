@@ -71,6 +71,15 @@ async def test_text_streaming_disconnect_and_a_crash_over_http() -> None:
                 metrics = r.json()["metrics"]
                 assert metrics["pool_total_wall_ms"] >= metrics["engine_total_wall_ms"] >= metrics["backend_inference_wall_ms"] > 0
 
+                # a prompt refused before it reaches the engine: a 400 status, not a stream that
+                # fails at once (the handler waits for the engine to have the request)
+                r = await client.post(
+                    "/v1/responses",
+                    json={"model": "smollm2", "input": "word " * 1100, "stream": True, "decoding": {"max_tokens": 4}},
+                )
+                assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+                assert r.json()["error"]["code"] == "invalid_request" and "context of 1024" in r.json()["error"]["message"]
+
                 body = {"model": "smollm2", "input": "Write a long story about a dragon.", "stream": True,
                         "decoding": {"max_tokens": 400, "temperature": 0}}
                 async with client.stream("POST", "/v1/responses", json=body) as stream:

@@ -30,7 +30,9 @@ Knobs (``FakeBackendFactory(**defaults)``, ``configure(model, replica, **knobs)`
 runs): ``text``, ``capability``, ``token_delay``, ``load_delay``, ``load_gate`` (an event each load
 waits for), ``fail_load`` (``load`` raises ``RuntimeError(fail_load)``), ``fail_jobs``,
 ``die_on_input`` (``serve`` dies when it receives a job with that input), ``on_begin`` (called as
-``on_begin(backend, job)`` when a job starts).  :meth:`FakeBackend.kill` makes ``serve`` die now
+``on_begin(backend, job)`` when a job starts), ``handover_gate`` (an event: the backend then
+``reports_handover`` like an engine child, and each job calls ``job.hand_over()`` once the gate is
+set, before its first token).  :meth:`FakeBackend.kill` makes ``serve`` die now
 with ``RuntimeError(message)``; its running jobs are abandoned, as a crashed runtime would.
 
 Cancellation by the pool (trio cancels the replica's task, e.g. an unload past its drain): like
@@ -73,6 +75,7 @@ KNOBS: dict[str, Any] = {
     "fail_jobs": {},
     "die_on_input": None,
     "on_begin": None,
+    "handover_gate": None,
 }
 #: How often a ``wait:<s>`` job looks at its stop flag (seconds).
 WAIT_POLL_S = 0.01
@@ -157,6 +160,11 @@ class FakeBackend:
     @property
     def name(self) -> str:
         return f"{self.model_name}#{self.replica_index}"
+
+    @property
+    def reports_handover(self) -> bool:
+        """As an engine backend's: jobs are handed over by the backend (``handover_gate``)."""
+        return self.handover_gate is not None
 
     def __repr__(self) -> str:
         return f"<FakeBackend {self.name} active={self.active}>"
@@ -255,6 +263,10 @@ class FakeBackend:
         outcome = "abandoned"
         self._emitted = 0
         try:
+            gate = self.handover_gate
+            if gate is not None:
+                await gate.wait()
+                job.hand_over()
             generate = self._chain if self.text == "chain" else self._echo
             stats = await generate(job)
             outcome = stats.finish_reason
