@@ -429,7 +429,8 @@ def main() -> None:
         for k in cells:
             print(f"- llm-pool llama_server backend / native llama-server at c={k[0]}: "
                   f"{fronted[k].tokens_per_s / native[k].tokens_per_s:.3f}x tok/s, "
-                  f"TTFT p50 {fronted[k].ttft_p50_s * 1000:.0f} vs {native[k].ttft_p50_s * 1000:.0f} ms")
+                  f"TTFT p50 {fronted[k].ttft_p50_s * 1000:.1f} vs {native[k].ttft_p50_s * 1000:.1f} ms "
+                  f"({(fronted[k].ttft_p50_s / native[k].ttft_p50_s - 1) * 100:+.0f} %)")
     c8 = next((k for k in cells if k[0] == 8), None)
     if native and c8:
         pools = {n: r for n, r in results.items() if n.startswith("llm-pool")}
