@@ -15,7 +15,8 @@ exit, a crash, SIGKILL), the kernel closes that end, the guard reads EOF, and st
 Process group: the pool starts the guard in a new session, so guard and engine share one process
 group that the pool can signal as a whole.  A SIGTERM to the guard is passed on to the group once
 (the guard's own copy is a no-op): llama-server exits at once, skipping its clean shutdown, when
-it receives a second SIGTERM.
+it receives a second SIGTERM.  Signals are taken by a thread (``set_wakeup_fd``), never handled
+in the main thread, which may be in the middle of a write to stderr.
 
 Exit status: the engine's, with a signal death reported as ``128 + signal`` (the shell's rule).
 First line on stderr: ``llm-pool-guard: engine pid <pid>``, so the pool can name the engine.
@@ -66,17 +67,36 @@ def main(argv: list[str]) -> int:
     stop_timeout_s = float(argv[0])
     guard_pid = os.getpid()
     stopping = threading.Event()
+    stop_lock = threading.Lock()
     engine_ended = threading.Event()
 
     def stop(reason: str) -> None:
-        if not stopping.is_set():
+        """Called from the watcher threads only, never from a signal handler."""
+        with stop_lock:
+            if stopping.is_set():
+                return
             stopping.set()
-            _say(f"llm-pool-guard: {reason}; stopping the engine")
-            threading.Thread(target=_terminate_group, args=(stop_timeout_s, engine_ended), daemon=True).start()
+        threading.Thread(target=_terminate_group, args=(stop_timeout_s, engine_ended), daemon=True).start()
+        _say(f"llm-pool-guard: {reason}; stopping the engine")  # after: a full stderr pipe blocks here
 
-    # handlers first: a SIGTERM that arrives while the engine starts must still reach it
-    signal.signal(signal.SIGTERM, lambda *_: stop("SIGTERM"))
+    # Signals first: a SIGTERM that arrives while the engine starts must still reach it.  Python
+    # runs a signal handler in the main thread between two steps of whatever it is doing; a
+    # handler that printed could interrupt the main thread's own print to stderr, whose writer
+    # is not reentrant (RuntimeError: the guard died without stopping the engine, and the
+    # engine's own children outlived the pool).  So the handler does nothing: the interpreter
+    # writes the signal's number to a pipe (set_wakeup_fd), and a thread reads it and stops.
+    wakeup_r, wakeup_w = os.pipe()
+    os.set_blocking(wakeup_w, False)
+    signal.set_wakeup_fd(wakeup_w)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides; a terminal's ^C reaches the pool
+
+    def watch_signals() -> None:
+        while True:
+            if signal.SIGTERM in os.read(wakeup_r, 64):
+                stop("SIGTERM")
+
+    threading.Thread(target=watch_signals, daemon=True).start()
     try:
         engine = subprocess.Popen(argv[2:], stdin=subprocess.DEVNULL, preexec_fn=lambda: _preexec(guard_pid))
     except OSError as e:

@@ -144,3 +144,53 @@ async def test_a_sigkilled_pool_leaves_no_engine_behind() -> None:
         await pool.wait()
         await wait_gone(child)
         await wait_gone(guard)
+
+
+async def test_a_sigterm_while_the_guard_writes_to_stderr_still_stops_the_whole_group() -> None:
+    """Regression (the flake of test_stop_terminates_the_group_and_reaps_it under load): the
+    SIGTERM reached the guard while its main thread was inside a print to stderr; the old
+    handler printed too, the stderr writer refused the reentrant call, the guard died, and the
+    engine's own child outlived everything.  Here the guard's stderr pipe is full before it
+    starts, so its first line blocks: the SIGTERM lands inside that write every time."""
+    from llm_pool.backends.engine_process import GUARD
+
+    def drain(fd: int) -> None:
+        while os.read(fd, 65536):
+            pass
+
+    err_r, err_w = os.pipe()
+    os.set_blocking(err_w, False)
+    try:
+        while True:
+            os.write(err_w, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(err_w, True)
+    guard = await trio.lowlevel.open_process(
+        [sys.executable, "-I", "-S", str(GUARD), "10.0", "--", "sh", "-c", "sleep 600 & echo $!; wait"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_w, start_new_session=True,
+    )
+    os.close(err_w)
+    grandchild = None
+    try:
+        with trio.fail_after(LIMIT_S):
+            assert guard.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await guard.stdout.receive_some(1024)
+            grandchild = int(line)
+            guard.send_signal(signal.SIGTERM)  # its main thread is blocked writing its pid line
+            await wait_gone(grandchild)  # the group got the SIGTERM while stderr was still full
+            async with trio.open_nursery() as nursery:  # now let its writes through
+                nursery.start_soon(trio.to_thread.run_sync, drain, err_r)
+                assert await guard.wait() == 128 + signal.SIGTERM  # sh's status: killed by SIGTERM
+    finally:
+        for pid in (grandchild, guard.pid):
+            if pid is not None and not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            for stream in (guard.stdin, guard.stdout):
+                assert stream is not None
+                await stream.aclose()
+            await guard.wait()
+        os.close(err_r)
