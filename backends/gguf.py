@@ -27,13 +27,12 @@ from llm_pool.backends.llama_common import (
     set_prompt_model,
     token_logprob,
     tokenize,
+    trained_context_bound,
 )
 from llm_pool.backends.prompts import PromptPrep
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from llm_pool.backends.base import BackendContext
 
 log = logging.getLogger("llm_pool.gguf")
@@ -218,23 +217,13 @@ def _normalise(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: v.lower() if k in _LOWER_CASE and isinstance(v, str) else v for k, v in overrides.items()}
 
 
-def _file_bounds(path: Path) -> dict[str, tuple[int, str]]:
-    """``gguf_n_ctx`` is bounded by the context the model was trained for (the GGUF header's
-    ``n_ctx_train``): above it llama.cpp loads another context or spends tens of seconds failing."""
-    from llm_pool.backends.gguf_header import trained_context
-
-    trained = trained_context(path)
-    why = "the context model {model!r} was trained for ({bound}, n_ctx_train in its GGUF header)"
-    return {"gguf_n_ctx": (trained, why)} if trained is not None else {}
-
-
 KIND = BackendKind(
     name="gguf",
     create=_create,
     uses_gpu=lambda m: m.gguf_n_gpu_layers != 0,
     overrides=("gguf_n_ctx", "gguf_flash_attn", "gguf_type_k", "gguf_type_v"),
     check_overrides=_normalise,
-    file_bounds=_file_bounds,
+    file_bounds=trained_context_bound("gguf_n_ctx"),
     seeded_sampling=True,
     token_logprobs=lambda m: True,
     embeddings=True,

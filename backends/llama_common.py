@@ -39,6 +39,21 @@ def ggml_type(name: str) -> int:
     return int(value)
 
 
+def trained_context_bound(key: str) -> Callable[[Path], dict[str, tuple[int, str]]]:
+    """A GGUF kind's ``file_bounds``: ``key`` (its context per sequence) is bounded by the context
+    the model was trained for (the GGUF header's ``n_ctx_train``): above it llama.cpp loads
+    another context or spends tens of seconds failing."""
+
+    def bounds(path: Path) -> dict[str, tuple[int, str]]:
+        from llm_pool.backends.gguf_header import trained_context
+
+        trained = trained_context(path)
+        why = "the context model {model!r} was trained for ({bound}, n_ctx_train in its GGUF header)"
+        return {key: (trained, why)} if trained is not None else {}
+
+    return bounds
+
+
 def tokenize(vocab: Any, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
     """llama.cpp's tokens of ``text`` (``llama_vocab`` pointer ``vocab``).
 

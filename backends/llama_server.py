@@ -72,7 +72,14 @@ from llm_pool.backends.decoding import engine_seed
 from llm_pool.backends.engine_backend import EngineBackend, quote
 from llm_pool.backends.engine_http import EngineConnectionLost, post_stream
 from llm_pool.backends.engine_process import EngineProcess, engine_env
-from llm_pool.backends.llama_common import embedding_inputs, open_vocab, pool_embedding, set_prompt_model, tokenize
+from llm_pool.backends.llama_common import (
+    embedding_inputs,
+    open_vocab,
+    pool_embedding,
+    set_prompt_model,
+    tokenize,
+    trained_context_bound,
+)
 from llm_pool.backends.prompts import Prompt, PromptPrep, Vocab
 from llm_pool.pool.errors import invalid_request
 from llm_pool.pool.jobs import GenerationRequest, GenerationStats, Job, TokenLogprob, TopLogprob
@@ -425,4 +432,13 @@ KIND = BackendKind(
     embeddings=True,
     response_formats=("text", "json_object", "json_schema"),
     tools=True,
+    # paths (the model, a projector, a draft model) are config only, never overrides
+    overrides=(
+        "llama_server_n_ctx",
+        "llama_server_image_max_tokens",
+        "llama_server_spec_type",
+        "llama_server_spec_draft_n_max",
+        "llama_server_spec_draft_p_min",
+    ),
+    file_bounds=trained_context_bound("llama_server_n_ctx"),
 )

@@ -319,6 +319,12 @@ class LlamaServerModel(_EngineProcessModel, tag="llama_server"):
                 f"sets llama_server_port with replica_max={self.replica_max}; each replica needs its own port:"
                 " leave llama_server_port unset (a free port per replica)"
             )
+        if self.llama_server_spec_type == "draft-simple" and self.llama_server_draft_model_path is None:
+            # llama-server then logs "draft-simple requires a draft context" and serves without it
+            return "llama_server_spec_type", (
+                "sets llama_server_spec_type 'draft-simple' without llama_server_draft_model_path"
+                " (the draft model, named in the settings files)"
+            )
         if (flag := _own_flag(self.llama_server_extra_args, LLAMA_SERVER_OWN_FLAGS)) is not None:
             return "llama_server_extra_args", (
                 f"may not pass {flag} in llama_server_extra_args: the llama_server backend sets it"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 from llama_server_kit import binary_or_skip, exe_of, gone, wait_gone
@@ -28,6 +29,7 @@ from llm_pool.pool.errors import PoolError
 from llm_pool.pool.jobs import NO_TOP_K, Delta, Done, Failed, Job
 from llm_pool.pool.manager import PoolManager
 from llm_pool.pool.scheduler import Replica
+from llm_pool.pool.server import serve
 
 BINARY = binary_or_skip()
 
@@ -350,3 +352,57 @@ async def test_the_engine_refuses_callers_without_its_key(pool: PoolManager) -> 
         async with httpx.AsyncClient() as client:
             r = await client.post(f"{b.base_url}/completion", json={"prompt": "x", "n_predict": 1})
         assert r.status_code == 401
+
+
+async def test_load_overrides_reach_the_engine_and_end_with_their_load(tiny_gguf: Path) -> None:
+    """Live overrides through the admin API: the context (the engine's and our 400), speculation
+    (greedy output unchanged); paths and a context past the file's trained one are refused; a
+    plain load afterwards has the configured values again."""
+    settings = settings_for(tiny_gguf)
+    settings = msgspec.structs.replace(settings, service=msgspec.structs.replace(settings.service, port=0))
+    backends: list[LlamaServerBackend] = []
+
+    def factory(ctx: Any) -> Any:
+        backends.append(LlamaServerBackend(ctx))
+        return backends[-1]
+
+    async def engine_ctx(client: httpx.AsyncClient) -> int:
+        b = backends[-1]
+        assert b._client is not None
+        return int((await b._client.get(f"{b.base_url}/props")).json()["default_generation_settings"]["n_ctx"])
+
+    with trio.fail_after(LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            base = await nursery.start(lambda task_status: serve(settings, backend_factory=factory, handle_signals=False, task_status=task_status))
+            async with httpx.AsyncClient(base_url=base, timeout=LIMIT_S) as client:
+                assert (await client.post("/v1/admin/models/tiny/load", json={})).status_code == 200  # the autoload
+                assert (await client.post("/v1/admin/models/tiny/unload")).status_code == 200
+                override = {"llama_server_n_ctx": 512, "llama_server_spec_type": "ngram-simple",
+                            "llama_server_spec_draft_n_max": 3, "llama_server_spec_draft_p_min": 0.5}
+                r = await client.post("/v1/admin/models/tiny/load", json=override)
+                assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
+                row = (await client.get("/v1/admin/models")).json()["models"][0]
+                assert row["load_override"] == override
+                argv = backends[-1].argv(tiny_gguf)
+                assert argv[argv.index("--ctx-size") + 1] == "512" and argv[argv.index("--spec-type") + 1] == "ngram-simple"
+                assert await engine_ctx(client) == 512
+                body = {"model": "tiny", "input": "x", "decoding": {"temperature": 0, "max_tokens": 5}}
+                r = await client.post("/v1/responses", json=body)
+                assert r.status_code == 200 and r.json()["output_text"] == "yzabc", r.text
+                r = await client.post("/v1/responses", json={**body, "input": "q" * 300})
+                assert r.status_code == 200, r.text  # 300 tokens fit the overridden context
+
+                assert (await client.post("/v1/admin/models/tiny/unload")).status_code == 200
+                for refused, param in [({"llama_server_mmproj_path": "/etc/passwd"}, "$.llama_server_mmproj_path"),
+                                       ({"llama_server_n_ctx": 5000}, "$.llama_server_n_ctx")]:
+                    r = await client.post("/v1/admin/models/tiny/load", json=refused)
+                    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+                assert "n_ctx_train" in r.json()["error"]["message"]  # the file's trained context: 4096
+
+                r = await client.post("/v1/admin/models/tiny/load", json={})
+                assert r.status_code == 200 and r.json()["runtime_state"] == "loaded", r.text
+                assert (await client.get("/v1/admin/models")).json()["models"][0]["load_override"] == {}
+                assert await engine_ctx(client) == 256
+                r = await client.post("/v1/responses", json={**body, "input": "q" * 300})
+                assert r.status_code == 400 and r.json()["error"]["message"] == "the prompt has 300 tokens; model 'tiny' has a context of 256"
+            nursery.cancel_scope.cancel()

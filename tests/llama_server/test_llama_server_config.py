@@ -7,9 +7,12 @@ from typing import Any
 
 import pytest
 
+from llm_pool.admin.routes import validate_overrides
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.llama_server import LlamaServerBackend, default_binary
 from llm_pool.config import SettingsError, decode_settings
+from llm_pool.pool.errors import PoolError
+from llm_pool.pool.manager import ModelEntry
 
 
 def settings(**model: Any) -> Any:
@@ -77,3 +80,56 @@ def test_extra_args_may_not_take_over_what_the_backend_sets(flag: str) -> None:
 def test_out_of_range_values_are_refused_with_their_key_path(key: str, value: Any) -> None:
     with pytest.raises(SettingsError, match=rf"^pool\.toml: \$\.engine\.models\.m\.{key}: expected "):
         settings(**{key: value})
+
+
+def test_draft_simple_needs_its_draft_model() -> None:
+    with pytest.raises(SettingsError) as info:
+        settings(llama_server_spec_type="draft-simple")
+    assert str(info.value) == (
+        "pool.toml: $.engine.models.m.llama_server_spec_type: model 'm' sets llama_server_spec_type 'draft-simple'"
+        " without llama_server_draft_model_path (the draft model, named in the settings files)"
+    )
+    assert settings(llama_server_spec_type="draft-simple", llama_server_draft_model_path="d.gguf")
+
+
+# ------------------------------------------------------------------ load overrides
+def overrides(body: dict[str, Any], **model: Any) -> dict[str, Any]:
+    given, _ = validate_overrides(ModelEntry("m", settings(**model).engine.models["m"]), body)
+    return given
+
+
+def test_the_overrides_llama_server_accepts_reach_the_command_line() -> None:
+    body = {"llama_server_n_ctx": 512, "llama_server_image_max_tokens": 256, "llama_server_spec_type": "ngram-simple",
+            "llama_server_spec_draft_n_max": 3, "llama_server_spec_draft_p_min": 0.25}
+    assert overrides(body) == body
+    argv = backend(**body).argv(Path("/m.gguf"))  # a load's model is the settings with them applied
+    for flag, value in [("--image-max-tokens", "256"), ("--spec-type", "ngram-simple"), ("--spec-draft-n-max", "3"),
+                        ("--spec-draft-p-min", "0.25")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert overrides({"llama_server_spec_type": None}, llama_server_spec_type="ngram-simple") == {"llama_server_spec_type": None}
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param", "message"),
+    [
+        ({}, {"llama_server_mmproj_path": "/etc/passwd"}, "$.llama_server_mmproj_path",
+         "unsupported load override for llama_server backend: llama_server_mmproj_path"),
+        ({}, {"llama_server_draft_model_path": "d.gguf"}, "$.llama_server_draft_model_path",
+         "unsupported load override for llama_server backend: llama_server_draft_model_path"),
+        ({}, {"llama_server_extra_args": ["--port", "1"]}, "$.llama_server_extra_args",
+         "unsupported load override for llama_server backend: llama_server_extra_args"),
+        ({}, {"llama_server_n_ctx": 0}, "$.llama_server_n_ctx",
+         "invalid load override: $.llama_server_n_ctx: expected an integer >= 1"),
+        ({}, {"llama_server_spec_draft_n_max": 7}, "$.llama_server_spec_draft_n_max",
+         "invalid load override: $.llama_server_spec_draft_n_max: expected an integer from 1 to 6 or null"),
+        ({}, {"llama_server_spec_type": "draft-simple"}, "$.llama_server_spec_type",
+         "with these overrides, model 'm' sets llama_server_spec_type 'draft-simple' without"
+         " llama_server_draft_model_path (the draft model, named in the settings files)"),
+    ],
+)  # fmt: skip
+def test_refused_overrides_say_why_in_our_words(model: dict[str, Any], body: dict[str, Any], param: str, message: str) -> None:
+    with pytest.raises(PoolError) as info:
+        overrides(body, **model)
+    assert (info.value.status, info.value.code, info.value.param, info.value.message) == (
+        400, "invalid_load_request", param, message
+    )
