@@ -25,6 +25,24 @@ def exe_of(pid: int) -> Path:
     return Path(f"/proc/{pid}/exe").resolve()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (children, their children...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass  # gone meanwhile
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def gone(pid: int) -> bool:
     """True when no process ``pid`` exists (a zombie still counts as existing)."""
     try:
