@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import trio
 from llama_server_kit import binary_or_skip, descendants, exe_of, gone, wait_gone
+from support.fake_backend import expected_text
 from support.runtime import request, result, run, running_manager, submit
 from support.server_process import ServerLog, open_serve
 
@@ -320,6 +321,32 @@ async def test_a_child_killed_mid_stream_fails_its_request_and_the_replica_comes
         assert (replica.active, await slots_busy(b)) == (0, [False])
         assert pool.entries["tiny"].state == "loaded"
     print(f"SIGKILL of the engine to serving again: {served_again_s:.3f}s")
+
+
+async def test_another_model_never_notices_a_crash(tiny_gguf: Path) -> None:
+    """Two llama_server models: one's engine SIGKILLed while the other streams; the other's
+    stream ends as it would have, its engine was never restarted, its slot is free."""
+    tiny = settings_for(tiny_gguf, llama_server_n_ctx=4096).engine.models["tiny"]
+    settings = decode_settings(
+        {"engine": {"models": {"tiny": msgspec.to_builtins(tiny), "other": msgspec.to_builtins(tiny)}}}, source="test"
+    )
+    with trio.fail_after(LIMIT_S):
+        async with running_manager(settings, autoload=True, load=["tiny", "other"]) as (manager, _):
+            victim, bystander = backend(replicas(manager, "tiny")[0]), backend(replicas(manager, "other")[0])
+            assert victim.engine is not None and victim.engine.engine_pid is not None
+            doomed = submit(manager, request("a", "tiny", max_tokens=4000))
+            steady = submit(manager, request("x", "other", max_tokens=2000))
+            for job in (doomed, steady):  # both mid-stream at the kill
+                assert isinstance(await job.events().receive(), Delta)
+            os.kill(victim.engine.engine_pid, signal.SIGKILL)
+            assert steady.state == "running"
+            with pytest.raises(PoolError) as info:
+                await doomed.result()
+            assert info.value.code == "engine_crashed"
+            _, done = await result(steady)
+            assert done.text == expected_text("x", 2000) and done.stats.finish_reason == "length"
+            assert bystander.starts == 1 and await slots_busy(bystander) == [False]
+            assert manager.entries["other"].state == "loaded"
 
 
 async def test_restarts_are_bounded_then_the_model_fails(tiny_gguf: Path, tmp_path: Path) -> None:
