@@ -96,20 +96,23 @@ def main(argv: list[str]) -> int:
             if signal.SIGTERM in os.read(wakeup_r, 64):
                 stop("SIGTERM")
 
-    threading.Thread(target=watch_signals, daemon=True).start()
     try:
         engine = subprocess.Popen(argv[2:], stdin=subprocess.DEVNULL, preexec_fn=lambda: _preexec(guard_pid))
     except OSError as e:
         _say(f"llm-pool-guard: cannot start {argv[2]}: {e.strerror}")
         return 127
-    _say(PID_LINE.format(pid=engine.pid))
 
     def watch_pool() -> None:
         while os.read(0, 4096):  # the pool never writes; EOF means it is gone
             pass
         stop("the pool went away")
 
+    # the watchers start after the fork (no other thread may hold a lock while the child runs
+    # _preexec; a SIGTERM that came before waits in the wakeup pipe) and before our first line
+    # (a write to stderr may block)
+    threading.Thread(target=watch_signals, daemon=True).start()
     threading.Thread(target=watch_pool, daemon=True).start()
+    _say(PID_LINE.format(pid=engine.pid))
     code = engine.wait()
     engine_ended.set()
     return 128 - code if code < 0 else code
