@@ -23,7 +23,7 @@ import trio
 from llama_server_kit import binary_or_skip, descendants, exe_of, gone, wait_gone
 from support.fake_backend import expected_text
 from support.runtime import request, result, run, running_manager, submit
-from support.server_process import ServerLog, open_serve
+from support.server_process import serve_process
 
 from llm_pool.backends.llama_server import LlamaServerBackend
 from llm_pool.config import decode_settings
@@ -269,23 +269,15 @@ async def test_the_real_pool_ended_by_a_signal_leaves_no_engine(tiny_gguf: Path,
         f'model_path = "{tiny_gguf}"\nprompt_format = "native"\nllama_server_n_ctx = 256\nn_threads = 1\n'
         "replicas = 2\nreplica_max = 2\n"
     )
-    log = ServerLog()
     with trio.fail_after(LIMIT_S):
-        proc = await open_serve(config)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(log.read, proc)
-                await log.wait_for("model tiny loaded with 2 replica(s)")
-                family = descendants(proc.pid)  # two guards, their two engines
-                assert sorted(exe_of(p) == BINARY.resolve() for p in family) == [False, False, True, True], family
-                proc.send_signal(sig)
-                assert await proc.wait() == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
-                for pid in family:
-                    await wait_gone(pid)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        async with serve_process(config) as (proc, log):
+            await log.wait_for("model tiny loaded with 2 replica(s)")
+            family = descendants(proc.pid)  # two guards, their two engines
+            assert sorted(exe_of(p) == BINARY.resolve() for p in family) == [False, False, True, True], family
+            proc.send_signal(sig)
+            assert await proc.wait() == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+            for pid in family:
+                await wait_gone(pid)
 
 
 # ---------------------------------------------------------------------- crashes

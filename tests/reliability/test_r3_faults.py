@@ -48,7 +48,7 @@ from reliability_kit import (
 )
 from support.fake_backend import FakeBackendFactory, expected_text
 from support.server import running_server
-from support.server_process import ServerLog, open_serve
+from support.server_process import serve_process
 from support.settings import make_settings
 
 from llm_pool.backends import BackendContext, create_backend
@@ -300,18 +300,10 @@ max_queue = 16
 
 async def test_r3_sigterm_during_load_drains_and_exits_0(tiny_gguf: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "pool.toml", tiny_gguf)
-    log = ServerLog()
     with trio.fail_after(LIMIT_S):
-        proc = await open_serve(config)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(log.read, proc)
-                url = (await log.wait_for("serving"))["urls"][0]  # raises if it exits first
-                await run_sigterm_scenario(url, proc)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        async with serve_process(config) as (proc, log):
+            url = (await log.wait_for("serving"))["urls"][0]  # raises if it exits first
+            await run_sigterm_scenario(url, proc)
     records = log.records
     raw = [r["event"] for r in records if r["level"] == "raw"]
     print("R3 SIGTERM: non-JSON stderr lines:", raw[:10])

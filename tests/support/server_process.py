@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,27 @@ async def open_serve(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+@asynccontextmanager
+async def serve_process(config: Path, **kw: Any) -> AsyncIterator[tuple[trio.Process, ServerLog]]:
+    """:func:`open_serve` with its log read in the background (:meth:`ServerLog.wait_for`); a
+    process still running at exit, however the block ended, is killed and reaped."""
+    log = ServerLog()
+    proc = await open_serve(config, **kw)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.read, proc)
+            try:
+                yield proc, log
+            finally:
+                if proc.returncode is None:  # its log ends only once it is gone
+                    proc.kill()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
 
 
 class ServerLog:
