@@ -89,7 +89,8 @@ async def run_job(
         raise
     try:
         await wait_for_dispatch(job, entry.settings.queue_timeout_s)
-        await job.handed_over.wait()
+        if not job.handed_over.is_set():  # (waiting on a set event is one more scheduling round)
+            await job.handed_over.wait()
         if job.t_dispatched is None or job.ended_before_handover:  # a status, not a stream
             await job.result()
     except PoolError as e:
