@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from support.runtime import request, run, running_manager, submit
+from support.runtime import request, result, run, running_manager, submit
 
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.gguf_batched import BatchedGGUFBackend
@@ -95,6 +96,25 @@ def kv_audit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return errors
 
 
+def submit_together(pool: PoolManager, monkeypatch: pytest.MonkeyPatch, reqs: list[GenerationRequest]) -> list[Job]:
+    """Submit ``reqs`` to the one replica so that its worker admits them all before its next step:
+    its first admission waits until every job is queued.  Left to the clocks (a GC pause between
+    two submits, a loaded machine), an early job could be decoded alone, or even end, before the
+    last arrives."""
+    backend = backend_of(pool)
+    all_queued = threading.Event()
+    admit = backend._admit
+
+    def admit_once_all_are_queued(job: Job) -> None:
+        all_queued.wait(LIMIT_S)
+        admit(job)
+
+    monkeypatch.setattr(backend, "_admit", admit_once_all_are_queued)
+    jobs = [submit(pool, req) for req in reqs]
+    all_queued.set()
+    return jobs
+
+
 def outcome(deltas: list[str], done: Done) -> tuple[str, str, str, int | None, int | None]:
     s = done.stats
     return "".join(deltas), done.text, s.finish_reason, s.prompt_tokens, s.output_tokens
@@ -162,7 +182,9 @@ async def test_a_shared_prompt_prefix_is_decoded_once(pool: PoolManager, kv_audi
     assert kv_audit == []
 
 
-async def test_the_slot_with_the_longest_shared_prefix_is_chosen(pool: PoolManager, kv_audit: list[str]) -> None:
+async def test_the_slot_with_the_longest_shared_prefix_is_chosen(
+    pool: PoolManager, kv_audit: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two slots cache different prompts; a request goes to the one it shares most with, and
     a cached slot taken by an unrelated prompt drops all of its old cells."""
     with trio.fail_after(LIMIT_S):
@@ -172,9 +194,8 @@ async def test_the_slot_with_the_longest_shared_prefix_is_chosen(pool: PoolManag
         async def one(text: str) -> None:
             results[text] = (await run(pool, request(text, max_tokens=4)))[1]
 
-        async with trio.open_nursery() as nursery:  # two at once: slots 0 and 1
-            for text in ("k" * 30 + "a", "m" * 30 + "b"):
-                nursery.start_soon(one, text)
+        for job in submit_together(pool, monkeypatch, [request(t, max_tokens=4) for t in ("k" * 30 + "a", "m" * 30 + "b")]):
+            await result(job)  # two at once: slots 0 and 1
         cached = backend.cached_positions()
         assert cached == {0: (0, 30), 1: (0, 30)}
         before = dict(backend._cached)
@@ -235,19 +256,13 @@ async def test_mixed_traffic_with_shared_prefixes_and_cancels(pool: PoolManager,
     assert backend.reused_tokens > 500 and backend.moves > 10
 
 
-async def test_sequences_share_decode_steps(pool: PoolManager) -> None:
+async def test_sequences_share_decode_steps(pool: PoolManager, monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight long requests submitted together: after the first step every one of them is decoded
     in the same llama_decode call (the backend records the most sequences one call served)."""
     prompts = [chr(ord("a") + i) for i in range(8)]
     with trio.fail_after(LIMIT_S):
-        results: dict[str, Done] = {}
-
-        async def one(p: str) -> None:
-            results[p] = (await run(pool, request(p, max_tokens=200)))[1]
-
-        async with trio.open_nursery() as nursery:
-            for p in prompts:
-                nursery.start_soon(one, p)
+        jobs = submit_together(pool, monkeypatch, [request(p, max_tokens=200) for p in prompts])
+        results = {p: (await result(job))[1] for p, job in zip(prompts, jobs, strict=True)}
     backend = backend_of(pool)
     assert backend.max_batch_sequences == 8
     # one step decodes one token of every active sequence: far fewer steps than tokens
