@@ -539,7 +539,8 @@ def decorate(draw: st.DrawFn, case: Case) -> Case:
             if case.path.startswith("/v1/"):
                 case.expect, case.names, case.text = {401}, ("token",), None
     headers.update(draw(st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=3)))
-    if case.query is None and draw(st.integers(0, 3)) == 3:
+    # a path that holds its own "?" takes no more (the test client refuses a query in both places)
+    if case.query is None and "?" not in case.path and draw(st.integers(0, 3)) == 3:
         case.query = draw(st.dictionaries(st.text(string.ascii_letters + "_", min_size=1, max_size=10), st.text(max_size=10), max_size=3))
     case.headers = headers
     case.chunked = draw(st.integers(0, 4)) == 4
