@@ -115,6 +115,23 @@ def submit_together(pool: PoolManager, monkeypatch: pytest.MonkeyPatch, reqs: li
     return jobs
 
 
+def hold_once_all_have_a_token(pool: PoolManager, monkeypatch: pytest.MonkeyPatch, n: int) -> threading.Event:
+    """After each step in which ``n`` sequences run and each has a token, the worker waits until
+    the event returned is set: what the test does next happens while they all still run.  Left
+    to the clocks, a loaded machine could let them run their tokens out first."""
+    backend = backend_of(pool)
+    go_on = threading.Event()
+    step = backend._step
+
+    def step_then_hold() -> None:
+        step()
+        if len(backend._active) == n and all(s.next_token is not None for s in backend._active):
+            go_on.wait(LIMIT_S)
+
+    monkeypatch.setattr(backend, "_step", step_then_hold)
+    return go_on
+
+
 def outcome(deltas: list[str], done: Done) -> tuple[str, str, str, int | None, int | None]:
     s = done.stats
     return "".join(deltas), done.text, s.finish_reason, s.prompt_tokens, s.output_tokens
@@ -409,16 +426,24 @@ async def test_metrics_are_per_request(pool: PoolManager) -> None:
         assert t["engine_total_wall_ms"] >= t["backend_inference_wall_ms"] >= 0  # type: ignore[operator]
 
 
-async def test_unload_ends_running_sequences_and_the_worker_returns(pool: PoolManager) -> None:
+async def test_unload_ends_running_sequences_and_the_worker_returns(pool: PoolManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [Job(request(p, max_tokens=250)) for p in "abc"]
+    all_cancelled = hold_once_all_have_a_token(pool, monkeypatch, 3)  # until the unload cancels them
+    backend, cancel = backend_of(pool), Job.cancel
+
+    def cancel_and_tell(job: Job, error: PoolError | None = None) -> None:
+        cancel(job, error)
+        if all(j.should_stop() for j in jobs):
+            all_cancelled.set()
+
+    monkeypatch.setattr(Job, "cancel", cancel_and_tell)
     with trio.fail_after(LIMIT_S):
-        jobs = [Job(request(p, max_tokens=250)) for p in "abc"]
         for job in jobs:
             pool.submit(job, allow_remote=False)
         for job in jobs:  # all three are generating
             async for event in job.events():
                 assert isinstance(event, Delta)
                 break
-        backend = backend_of(pool)
         await pool.unload("tiny", drain_timeout=0)
         assert pool.entries["tiny"].state == "unloaded"
         for job in jobs:
@@ -478,12 +503,16 @@ async def test_prompts_are_prefilled_in_chunks_beside_running_streams(pool: Pool
     assert backend.kv_positions() == backend.cached_positions()
 
 
-async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(pool: PoolManager, kv_audit: list[str]) -> None:
+async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(
+    pool: PoolManager, kv_audit: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Slots 0, 1, 2 busy; the job in slot 1 ends: the sequence in slot 2 moves to slot 1 (KV cells
     and all), so every later step is one run of consecutive slots; outputs stay exact.  (The audit
     checks the cells moved; ``test_llama_cpp_moves_kv_data_between_streams`` the copied data.)"""
     backend = backend_of(pool)
     jobs = {p: Job(request(p, max_tokens=120)) for p in "bcd"}
+    # until c is cancelled (a loaded machine let b run to its end first: no gap below d to close)
+    c_cancelled = hold_once_all_have_a_token(pool, monkeypatch, 3)
     with trio.fail_after(LIMIT_S):
         for job in jobs.values():  # one at a time, so they take slots 0, 1, 2
             pool.submit(job, allow_remote=False)
@@ -492,6 +521,7 @@ async def test_a_gap_in_the_slots_is_closed_by_moving_a_sequence(pool: PoolManag
                 break
         assert backend.moves == 0
         jobs["c"].cancel()
+        c_cancelled.set()
         done = {p: await job.result() for p, job in jobs.items()}
     assert done["c"].stats.finish_reason == "cancelled"
     for p in "bd":
