@@ -28,7 +28,9 @@ CHROMIUM_ARGS = [
 @contextmanager
 def chromium_page(width: int = 1280, height: int = 720) -> Iterator[Any]:
     """A page of a fresh headless Chromium (its own throw-away profile directory)."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=15_000)  # its assertions' own bound (5 s unless set), as the page's
 
     with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="llm-pool-chromium-") as profile:
         context = p.chromium.launch_persistent_context(
