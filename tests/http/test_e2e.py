@@ -136,7 +136,7 @@ async def test_client_disconnect_stops_generation_and_frees_the_replica(
             t0 = time.perf_counter()
             r = await client.post("/v1/responses", json={"model": "m", "input": "next"})
             assert r.status_code == 200 and r.json()["output_text"] == "next"
-            assert time.perf_counter() - t0 < 1.0  # the one replica was free again at once
+            assert time.perf_counter() - t0 < 2.5  # the one replica was free again: not after the 5 s stream
             assert words not in control.finished and control.cancelled == [words]
             assert json.dumps(words) not in r.text
     # the request whose client left still has its inference line, written when its job ended

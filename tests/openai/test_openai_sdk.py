@@ -181,14 +181,14 @@ async def test_closing_a_stream_cancels_the_job_and_frees_the_replica(
             for chunk in stream:
                 if chunk.choices[0].delta.content:
                     break  # leave mid-stream: the SDK closes the connection
-        assert control.job_ended.wait(2.0), "the job did not end"
+        assert control.job_ended.wait(10.0), "the job did not end"
         assert control.cancelled == [words], "the job was not cancelled"
         t0 = time.monotonic()
         c = client.chat.completions.create(model="m", messages=user("next"))
         return c.choices[0].message.content, time.monotonic() - t0
 
     content, took = await in_thread(run)
-    assert content == "next" and took < 1.0  # the one replica was free again at once
+    assert content == "next" and took < 2.5  # the one replica was free again: not after the 5 s stream
     assert words not in control.finished
 
 

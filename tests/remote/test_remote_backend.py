@@ -398,7 +398,7 @@ async def test_client_gone_stops_reading_the_upstream_at_once(start: StartPool, 
                     break  # leave: the connection is closed
         t0 = time.monotonic()
         await pool.wait_idle()
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 2.5  # not after the upstream's next chunk (5 s)
     closing = pool.ledger()[-1]
     assert (closing["event"], closing["reason"]) == ("failed_usage_unknown", "cancelled after the request was sent")
 

@@ -44,14 +44,14 @@ async def test_rate_limit_retry_waits_for_retry_after(start: StartPool, up: Fake
 
 
 async def test_no_retry_when_retry_after_passes_the_deadline(start: StartPool, up: FakeUpstream) -> None:
-    up.fault, up.retry_after = "429", 5
-    with trio.fail_after(BOUND):
-        pool = await start(remote_max_retries=3, remote_timeout_s=1.0)
+    up.fault, up.retry_after = "429", 30
+    with trio.fail_after(BOUND * 2):
+        pool = await start(remote_max_retries=3, remote_timeout_s=8.0)
         t0 = time.monotonic()
         r = await pool.respond()
-    assert time.monotonic() - t0 < 0.9  # answered at once, not after waiting out the 1 s deadline
+    assert time.monotonic() - t0 < 4  # answered at once, not after waiting out the 8 s deadline
     assert r.status_code == 429 and r.json()["error"]["code"] == "upstream_rate_limit", r.text
-    assert r.headers["retry-after"] == "5"
+    assert r.headers["retry-after"] == "30"
     assert len(up.chat_requests) == 1
 
 
