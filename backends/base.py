@@ -25,7 +25,6 @@ that for one-at-a-time backends).  Backend libraries are imported lazily inside 
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from llm_pool.config import ModelSettings, Settings, resolve_model_path
+from llm_pool.config import ModelSettings, Settings, machine_cores, resolve_model_path
 from llm_pool.pool.jobs import GenerationStats, Job
 
 if TYPE_CHECKING:
@@ -65,10 +64,10 @@ class BackendContext:
     @property
     def n_threads(self) -> int:
         """Compute threads for this replica: configured, else cores (``engine.cpu_cores``, or
-        the machine's) / replicas (at least 1)."""
+        those this process may run on) / replicas (at least 1)."""
         if self.model.n_threads:
             return self.model.n_threads
-        cores = self.settings.engine.cpu_cores or os.cpu_count() or 1
+        cores = self.settings.engine.cpu_cores or machine_cores()
         return max(1, cores // max(1, self.replicas))
 
 

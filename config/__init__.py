@@ -23,6 +23,7 @@ from llm_pool.config.settings import (
     SettingsPaths,
     decode_settings,
     load_settings,
+    machine_cores,
     resolve_model_path,
     settings_paths,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "SettingsPaths",
     "decode_settings",
     "load_settings",
+    "machine_cores",
     "resolve_model_path",
     "settings_paths",
 ]

@@ -44,7 +44,7 @@ import msgspec
 import trio
 
 from llm_pool.backends import BackendContext, create_backend
-from llm_pool.config import ModelSettings, Settings, resolve_model_path
+from llm_pool.config import ModelSettings, Settings, machine_cores, resolve_model_path
 from llm_pool.config.settings import GGUFModel, LlamaServerModel
 from llm_pool.pool.jobs import Decoding, Delta, Done, Failed, GenerationRequest, Job, Message
 from llm_pool.pool.scheduler import LoadFailed, ModelRuntime
@@ -107,14 +107,6 @@ class Layout:
         lines = [f'backend = "{FAMILY[self.engine]}"']
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.fields().items()]
         return lines
-
-
-def machine_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cores_for(settings: Settings, requested: int | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,26 @@ def test_the_command_line_carries_the_settings_and_no_secret() -> None:
         "--flash-attn", "on", "--log-jsonl", "--no-webui", "--spec-type", "ngram-simple",
         "--spec-draft-n-max", "4", "--spec-draft-p-min", "0.5", "--reasoning", "off", "--cache-ram", "0",
     ]  # fmt: skip
+
+
+def test_default_threads_share_the_cores_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``n_threads`` a replica's ``--threads`` is its share of the cores the pool may run
+    on (its affinity: ``taskset``, a container's cpuset), never of the host's: more threads than
+    cores make llama.cpp's spinning workers crawl (a 2-thread SmolLM2 beside a busy process on one
+    core: over 120 s for what one thread did in 5)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 5}, raising=False)
+
+    def threads(replicas: int, **engine: Any) -> str:
+        s = decode_settings(
+            {"engine": {**engine, "models": {"m": {"model_path": "m.gguf", "backend": "llama_server"}}}}, source="test"
+        )
+        ctx = BackendContext(name="m", replica_index=1, replicas=replicas, model=s.engine.models["m"], settings=s, kind="llama_server")
+        argv = create_backend(ctx).argv(Path("/m.gguf"))  # type: ignore[attr-defined]
+        return argv[argv.index("--threads") + 1]
+
+    assert (threads(1), threads(2), threads(4)) == ("3", "1", "1")
+    assert threads(2, cpu_cores=8) == "4"  # engine.cpu_cores, when set, is what the models share
 
 
 def test_a_configured_binary_is_resolved_against_the_settings_folder() -> None:
