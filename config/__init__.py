@@ -4,6 +4,7 @@ Public surface: :func:`load_settings`, :class:`Settings`, :class:`ModelSettings`
 :class:`SettingsError`.  This package decodes and validates; it never loads models.
 """
 
+from llm_pool.config.machine import machine_cores
 from llm_pool.config.settings import (
     BACKENDS,
     DEFAULT_SYSTEM_PROMPT,
@@ -23,7 +24,6 @@ from llm_pool.config.settings import (
     SettingsPaths,
     decode_settings,
     load_settings,
-    machine_cores,
     resolve_model_path,
     settings_paths,
 )

@@ -551,16 +551,6 @@ class FairnessSettings(_Strict):
     negative_priority_keys: list[str] = msgspec.field(default_factory=list)
 
 
-def machine_cores() -> int:
-    """The cores this process may run on: its CPU affinity, which ``taskset`` and a container's
-    cpuset narrow (``os.cpu_count()`` counts the host's: threads beyond the cores a process has
-    make llama.cpp's spinning workers crawl)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 class EngineSettings(_Strict):
     #: The backend of every model that names none.
     backend: Backend = DEFAULT_BACKEND

@@ -11,7 +11,7 @@ import pytest
 from llm_pool.admin.routes import validate_overrides
 from llm_pool.backends import BackendContext, create_backend
 from llm_pool.backends.llama_server import LlamaServerBackend, default_binary
-from llm_pool.config import SettingsError, decode_settings
+from llm_pool.config import SettingsError, decode_settings, machine
 from llm_pool.pool.errors import PoolError
 from llm_pool.pool.manager import ModelEntry
 
@@ -49,11 +49,12 @@ def test_the_command_line_carries_the_settings_and_no_secret() -> None:
 
 def test_default_threads_share_the_cores_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``n_threads`` a replica's ``--threads`` is its share of the cores the pool may run
-    on (its affinity: ``taskset``, a container's cpuset), never of the host's: more threads than
+    on (``config.machine``: its affinity and CPU quota), never of the host's: more threads than
     cores make llama.cpp's spinning workers crawl (a 2-thread SmolLM2 beside a busy process on one
     core: over 120 s for what one thread did in 5)."""
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 5}, raising=False)
+    monkeypatch.setattr(machine, "PROC_CGROUP", Path("/nonexistent"))  # no CPU quota (tests/config/test_machine.py)
 
     def threads(replicas: int, **engine: Any) -> str:
         s = decode_settings(
