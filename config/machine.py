@@ -40,7 +40,10 @@ def cgroup_cpu_quota() -> float | None:
         return None
     quotas: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not "id:controllers:path"
+            continue
+        _, controllers, path = fields
         if controllers == "":
             base, version = CGROUP_ROOT, 2
         elif "cpu" in controllers.split(","):

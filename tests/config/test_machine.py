@@ -70,7 +70,7 @@ def test_a_quota_below_one_core_still_gives_one_and_the_affinity_bounds_a_large_
 
 
 def test_unreadable_or_garbled_files_are_no_quota(tree: Path) -> None:
-    (tree.parent / "proc-self-cgroup").write_text("0::/a\n")
+    (tree.parent / "proc-self-cgroup").write_text("garbled\n0::/a\n")
     write(tree / "a", "cpu.max=lots\n")
     write(tree, "cpu.max=100000 0")
     assert (cgroup_cpu_quota(), machine_cores()) == (None, 8)
