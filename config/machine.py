@@ -35,7 +35,7 @@ def cgroup_cpu_quota() -> float | None:
     none is set or none can be read.  A container often sees its own cgroup at the mount's root
     while ``/proc`` names the host's path: walking up to the root reads it either way."""
     try:
-        lines = PROC_CGROUP.read_text().splitlines()
+        lines = PROC_CGROUP.read_text(errors="replace").splitlines()  # a cgroup name may hold any byte
     except OSError:
         return None
     quotas: list[float] = []
@@ -64,8 +64,9 @@ def _read_quota(folder: Path, version: int) -> float | None:
             limit, period = (folder / "cpu.max").read_text().split()[:2]
         else:
             limit, period = ((folder / f"cpu.cfs_{n}_us").read_text().strip() for n in ("quota", "period"))
-        if limit in ("max", "-1") or int(period) <= 0:
+        if limit in ("max", "-1"):
             return None
-        return int(limit) / int(period)
-    except (OSError, ValueError):
+        quota, length = int(limit), int(period)
+        return quota / length if quota > 0 and length > 0 else None
+    except (OSError, ValueError, ArithmeticError):  # unreadable, not numbers, too large to divide
         return None

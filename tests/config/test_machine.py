@@ -70,7 +70,9 @@ def test_a_quota_below_one_core_still_gives_one_and_the_affinity_bounds_a_large_
 
 
 def test_unreadable_or_garbled_files_are_no_quota(tree: Path) -> None:
-    (tree.parent / "proc-self-cgroup").write_text("garbled\n0::/a\n")
-    write(tree / "a", "cpu.max=lots\n")
+    (tree.parent / "proc-self-cgroup").write_bytes(b"garbled\n1:name=\xff:/\n0::/a/b/c\n")
+    write(tree / "a" / "b" / "c", "cpu.max=lots\n")
+    write(tree / "a" / "b", "cpu.max=-5 100000")
+    write(tree / "a", "cpu.max=" + "9" * 400 + " 1")
     write(tree, "cpu.max=100000 0")
     assert (cgroup_cpu_quota(), machine_cores()) == (None, 8)
